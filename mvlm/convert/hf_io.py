@@ -1,0 +1,206 @@
+"""HF checkpoint I/O: a lazy safetensors reader and a streaming writer, both peak ~one tensor.
+
+Reading: ``safe_open`` memory-maps each shard and ``get_slice`` copies only the rows/columns a
+rank owns, so a TP rank never holds the full weight. Writing: safetensors' own ``save_file``
+needs every tensor of a file in memory at once; our writer computes the header from the planned
+(name, dtype, shape) list first, then appends each tensor's bytes as it arrives, so export
+memory is bounded by the largest tensor rather than by the shard or the model.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from safetensors import safe_open
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+
+_DTYPE_TO_ST = {
+    torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+    torch.uint8: "U8", torch.bool: "BOOL",
+}
+
+# Everything in an HF model directory that is not weights: configs, tokenizer, processor,
+# chat template. Copied verbatim on export so the result loads like the original download.
+AUX_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".py", ".tiktoken", ".md")
+
+
+class CheckpointError(ValueError):
+    """A missing or unreadable checkpoint file; the message says which file and what to do."""
+
+
+class SafetensorsReader:
+    """Lazy reader over a HF directory (``model.safetensors`` or an index with shards)."""
+
+    def __init__(self, model_dir: str | os.PathLike) -> None:
+        self.dir = Path(model_dir)
+        index = self.dir / INDEX_NAME
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index} is not a valid safetensors index ({e}); "
+                                      "re-download or re-export the checkpoint") from e
+        elif (self.dir / SINGLE_NAME).exists():
+            weight_map = None
+        else:
+            raise CheckpointError(
+                f"no {SINGLE_NAME} or {INDEX_NAME} in {self.dir}: point --model at a Hugging "
+                "Face model directory with safetensors weights")
+        self._handles: dict[str, object] = {}
+        if weight_map is None:
+            h = self._open(SINGLE_NAME)
+            self.weight_map = {k: SINGLE_NAME for k in h.keys()}
+        else:
+            self.weight_map = dict(weight_map)
+            for fname in sorted(set(self.weight_map.values())):
+                self._open(fname)
+
+    def _open(self, fname: str):
+        if fname not in self._handles:
+            path = self.dir / fname
+            if not path.exists():
+                raise CheckpointError(
+                    f"shard {path} is listed in {INDEX_NAME} but missing: the download or copy "
+                    "is incomplete; fetch the missing file again")
+            try:
+                self._handles[fname] = safe_open(str(path), framework="pt")
+            except Exception as e:  # safetensors raises its own error types
+                raise CheckpointError(
+                    f"shard {path} is corrupt or truncated ({type(e).__name__}: {e}); "
+                    "re-download it") from e
+        return self._handles[fname]
+
+    def keys(self) -> list[str]:
+        return list(self.weight_map)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def _slice(self, name: str):
+        if name not in self.weight_map:
+            raise CheckpointError(f"tensor {name!r} not found in {self.dir}")
+        return self._open(self.weight_map[name]).get_slice(name)
+
+    def shape(self, name: str) -> list[int]:
+        return list(self._slice(name).get_shape())
+
+    def read(self, name: str, dim: int | None = None, start: int | None = None,
+             stop: int | None = None) -> torch.Tensor:
+        sl = self._slice(name)
+        try:
+            if dim is None:
+                t = sl[:]
+            elif dim == 0:
+                t = sl[start:stop]
+            elif dim == 1:
+                t = sl[:, start:stop]
+            else:
+                raise ValueError(f"slicing along dim {dim} is not supported")
+        except Exception as e:
+            if isinstance(e, ValueError) and "not supported" in str(e):
+                raise
+            raise CheckpointError(f"reading {name!r} from {self.dir} failed ({e}); the shard "
+                                  "is likely corrupt: re-download it") from e
+        return t.contiguous()
+
+
+class StreamingSafetensorsWriter:
+    """Writes one safetensors file whose header is known up front; tensors arrive in order."""
+
+    def __init__(self, path: str | os.PathLike,
+                 specs: list[tuple[str, torch.dtype, list[int]]]) -> None:
+        self.path = Path(path)
+        self.specs = specs
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name, dtype, shape in specs:
+            n = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": _DTYPE_TO_ST[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + n]}
+            offset += n
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._f = open(self.path, "wb")
+        self._f.write(struct.pack("<Q", len(raw)))
+        self._f.write(raw)
+        self._next = 0
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        exp_name, dtype, shape = self.specs[self._next]
+        if name != exp_name or tensor.dtype != dtype or list(tensor.shape) != list(shape):
+            raise RuntimeError(
+                f"streaming writer expected {exp_name} {dtype} {shape}, got {name} "
+                f"{tensor.dtype} {list(tensor.shape)}")
+        t = tensor.detach().contiguous().cpu()
+        self._f.write(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        self._next += 1
+
+    def close(self) -> None:
+        if self._next != len(self.specs):
+            raise RuntimeError(f"{self.path}: wrote {self._next} of {len(self.specs)} tensors")
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+
+
+def write_index(out_dir: Path, weight_map: dict[str, str], total_size: int) -> None:
+    index = {"metadata": {"total_size": total_size},
+             "weight_map": dict(sorted(weight_map.items()))}
+    (out_dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def copy_aux_files(src: Path, dst: Path, skip: tuple[str, ...] = (INDEX_NAME,)) -> list[str]:
+    """Copy config/tokenizer/processor/chat-template files (not weights)."""
+    copied = []
+    for p in sorted(src.iterdir()):
+        if p.is_file() and p.name not in skip and p.suffix in AUX_SUFFIXES:
+            shutil.copy2(p, dst / p.name)
+            copied.append(p.name)
+    return copied
+
+
+def prepare_output_dir(out: Path, overwrite: bool) -> None:
+    """Refuse to clobber a finished output unless asked; the real write goes to a temp dir."""
+    if out.exists() and not overwrite:
+        raise FileExistsError(
+            f"output directory {out} already exists: pass --overwrite to replace it, or choose "
+            "another --output")
+
+
+def make_staging_dir(out: Path) -> Path:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+
+
+def publish_dir(staging: Path, out: Path) -> None:
+    """Atomically make ``staging`` appear as ``out`` (rename within one filesystem)."""
+    if out.exists():
+        trash = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, trash)
+        os.replace(staging, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staging, out)
+
+
+@contextmanager
+def staged_output(out: Path, overwrite: bool) -> Iterator[Path]:
+    """Single-process helper: yield a staging dir, publish on success, delete on failure."""
+    prepare_output_dir(out, overwrite)
+    staging = make_staging_dir(out)
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    publish_dir(staging, out)

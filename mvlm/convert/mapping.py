@@ -1,0 +1,238 @@
+"""Declarative parameter mappings between HF tensors and Megatron-Core shards.
+
+A family's weight table is a list of these objects read top to bottom. Each one knows, for one
+Megatron-Core parameter name pattern, which HF tensors it is made of, how to read only the slice a
+tensor-parallel rank owns (``load``), and how to turn the full (TP-gathered) Megatron tensor back
+into HF tensors (``to_hf``). Patterns use ``{L}`` for the global decoder layer, ``{E}`` for the
+global expert index and ``{*}`` for a free suffix (used for vision towers kept in HF layout).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+class TensorReader(Protocol):
+    def read(self, name: str, dim: int | None = None, start: int | None = None,
+             stop: int | None = None) -> torch.Tensor: ...
+
+    def shape(self, name: str) -> list[int]: ...
+
+
+@dataclass(frozen=True)
+class ShardCtx:
+    """Where this rank's shard sits: TP rank/size (ETP for expert mappings), true and padded
+    vocabulary sizes, and attention geometry for QKV (re)interleaving."""
+
+    tp_rank: int
+    tp_size: int
+    vocab_size: int
+    vocab_padded: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+
+
+def _pattern_regex(template: str) -> re.Pattern:
+    rx = re.escape(template)
+    rx = rx.replace(r"\{L\}", r"(?P<L>\d+)").replace(r"\{E\}", r"(?P<E>\d+)")
+    rx = rx.replace(r"\{\*\}", r"(?P<star>.+)")
+    return re.compile("^" + rx + "$")
+
+
+def fill(template: str, idx: dict[str, str]) -> str:
+    out = template
+    for k, v in idx.items():
+        out = out.replace("{" + ("*" if k == "star" else k) + "}", str(v))
+    return out
+
+
+class Mapping:
+    """Base class. ``split_dim`` is the dimension along which the Megatron tensor is split over TP
+    (None: replicated); ``expert`` says the TP group is the expert-tensor-parallel one."""
+
+    split_dim: int | None = None
+
+    def __init__(self, mcore: str, *hf: str, expert: bool = False) -> None:
+        self.mcore = mcore
+        self.hf = hf
+        self.expert = expert
+        self._rx = _pattern_regex(mcore)
+
+    def match(self, mcore_name: str) -> dict[str, str] | None:
+        m = self._rx.match(mcore_name)
+        return None if m is None else {k: v for k, v in m.groupdict().items() if v is not None}
+
+    def hf_names(self, idx: dict[str, str]) -> list[str]:
+        return [fill(h, idx) for h in self.hf]
+
+    def load(self, reader: TensorReader, idx: dict[str, str], ctx: ShardCtx) -> torch.Tensor:
+        raise NotImplementedError
+
+    def to_hf(self, full: torch.Tensor, idx: dict[str, str], ctx: ShardCtx
+              ) -> list[tuple[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def hf_shapes(self, full_shape: list[int], idx: dict[str, str], ctx: ShardCtx
+                  ) -> list[tuple[str, list[int]]]:
+        """HF output names and shapes from the full Megatron shape, without any data (the
+        streaming writer needs every header before the first byte)."""
+        meta = torch.empty(full_shape, device="meta")
+        return [(n, list(t.shape)) for n, t in self.to_hf(meta, idx, ctx)]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.mcore!r} <- {', '.join(self.hf)})"
+
+
+def _rows(ctx: ShardCtx, n: int) -> tuple[int, int]:
+    if n % ctx.tp_size:
+        raise ValueError(f"dimension {n} is not divisible by TP={ctx.tp_size}")
+    per = n // ctx.tp_size
+    return ctx.tp_rank * per, (ctx.tp_rank + 1) * per
+
+
+class Replicated(Mapping):
+    """Same tensor on every TP rank (norms, routers, biases of row-parallel layers, vision)."""
+
+    def load(self, reader, idx, ctx):
+        return reader.read(self.hf_names(idx)[0])
+
+    def to_hf(self, full, idx, ctx):
+        return [(self.hf_names(idx)[0], full)]
+
+
+class Column(Mapping):
+    """Output dimension (rows) split over TP."""
+
+    split_dim = 0
+
+    def load(self, reader, idx, ctx):
+        name = self.hf_names(idx)[0]
+        lo, hi = _rows(ctx, reader.shape(name)[0])
+        return reader.read(name, 0, lo, hi)
+
+    def to_hf(self, full, idx, ctx):
+        return [(self.hf_names(idx)[0], full)]
+
+
+class Row(Mapping):
+    """Input dimension (columns) split over TP."""
+
+    split_dim = 1
+
+    def load(self, reader, idx, ctx):
+        name = self.hf_names(idx)[0]
+        lo, hi = _rows(ctx, reader.shape(name)[1])
+        return reader.read(name, 1, lo, hi)
+
+    def to_hf(self, full, idx, ctx):
+        return [(self.hf_names(idx)[0], full)]
+
+
+class VocabColumn(Mapping):
+    """Embedding / output layer: rows padded to ``vocab_padded`` then split over TP. Padding rows
+    are zero on load and trimmed on export."""
+
+    split_dim = 0
+
+    def load(self, reader, idx, ctx):
+        name = self.hf_names(idx)[0]
+        v, hidden = reader.shape(name)
+        if v != ctx.vocab_size:
+            raise ValueError(f"{name} has {v} rows but config vocab_size is {ctx.vocab_size}")
+        lo, hi = _rows(ctx, ctx.vocab_padded)
+        out = None
+        if lo < v:
+            part = reader.read(name, 0, lo, min(hi, v))
+            out = part.new_zeros((hi - lo, hidden))
+            out[: part.shape[0]] = part
+        if out is None:
+            dtype = reader.read(name, 0, 0, 1).dtype
+            out = torch.zeros((hi - lo, hidden), dtype=dtype)
+        return out
+
+    def to_hf(self, full, idx, ctx):
+        return [(self.hf_names(idx)[0], full[: ctx.vocab_size])]
+
+
+class QKV(Mapping):
+    """Megatron's fused QKV: per query group, that group's query heads then its K then its V;
+    TP ranks own whole groups. Works for weights ([rows, hidden]) and biases ([rows])."""
+
+    split_dim = 0
+
+    def load(self, reader, idx, ctx):
+        qn, kn, vn = self.hf_names(idx)
+        d, ng = ctx.head_dim, ctx.num_kv_heads
+        hpg = ctx.num_heads // ng
+        g0, g1 = _rows(ctx, ng)
+        q = reader.read(qn, 0, g0 * hpg * d, g1 * hpg * d)
+        k = reader.read(kn, 0, g0 * d, g1 * d)
+        v = reader.read(vn, 0, g0 * d, g1 * d)
+        tail = q.shape[1:]
+        n = g1 - g0
+        return torch.cat([q.reshape(n, hpg * d, *tail), k.reshape(n, d, *tail),
+                          v.reshape(n, d, *tail)], dim=1).reshape(-1, *tail)
+
+    def to_hf(self, full, idx, ctx):
+        qn, kn, vn = self.hf_names(idx)
+        d, ng = ctx.head_dim, ctx.num_kv_heads
+        hpg = ctx.num_heads // ng
+        tail = full.shape[1:]
+        g = full.reshape(ng, (hpg + 2) * d, *tail)
+        q, k, v = torch.split(g, [hpg * d, d, d], dim=1)
+        return [(qn, q.reshape(-1, *tail)), (kn, k.reshape(-1, *tail)),
+                (vn, v.reshape(-1, *tail))]
+
+
+class GatedMLP(Mapping):
+    """SwiGLU's linear_fc1: each TP rank holds [its gate rows; its up rows]."""
+
+    split_dim = 0
+
+    def load(self, reader, idx, ctx):
+        gn, un = self.hf_names(idx)
+        lo, hi = _rows(ctx, reader.shape(gn)[0])
+        return torch.cat([reader.read(gn, 0, lo, hi), reader.read(un, 0, lo, hi)], dim=0)
+
+    def to_hf(self, full, idx, ctx):
+        gn, un = self.hf_names(idx)
+        tail = full.shape[1:]
+        per = full.shape[0] // (2 * ctx.tp_size)
+        parts = full.reshape(ctx.tp_size, 2, per, *tail)
+        return [(gn, parts[:, 0].reshape(-1, *tail)), (un, parts[:, 1].reshape(-1, *tail))]
+
+
+def find_mapping(table: list[Mapping], mcore_name: str) -> tuple[Mapping, dict[str, str]]:
+    for m in table:
+        idx = m.match(mcore_name)
+        if idx is not None:
+            return m, idx
+    raise KeyError(f"no weight mapping covers Megatron parameter {mcore_name!r}")
+
+
+def te_aliases(table: list[Mapping]) -> list[Mapping]:
+    """Add Transformer Engine's names: TE fuses the pre-attention norm into linear_qkv and the
+    pre-MLP norm into linear_fc1 (dense layers), and stores grouped experts as weight{E}."""
+    extra: list[Mapping] = []
+    for m in table:
+        name = m.mcore
+        alias = None
+        if name.endswith("input_layernorm.weight"):
+            alias = name.replace("input_layernorm.weight",
+                                 "self_attention.linear_qkv.layer_norm_weight")
+        elif name.endswith("pre_mlp_layernorm.weight"):
+            alias = name.replace("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight")
+        elif ".mlp.experts.local_experts.{E}." in name:
+            base = name.replace("local_experts.{E}.", "")
+            alias = base[: -len(".weight")] + ".weight{E}" if base.endswith(".weight") else None
+        if alias:
+            clone = type(m).__new__(type(m))
+            clone.__dict__.update(m.__dict__)
+            clone.mcore = alias
+            clone._rx = _pattern_regex(alias)
+            extra.append(clone)
+    return table + extra

@@ -1,0 +1,109 @@
+"""Layer specs: Transformer Engine's when it is importable on a GPU, otherwise Megatron-Core's local
+modules with mvlm's SDPA core attention and HF-exact RMSNorm.
+
+The two specs name their parameters differently (TE fuses the pre-attention and pre-MLP norms
+into ``linear_qkv``/``linear_fc1`` as ``layer_norm_weight``); ``mvlm.convert.mapping`` knows both,
+so which spec a run used never leaks into checkpoints exchanged with HF.
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.models.backends import LocalSpecProvider
+from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
+from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+from mvlm.models.norm import RMSNorm
+
+log = logging.getLogger(__name__)
+
+
+def te_available() -> bool:
+    return importlib.util.find_spec("transformer_engine") is not None
+
+
+def choose_backend(device: str, requested: str = "auto") -> str:
+    """'te' or 'local'. TE needs a GPU; asking for it without one falls back with a warning."""
+    if requested not in ("auto", "te", "local"):
+        raise ValueError(f"--transformer_impl must be auto, te or local, got {requested!r}")
+    if requested == "local":
+        return "local"
+    ok = device == "cuda" and te_available()
+    if requested == "te" and not ok:
+        log.warning("Transformer Engine requested but not usable here (device=%s); using the "
+                    "local spec with SDPA attention", device)
+    return "te" if ok else "local"
+
+
+def local_layer_spec(config: TransformerConfig) -> ModuleSpec:
+    from mvlm.models.attention import SDPACoreAttention
+
+    backend = LocalSpecProvider()
+    num_experts = config.num_moe_experts
+    if num_experts:
+        mlp = get_moe_module_spec_for_backend(
+            backend=backend, num_experts=num_experts, moe_grouped_gemm=False,
+        )
+    else:
+        mlp = ModuleSpec(
+            module=MLP,
+            submodules=MLPSubmodules(
+                linear_fc1=backend.column_parallel_linear(),
+                linear_fc2=backend.row_parallel_linear(),
+            ),
+        )
+    return ModuleSpec(
+        module=TransformerLayer,
+        submodules=TransformerLayerSubmodules(
+            input_layernorm=RMSNorm,
+            self_attention=ModuleSpec(
+                module=SelfAttention,
+                params={"attn_mask_type": AttnMaskType.causal},
+                submodules=SelfAttentionSubmodules(
+                    linear_qkv=backend.column_parallel_linear(),
+                    core_attention=SDPACoreAttention,
+                    linear_proj=backend.row_parallel_linear(),
+                    q_layernorm=RMSNorm if config.qk_layernorm else IdentityOp,
+                    k_layernorm=RMSNorm if config.qk_layernorm else IdentityOp,
+                ),
+            ),
+            self_attn_bda=get_bias_dropout_add,
+            pre_mlp_layernorm=RMSNorm,
+            mlp=mlp,
+            mlp_bda=get_bias_dropout_add,
+        ),
+    )
+
+
+def te_layer_spec(config: TransformerConfig) -> ModuleSpec:
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+    return get_gpt_layer_with_transformer_engine_spec(
+        num_experts=config.num_moe_experts,
+        moe_grouped_gemm=bool(config.num_moe_experts),
+        qk_layernorm=config.qk_layernorm,
+    )
+
+
+def decoder_block_spec(config: TransformerConfig, backend: str, num_layers_here: int
+                       ) -> TransformerBlockSubmodules:
+    """The whole block: layer specs for this stage plus the final norm."""
+    if backend == "te":
+        from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
+
+        layer = te_layer_spec(config)
+        final_norm = TESpecProvider().layer_norm(rms_norm=True)
+    else:
+        layer = local_layer_spec(config)
+        final_norm = RMSNorm
+    return TransformerBlockSubmodules(layer_specs=[layer] * num_layers_here,
+                                      layer_norm=final_norm)

@@ -1,0 +1,1 @@
+"""Process-level runtime: launcher variables, process groups, seeds, CPU adaptation."""
