@@ -1,0 +1,432 @@
+"""Core attention for Megatron-Core's local layer spec: SDPA, packed sequences, context parallel.
+
+Why this exists: Megatron-Core 0.16.1's ``DotProductAttention`` (the local spec's core attention)
+allocates its score buffer and default causal mask on ``torch.cuda.current_device()``, rejects
+``packed_seq_params`` and asserts ``context_parallel_size == 1`` (CP is left to Transformer
+Engine). ``SDPACoreAttention`` is a drop-in for the ``core_attention`` submodule of
+``SelfAttentionSubmodules`` that runs on any device, keeps packed samples apart, and implements CP
+by all-gathering K/V, so the same model code runs on a CPU/gloo test box and on a GPU.
+
+Layout conventions shared with the data and model code (use the helpers, don't re-derive them):
+
+* Sequences are split for CP the load-balanced way Megatron-Core uses for RoPE
+  (``get_pos_emb_on_this_cp_rank``): the length-``S`` sequence is cut into ``2*CP`` equal chunks
+  and CP rank ``r`` holds chunks ``r`` and ``2*CP-1-r``, concatenated in that order. See
+  :func:`cp_chunk_indices` and :func:`split_for_cp`.
+* Packed batches arrive as sbhd with ``b == 1`` plus ``PackedSeqParams(qkv_format="sbhd")``;
+  ``cu_seqlens`` describe the FULL (pre-CP-split) sequence. Positions at or after
+  ``cu_seqlens[-1]`` (tail padding) form one extra segment of their own.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import is_layer_window_attention
+from torch import Tensor
+
+__all__ = ["SDPACoreAttention", "cp_chunk_indices", "split_for_cp"]
+
+_MODEL_PARALLEL_RNG = "model-parallel-rng"
+
+
+# --------------------------------------------------------------------------------------------
+# CP layout helpers
+# --------------------------------------------------------------------------------------------
+def cp_chunk_indices(
+    seq_len: int, cp_size: int, cp_rank: int, device: torch.device | None = None
+) -> torch.LongTensor:
+    """Global positions held by ``cp_rank``, in that rank's local order.
+
+    Chunks ``r`` and ``2*cp_size-1-r`` pair an early (cheap, few keys) and a late (expensive)
+    chunk, so every rank does the same causal-attention work.
+    """
+    if cp_size < 1 or not 0 <= cp_rank < cp_size:
+        raise ValueError(f"cp_rank={cp_rank} must be in [0, cp_size={cp_size})")
+    if cp_size == 1:
+        return torch.arange(seq_len, device=device)
+    if seq_len % (2 * cp_size):
+        raise ValueError(
+            f"sequence length {seq_len} is not divisible by 2*CP={2 * cp_size}: pad the "
+            f"(packed) sequence to a multiple of {2 * cp_size} before splitting for CP"
+        )
+    chunk = seq_len // (2 * cp_size)
+    first = torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk, device=device)
+    second_start = (2 * cp_size - 1 - cp_rank) * chunk
+    second = torch.arange(second_start, second_start + chunk, device=device)
+    return torch.cat([first, second])
+
+
+def split_for_cp(tensor: Tensor, seq_dim: int, cp_size: int, cp_rank: int) -> Tensor:
+    """The slice of ``tensor`` along ``seq_dim`` that CP rank ``cp_rank`` holds (see module doc)."""
+    if cp_size == 1:
+        return tensor
+    idx = cp_chunk_indices(tensor.size(seq_dim), cp_size, cp_rank, device=tensor.device)
+    return tensor.index_select(seq_dim, idx)
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd all-gather over the CP group
+# --------------------------------------------------------------------------------------------
+class _AllGatherSeq(torch.autograd.Function):
+    """All-gather along dim 0 in rank order; backward sums every rank's grad into the owner.
+
+    Megatron's own gather helpers use ``all_gather_into_tensor`` / ``reduce_scatter_tensor``,
+    which gloo lacks; this uses the list all-gather and, off NCCL, all-reduce + slice.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, group: dist.ProcessGroup) -> Tensor:  # type: ignore[override]
+        ctx.group = group
+        ctx.local_len = x.size(0)
+        x = x.contiguous()
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x, group=group)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        group = ctx.group
+        rank = dist.get_rank(group)
+        grad = grad.contiguous()
+        if dist.get_backend(group) == "nccl":
+            out = grad.new_empty((ctx.local_len, *grad.shape[1:]))
+            dist.reduce_scatter_tensor(out, grad, group=group)
+            return out, None
+        dist.all_reduce(grad, group=group)
+        return grad[rank * ctx.local_len : (rank + 1) * ctx.local_len].clone(), None
+
+
+def _gather_seq_global_order(x: Tensor, group: dist.ProcessGroup, cp_rank_count: int) -> Tensor:
+    """All-gather the CP-local [s_local, ...] tensor and put rows in global sequence order."""
+    gathered = _AllGatherSeq.apply(x, group)
+    total = gathered.size(0)
+    held = torch.cat(
+        [cp_chunk_indices(total, cp_rank_count, r, device=x.device) for r in range(cp_rank_count)]
+    )
+    return gathered.index_select(0, torch.argsort(held))
+
+
+# --------------------------------------------------------------------------------------------
+# Masks
+# --------------------------------------------------------------------------------------------
+def _segment_ids(cu_seqlens: Tensor, positions: Tensor) -> Tensor:
+    """Sample index of each global position; positions past cu_seqlens[-1] share the last id."""
+    cu = cu_seqlens.to(device=positions.device, dtype=torch.long)
+    return torch.searchsorted(cu[1:], positions, right=True)
+
+
+def _boundaries(params: PackedSeqParams, which: str) -> Tensor:
+    """Segment boundaries in the tensor layout: the padded ones when given (THD with padding)."""
+    padded = getattr(params, f"cu_seqlens_{which}_padded")
+    cu = padded if padded is not None else getattr(params, f"cu_seqlens_{which}")
+    if cu is None:
+        raise ValueError(f"packed_seq_params.cu_seqlens_{which} is None: set it for packed input")
+    return cu
+
+
+class SDPACoreAttention(MegatronModule):
+    """Drop-in ``core_attention`` for Megatron-Core's ``SelfAttention``, built on torch SDPA.
+
+    Inputs are sbhd: ``query [sq, b, np_local, hn]``, ``key/value [sk, b, ng_local, hn]`` (GQA: kv
+    may have fewer heads; query head ``h`` uses kv head ``h // (np/ng)`` as Megatron's
+    ``repeat_interleave`` does). Output ``[sq, b, np_local*hn]`` like ``DotProductAttention``.
+    A THD call (Megatron squeezes b away) is accepted as ``b == 1``.
+
+    Kernel choice, in order:
+
+    1. ``flash_attn`` (imported lazily, never required) when tensors are CUDA fp16/bf16, CP == 1,
+       and the mask is plain/causal or packed: ``flash_attn_varlen_func`` / ``flash_attn_func``
+       avoid materialising an ``[sq, sk]`` mask.
+    2. ``F.scaled_dot_product_attention`` otherwise: ``is_causal=True`` for the plain causal case,
+       else an explicit boolean mask built on the tensors' device (causal by global position,
+       same packed segment, caller's padding mask). In fp32 this matches a naive
+       ``softmax(QK^T * scale) V`` to ~1e-7, which is what the CPU tests check.
+
+    Mask semantics: ``attn_mask_type`` causal/padding_causal adds causality (bottom-right aligned
+    when sq != sk, as with a KV cache); ``attention_mask`` (bool, True = masked out, broadcastable
+    to ``[b, 1, sq, sk]`` with sk = the full key length, in global order under CP) is ANDed in for
+    any mask type; packed segments are always applied. Query rows with no visible key (padding
+    queries) output zeros instead of NaN, so a loss mask of zero cannot turn into NaN grads.
+
+    Context parallel (``config.context_parallel_size > 1``): K/V are all-gathered across the CP
+    group (differentiable; backward sums grads back to the owner), reordered to global order and
+    attended with a mask over global positions, so results equal the CP=1 computation. Memory is
+    O(S) for K/V per rank, which is fine for the sequence lengths the all-gather path targets;
+    ring attention is Transformer Engine's job on GPU boxes.
+
+    ``apply_query_key_layer_scaling`` only changes Megatron's fp16 numerics (scale/coeff, then
+    *coeff inside softmax); the net scale is the same, so it is ignored here.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        layer_number: int,
+        attn_mask_type: AttnMaskType,
+        attention_type: str,
+        attention_dropout: float | None = None,
+        softmax_scale: float | None = None,
+        cp_comm_type: str | None = None,
+        pg_collection: ProcessGroupCollection | None = None,
+    ) -> None:
+        super().__init__(config=config)
+        self.config: TransformerConfig = config
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        self.attention_type = attention_type
+        self.cp_comm_type = cp_comm_type  # only the all-gather scheme exists here
+
+        if config.softmax_type != "vanilla":
+            raise NotImplementedError(
+                f"softmax_type={config.softmax_type!r} is not supported by SDPACoreAttention: "
+                "use softmax_type='vanilla' or the Transformer Engine spec"
+            )
+        if is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number):
+            raise NotImplementedError(
+                "window_size (sliding-window attention) is not supported by SDPACoreAttention: "
+                "unset window_size or use the Transformer Engine spec"
+            )
+        if getattr(config, "qk_clip", False):
+            raise NotImplementedError(
+                "qk_clip needs per-head max logits, which SDPACoreAttention does not compute: "
+                "unset qk_clip or use the Transformer Engine spec"
+            )
+        # SelfAttention.clip_qk reads this attribute; keep it present like DotProductAttention.
+        self.current_max_attn_logits: Tensor | None = None
+
+        self.tp_group = getattr(pg_collection, "tp", None) if pg_collection is not None else None
+        if self.tp_group is None:
+            self.tp_group = parallel_state.get_tensor_model_parallel_group(check_initialized=False)
+        cp_group = getattr(pg_collection, "cp", None) if pg_collection is not None else None
+        if cp_group is None and config.context_parallel_size > 1:
+            cp_group = parallel_state.get_context_parallel_group(check_initialized=False)
+        self.cp_group: dist.ProcessGroup | None = cp_group
+        self.cp_size = 1 if cp_group is None else dist.get_world_size(cp_group)
+        if config.context_parallel_size > 1 and self.cp_size != config.context_parallel_size:
+            raise ValueError(
+                f"config.context_parallel_size={config.context_parallel_size} but the CP group "
+                f"has {self.cp_size} ranks: initialise parallel_state with the same CP size or "
+                "pass pg_collection.cp"
+            )
+
+        tp_size = 1 if self.tp_group is None else dist.get_world_size(self.tp_group)
+        self.hidden_size_per_attention_head = config.kv_channels
+        if config.num_attention_heads % tp_size or config.num_query_groups % tp_size:
+            raise ValueError(
+                f"num_attention_heads={config.num_attention_heads} and num_query_groups="
+                f"{config.num_query_groups} must both be divisible by TP={tp_size}"
+            )
+        self.num_attention_heads_per_partition = config.num_attention_heads // tp_size
+        self.num_query_groups_per_partition = config.num_query_groups // tp_size
+
+        self.softmax_scale = (
+            1.0 / math.sqrt(self.hidden_size_per_attention_head)
+            if softmax_scale is None
+            else softmax_scale
+        )
+        self.dropout_p = float(
+            config.attention_dropout if attention_dropout is None else attention_dropout
+        )
+
+    # ---------------------------------------------------------------------------------------
+    def forward(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Tensor | None,
+        attn_mask_type: AttnMaskType | None = None,
+        attention_bias: Tensor | None = None,
+        packed_seq_params: PackedSeqParams | None = None,
+    ) -> Tensor:
+        """Attend; returns ``[sq, b, np_local*hn]``."""
+        if attention_bias is not None:
+            raise NotImplementedError(
+                "attention_bias is not supported by SDPACoreAttention: use the TE spec"
+            )
+        thd = query.dim() == 3
+        if thd:  # Megatron squeezed the batch dim for qkv_format='thd'
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        self._check_heads(query, key, value)
+        mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        causal = mask_type in (AttnMaskType.causal, AttnMaskType.padding_causal)
+        if packed_seq_params is not None and query.size(1) != 1:
+            raise ValueError(
+                f"packed sequences need batch size 1 (got b={query.size(1)}): pack the micro-batch "
+                "into one sequence"
+            )
+        if packed_seq_params is not None and packed_seq_params.local_cp_size not in (
+            None,
+            self.cp_size,
+        ):
+            raise NotImplementedError(
+                "packed_seq_params.local_cp_size (hierarchical/dynamic CP) is not supported by "
+                "SDPACoreAttention: leave it None"
+            )
+
+        dropout_p = self.dropout_p if self.training else 0.0
+        with self._rng_context(dropout_p):
+            out = self._attend(
+                query, key, value, attention_mask, causal, packed_seq_params, dropout_p
+            )
+        # out: [b, np, sq, hn] -> [sq, b, np*hn]
+        out = out.permute(2, 0, 1, 3).reshape(query.size(0), query.size(1), -1)
+        return out
+
+    # ---------------------------------------------------------------------------------------
+    def _check_heads(self, query: Tensor, key: Tensor, value: Tensor) -> None:
+        np_local, ng_local = query.size(2), key.size(2)
+        if key.shape != value.shape or query.size(-1) != key.size(-1):
+            raise ValueError(
+                f"key {tuple(key.shape)} / value {tuple(value.shape)} / query "
+                f"{tuple(query.shape)} disagree: expected [s, b, heads, head_dim]"
+            )
+        if np_local % ng_local:
+            raise ValueError(
+                f"{np_local} local query heads are not a multiple of {ng_local} local kv heads"
+            )
+        # When num_query_groups < TP, SelfAttention hands us a config copy with
+        # num_query_groups == TP, so the config-derived counts still match the shapes.
+        if (np_local, ng_local) != (
+            self.num_attention_heads_per_partition,
+            self.num_query_groups_per_partition,
+        ):
+            raise ValueError(
+                f"got {np_local} query / {ng_local} kv heads, config with this TP size expects "
+                f"{self.num_attention_heads_per_partition} / {self.num_query_groups_per_partition}"
+                ": check num_attention_heads, num_query_groups and the TP group"
+            )
+
+    def _rng_context(self, dropout_p: float) -> Any:
+        """Fork Megatron's model-parallel RNG for dropout (heads differ per TP rank), if set up."""
+        import contextlib
+
+        if dropout_p == 0.0 or self.config.sequence_parallel:
+            return contextlib.nullcontext()
+        tracker = tensor_parallel.get_cuda_rng_tracker()
+        if _MODEL_PARALLEL_RNG in tracker.get_states():
+            return tracker.fork()
+        return contextlib.nullcontext()
+
+    def _attend(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        attention_mask: Tensor | None,
+        causal: bool,
+        packed: PackedSeqParams | None,
+        dropout_p: float,
+    ) -> Tensor:
+        """Core computation; returns [b, np, sq, hn]."""
+        cp = self.cp_size
+        if cp > 1:
+            if query.size(0) != key.size(0):
+                raise ValueError("context parallel attention needs self-attention (sq == sk)")
+            ng = key.size(2)
+            kv = _gather_seq_global_order(torch.cat([key, value], dim=2), self.cp_group, cp)
+            key, value = kv[:, :, :ng], kv[:, :, ng:]
+
+        if cp == 1 and attention_mask is None:
+            fast = self._flash(query, key, value, causal, packed, dropout_p)
+            if fast is not None:
+                return fast
+
+        sq, sk = query.size(0), key.size(0)
+        device = query.device
+        if cp > 1:
+            q_pos = cp_chunk_indices(sk, cp, dist.get_rank(self.cp_group), device=device)
+        else:
+            q_pos = torch.arange(sk - sq, sk, device=device)  # bottom-right for KV-cache decode
+        k_pos = torch.arange(sk, device=device)
+
+        q = query.permute(1, 2, 0, 3)  # [b, np, sq, hn]
+        k = key.permute(1, 2, 0, 3)
+        v = value.permute(1, 2, 0, 3)
+        gqa = q.size(1) != k.size(1)
+
+        if packed is None and attention_mask is None and (not causal or (cp == 1 and sq == sk)):
+            return F.scaled_dot_product_attention(
+                q, k, v, dropout_p=dropout_p, is_causal=causal, scale=self.softmax_scale,
+                enable_gqa=gqa,
+            )
+
+        allowed: Tensor | None = None  # broadcastable to [b, 1, sq, sk], True = may attend
+        if causal:
+            allowed = (k_pos[None, :] <= q_pos[:, None])[None, None]
+        if packed is not None:
+            seg_q = _segment_ids(_boundaries(packed, "q"), q_pos)
+            seg_k = _segment_ids(_boundaries(packed, "kv"), k_pos)
+            same = (seg_q[:, None] == seg_k[None, :])[None, None]
+            allowed = same if allowed is None else allowed & same
+        if attention_mask is not None:
+            if attention_mask.dtype != torch.bool:
+                raise TypeError(
+                    f"attention_mask must be bool (True = masked out), got {attention_mask.dtype}"
+                )
+            if attention_mask.size(-1) != sk:
+                raise ValueError(
+                    f"attention_mask last dim {attention_mask.size(-1)} != key length {sk}"
+                    + (" (under CP it must cover the full, global-order sequence)" if cp > 1 else "")
+                )
+            keep = ~attention_mask.to(device)
+            allowed = keep if allowed is None else allowed & keep
+
+        assert allowed is not None
+        # Rows with nothing to attend to would give NaN; attend anywhere, then zero them.
+        # (No host sync: both steps are unconditional elementwise ops.)
+        empty = ~allowed.any(dim=-1, keepdim=True)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed | empty, dropout_p=dropout_p, scale=self.softmax_scale,
+            enable_gqa=gqa,
+        )
+        return out.masked_fill(empty, 0.0)
+
+    def _flash(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        causal: bool,
+        packed: PackedSeqParams | None,
+        dropout_p: float,
+    ) -> Tensor | None:
+        """flash-attn path (CUDA, fp16/bf16, CP=1) or None when it does not apply."""
+        if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16):
+            return None
+        if query.size(0) != key.size(0):
+            return None
+        try:
+            from flash_attn import flash_attn_func, flash_attn_varlen_func
+        except ImportError:
+            return None
+        if packed is None:
+            out = flash_attn_func(  # [b, s, h, d]
+                query.transpose(0, 1), key.transpose(0, 1), value.transpose(0, 1),
+                dropout_p=dropout_p, softmax_scale=self.softmax_scale, causal=causal,
+            )
+            return out.permute(0, 2, 1, 3)
+        seq_len = query.size(0)
+        cus = []
+        for which in ("q", "kv"):
+            cu = _boundaries(packed, which).to(device=query.device, dtype=torch.int32)
+            if int(cu[-1]) < seq_len:  # tail padding is its own segment
+                cu = torch.cat([cu, cu.new_tensor([seq_len])])
+            cus.append(cu)
+        max_q = int((cus[0][1:] - cus[0][:-1]).max())
+        max_k = int((cus[1][1:] - cus[1][:-1]).max())
+        out = flash_attn_varlen_func(  # [t, h, d]
+            query.squeeze(1), key.squeeze(1), value.squeeze(1), cus[0], cus[1], max_q, max_k,
+            dropout_p=dropout_p, softmax_scale=self.softmax_scale, causal=causal,
+        )
+        return out.unsqueeze(0).transpose(1, 2)  # [1, h, t, d]
