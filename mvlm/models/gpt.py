@@ -193,6 +193,8 @@ def build_gpt(arch: TextArch, config: TransformerConfig, backend: str, *,
         parallel_output=True,
         share_embeddings_and_output_weights=arch.tie_word_embeddings,
         position_embedding_type="mrope",
+        # vlm.py merges image embeddings into the full sequence, then does the SP scatter.
+        scatter_embedding_sequence_parallel=False,
         rotary_base=int(arch.rope_theta) if float(arch.rope_theta).is_integer()
         else arch.rope_theta,
         vp_stage=vp_stage,

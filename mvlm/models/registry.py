@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
     from transformers import PretrainedConfig
 
@@ -32,7 +33,7 @@ class Family:
     is_vlm: bool = False
     # builds the vision tower + aligner (a torch module whose forward(pixel_values, grid_thw)
     # returns the merged image embeddings [n_tokens, hidden]); None for text-only families
-    build_vision: Callable[["PretrainedConfig"], "nn.Module"] | None = None
+    build_vision: Callable[["PretrainedConfig", "torch.dtype", str], "nn.Module"] | None = None
     token_ids: Callable[["PretrainedConfig"], dict[str, int]] = field(
         default=lambda cfg: {})
 

@@ -1,0 +1,245 @@
+"""HF <-> sharded Megatron-Core model, streaming, each rank touching only what it owns.
+
+Load: every rank walks its own parameters, finds the mapping for each, and reads just its
+TP/EP slice from the memory-mapped safetensors. Nothing is broadcast, so loading scales with
+the ranks and peak memory per rank is about one tensor slice.
+
+Export: every rank computes, without data, the list of HF tensors it will write (names, shapes,
+dtypes); the lists are exchanged as metadata so that file names and the index are known before
+any tensor moves. Then each (TP or expert-TP) group gathers one parameter at a time and its
+rank 0 converts it and appends it to its own safetensors file. Writers on different pipeline
+stages and expert ranks work in parallel; nothing is funnelled through rank 0.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from mvlm.convert.hf_io import (
+    CheckpointError,
+    SafetensorsReader,
+    StreamingSafetensorsWriter,
+    write_index,
+)
+from mvlm.convert.mapping import Mapping, ShardCtx, find_mapping
+from mvlm.models.vlm import ModelBundle
+
+log = logging.getLogger(__name__)
+
+_LAYER_RX = re.compile(r"^decoder\.layers\.(\d+)\.")
+_EXPERT_RX = re.compile(r"(\.mlp\.experts\.local_experts\.)(\d+)(\.)")
+_TE_EXPERT_RX = re.compile(r"(\.mlp\.experts\.linear_fc\d\.weight)(\d+)$")
+
+
+@dataclass
+class ParamEntry:
+    local_name: str
+    global_name: str
+    param: torch.nn.Parameter
+    mapping: Mapping
+    idx: dict[str, str]
+
+
+def _strip(name: str) -> str:
+    return name[len("language_model."):] if name.startswith("language_model.") else name
+
+
+def global_param_name(local: str, layer_offset: int, expert_offset: int) -> str:
+    """Local (this stage / this EP rank) Megatron name -> global name used by the tables."""
+    name = _strip(local)
+    m = _LAYER_RX.match(name)
+    if m:
+        name = f"decoder.layers.{int(m.group(1)) + layer_offset}." + name[m.end():]
+    name = _EXPERT_RX.sub(lambda mm: f"{mm.group(1)}{int(mm.group(2)) + expert_offset}"
+                          f"{mm.group(3)}", name)
+    name = _TE_EXPERT_RX.sub(lambda mm: f"{mm.group(1)}{int(mm.group(2)) + expert_offset}",
+                             name)
+    return name
+
+
+def param_entries(bundle: ModelBundle) -> list[ParamEntry]:
+    """This rank's parameters in a fixed order, each with its mapping; errors list gaps."""
+    table = bundle.family.mappings(bundle.hf_config, bundle.arch)
+    n_exp = bundle.arch.num_experts or 0
+    ep_rank = parallel_state.get_expert_model_parallel_rank()
+    ep = parallel_state.get_expert_model_parallel_world_size()
+    expert_offset = ep_rank * (n_exp // ep) if n_exp else 0
+    out: list[ParamEntry] = []
+    for vp, model in enumerate(bundle.models):
+        vp_stage = vp if len(bundle.models) > 1 else None
+        offset = get_transformer_layer_offset(bundle.config, vp_stage=vp_stage)
+        for lname, p in model.named_parameters():
+            gname = global_param_name(lname, offset, expert_offset)
+            try:
+                m, idx = find_mapping(table, gname)
+            except KeyError:
+                raise KeyError(f"{bundle.family.name}: no weight mapping for Megatron parameter "
+                               f"{gname!r} (local {lname!r}); the family's table is "
+                               "incomplete") from None
+            out.append(ParamEntry(lname, gname, p, m, idx))
+    return out
+
+
+def shard_ctx(bundle: ModelBundle, m: Mapping) -> ShardCtx:
+    if m.expert:
+        rank = parallel_state.get_expert_tensor_parallel_rank()
+        size = parallel_state.get_expert_tensor_parallel_world_size()
+    else:
+        rank = parallel_state.get_tensor_model_parallel_rank()
+        size = parallel_state.get_tensor_model_parallel_world_size()
+    a = bundle.arch
+    return ShardCtx(tp_rank=rank, tp_size=size, vocab_size=a.vocab_size,
+                    vocab_padded=bundle.vocab_padded, num_heads=a.num_heads,
+                    num_kv_heads=a.num_kv_heads, head_dim=a.head_dim)
+
+
+@torch.no_grad()
+def load_hf_weights(bundle: ModelBundle, hf_dir: str | Path,
+                    check_coverage: bool = True) -> None:
+    """Fill this rank's shards from an HF safetensors directory (no intermediate files)."""
+    reader = SafetensorsReader(hf_dir)
+    used: set[str] = set()
+    for e in param_entries(bundle):
+        ctx = shard_ctx(bundle, e.mapping)
+        names = e.mapping.hf_names(e.idx)
+        missing = [n for n in names if n not in reader]
+        if missing:
+            raise CheckpointError(
+                f"{hf_dir}: tensors {missing} needed for {e.global_name} are missing; is this "
+                f"a {bundle.family.name} checkpoint?")
+        t = e.mapping.load(reader, e.idx, ctx)
+        if tuple(t.shape) != tuple(e.param.shape):
+            raise CheckpointError(
+                f"{e.global_name}: HF tensors {names} give shape {tuple(t.shape)} but the "
+                f"Megatron shard is {tuple(e.param.shape)}; config.json does not match the "
+                "weights")
+        e.param.data.copy_(t.to(e.param.dtype))
+        used.update(names)
+    if check_coverage:
+        all_used: list[set[str]] = [set()] * dist.get_world_size()
+        dist.all_gather_object(all_used, used)
+        unused = set(reader.keys()) - set().union(*all_used)
+        if bundle.arch.tie_word_embeddings:
+            # HF ignores a stored lm_head of a tied model (it re-ties to the embedding); so do we.
+            unused = {n for n in unused if not n.endswith("lm_head.weight")}
+        if unused:
+            raise CheckpointError(
+                f"{len(unused)} HF tensors were not loaded into any rank (e.g. "
+                f"{sorted(unused)[:5]}): the family mapping does not cover this checkpoint")
+
+
+def _participates(m: Mapping) -> bool:
+    """Ranks whose copy is gathered and written: one data-parallel (and CP) replica."""
+    if m.expert:
+        return parallel_state.get_expert_data_parallel_rank() == 0
+    return (parallel_state.get_data_parallel_rank() == 0
+            and parallel_state.get_context_parallel_rank() == 0)
+
+
+def _group(m: Mapping):
+    return (parallel_state.get_expert_tensor_parallel_group() if m.expert
+            else parallel_state.get_tensor_model_parallel_group())
+
+
+def _skip_on_export(bundle: ModelBundle, e: ParamEntry) -> bool:
+    # Tied embeddings: HF stores only embed_tokens; the last stage's output copy is dropped.
+    return bundle.arch.tie_word_embeddings and e.global_name == "output_layer.weight"
+
+
+def _full_shape(e: ParamEntry, ctx: ShardCtx) -> list[int]:
+    shape = list(e.param.shape)
+    if e.mapping.split_dim is not None:
+        shape[e.mapping.split_dim] *= ctx.tp_size
+    return shape
+
+
+@torch.no_grad()
+def export_hf_weights(bundle: ModelBundle, out_dir: Path, dtype: torch.dtype | None = None,
+                      max_shard_bytes: int = 5 * 2**30) -> dict[str, str]:
+    """Write HF safetensors shards + index into ``out_dir`` (shared by all ranks). Returns the
+    weight map. Collective: every rank must call it."""
+    entries = [e for e in param_entries(bundle) if not _skip_on_export(bundle, e)]
+    # 1. Plan (metadata only).
+    my_specs: list[tuple[str, torch.dtype, list[int]]] = []
+    for e in entries:
+        if not _participates(e.mapping):
+            continue
+        ctx = shard_ctx(bundle, e.mapping)
+        if ctx.tp_rank != 0:
+            continue
+        for name, shape in e.mapping.hf_shapes(_full_shape(e, ctx), e.idx, ctx):
+            my_specs.append((name, dtype or e.param.dtype, shape))
+    world = dist.get_world_size()
+    all_specs: list[list] = [None] * world  # type: ignore[list-item]
+    dist.all_gather_object(all_specs, my_specs)
+    files: list[tuple[int, list]] = []  # (writer rank, specs)
+    seen: dict[str, int] = {}
+    for rank, specs in enumerate(all_specs):
+        cur: list = []
+        size = 0
+        for spec in specs:
+            if spec[0] in seen:
+                raise RuntimeError(f"{spec[0]} planned by ranks {seen[spec[0]]} and {rank}")
+            seen[spec[0]] = rank
+            nbytes = torch.Size(spec[2]).numel() * torch.empty((), dtype=spec[1]).element_size()
+            if cur and size + nbytes > max_shard_bytes:
+                files.append((rank, cur))
+                cur, size = [], 0
+            cur.append(spec)
+            size += nbytes
+        if cur:
+            files.append((rank, cur))
+    n = len(files)
+    fname = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors"
+             for i in range(n)]
+    weight_map = {spec[0]: fname[i] for i, (_, specs) in enumerate(files) for spec in specs}
+    my_files = [(fname[i], specs) for i, (r, specs) in enumerate(files)
+                if r == dist.get_rank()]
+    # 2. Stream.
+    writer = None
+    file_iter = iter(my_files)
+    remaining = 0
+    for e in entries:
+        if not _participates(e.mapping):
+            continue
+        ctx = shard_ctx(bundle, e.mapping)
+        t = e.param.detach()
+        if e.mapping.split_dim is not None and ctx.tp_size > 1:
+            parts = [torch.empty_like(t) for _ in range(ctx.tp_size)]
+            dist.all_gather(parts, t.contiguous(), group=_group(e.mapping))
+            if ctx.tp_rank != 0:
+                continue
+            t = torch.cat(parts, dim=e.mapping.split_dim)
+            del parts
+        elif ctx.tp_rank != 0:
+            continue
+        for name, tensor in e.mapping.to_hf(t, e.idx, ctx):
+            if remaining == 0:
+                if writer is not None:
+                    writer.close()
+                f, specs = next(file_iter)
+                writer = StreamingSafetensorsWriter(out_dir / f, specs)
+                remaining = len(specs)
+            writer.write(name, tensor.to(dtype or tensor.dtype))
+            remaining -= 1
+    if writer is not None:
+        writer.close()
+    if dist.get_rank() == 0:
+        total = sum(torch.Size(s[2]).numel() * torch.empty((), dtype=s[1]).element_size()
+                    for _, specs in files for s in specs)
+        if n > 1:
+            write_index(out_dir, weight_map, total)
+    dist.barrier()
+    return weight_map
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text())

@@ -1,0 +1,196 @@
+"""The multimodal Megatron module: vision tower on the first stage, merged embeddings, GPT decoder.
+
+Order of operations on the first pipeline stage, and why:
+1. word embeddings of the FULL sequence (every CP rank sees the whole sample, so image tokens in
+   any chunk can be filled);
+2. image/video embeddings from the vision tower scattered into the image-pad positions;
+3. slice to this CP rank's load-balanced chunks (rank r keeps chunks r and 2CP-1-r);
+4. scatter to sequence-parallel ranks when SP is on.
+Position ids always have 3 rows (mRoPE; equal rows for text-only models) over the full
+sequence; Megatron-Core's rotary module slices them per CP rank itself.
+
+The loss is computed here rather than by GPTModel so that padded vocabulary columns (added so the
+vocabulary divides TP) can be masked out of the softmax: HF's loss never sees them, so ours must
+not either.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from megatron.core import parallel_state, tensor_parallel
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+from transformers import PretrainedConfig
+
+from mvlm.models.gpt import TextArch, build_gpt, padded_vocab_size, transformer_config
+from mvlm.models.registry import Family, get_family
+from mvlm.runtime.parallel import ParallelLayout
+
+
+def cp_split(t: torch.Tensor, dim: int, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """This CP rank's load-balanced chunks (r and 2CP-1-r) of ``t`` along ``dim``."""
+    if cp_size == 1:
+        return t
+    n = t.shape[dim]
+    if n % (2 * cp_size):
+        raise ValueError(f"sequence length {n} must be divisible by 2*CP={2 * cp_size}: pad "
+                         "batches to a multiple of 2*CP (the data pipeline does this when "
+                         "given the layout)")
+    chunks = t.chunk(2 * cp_size, dim=dim)
+    return torch.cat([chunks[cp_rank], chunks[2 * cp_size - 1 - cp_rank]], dim=dim)
+
+
+class VLMModel(MegatronModule):
+    """One pipeline stage (or one virtual chunk) of an mvlm model."""
+
+    def __init__(self, family: Family, hf_config: PretrainedConfig, arch: TextArch,
+                 config: TransformerConfig, backend: str, vocab_padded: int, device: str,
+                 pre_process: bool, post_process: bool, vp_stage: int | None = None) -> None:
+        super().__init__(config=config)
+        self.family = family
+        self.arch = arch
+        self.pre_process = pre_process
+        self.post_process = post_process
+        self.vocab_padded = vocab_padded
+        self.language_model = build_gpt(arch, config, backend, pre_process=pre_process,
+                                        post_process=post_process, vocab_padded=vocab_padded,
+                                        vp_stage=vp_stage)
+        self.vision_model = None
+        self.token_ids = family.token_ids(hf_config)
+        if family.is_vlm and pre_process:
+            self.vision_model = family.build_vision(hf_config, config.params_dtype, device)
+        self.share_embeddings_and_output_weights = arch.tie_word_embeddings
+
+    # Pipeline plumbing -------------------------------------------------------------------
+    def set_input_tensor(self, input_tensor) -> None:
+        self.language_model.set_input_tensor(input_tensor)
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
+
+    # Forward -----------------------------------------------------------------------------
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+              image_grid_thw: torch.Tensor | None = None,
+              pixel_values_videos: torch.Tensor | None = None,
+              video_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
+        """Full-sequence embeddings [s, b, h] with vision features merged in."""
+        emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)
+        if self.vision_model is None:
+            return emb
+        for kind, pix, grid in (("image", pixel_values, image_grid_thw),
+                                ("video", pixel_values_videos, video_grid_thw)):
+            if pix is None:
+                continue
+            feats = self.vision_model(pix, grid).to(emb.dtype)
+            mask = (input_ids == self.token_ids[kind]).transpose(0, 1)  # [s, b]
+            n = int(mask.sum())
+            if n != feats.shape[0]:
+                raise ValueError(
+                    f"{n} {kind} placeholder tokens but the vision tower produced "
+                    f"{feats.shape[0]} embeddings: the {kind}_grid_thw does not match the "
+                    "expanded prompt (re-encode the sample with the model's processor)")
+            emb = emb.transpose(0, 1).masked_scatter(mask.transpose(0, 1)[..., None],
+                                                     feats).transpose(0, 1)
+        return emb
+
+    def forward(self, input_ids: torch.Tensor | None, position_ids: torch.Tensor,
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None,
+                image_grid_thw: torch.Tensor | None = None,
+                pixel_values_videos: torch.Tensor | None = None,
+                video_grid_thw: torch.Tensor | None = None,
+                packed_seq_params: PackedSeqParams | None = None,
+                gather_logits: bool = False) -> torch.Tensor:
+        """Returns per-token loss [b, s_local] when ``labels`` is given (last stage), logits
+        [b, s_local, vocab(/TP unless gathered)] otherwise, hidden states on inner stages.
+
+        ``labels`` are next-token targets aligned with positions (Megatron style), -100 = none;
+        ``input_ids``/``labels``/``position_ids`` cover the full sequence on every CP rank.
+        """
+        cfg = self.config
+        cp_size = parallel_state.get_context_parallel_world_size()
+        cp_rank = parallel_state.get_context_parallel_rank()
+        decoder_input = None
+        if self.pre_process:
+            emb = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos,
+                             video_grid_thw)
+            emb = cp_split(emb, 0, cp_size, cp_rank)
+            if cfg.sequence_parallel:
+                emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
+            decoder_input = emb
+        if attention_mask is not None and attention_mask.dtype == torch.bool and \
+                attention_mask.dim() == 2:
+            # [b, s] keep-mask -> Megatron's [b, 1, 1, s] masked-out convention (key padding)
+            attention_mask = (~attention_mask)[:, None, None, :]
+        out = self.language_model(
+            input_ids=None, position_ids=position_ids, attention_mask=attention_mask,
+            decoder_input=decoder_input, labels=None, packed_seq_params=packed_seq_params,
+        )
+        if not self.post_process:
+            return out
+        logits = out  # [b, s_local, V_padded / TP]
+        logits = self._mask_padded_vocab(logits)
+        if labels is None:
+            if gather_logits:
+                logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
+                logits = logits[..., : self.arch.vocab_size]
+            return logits
+        labels = cp_split(labels, 1, cp_size, cp_rank)
+        safe = labels.clamp(min=0)
+        loss = tensor_parallel.vocab_parallel_cross_entropy(
+            logits.float().transpose(0, 1).contiguous(), safe.transpose(0, 1).contiguous())
+        return loss.transpose(0, 1).contiguous() * (labels >= 0)
+
+    def _mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        if self.vocab_padded == self.arch.vocab_size:
+            return logits
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        per = logits.shape[-1]
+        start = tp_rank * per
+        n_real = max(0, min(per, self.arch.vocab_size - start))
+        if n_real == per:
+            return logits
+        keep = torch.arange(per, device=logits.device) < n_real
+        return logits.masked_fill(~keep, float("-inf"))
+
+
+@dataclass
+class ModelBundle:
+    """What a caller needs alongside the module list: the family, architecture and configs."""
+
+    family: Family
+    hf_config: PretrainedConfig
+    arch: TextArch
+    config: TransformerConfig
+    backend: str
+    vocab_padded: int
+    models: list[VLMModel]
+
+
+def build_model(hf_config: PretrainedConfig, layout: ParallelLayout, *, dtype: torch.dtype,
+                device: str, backend: str = "local", sequence_parallel: bool = False,
+                recompute_granularity: str | None = None, perform_initialization: bool = True,
+                vocab_padded: int | None = None, dropout: float = 0.0) -> ModelBundle:
+    """Build this rank's model chunks (one, or VPP of them) for an HF config."""
+    family = get_family(hf_config.model_type)
+    arch = family.text_arch(hf_config)
+    config = transformer_config(arch, layout, dtype=dtype, device=device,
+                                sequence_parallel=sequence_parallel,
+                                recompute_granularity=recompute_granularity,
+                                perform_initialization=perform_initialization, dropout=dropout)
+    vpad = vocab_padded or padded_vocab_size(arch.vocab_size, layout.tp)
+    if vpad % layout.tp:
+        raise ValueError(f"padded vocabulary {vpad} is not divisible by TP={layout.tp}")
+    chunks = layout.vpp or 1
+    models = []
+    for vp in range(chunks):
+        vp_stage = vp if layout.vpp else None
+        pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+        post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+        m = VLMModel(family, hf_config, arch, config, backend, vpad, device, pre, post, vp_stage)
+        if device == "cuda":
+            m.cuda(torch.cuda.current_device())
+        models.append(m)
+    return ModelBundle(family, hf_config, arch, config, backend, vpad, models)
