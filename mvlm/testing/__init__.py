@@ -1,0 +1,1 @@
+"""Test helpers: tiny random-weight Hugging Face checkpoints built locally, no hub."""
