@@ -1,0 +1,186 @@
+"""Collation: encoded samples -> the micro-batch dict the model and trainer consume.
+
+The batch contract (names are fixed; the model and trainer read exactly these keys):
+
+* ``input_ids`` [B, S] long; ``labels`` [B, S] long, already shifted Megatron-style
+  (``labels[t]`` is the target predicted at position t; -100 on prompt/vision tokens, on the last
+  token of every sample and on padding); ``loss_mask`` [B, S] float = labels != -100.
+* ``position_ids`` [3, B, S] long for every family, restarting at 0 per packed sample; 0 on pads.
+* padded batches: ``attention_mask`` [B, S] bool (True = real token).
+* packed batches (B = 1): ``cu_seqlens`` int32 [n+1] (sample boundaries; the pad tail is not a
+  sample) and ``max_seqlen`` int; no attention_mask.
+* vision: ``pixel_values`` [N_patches, D], ``image_grid_thw`` [N_images, 3] (all images of the
+  micro-batch in sample order); ``pixel_values_videos``, ``video_grid_thw``,
+  ``second_per_grid_ts`` likewise. Keys are absent when the micro-batch has no such media.
+* ``num_samples`` int.
+
+Labels are shifted per sample *before* concatenation, which is why packing can never make one
+sample's last token predict the next sample's first token.
+"""
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
+               "second_per_grid_ts")
+_VISION_DTYPES = {"pixel_values": torch.float32, "pixel_values_videos": torch.float32,
+                  "image_grid_thw": torch.long, "video_grid_thw": torch.long,
+                  "second_per_grid_ts": torch.float32}
+
+
+def shift_labels(labels: torch.Tensor) -> torch.Tensor:
+    """Megatron-style targets for ONE sample: out[t] = labels[t+1], out[-1] = -100."""
+    out = torch.full_like(labels, -100)
+    out[:-1] = labels[1:]
+    return out
+
+
+def _as_long(x: Any) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) and x.dtype == torch.long else \
+        torch.as_tensor(x, dtype=torch.long)
+
+
+def _positions(s: dict, n: int) -> torch.Tensor:
+    p = s.get("position_ids")
+    if p is None:
+        return torch.arange(n, dtype=torch.long).unsqueeze(0).expand(3, -1)
+    p = _as_long(p)
+    return p.unsqueeze(0).expand(3, -1) if p.dim() == 1 else p
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m if m > 1 else n
+
+
+def _vision(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key in VISION_KEYS:
+        parts = [torch.as_tensor(s[key], dtype=_VISION_DTYPES[key]) for s in samples
+                 if s.get(key) is not None and len(s[key]) > 0]
+        if parts:
+            out[key] = torch.cat(parts)
+    return out
+
+
+def collate_padded(samples: Sequence[dict], pad_token_id: int,
+                   pad_to_multiple_of: int = 1) -> dict[str, Any]:
+    """[B, S] batch, right-padded to the longest sample (rounded up to the multiple)."""
+    ids = [_as_long(s["input_ids"]) for s in samples]
+    seq = _round_up(max(len(x) for x in ids), pad_to_multiple_of)
+    b = len(samples)
+    input_ids = torch.full((b, seq), pad_token_id, dtype=torch.long)
+    labels = torch.full((b, seq), -100, dtype=torch.long)
+    position_ids = torch.zeros((3, b, seq), dtype=torch.long)
+    attention_mask = torch.zeros((b, seq), dtype=torch.bool)
+    for i, (s, x) in enumerate(zip(samples, ids)):
+        n = len(x)
+        input_ids[i, :n] = x
+        labels[i, :n] = shift_labels(_as_long(s["labels"]))
+        position_ids[:, i, :n] = _positions(s, n)
+        attention_mask[i, :n] = True
+    batch = {"input_ids": input_ids, "labels": labels, "loss_mask": (labels != -100).float(),
+             "position_ids": position_ids, "attention_mask": attention_mask, "num_samples": b}
+    batch.update(_vision(samples))
+    return batch
+
+
+def collate_packed(samples: Sequence[dict], pad_token_id: int,
+                   pad_to_multiple_of: int = 1) -> dict[str, Any]:
+    """One padding-free row [1, S]: samples concatenated, tail padded to the multiple."""
+    ids = [_as_long(s["input_ids"]) for s in samples]
+    lens = [len(x) for x in ids]
+    total = sum(lens)
+    seq = _round_up(total, pad_to_multiple_of)
+    input_ids = torch.full((1, seq), pad_token_id, dtype=torch.long)
+    labels = torch.full((1, seq), -100, dtype=torch.long)
+    position_ids = torch.zeros((3, 1, seq), dtype=torch.long)
+    input_ids[0, :total] = torch.cat(ids)
+    labels[0, :total] = torch.cat([shift_labels(_as_long(s["labels"])) for s in samples])
+    position_ids[:, 0, :total] = torch.cat([_positions(s, n) for s, n in zip(samples, lens)],
+                                           dim=1)
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lens, dtype=torch.int32), 0)
+    batch = {"input_ids": input_ids, "labels": labels, "loss_mask": (labels != -100).float(),
+             "position_ids": position_ids, "cu_seqlens": cu, "max_seqlen": max(lens),
+             "num_samples": len(samples)}
+    batch.update(_vision(samples))
+    return batch
+
+
+class Collator:
+    """Picklable collate_fn for torch DataLoader (packed: each item is a list of samples)."""
+
+    def __init__(self, pad_token_id: int, packing: bool = False, pad_to_multiple_of: int = 1):
+        self.pad_token_id = pad_token_id
+        self.packing = packing
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, items: Sequence[Any]) -> dict[str, Any]:
+        if self.packing:
+            samples = [s for pack in items for s in (pack if isinstance(pack, list) else [pack])]
+            return collate_packed(samples, self.pad_token_id, self.pad_to_multiple_of)
+        return collate_padded(items, self.pad_token_id, self.pad_to_multiple_of)
+
+
+# ----------------------------------------------------------------------------- context parallel
+
+def cp_chunk_indices(seq_len: int, cp_size: int, cp_rank: int) -> torch.Tensor:
+    """Token indices rank ``cp_rank`` keeps of a [.., seq_len] sequence under CP.
+
+    The sequence is cut into 2*CP equal chunks and rank r keeps chunks r and 2*CP-1-r, so every
+    rank holds the same amount of causal-attention work (early chunks attend to little, late
+    chunks to a lot). ``seq_len`` must be a multiple of 2*CP (collate with pad_to_multiple_of).
+    """
+    if cp_size == 1:
+        return torch.arange(seq_len)
+    n = 2 * cp_size
+    if seq_len % n:
+        raise ValueError(f"sequence length {seq_len} is not a multiple of 2*CP={n}; collate with "
+                         f"pad_to_multiple_of a multiple of {n}")
+    c = seq_len // n
+    return torch.cat([torch.arange(cp_rank * c, (cp_rank + 1) * c),
+                      torch.arange((n - 1 - cp_rank) * c, (n - cp_rank) * c)])
+
+
+def cp_packed_indices(cu_seqlens_padded: torch.Tensor, cp_size: int,
+                      cp_rank: int) -> torch.Tensor:
+    """THD variant: the 2*CP split applied to every packed sample separately.
+
+    Needs per-sample lengths that are multiples of 2*CP (``pack_for_cp`` pads them); returns the
+    token indices of this rank in the packed row.
+    """
+    idx = []
+    bounds = cu_seqlens_padded.tolist()
+    for s, e in itertools.pairwise(bounds):
+        idx.append(cp_chunk_indices(e - s, cp_size, cp_rank) + s)
+    return torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
+
+
+def pad_samples_for_cp(batch_samples: Sequence[dict], cp_size: int,
+                       pad_token_id: int) -> tuple[list[dict], torch.Tensor]:
+    """Pad each sample (ids/labels/positions) to a multiple of 2*CP before packing.
+
+    Returns the padded samples and ``cu_seqlens_padded`` -- what Megatron-Core's THD + CP path
+    wants (``PackedSeqParams.cu_seqlens_q_padded``). Padding carries no loss.
+    """
+    m = 2 * cp_size
+    out, lens = [], []
+    for s in batch_samples:
+        ids = _as_long(s["input_ids"])
+        n = len(ids)
+        extra = _round_up(n, m) - n
+        t = dict(s)
+        if extra:
+            t["input_ids"] = torch.cat([ids, torch.full((extra,), pad_token_id)])
+            t["labels"] = torch.cat([_as_long(s["labels"]), torch.full((extra,), -100)])
+            pos = _positions(s, n)
+            t["position_ids"] = torch.cat([pos, torch.zeros(3, extra, dtype=torch.long)], dim=1)
+        out.append(t)
+        lens.append(n + extra)
+    cu = torch.zeros(len(lens) + 1, dtype=torch.int32)
+    cu[1:] = torch.cumsum(torch.tensor(lens, dtype=torch.int32), 0)
+    return out, cu
