@@ -1,6 +1,7 @@
 """SDPACoreAttention vs a naive softmax(QK^T*scale)V reference, fp32 on CPU (tolerance 1e-6)."""
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -103,7 +104,7 @@ def test_no_mask_matches_naive() -> None:
 
 def _packed_params(cu: list[int]) -> PackedSeqParams:
     cu_t = torch.tensor(cu, dtype=torch.int32)
-    mx = max(b - a for a, b in zip(cu[:-1], cu[1:]))
+    mx = max(b - a for a, b in itertools.pairwise(cu))
     return PackedSeqParams(
         qkv_format="sbhd", cu_seqlens_q=cu_t, cu_seqlens_kv=cu_t, max_seqlen_q=mx, max_seqlen_kv=mx
     )
