@@ -95,6 +95,8 @@ class MediaConfig:
             cap = self.image_max_token_num * factor * factor
             hi = min(hi, cap) if self.max_pixels is not None else cap
         if lo > hi:
+            if self.min_pixels is None:  # a small budget lowers the default floor with it
+                return hi, hi
             raise ValueError(f"min_pixels {lo} > max_pixels {hi}: fix MIN_PIXELS/MAX_PIXELS")
         return lo, hi
 

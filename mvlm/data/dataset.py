@@ -1,0 +1,274 @@
+"""Encoded datasets: eager (``datasets.map`` with ``--dataset_num_proc``), lazy and streaming.
+
+* Eager: each raw dataset is encoded with ``Dataset.map(batched=True, num_proc=N)``; a batch of
+  rows goes through ``Template.encode_batch`` (one tokenizer call, one image-processor call).
+  Bad rows are kept as empty rows with an ``_mvlm_error`` reason, counted, then dropped with a
+  cheap ``select``; under ``--on_bad_sample error`` the first one stops the run with its file and
+  row. The result is Arrow on disk: what ``mvlm encode`` saves and ``--cached_dataset`` reloads.
+* Lazy (``--lazy_tokenize``): rows are encoded in the DataLoader workers on access; a bad row is
+  replaced by the next good one (counted) so the sampler's order stays deterministic.
+* Streaming (``--streaming``): an iterable over encoded samples (optionally packed on the fly).
+
+Storage layout of an encoded row: ``input_ids``, ``labels`` (unshifted), ``length``,
+``position_ids`` ([3, L], VL families only), ``pixel_values`` flattened float32 (reshaped with the
+grid on load), ``image_grid_thw``, the same for videos, ``extra`` (JSON of carried columns).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterator
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+import torch.utils.data
+
+from mvlm.data.dataset_spec import ROW_COL, RawDataset, decode_row
+from mvlm.data.errors import BadSampleCounter, BadSampleError
+from mvlm.data.template import SkipSample, Template
+
+logger = logging.getLogger(__name__)
+ERROR_COL = "_mvlm_error"
+_VISION_FLAT = ("pixel_values", "pixel_values_videos")
+_VISION_GRID = ("image_grid_thw", "video_grid_thw")
+
+
+def _features(template: Template) -> datasets.Features:
+    f = {"input_ids": datasets.Sequence(datasets.Value("int32")),
+         "labels": datasets.Sequence(datasets.Value("int32")),
+         "length": datasets.Value("int32"), "extra": datasets.Value("string"),
+         ERROR_COL: datasets.Value("string"), ROW_COL: datasets.Value("int64")}
+    if template.is_multimodal:
+        f["position_ids"] = datasets.Sequence(datasets.Sequence(datasets.Value("int32")))
+        for k in _VISION_FLAT:
+            f[k] = datasets.Sequence(datasets.Value("float32"))
+        for k in _VISION_GRID:
+            f[k] = datasets.Sequence(datasets.Sequence(datasets.Value("int32")))
+        f["second_per_grid_ts"] = datasets.Sequence(datasets.Value("float32"))
+    return datasets.Features(f)
+
+
+def to_storage(enc: dict, template: Template) -> dict[str, Any]:
+    """An encoded sample -> one Arrow row (numpy, flat pixels)."""
+    row = {"input_ids": enc["input_ids"].numpy().astype(np.int32),
+           "labels": enc["labels"].numpy().astype(np.int32), "length": enc["length"],
+           "extra": json.dumps(enc["extra"], default=str) if enc.get("extra") else "",
+           ERROR_COL: ""}
+    if template.is_multimodal:
+        row["position_ids"] = enc["position_ids"].numpy().astype(np.int32)
+        for k in _VISION_FLAT:
+            row[k] = enc[k].numpy().reshape(-1) if k in enc else np.zeros(0, np.float32)
+        for k in _VISION_GRID:
+            row[k] = enc[k].numpy().astype(np.int32) if k in enc else np.zeros((0, 3), np.int32)
+        row["second_per_grid_ts"] = enc["second_per_grid_ts"].numpy() \
+            if "second_per_grid_ts" in enc else np.zeros(0, np.float32)
+    return row
+
+
+def _empty_row(template: Template, reason: str) -> dict[str, Any]:
+    row = {"input_ids": [], "labels": [], "length": 0, "extra": "", ERROR_COL: reason}
+    if template.is_multimodal:
+        row.update(position_ids=[[], [], []], pixel_values=[], pixel_values_videos=[],
+                   image_grid_thw=[], video_grid_thw=[], second_per_grid_ts=[])
+    return row
+
+
+def from_storage(row: dict) -> dict[str, Any]:
+    """An Arrow row (numpy format) -> the sample dict the collator takes."""
+    out = {"input_ids": torch.as_tensor(np.asarray(row["input_ids"], dtype=np.int64)),
+           "labels": torch.as_tensor(np.asarray(row["labels"], dtype=np.int64)),
+           "length": int(row["length"])}
+    if "position_ids" in row:
+        out["position_ids"] = torch.as_tensor(np.stack(list(row["position_ids"])).astype(
+            np.int64)) if len(row["position_ids"]) else None
+    for flat, grid in zip(_VISION_FLAT, _VISION_GRID):
+        g = row.get(grid)
+        if g is not None and len(g):
+            g = np.stack(list(g)).astype(np.int64)
+            pv = np.asarray(row[flat], dtype=np.float32)
+            out[flat] = torch.from_numpy(pv.reshape(int(g.prod(-1).sum()), -1))
+            out[grid] = torch.from_numpy(g)
+    if row.get("second_per_grid_ts") is not None and len(row["second_per_grid_ts"]):
+        out["second_per_grid_ts"] = torch.as_tensor(np.asarray(row["second_per_grid_ts"],
+                                                               dtype=np.float32))
+    if row.get("extra"):
+        out["extra"] = json.loads(row["extra"])
+    return out
+
+
+def _encode_map_fn(batch: dict, template: Template, source: str, base_dir: str | None,
+                   policy: str) -> dict[str, list]:
+    n = len(batch[ROW_COL])
+    rows_idx = batch[ROW_COL]
+    decoded: list[Any] = []
+    for i in range(n):
+        try:
+            decoded.append(decode_row({k: batch[k][i] for k in batch}))
+        except BadSampleError as e:
+            decoded.append(e)
+    good = [i for i, r in enumerate(decoded) if not isinstance(r, BaseException)]
+    results: list[Any] = list(decoded)
+    for i, r in zip(good, template.encode_batch([decoded[i] for i in good], base_dir)):
+        results[i] = r
+    out: dict[str, list] = {k: [] for k in _features(template)}
+    for i, r in enumerate(results):
+        if isinstance(r, BadSampleError):
+            r.with_location(source, int(rows_idx[i]))
+            if policy == "error" and not isinstance(r, SkipSample):
+                raise r
+            row = _empty_row(template, r.reason)
+        else:
+            row = to_storage(r, template)
+        row[ROW_COL] = int(rows_idx[i])
+        for k, col in out.items():
+            col.append(row[k])
+    return out
+
+
+def encode_raw(raw: RawDataset, template: Template, counter: BadSampleCounter, *,
+               num_proc: int = 1, batch_size: int = 32) -> datasets.Dataset:
+    """Eagerly encode one raw dataset; bad rows are counted in ``counter`` and dropped."""
+    ds = raw.data
+    if raw.streaming:
+        raise ValueError("eager encoding needs a map-style dataset; drop --streaming")
+    num_proc = max(1, min(num_proc, len(ds) // batch_size or 1))
+    enc = ds.map(_encode_map_fn, batched=True, batch_size=batch_size,
+                 num_proc=num_proc if num_proc > 1 else None,
+                 remove_columns=ds.column_names, features=_features(template),
+                 fn_kwargs={"template": template, "source": raw.source,
+                            "base_dir": raw.base_dir, "policy": counter.policy},
+                 desc=f"encode {raw.source}", load_from_cache_file=False)
+    errors = enc[ERROR_COL]
+    bad = Counter(e for e in errors if e)
+    if bad:
+        for reason, cnt in bad.items():
+            if reason not in counter.counts:
+                logger.warning("skipping %d bad sample(s) in %s with reason %r", cnt,
+                               raw.source, reason)
+        counter.merge(bad)
+        enc = enc.select([i for i, e in enumerate(errors) if not e])
+    return enc
+
+
+def encode_all(raws: list[RawDataset], template: Template, counter: BadSampleCounter, *,
+               num_proc: int = 1, shuffle: bool = False, seed: int = 42) -> datasets.Dataset:
+    parts = [encode_raw(r, template, counter, num_proc=num_proc) for r in raws]
+    parts = [p for p in parts if len(p)]
+    if not parts:
+        raise ValueError("no usable samples: every row was skipped (" + counter.summary() + ")")
+    ds = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+    if shuffle:
+        ds = ds.shuffle(seed=seed).flatten_indices()
+    return ds
+
+
+class EncodedDataset(torch.utils.data.Dataset):
+    """Torch view of an encoded Arrow dataset (what training iterates)."""
+
+    def __init__(self, data: datasets.Dataset):
+        self.data = data.with_format("numpy")
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        return from_storage(self.data[int(i)])
+
+    @property
+    def lengths(self) -> list[int]:
+        return self.data["length"].tolist()
+
+
+class LazyDataset(torch.utils.data.Dataset):
+    """Encode on access (``--lazy_tokenize``). A bad row is replaced by the next good row."""
+
+    def __init__(self, raws: list[RawDataset], template: Template, policy: str = "error",
+                 max_retries: int = 100):
+        self.raws = raws
+        self.template = template
+        self.counter = BadSampleCounter(policy)
+        self.max_retries = max_retries
+        self.offsets = np.cumsum([0] + [len(r.data) for r in raws])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def _encode(self, i: int) -> dict[str, Any]:
+        k = int(np.searchsorted(self.offsets, i, side="right") - 1)
+        raw = self.raws[k]
+        ex = raw.data[int(i - self.offsets[k])]
+        try:
+            return self.template.encode(decode_row(ex), raw.base_dir)
+        except BadSampleError as e:
+            raise e.with_location(raw.source, int(ex[ROW_COL])) from None
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        for attempt in range(self.max_retries):
+            j = (int(i) + attempt) % len(self)
+            try:
+                return self._encode(j)
+            except SkipSample as e:  # dropped on purpose (truncation 'delete'): count only
+                self.counter.counts[e.reason] += 1
+            except BadSampleError as e:
+                self.counter.handle(e)  # raises under policy "error"
+        raise BadSampleError("too_many_bad_samples", f"{self.max_retries} consecutive bad rows "
+                             f"from index {i}")
+
+
+def iter_encoded(raws: list[RawDataset], template: Template, counter: BadSampleCounter,
+                 batch_size: int = 32) -> Iterator[dict[str, Any]]:
+    """Streaming: encoded samples in dataset order (bad rows counted / raised per policy)."""
+    for raw in raws:
+        buf: list[dict] = []
+
+        def flush(buf: list[dict], raw: RawDataset = raw) -> Iterator[dict[str, Any]]:
+            decoded: list[Any] = []
+            for ex in buf:
+                try:
+                    decoded.append(decode_row(ex))
+                except BadSampleError as e:
+                    decoded.append(e)
+            good = [d for d in decoded if not isinstance(d, BaseException)]
+            res = iter(template.encode_batch(good, raw.base_dir))
+            for ex, d in zip(buf, decoded):
+                r = d if isinstance(d, BaseException) else next(res)
+                if isinstance(r, BadSampleError):
+                    r.with_location(raw.source, int(ex[ROW_COL]))
+                    if isinstance(r, SkipSample):
+                        counter.counts[r.reason] += 1
+                        continue
+                    counter.handle(r)
+                    continue
+                yield r
+
+        for ex in raw.data:
+            buf.append(ex)
+            if len(buf) >= batch_size:
+                yield from flush(buf)
+                buf = []
+        if buf:
+            yield from flush(buf)
+
+
+class StreamingDataset(torch.utils.data.IterableDataset):
+    """Iterable over encoded samples (or packed rows), sharded over DP ranks round-robin."""
+
+    def __init__(self, raws: list[RawDataset], template: Template, policy: str = "error",
+                 packing_length: int | None = None, dp_rank: int = 0, dp_size: int = 1):
+        self.raws, self.template = raws, template
+        self.counter = BadSampleCounter(policy)
+        self.packing_length = packing_length
+        self.dp_rank, self.dp_size = dp_rank, dp_size
+
+    def __iter__(self) -> Iterator[Any]:
+        from mvlm.data.packing import pack_stream
+
+        items: Iterator[Any] = iter_encoded(self.raws, self.template, self.counter)
+        if self.packing_length:
+            items = pack_stream(items, self.packing_length)
+        for k, item in enumerate(items):
+            if k % self.dp_size == self.dp_rank:
+                yield item

@@ -1,0 +1,349 @@
+"""``mvlm encode`` and the data entry points the trainer calls.
+
+Public API (what ``mvlm/cli.py`` and the trainer use)::
+
+    add_data_args(parser: argparse.ArgumentParser) -> None
+        Flags shared by pt/sft/rlhf/encode (ms-swift names): --dataset --val_dataset
+        --split_dataset_ratio --max_length --truncation_strategy --packing --streaming
+        --lazy_tokenize --dataset_num_proc --dataset_shuffle --seed --max_pixels --min_pixels
+        --image_max_token_num --video_max_pixels --video_max_token_num --fps --fps_max_frames
+        --image_backend --on_bad_sample --system --template_backend --cached_dataset --task.
+        Flags that the parser already has (e.g. --seed, --model from config.py) are skipped.
+    add_encode_args(parser) -> None          # add_data_args + --model --output_dir --dump
+    run_encode(args: argparse.Namespace) -> int
+
+    build_train_dataset(args, processor_dir, *, dp_rank=0, dp_size=1) -> TrainData
+        Loads (or reads --cached_dataset), encodes, optionally packs. TrainData has .train,
+        .val (map-style or iterable torch datasets), .template, .bad_samples (counter),
+        .pad_token_id, .packing, .stats.
+    build_dataloader(data: TrainData, *, split="train", micro_batch_size=1, dp_rank=0,
+                     dp_size=1, consumed_samples=0, seed=42, shuffle=True, num_workers=0,
+                     pad_to_multiple_of=1, num_epochs=None) -> torch.utils.data.DataLoader
+        Yields micro-batches in the batch contract of ``mvlm.data.collate``. With packing each
+        micro-batch is one packed row (use micro_batch_size=1); pass pad_to_multiple_of=2*CP*TP
+        when CP/SP are on. ``consumed_samples`` (items, i.e. packed rows when packing) resumes
+        the exact order.
+
+Cache layout written by ``mvlm encode --output_dir D`` and read by ``--cached_dataset D``:
+``D/train`` and ``D/val`` (datasets.save_to_disk), ``D/packs.json`` (packing plan, if
+``--packing``), ``D/stats.json``, ``D/meta.json`` (family, max_length, template settings: a
+mismatch with the training flags is reported), and ``D/dump.jsonl`` for ``--dump N``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import datasets
+import torch
+import torch.utils.data
+
+from mvlm.data.collate import Collator
+from mvlm.data.dataset import EncodedDataset, LazyDataset, StreamingDataset, encode_all
+from mvlm.data.dataset_spec import load_datasets
+from mvlm.data.errors import ON_BAD_SAMPLE_CHOICES, BadSampleCounter, BadSampleError
+from mvlm.data.loader import build_dataloader as _build_loader
+from mvlm.data.media import MediaConfig
+from mvlm.data.packing import PackedDataset, pack_lengths, packing_efficiency
+from mvlm.data.template import TRUNCATION_STRATEGIES, Template, TemplateConfig, get_template
+
+logger = logging.getLogger(__name__)
+
+
+def str2bool(v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    s = str(v).strip().lower()
+    if s in ("1", "true", "yes", "y", "on"):
+        return True
+    if s in ("0", "false", "no", "n", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
+
+
+_DATA_FLAGS: list[tuple[str, dict]] = [
+    ("--dataset", {"nargs": "+", "default": [], "help": "files/dirs, 'path#N' samples N rows"}),
+    ("--val_dataset", {"nargs": "*", "default": []}),
+    ("--split_dataset_ratio", {"type": float, "default": 0.0}),
+    ("--cached_dataset", {"default": None, "help": "directory written by mvlm encode"}),
+    ("--task", {"default": "sft", "choices": ("pt", "sft", "preference", "rl")}),
+    ("--max_length", {"type": int, "default": None}),
+    ("--truncation_strategy", {"default": "delete", "choices": TRUNCATION_STRATEGIES}),
+    ("--packing", {"type": str2bool, "nargs": "?", "const": True, "default": False}),
+    ("--streaming", {"type": str2bool, "nargs": "?", "const": True, "default": False}),
+    ("--lazy_tokenize", {"type": str2bool, "nargs": "?", "const": True, "default": False}),
+    ("--dataset_num_proc", {"type": int, "default": 1}),
+    ("--dataset_shuffle", {"type": str2bool, "nargs": "?", "const": True, "default": True}),
+    ("--seed", {"type": int, "default": 42}),
+    ("--system", {"default": None, "help": "system prompt ('' for none); default: the family's"}),
+    ("--template_backend", {"default": "native", "choices": ("native", "jinja")}),
+    ("--max_pixels", {"type": int, "default": None}),
+    ("--min_pixels", {"type": int, "default": None}),
+    ("--image_max_token_num", {"type": int, "default": None}),
+    ("--video_max_pixels", {"type": int, "default": None}),
+    ("--video_max_token_num", {"type": int, "default": None}),
+    ("--fps", {"type": float, "default": None}),
+    ("--fps_max_frames", {"type": int, "default": None}),
+    ("--image_backend", {"default": "pil", "choices": ("pil", "dali")}),
+    ("--on_bad_sample", {"default": "error", "choices": ON_BAD_SAMPLE_CHOICES}),
+]
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    """Add the data flags (skipping any the parser already defines)."""
+    group = parser.add_argument_group("data")
+    for flag, kw in _DATA_FLAGS:
+        if flag not in parser._option_string_actions:
+            group.add_argument(flag, **kw)
+
+
+def add_encode_args(parser: argparse.ArgumentParser) -> None:
+    add_data_args(parser)
+    for flag, kw in [("--model", {"required": True, "help": "HF checkpoint dir (tokenizer, "
+                                      "processor, config)"}),
+                     ("--output_dir", {"required": True}),
+                     ("--dump", {"type": int, "default": 0, "help": "also write N samples as JSONL"})]:
+        if flag not in parser._option_string_actions:
+            parser.add_argument(flag, **kw)
+
+
+def _get(args: Any, name: str, default: Any = None) -> Any:
+    return getattr(args, name, default)
+
+
+def media_config(args: Any) -> MediaConfig:
+    return MediaConfig.from_env(**{k: _get(args, k) for k in (
+        "max_pixels", "min_pixels", "image_max_token_num", "video_max_pixels",
+        "video_max_token_num", "fps", "fps_max_frames", "image_backend")})
+
+
+def template_config(args: Any) -> TemplateConfig:
+    return TemplateConfig(max_length=_get(args, "max_length"),
+                          truncation_strategy=_get(args, "truncation_strategy", "delete"),
+                          task=_get(args, "task", "sft"), system=_get(args, "system"),
+                          template_backend=_get(args, "template_backend", "native"))
+
+
+def build_template(args: Any, model_dir: str) -> Template:
+    return get_template(model_dir, cfg=template_config(args), media=media_config(args))
+
+
+@dataclass
+class TrainData:
+    """What the trainer gets back from :func:`build_train_dataset`."""
+
+    train: Any
+    val: Any
+    template: Template
+    bad_samples: BadSampleCounter
+    pad_token_id: int
+    packing: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+
+
+def _stats(ds: datasets.Dataset, max_length: int | None, packs: list | None) -> dict[str, Any]:
+    lengths = ds["length"]
+    out: dict[str, Any] = {"samples": len(ds), "tokens": int(sum(lengths)),
+                           "max_len": int(max(lengths)) if len(lengths) else 0}
+    if "image_grid_thw" in ds.column_names:
+        out["images"] = int(sum(len(g) for g in ds["image_grid_thw"]))
+        out["videos"] = int(sum(len(g) for g in ds["video_grid_thw"]))
+    if packs is not None and max_length:
+        out["packed_rows"] = len(packs)
+        out["packing_efficiency"] = round(packing_efficiency(lengths, packs, max_length), 4)
+    return out
+
+
+def _encode_eager(args: Any, template: Template, counter: BadSampleCounter):
+    train_raw, val_raw = load_datasets(
+        _get(args, "dataset") or [], val_specs=_get(args, "val_dataset") or [],
+        split_dataset_ratio=_get(args, "split_dataset_ratio", 0.0) or 0.0,
+        seed=_get(args, "seed", 42))
+    num_proc = _get(args, "dataset_num_proc", 1) or 1
+    train = encode_all(train_raw, template, counter, num_proc=num_proc,
+                       shuffle=_get(args, "dataset_shuffle", True), seed=_get(args, "seed", 42))
+    val = encode_all(val_raw, template, counter, num_proc=num_proc) if val_raw else None
+    return train, val
+
+
+def _pack(args: Any, ds: datasets.Dataset) -> list[list[int]]:
+    if not _get(args, "max_length"):
+        raise ValueError("--packing needs --max_length (the packed row length)")
+    return pack_lengths(ds["length"], args.max_length)
+
+
+def _read_json(path: str) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def build_train_dataset(args: Any, processor_dir: str, *, dp_rank: int = 0,
+                        dp_size: int = 1) -> TrainData:
+    """Datasets for training from the data flags (see the module docstring)."""
+    template = build_template(args, processor_dir)
+    counter = BadSampleCounter(_get(args, "on_bad_sample", "error"))
+    packing = bool(_get(args, "packing", False))
+    pad_id = template.pad_token_id
+    cached = _get(args, "cached_dataset")
+    if cached:
+        meta = _read_json(os.path.join(cached, "meta.json"))
+        if meta.get("family") != template.family:
+            raise ValueError(f"--cached_dataset {cached} was encoded for {meta.get('family')}, "
+                             f"but the model is {template.family}; re-run mvlm encode")
+        if _get(args, "max_length") and meta.get("max_length") != args.max_length:
+            raise ValueError(f"--cached_dataset {cached} was encoded with max_length "
+                             f"{meta.get('max_length')} but --max_length is {args.max_length}")
+        train = datasets.load_from_disk(os.path.join(cached, "train"))
+        val_dir = os.path.join(cached, "val")
+        val = datasets.load_from_disk(val_dir) if os.path.isdir(val_dir) else None
+        packs_file = os.path.join(cached, "packs.json")
+        packs = _read_json(packs_file) if packing and os.path.exists(packs_file) else None
+        if packing and packs is None:
+            packs = _pack(args, train)
+        stats = _read_json(os.path.join(cached, "stats.json"))
+    elif _get(args, "streaming", False):
+        train_raw, val_raw = load_datasets(args.dataset, val_specs=_get(args, "val_dataset", []),
+                                           streaming=True, seed=_get(args, "seed", 42))
+        plen = args.max_length if packing else None
+        tr = StreamingDataset(train_raw, template, counter.policy, plen, dp_rank, dp_size)
+        va = StreamingDataset(val_raw, template, counter.policy, plen) if val_raw else None
+        return TrainData(tr, va, template, tr.counter, pad_id, packing)
+    elif _get(args, "lazy_tokenize", False):
+        if packing:
+            raise ValueError("--packing needs every sample's length up front: drop "
+                             "--lazy_tokenize, or pre-encode with mvlm encode --packing and "
+                             "train with --cached_dataset")
+        train_raw, val_raw = load_datasets(
+            args.dataset, val_specs=_get(args, "val_dataset", []),
+            split_dataset_ratio=_get(args, "split_dataset_ratio", 0.0) or 0.0,
+            seed=_get(args, "seed", 42))
+        tr = LazyDataset(train_raw, template, counter.policy)
+        va = LazyDataset(val_raw, template, counter.policy) if val_raw else None
+        return TrainData(tr, va, template, tr.counter, pad_id, False)
+    else:
+        train, val = _encode_eager(args, template, counter)
+        packs = _pack(args, train) if packing else None
+        stats = _stats(train, _get(args, "max_length"), packs)
+    tr_ds: Any = EncodedDataset(train)
+    va_ds: Any = EncodedDataset(val) if val is not None else None
+    if packing:
+        tr_ds = PackedDataset(tr_ds, packs)
+        if va_ds is not None:
+            va_ds = PackedDataset(va_ds, pack_lengths(val["length"], args.max_length))
+    return TrainData(tr_ds, va_ds, template, counter, pad_id, packing, stats)
+
+
+def build_dataloader(data: TrainData, *, split: str = "train", micro_batch_size: int = 1,
+                     dp_rank: int = 0, dp_size: int = 1, consumed_samples: int = 0,
+                     seed: int = 42, shuffle: bool = True, num_workers: int = 0,
+                     pad_to_multiple_of: int = 1,
+                     num_epochs: int | None = None) -> torch.utils.data.DataLoader:
+    """Micro-batch DataLoader (see the module docstring)."""
+    ds = data.train if split == "train" else data.val
+    if ds is None:
+        raise ValueError(f"no {split} dataset (pass --val_dataset or --split_dataset_ratio)")
+    collator = Collator(data.pad_token_id, packing=data.packing,
+                        pad_to_multiple_of=pad_to_multiple_of)
+    if isinstance(ds, torch.utils.data.IterableDataset):
+        if consumed_samples:
+            logger.warning("streaming datasets resume by skipping %d items", consumed_samples)
+        return _SkipLoader(torch.utils.data.DataLoader(
+            ds, batch_size=micro_batch_size, collate_fn=collator, num_workers=num_workers),
+            consumed_samples // max(1, micro_batch_size * dp_size))
+    return _build_loader(ds, collator, micro_batch_size=micro_batch_size, dp_rank=dp_rank,
+                         dp_size=dp_size, consumed_samples=consumed_samples, shuffle=shuffle,
+                         seed=seed, num_workers=num_workers, num_epochs=num_epochs)
+
+
+class _SkipLoader:
+    """Iterable that drops the first ``skip`` batches (resuming a streaming run)."""
+
+    def __init__(self, loader: Any, skip: int):
+        self.loader, self.skip = loader, skip
+
+    def __iter__(self):
+        it = iter(self.loader)
+        for _ in range(self.skip):
+            next(it)
+        yield from it
+
+
+# ----------------------------------------------------------------------------- mvlm encode
+
+def _dump_row(ds: datasets.Dataset, i: int, template: Template) -> dict[str, Any]:
+    r = ds[i]
+    tok = template.tokenizer
+    out = {"input_ids": r["input_ids"], "labels": r["labels"], "length": r["length"],
+           "text": tok.decode(r["input_ids"]),
+           "trained_text": tok.decode([t for t in r["labels"] if t != -100])}
+    for k in ("image_grid_thw", "video_grid_thw"):
+        if r.get(k):
+            out[k] = r[k]
+    return out
+
+
+def run_encode(args: argparse.Namespace) -> int:
+    """Pre-encode (and optionally pack) datasets into ``--output_dir``; print stats."""
+    t0 = time.time()
+    template = build_template(args, args.model)
+    counter = BadSampleCounter(_get(args, "on_bad_sample", "error"))
+    try:
+        train, val = _encode_eager(args, template, counter)
+    except BadSampleError as e:
+        print(f"mvlm encode: {e}", file=sys.stderr)
+        return 2
+    packs = _pack(args, train) if _get(args, "packing") else None
+    out = args.output_dir
+    os.makedirs(out, exist_ok=True)
+    train.save_to_disk(os.path.join(out, "train"))
+    if val is not None:
+        val.save_to_disk(os.path.join(out, "val"))
+    if packs is not None:
+        with open(os.path.join(out, "packs.json"), "w") as f:
+            json.dump(packs, f)
+    stats = _stats(train, _get(args, "max_length"), packs)
+    stats["val_samples"] = len(val) if val is not None else 0
+    stats["skipped"] = dict(counter.counts)
+    stats["seconds"] = round(time.time() - t0, 2)
+    stats["samples_per_s"] = round((stats["samples"] + counter.total) / max(stats["seconds"],
+                                                                           1e-9), 1)
+    meta = {"family": template.family, "max_length": _get(args, "max_length"),
+            "truncation_strategy": _get(args, "truncation_strategy"),
+            "task": _get(args, "task", "sft"), "template_backend": template.backend,
+            "packing": bool(packs is not None), "datasets": list(_get(args, "dataset") or [])}
+    with open(os.path.join(out, "stats.json"), "w") as f:
+        json.dump(stats, f, indent=2)
+    with open(os.path.join(out, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+    n_dump = min(_get(args, "dump", 0) or 0, len(train))
+    if n_dump:
+        with open(os.path.join(out, "dump.jsonl"), "w") as f:
+            f.writelines(json.dumps(_dump_row(train, i, template)) + "\n" for i in range(n_dump))
+    lines = [f"samples: {stats['samples']} (val {stats['val_samples']})",
+             f"tokens: {stats['tokens']}"]
+    if "images" in stats:
+        lines.append(f"images: {stats['images']}  videos: {stats['videos']}")
+    lines.append(counter.summary())
+    if packs is not None:
+        lines.append(f"packed rows: {stats['packed_rows']}  packing efficiency: "
+                     f"{stats['packing_efficiency']:.2%}")
+    lines.append(f"encode: {stats['samples_per_s']} samples/s; cache: {out}")
+    print("\n".join(lines))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser("mvlm encode", description=run_encode.__doc__)
+    add_encode_args(parser)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run_encode(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
