@@ -298,7 +298,6 @@ def tiny_config(
             return transformers.Qwen2Config(**text)
         text.update(
             tie_word_embeddings=False,
-            head_dim=text["hidden_size"] // text["num_attention_heads"],
             num_experts_per_tok=2,
             norm_topk_prob=True,
             decoder_sparse_step=1,
@@ -306,10 +305,8 @@ def tiny_config(
             router_aux_loss_coef=0.001,
         )
         text.update(overrides)
-        if "hidden_size" in overrides or "num_attention_heads" in overrides:
-            text.setdefault("head_dim", None)
-            if "head_dim" not in overrides:
-                text["head_dim"] = text["hidden_size"] // text["num_attention_heads"]
+        # Qwen3 has an explicit head_dim (default 128 in HF): derive it from the final sizes.
+        text.setdefault("head_dim", text["hidden_size"] // text["num_attention_heads"])
         _check_vocab(text, ids)
         return transformers.Qwen3MoeConfig(**text)
 
@@ -411,17 +408,28 @@ def _randomize_(model: torch.nn.Module, seed: int) -> None:
     identical tensors. Norm weights are 1 + 0.1*randn (not all-ones) and biases are random, so a
     swapped or dropped tensor anywhere changes the output. Tied parameters appear once.
     """
+    # Norm scales, found by module type rather than name (Qwen2-VL's merger norm is `ln_q`).
+    norm_scales = {
+        id(module.weight)
+        for module in model.modules()
+        if _is_norm(module) and isinstance(getattr(module, "weight", None), torch.Tensor)
+    }
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    for name, param in model.named_parameters():
+    for param in model.parameters():
         noise = torch.randn(param.shape, generator=gen, dtype=torch.float32)
-        leaf = name.rsplit(".", 2)
-        is_norm = param.ndim == 1 and name.endswith("weight") and "norm" in leaf[-2].lower()
-        if is_norm:
+        if id(param) in norm_scales:
             noise.mul_(0.1).add_(1.0)
         else:
             noise.mul_(0.02)
         param.copy_(noise)
         del noise
+
+
+def _is_norm(module: torch.nn.Module) -> bool:
+    """LayerNorm or any RMSNorm-style module (HF families define their own norm classes)."""
+    return isinstance(module, (torch.nn.LayerNorm, torch.nn.RMSNorm)) or (
+        "Norm" in type(module).__name__ and "Batch" not in type(module).__name__
+    )
 
 
 def _generation_config(config: transformers.PretrainedConfig) -> GenerationConfig:
@@ -448,7 +456,9 @@ def _build_processor(
     from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
 
     image_processor = _image_processor(common)
-    video_processor = Qwen2VLVideoProcessor(**common)
+    # cap_pixels_per_frame=True: the qwen-vl-utils behaviour (and HF's announced default); being
+    # explicit also silences transformers' per-call deprecation warning.
+    video_processor = Qwen2VLVideoProcessor(**common, cap_pixels_per_frame=True)
     cls = (
         transformers.Qwen2VLProcessor if family == "qwen2_vl" else transformers.Qwen2_5_VLProcessor
     )
