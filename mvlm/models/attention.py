@@ -16,9 +16,13 @@ Layout conventions shared with the data and model code (use the helpers, don't r
 * Packed batches arrive as sbhd with ``b == 1`` plus ``PackedSeqParams(qkv_format="sbhd")``;
   ``cu_seqlens`` describe the FULL (pre-CP-split) sequence. Positions at or after
   ``cu_seqlens[-1]`` (tail padding) form one extra segment of their own.
+* ``qkv_format="thd"`` (Megatron squeezes the batch dim) is accepted too. Under CP it follows
+  Transformer Engine's layout instead: each sample (``cu_seqlens_*_padded`` when set) is split
+  2*CP-ways on its own (:func:`cp_thd_indices`), so a TE-prepared THD batch works unchanged.
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -34,7 +38,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention
 from torch import Tensor
 
-__all__ = ["SDPACoreAttention", "cp_chunk_indices", "split_for_cp"]
+__all__ = ["SDPACoreAttention", "cp_chunk_indices", "cp_thd_indices", "split_for_cp"]
 
 _MODEL_PARALLEL_RNG = "model-parallel-rng"
 
@@ -74,6 +78,25 @@ def split_for_cp(tensor: Tensor, seq_dim: int, cp_size: int, cp_rank: int) -> Te
     return tensor.index_select(seq_dim, idx)
 
 
+def cp_thd_indices(
+    cu_seqlens_padded: Tensor, seq_len: int, cp_size: int, cp_rank: int
+) -> torch.LongTensor:
+    """THD + CP layout (Transformer Engine's): the 2*CP split applied to every sample separately.
+
+    ``cu_seqlens_padded`` covers the full packed row; a tail past its last entry counts as one
+    more sample. Every sample length must be a multiple of 2*CP.
+    """
+    bounds = [int(b) for b in cu_seqlens_padded.tolist()]
+    if bounds[-1] < seq_len:
+        bounds.append(seq_len)
+    parts = [
+        cp_chunk_indices(end - start, cp_size, cp_rank, device=cu_seqlens_padded.device) + start
+        for start, end in itertools.pairwise(bounds)
+        if end > start
+    ]
+    return torch.cat(parts)
+
+
 # --------------------------------------------------------------------------------------------
 # Autograd all-gather over the CP group
 # --------------------------------------------------------------------------------------------
@@ -106,12 +129,23 @@ class _AllGatherSeq(torch.autograd.Function):
         return grad[rank * ctx.local_len : (rank + 1) * ctx.local_len].clone(), None
 
 
-def _gather_seq_global_order(x: Tensor, group: dist.ProcessGroup, cp_rank_count: int) -> Tensor:
+def _held_positions(
+    total: int, cp_size: int, cp_rank: int, thd_bounds: Tensor | None, device: torch.device
+) -> Tensor:
+    """Global positions of a CP rank's rows: whole-row split (sbhd) or per-sample split (THD)."""
+    if thd_bounds is None:
+        return cp_chunk_indices(total, cp_size, cp_rank, device=device)
+    return cp_thd_indices(thd_bounds, total, cp_size, cp_rank).to(device)
+
+
+def _gather_seq_global_order(
+    x: Tensor, group: dist.ProcessGroup, cp_size: int, thd_bounds: Tensor | None
+) -> Tensor:
     """All-gather the CP-local [s_local, ...] tensor and put rows in global sequence order."""
     gathered = _AllGatherSeq.apply(x, group)
     total = gathered.size(0)
     held = torch.cat(
-        [cp_chunk_indices(total, cp_rank_count, r, device=x.device) for r in range(cp_rank_count)]
+        [_held_positions(total, cp_size, r, thd_bounds, x.device) for r in range(cp_size)]
     )
     return gathered.index_select(0, torch.argsort(held))
 
@@ -277,7 +311,7 @@ class SDPACoreAttention(MegatronModule):
         dropout_p = self.dropout_p if self.training else 0.0
         with self._rng_context(dropout_p):
             out = self._attend(
-                query, key, value, attention_mask, causal, packed_seq_params, dropout_p
+                query, key, value, attention_mask, causal, packed_seq_params, dropout_p, thd
             )
         # out: [b, np, sq, hn] -> [sq, b, np*hn]
         out = out.permute(2, 0, 1, 3).reshape(query.size(0), query.size(1), -1)
@@ -327,14 +361,19 @@ class SDPACoreAttention(MegatronModule):
         causal: bool,
         packed: PackedSeqParams | None,
         dropout_p: float,
+        thd: bool = False,
     ) -> Tensor:
         """Core computation; returns [b, np, sq, hn]."""
         cp = self.cp_size
+        # THD + CP splits each sample on its own (TE's convention); sbhd splits the whole row.
+        thd_bounds = _boundaries(packed, "kv") if (thd and cp > 1 and packed) else None
         if cp > 1:
             if query.size(0) != key.size(0):
                 raise ValueError("context parallel attention needs self-attention (sq == sk)")
             ng = key.size(2)
-            kv = _gather_seq_global_order(torch.cat([key, value], dim=2), self.cp_group, cp)
+            kv = _gather_seq_global_order(
+                torch.cat([key, value], dim=2), self.cp_group, cp, thd_bounds
+            )
             key, value = kv[:, :, :ng], kv[:, :, ng:]
 
         if cp == 1 and attention_mask is None:
@@ -345,7 +384,7 @@ class SDPACoreAttention(MegatronModule):
         sq, sk = query.size(0), key.size(0)
         device = query.device
         if cp > 1:
-            q_pos = cp_chunk_indices(sk, cp, dist.get_rank(self.cp_group), device=device)
+            q_pos = _held_positions(sk, cp, dist.get_rank(self.cp_group), thd_bounds, device)
         else:
             q_pos = torch.arange(sk - sq, sk, device=device)  # bottom-right for KV-cache decode
         k_pos = torch.arange(sk, device=device)

@@ -6,7 +6,8 @@ must equal the matching slice of the reference: max|diff| / max(1, max|reference
 Outputs come out bit-identical; K/V grads are sums over every rank's queries, so CP changes the
 fp32 summation order and they differ by ~1 ulp of their magnitude (|dv| up to ~5 here), which is why
 the bound is relative to max(1, |reference|) rather than absolute. Checked twice: with the
-CP group from Megatron's parallel_state and with plain groups passed via pg_collection.
+CP group from Megatron's parallel_state and with plain groups passed via pg_collection; plus a
+THD case whose samples are split one by one (Transformer Engine's THD + CP layout).
 Exit status 0 = all equal; 1 = mismatch (the numbers are printed either way).
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mvlm.models.attention import SDPACoreAttention, split_for_cp
+from mvlm.models.attention import SDPACoreAttention, cp_thd_indices, split_for_cp
 
 TOL = 1e-6
 HEADS, GROUPS, HEAD_DIM = 4, 2, 8
@@ -76,6 +77,36 @@ def _case(
     return worst
 
 
+def _thd_case(attn_cp: SDPACoreAttention, attn_ref: SDPACoreAttention, cp: int) -> float:
+    """THD (b squeezed) + CP: every sample split 2*CP-ways on its own, as TE lays it out."""
+    rank = dist.get_rank(attn_cp.cp_group)
+    m = 2 * cp
+    cu = torch.tensor([0, 3 * m, 4 * m, 7 * m], dtype=torch.int32)  # padded sample lengths
+    params = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                             cu_seqlens_q_padded=cu, cu_seqlens_kv_padded=cu,
+                             max_seqlen_q=3 * m, max_seqlen_kv=3 * m)
+    s = int(cu[-1])
+    gen = torch.Generator().manual_seed(99)
+    q = torch.randn(s, HEADS, HEAD_DIM, generator=gen)
+    k = torch.randn(s, GROUPS, HEAD_DIM, generator=gen)
+    v = torch.randn(s, GROUPS, HEAD_DIM, generator=gen)
+    g = torch.randn(s, 1, HEADS * HEAD_DIM, generator=gen)
+    full = [t.clone().requires_grad_() for t in (q, k, v)]
+    ref = attn_ref(*full, None, packed_seq_params=params)
+    ref_grads = torch.autograd.grad((ref * g).sum(), full)
+    idx = cp_thd_indices(cu, s, cp, rank)
+    local = [t[idx].clone().requires_grad_() for t in (q, k, v)]
+    out = attn_cp(*local, None, packed_seq_params=params)
+    grads = torch.autograd.grad((out * g[idx]).sum(), local)
+    pairs = [(out, ref), *zip(grads, ref_grads)]
+    diffs = [(a - r[idx]).abs().max().item() for a, r in pairs]
+    worst = max(d / max(1.0, r[idx].abs().max().item()) for d, (_, r) in zip(diffs, pairs))
+    print(f"[cp={cp} rank={rank}] mpu thd per-sample split: max|diff| "
+          + " ".join(f"{n}={d:.2e}" for n, d in zip(("out", "dq", "dk", "dv"), diffs))
+          + f"; scaled {worst:.2e}", flush=True)
+    return worst
+
+
 def _packed(cu: list[int]) -> PackedSeqParams:
     t = torch.tensor(cu, dtype=torch.int32)
     mx = max(b - a for a, b in itertools.pairwise(cu))
@@ -114,6 +145,8 @@ def main() -> int:
                              AttnMaskType.no_mask))
     worst = max(worst, _case("mpu plain no_mask", via_mpu, ref, s, 2, None,
                              AttnMaskType.no_mask))
+
+    worst = max(worst, _thd_case(via_mpu, ref, world))
 
     flags = torch.tensor([worst])
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)

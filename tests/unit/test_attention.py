@@ -10,7 +10,12 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mvlm.models.attention import SDPACoreAttention, cp_chunk_indices, split_for_cp
+from mvlm.models.attention import (
+    SDPACoreAttention,
+    cp_chunk_indices,
+    cp_thd_indices,
+    split_for_cp,
+)
 
 TOL = 1e-6
 HEADS, GROUPS, HEAD_DIM = 4, 2, 8
@@ -195,3 +200,7 @@ def test_cp_chunk_layout() -> None:
         assert torch.equal(split_for_cp(x, 1, 4, r), x[:, cp_chunk_indices(16, 4, r)])
     with pytest.raises(ValueError, match="divisible"):
         cp_chunk_indices(10, 2, 0)
+    # THD: each sample (here lengths 4 and 8) split 2*CP ways on its own.
+    cu = torch.tensor([0, 4, 12], dtype=torch.int32)
+    assert cp_thd_indices(cu, 12, 2, 0).tolist() == [0, 3, 4, 5, 10, 11]
+    assert cp_thd_indices(cu, 12, 2, 1).tolist() == [1, 2, 6, 7, 8, 9]
