@@ -22,6 +22,7 @@ Layout conventions shared with the data and model code (use the helpers, don't r
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 from typing import Any
@@ -343,8 +344,6 @@ class SDPACoreAttention(MegatronModule):
 
     def _rng_context(self, dropout_p: float) -> Any:
         """Fork Megatron's model-parallel RNG for dropout (heads differ per TP rank), if set up."""
-        import contextlib
-
         if dropout_p == 0.0 or self.config.sequence_parallel:
             return contextlib.nullcontext()
         tracker = tensor_parallel.get_cuda_rng_tracker()
