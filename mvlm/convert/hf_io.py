@@ -13,9 +13,9 @@ import os
 import shutil
 import struct
 import tempfile
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from safetensors import safe_open

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from mvlm.convert.mapping import (
     QKV,
-    Column,
     GatedMLP,
     Mapping,
     Replicated,

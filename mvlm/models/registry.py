@@ -6,8 +6,9 @@ checkpoint fails in one spot with the list of what is supported.
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import torch
@@ -28,13 +29,13 @@ class Family:
     model_types: tuple[str, ...]
     # transformers class name used to load the HF model for verification / generation
     hf_model_class: str
-    text_arch: Callable[["PretrainedConfig"], "TextArch"]
-    mappings: Callable[["PretrainedConfig", "TextArch"], list["Mapping"]]
+    text_arch: Callable[[PretrainedConfig], TextArch]
+    mappings: Callable[[PretrainedConfig, TextArch], list[Mapping]]
     is_vlm: bool = False
     # builds the vision tower + aligner (a torch module whose forward(pixel_values, grid_thw)
     # returns the merged image embeddings [n_tokens, hidden]); None for text-only families
-    build_vision: Callable[["PretrainedConfig", "torch.dtype", str], "nn.Module"] | None = None
-    token_ids: Callable[["PretrainedConfig"], dict[str, int]] = field(
+    build_vision: Callable[[PretrainedConfig, torch.dtype, str], nn.Module] | None = None
+    token_ids: Callable[[PretrainedConfig], dict[str, int]] = field(
         default=lambda cfg: {})
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
+from megatron.core.enums import ModelType
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -49,6 +50,7 @@ class VLMModel(MegatronModule):
                  config: TransformerConfig, backend: str, vocab_padded: int, device: str,
                  pre_process: bool, post_process: bool, vp_stage: int | None = None) -> None:
         super().__init__(config=config)
+        self.model_type = ModelType.encoder_or_decoder  # read by Megatron-Core's schedules
         self.family = family
         self.arch = arch
         self.pre_process = pre_process

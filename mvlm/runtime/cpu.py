@@ -31,7 +31,7 @@ from torch.overrides import TorchFunctionMode
 log = logging.getLogger(__name__)
 
 _APPLIED = False
-_MODE: "_CudaToCpuMode | None" = None
+_MODE: _CudaToCpuMode | None = None
 
 _CUDA_TYPE_NAMES = {
     "torch.FloatTensor": "torch.cuda.FloatTensor",
@@ -84,13 +84,13 @@ class _InertStream:
     def wait_event(self, *args: Any) -> None:
         pass
 
-    def record_event(self, event: Any = None) -> "_InertEvent":
+    def record_event(self, event: Any = None) -> _InertEvent:
         return event or _InertEvent()
 
     def synchronize(self) -> None:
         pass
 
-    def __enter__(self) -> "_InertStream":
+    def __enter__(self) -> _InertStream:
         return self
 
     def __exit__(self, *exc: Any) -> None:

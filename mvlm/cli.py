@@ -1,0 +1,68 @@
+"""`mvlm <command>`: parse, then hand over to the pipeline that does the work.
+
+Commands: convert (HF <-> Megatron-Core), encode (pre-tokenise a dataset), demo (the README's
+tiny end-to-end job). Launch with torchrun / srun for several ranks, or plainly for one.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import warnings
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format=f"[%(asctime)s rank{rank}] %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    # Megatron-Core warns at import about optional fused kernels; say it once, not per rank.
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed.*")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mvlm.convert.command import add_convert_args
+
+    parser = argparse.ArgumentParser(prog="mvlm", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_convert_args(sub.add_parser("convert", help="HF <-> Megatron-Core checkpoints"))
+    try:
+        from mvlm.data.encode import add_encode_args
+
+        add_encode_args(sub.add_parser("encode", help="pre-encode a dataset into a cache"))
+    except ImportError:  # pragma: no cover - data pipeline optional during development
+        pass
+    from mvlm.demo import add_demo_args
+
+    add_demo_args(sub.add_parser("demo", help="tiny end-to-end run on this machine"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    _setup_logging()
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "convert":
+            from mvlm.convert.command import run_convert
+
+            return run_convert(args)
+        if args.command == "encode":
+            from mvlm.data.encode import run_encode
+
+            return run_encode(args)
+        if args.command == "demo":
+            from mvlm.demo import run_demo
+
+            return run_demo(args)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        # User errors: one clear line naming the fix, non-zero exit, no traceback wall.
+        print(f"mvlm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

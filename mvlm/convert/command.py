@@ -1,0 +1,174 @@
+"""`mvlm convert`: HF -> Megatron-Core torch_dist, and back, at any layout.
+
+    torchrun --nproc-per-node N -m mvlm convert --to mcore --model HF_DIR --output MCORE_DIR \
+        --tp T --pp P [--ep E] [--etp 1] [--torch_dtype float32|bfloat16] [--verify]
+    torchrun --nproc-per-node N -m mvlm convert --to hf --model MCORE_DIR --output HF_DIR2 \
+        [--tp T --pp P --ep E]
+
+N = TP x PP x data-parallel; with N = 1 plain ``mvlm convert ...`` works. Output directories
+appear only when complete (staging dir + rename); ``--verify`` failing leaves none.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mvlm.convert.bridge import export_hf_weights, load_hf_weights
+from mvlm.convert.hf_io import (
+    SafetensorsReader,
+    copy_aux_files,
+    make_staging_dir,
+    prepare_output_dir,
+    publish_dir,
+)
+from mvlm.convert.mcore_ckpt import (
+    broadcast_path,
+    dtype_from_name,
+    is_mcore_checkpoint,
+    load_mcore,
+    save_mcore,
+)
+from mvlm.runtime.parallel import ParallelLayout, destroy_distributed, init_distributed, set_seed
+
+log = logging.getLogger("mvlm.convert")
+
+
+def add_layout_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--tp", "--tensor_model_parallel_size", dest="tp", type=int, default=1)
+    p.add_argument("--pp", "--pipeline_model_parallel_size", dest="pp", type=int, default=1)
+    p.add_argument("--ep", "--expert_model_parallel_size", dest="ep", type=int, default=1)
+    p.add_argument("--etp", "--expert_tensor_parallel_size", dest="etp", type=int, default=None)
+    p.add_argument("--cp", "--context_parallel_size", dest="cp", type=int, default=1)
+    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                   help="default: cuda when available")
+
+
+def add_convert_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--to", required=True, choices=["mcore", "hf"])
+    p.add_argument("--model", required=True, help="HF dir (--to mcore) or MCORE dir (--to hf)")
+    p.add_argument("--output", "--output_dir", dest="output", required=True)
+    add_layout_args(p)
+    p.add_argument("--torch_dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="dtype of the Megatron model (default: the checkpoint's)")
+    p.add_argument("--verify", action="store_true",
+                   help="compare logits/loss with the HF model; fail (no output) on mismatch")
+    p.add_argument("--verify_tol", type=float, default=1e-4)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--max_shard_size", default="5GB", help="HF shard size limit, e.g. 2GB")
+
+
+def parse_size(s: str) -> int:
+    s = s.strip().upper()
+    for unit, mul in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10), ("B", 1)):
+        if s.endswith(unit):
+            return int(float(s[: -len(unit)]) * mul)
+    return int(s)
+
+
+def _hf_dtype(cfg) -> torch.dtype | None:
+    d = getattr(cfg, "dtype", None) or getattr(cfg, "torch_dtype", None)
+    if isinstance(d, str):
+        return dtype_from_name(d) if d in ("float32", "bfloat16", "float16") else None
+    return d if isinstance(d, torch.dtype) else None
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    from transformers import AutoConfig
+
+    from mvlm.models.registry import get_family
+    from mvlm.models.vlm import build_model
+    from mvlm.runtime.compat import apply_compat_fixes
+
+    layout = ParallelLayout(tp=args.tp, pp=args.pp, cp=args.cp, ep=args.ep, etp=args.etp)
+    src = Path(args.model)
+    out = Path(args.output)
+    # Cheap checks before any process group exists: bad paths, unsupported model, layout.
+    if not src.exists():
+        raise FileNotFoundError(f"--model {src} does not exist")
+    if out.exists() and not args.overwrite:
+        raise FileExistsError(f"output directory {out} already exists: pass --overwrite to "
+                              "replace it, or choose another --output")
+    if args.to == "mcore":
+        if is_mcore_checkpoint(src):
+            raise ValueError(f"{src} is already an mvlm Megatron checkpoint; use --to hf")
+        hf_config = AutoConfig.from_pretrained(src)
+        get_family(hf_config.model_type)  # unsupported model types fail here
+        SafetensorsReader(src)  # missing/corrupt shards fail here, before any output
+    device = init_distributed(layout, args.device)
+    apply_compat_fixes()
+    set_seed(1234)
+    t0 = time.time()
+    try:
+        if args.to == "mcore":
+            dtype = dtype_from_name(args.torch_dtype, _hf_dtype(hf_config) or torch.float32)
+            if args.verify and args.torch_dtype is None:
+                dtype = torch.float32
+            bundle = build_model(hf_config, layout, dtype=dtype, device=device,
+                                 perform_initialization=False)
+            load_hf_weights(bundle, src)
+            if args.verify:
+                _verify(bundle, src, args.verify_tol, device)
+            save_mcore(bundle, out, layout, hf_src=src, overwrite=args.overwrite,
+                       extra_meta={"hf_dtype": str(_hf_dtype(hf_config) or "")})
+        else:
+            dtype = dtype_from_name(args.torch_dtype) if args.torch_dtype else None
+            bundle, meta = load_mcore(src, layout, device=device, dtype=dtype)
+            export_dtype = _hf_dtype(bundle.hf_config) or bundle.config.params_dtype
+            export_to_hf(bundle, src / "hf", out, export_dtype, args.overwrite,
+                         parse_size(args.max_shard_size))
+            if args.verify:
+                _verify(bundle, out, args.verify_tol, device, on_fail_remove=out)
+        if dist.get_rank() == 0:
+            log.info("converted %s -> %s (%s) in %.1fs", src, out, args.to, time.time() - t0)
+            print(f"mvlm convert: wrote {out}")
+    finally:
+        destroy_distributed()
+    return 0
+
+
+def _verify(bundle, hf_dir: Path, tol: float, device: str, on_fail_remove: Path | None = None
+            ) -> None:
+    from mvlm.convert.verify import VerificationError, verify_against_hf
+
+    try:
+        results = verify_against_hf(bundle, hf_dir, tol=tol, device=device)
+    except VerificationError:
+        if on_fail_remove is not None and dist.get_rank() == 0:
+            shutil.rmtree(on_fail_remove, ignore_errors=True)
+        raise
+    if dist.get_rank() == 0:
+        for r in results:
+            print(f"verify {r.name:<11} max|dlogits| = {r.max_abs_logits:.3e}  "
+                  f"loss mcore {r.loss_mcore:.6f} hf {r.loss_hf:.6f}")
+
+
+def export_to_hf(bundle, aux_src: Path, out: Path, dtype: torch.dtype | None,
+                 overwrite: bool, max_shard_bytes: int = 5 * 2**30) -> None:
+    """Collective: stream this model into an HF directory, published atomically by rank 0."""
+    staging = None
+    if dist.get_rank() == 0:
+        prepare_output_dir(out, overwrite)
+        staging = make_staging_dir(out)
+    staging = broadcast_path(staging)
+    try:
+        export_hf_weights(bundle, staging, dtype=dtype, max_shard_bytes=max_shard_bytes)
+        if dist.get_rank() == 0:
+            copy_aux_files(Path(aux_src), staging)
+            cfg = bundle.hf_config
+            if dtype is not None:
+                cfg.dtype = dtype
+            cfg.save_pretrained(staging)
+        dist.barrier()
+        if dist.get_rank() == 0:
+            publish_dir(staging, out)
+        dist.barrier()
+    except BaseException:
+        if dist.get_rank() == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -1,0 +1,128 @@
+"""Megatron-Core ``torch_dist`` checkpoints of an mvlm model, self-describing and atomic.
+
+Layout of a checkpoint directory::
+
+    MCORE_DIR/
+      mvlm_meta.json     model_type, HF config, padded vocab, layout it was saved at, dtype
+      hf/                the HF non-weight files (config, tokenizer, processor, chat template)
+      model/             Megatron-Core dist_checkpointing (torch_dist) of the model
+
+Because ``torch_dist`` stores global tensors with their shard layout, the checkpoint loads at
+any TP/PP/EP (the padded vocabulary size is fixed at save time and reused on load).
+Everything is written into a hidden staging directory next to the target and renamed into
+place only after every rank finished, so an interrupted save leaves no directory that looks
+complete.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from transformers import AutoConfig
+
+from mvlm.convert.hf_io import copy_aux_files, make_staging_dir, prepare_output_dir, publish_dir
+from mvlm.models.vlm import ModelBundle, build_model
+from mvlm.runtime.parallel import ParallelLayout
+
+META = "mvlm_meta.json"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def dtype_from_name(name: str | None, default: torch.dtype = torch.float32) -> torch.dtype:
+    if name is None:
+        return default
+    if name not in _DTYPES:
+        raise ValueError(f"--torch_dtype must be one of {sorted(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {v: k for k, v in _DTYPES.items()}[dtype]
+
+
+def model_sharded_state_dict(bundle: ModelBundle) -> dict:
+    if len(bundle.models) == 1:
+        return {"model": bundle.models[0].sharded_state_dict()}
+    return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(bundle.models)}
+
+
+def broadcast_path(path: Path | None) -> Path:
+    obj = [str(path) if path is not None else None]
+    dist.broadcast_object_list(obj, src=0)
+    return Path(obj[0])
+
+
+def is_mcore_checkpoint(path: str | Path) -> bool:
+    return (Path(path) / META).exists()
+
+
+def save_mcore(bundle: ModelBundle, out: Path, layout: ParallelLayout, hf_src: Path | None,
+               overwrite: bool = False, extra_meta: dict | None = None) -> None:
+    """Collective. Writes MCORE_DIR atomically (staging dir + rename by rank 0)."""
+    out = Path(out)
+    staging = None
+    if dist.get_rank() == 0:
+        prepare_output_dir(out, overwrite)
+        staging = make_staging_dir(out)
+    staging = broadcast_path(staging)
+    try:
+        (staging / "model").mkdir(exist_ok=True)
+        dist.barrier()
+        dist_checkpointing.save(model_sharded_state_dict(bundle), str(staging / "model"))
+        if dist.get_rank() == 0:
+            meta = {
+                "format": "mvlm-mcore-v1",
+                "model_type": bundle.hf_config.model_type,
+                "hf_config": bundle.hf_config.to_dict(),
+                "vocab_padded": bundle.vocab_padded,
+                "saved_layout": asdict(layout),
+                "dtype": dtype_name(bundle.config.params_dtype),
+                **(extra_meta or {}),
+            }
+            (staging / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+            hf_dir = staging / "hf"
+            hf_dir.mkdir()
+            if hf_src is not None:
+                copy_aux_files(Path(hf_src), hf_dir)
+            bundle.hf_config.save_pretrained(hf_dir)
+        dist.barrier()
+        if dist.get_rank() == 0:
+            publish_dir(staging, out)
+        dist.barrier()
+    except BaseException:
+        if dist.get_rank() == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def read_meta(path: Path) -> dict:
+    p = Path(path) / META
+    if not p.exists():
+        raise FileNotFoundError(
+            f"{path} is not an mvlm Megatron checkpoint (no {META}); pass an HF directory with "
+            "--to mcore, or a directory written by `mvlm convert --to mcore`")
+    return json.loads(p.read_text())
+
+
+def load_mcore(path: Path, layout: ParallelLayout, *, device: str, dtype: torch.dtype | None,
+               backend: str = "local", **build_kw) -> tuple[ModelBundle, dict]:
+    """Build the model at ``layout`` (may differ from the saved one) and load the weights."""
+    path = Path(path)
+    meta = read_meta(path)
+    hf_config = AutoConfig.from_pretrained(path / "hf")
+    dtype = dtype or dtype_from_name(meta.get("dtype"))
+    bundle = build_model(hf_config, layout, dtype=dtype, device=device, backend=backend,
+                         perform_initialization=False, vocab_padded=meta["vocab_padded"],
+                         **build_kw)
+    sd = dist_checkpointing.load(model_sharded_state_dict(bundle), str(path / "model"))
+    if len(bundle.models) == 1:
+        bundle.models[0].load_state_dict(sd["model"], strict=True)
+    else:
+        for i, m in enumerate(bundle.models):
+            m.load_state_dict(sd[f"model{i}"], strict=True)
+    return bundle, meta
