@@ -69,10 +69,13 @@ def to_storage(enc: dict, template: Template) -> dict[str, Any]:
 
 
 def _empty_row(template: Template, reason: str) -> dict[str, Any]:
-    row = {"input_ids": [], "labels": [], "length": 0, "extra": "", ERROR_COL: reason}
+    # typed empties: Arrow cannot concatenate an int32 list with an untyped (double) one
+    i32, f32 = np.zeros(0, np.int32), np.zeros(0, np.float32)
+    row = {"input_ids": i32, "labels": i32, "length": 0, "extra": "", ERROR_COL: reason}
     if template.is_multimodal:
-        row.update(position_ids=[[], [], []], pixel_values=[], pixel_values_videos=[],
-                   image_grid_thw=[], video_grid_thw=[], second_per_grid_ts=[])
+        row.update(position_ids=np.zeros((3, 0), np.int32), pixel_values=f32,
+                   pixel_values_videos=f32, image_grid_thw=np.zeros((0, 3), np.int32),
+                   video_grid_thw=np.zeros((0, 3), np.int32), second_per_grid_ts=f32)
     return row
 
 

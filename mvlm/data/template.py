@@ -37,7 +37,7 @@ import torch
 
 from mvlm.data.errors import BadSampleError
 from mvlm.data.formats import Sample, parse_row
-from mvlm.data.media import MediaConfig, load_image, load_video
+from mvlm.data.media import MediaConfig, load_image, load_video, smart_resize
 from mvlm.data.mrope import get_rope_index, text_position_ids
 
 logger = logging.getLogger(__name__)
@@ -387,6 +387,7 @@ class Qwen2VLTemplate(Template):
         lo, hi = self.media.image_pixel_range(
             self.factor, int(size.get("shortest_edge") or 56 * 56),
             int(size.get("longest_edge") or 28 * 28 * 1280))
+        self.pixel_range = (lo, hi)
         self.image_kwargs = {}
         if (lo, hi) != (size.get("shortest_edge"), size.get("longest_edge")):
             self.image_kwargs["size"] = {"shortest_edge": lo, "longest_edge": hi}
@@ -403,6 +404,8 @@ class Qwen2VLTemplate(Template):
         p = super().prepare(sample, base_dir)
         root = self.media.root_image_dir
         p.images = [load_image(r, base_dir, root) for r in sample.images]
+        for im in p.images:  # validate geometry here, with a precise reason
+            smart_resize(im.height, im.width, self.factor, *self.pixel_range)
         p.videos = [load_video(r, self.media, base_dir) for r in sample.videos]
         return p
 

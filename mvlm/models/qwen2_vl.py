@@ -52,4 +52,5 @@ QWEN2_VL = register(Family(
     is_vlm=True,
     build_vision=_vision,
     token_ids=vl_token_ids,
+    aligner_prefixes=("vision_model.tower.merger.",),
 ))
