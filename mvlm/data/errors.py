@@ -37,7 +37,7 @@ class BadSampleError(ValueError):
     def _message(self) -> str:
         where = f"{self.source or '<unknown dataset>'}"
         if self.row is not None:
-            where += f", row {self.row}"
+            where += f", row {self.row} (0-based)"
         msg = f"bad sample ({where}): {self.reason}"
         if self.detail:
             msg += f": {self.detail}"
