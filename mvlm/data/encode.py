@@ -108,7 +108,8 @@ def add_encode_args(parser: argparse.ArgumentParser) -> None:
     for flag, kw in [("--model", {"required": True, "help": "HF checkpoint dir (tokenizer, "
                                       "processor, config)"}),
                      ("--output_dir", {"required": True}),
-                     ("--dump", {"type": int, "default": 0, "help": "also write N samples as JSONL"})]:
+                     ("--dump", {"type": int, "default": 0,
+                                 "help": "also write N samples as JSONL"})]:
         if flag not in parser._option_string_actions:
             parser.add_argument(flag, **kw)
 

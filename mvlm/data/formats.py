@@ -1,4 +1,4 @@
-"""Row formats: turn one dataset row (ms-swift's documented shapes) into a validated :class:`Sample`.
+"""Row formats: one dataset row (ms-swift's documented shapes) -> a validated :class:`Sample`.
 
 Accepted shapes (the ones ms-swift users already have on disk):
 

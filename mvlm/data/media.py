@@ -63,7 +63,8 @@ class MediaConfig:
     image_backend: str = "pil"
     root_image_dir: str | None = None
 
-    ENV: ClassVar[dict] = {"max_pixels": ("MAX_PIXELS", _env_int), "min_pixels": ("MIN_PIXELS", _env_int),
+    ENV: ClassVar[dict] = {
+           "max_pixels": ("MAX_PIXELS", _env_int), "min_pixels": ("MIN_PIXELS", _env_int),
            "image_max_token_num": ("IMAGE_MAX_TOKEN_NUM", _env_int),
            "video_max_pixels": ("VIDEO_MAX_PIXELS", _env_int),
            "video_min_pixels": ("VIDEO_MIN_PIXELS", _env_int),

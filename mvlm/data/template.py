@@ -202,7 +202,8 @@ class Template:
     def _check_native_against_jinja(self) -> None:
         img = "<image>" if self.is_multimodal else ""
         probes = [
-            [{"role": "user", "content": f"{img}Hi there"}, {"role": "assistant", "content": "Ok."}],
+            [{"role": "user", "content": f"{img}Hi there"},
+             {"role": "assistant", "content": "Ok."}],
             [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q1"},
              {"role": "assistant", "content": "A1"}, {"role": "user", "content": f"Q2{img}"},
              {"role": "assistant", "content": "A2"}],

@@ -35,7 +35,8 @@ def _sample(blocks, merge=2):
         ids += [VS] + [IMG if kind == "i" else VID] * n + [VE, 7, 8]
         (igrid if kind == "i" else vgrid).append(g)
     ids += [9, 10]
-    t = lambda x: torch.tensor(x, dtype=torch.long) if x else None
+    def t(x):
+        return torch.tensor(x, dtype=torch.long) if x else None
     return ids, t(igrid), t(vgrid)
 
 
