@@ -37,6 +37,10 @@ class Family:
     build_vision: Callable[[PretrainedConfig, torch.dtype, str], nn.Module] | None = None
     token_ids: Callable[[PretrainedConfig], dict[str, int]] = field(
         default=lambda cfg: {})
+    # Parameter-name prefixes (of VLMModel) that make up the aligner/projector; the rest of
+    # ``vision_model.`` is the ViT, ``language_model.`` is the LLM. Used by --freeze_* and
+    # --vit_lr/--aligner_lr.
+    aligner_prefixes: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, Family] = {}
