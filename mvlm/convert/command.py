@@ -14,6 +14,7 @@ import argparse
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -32,6 +33,7 @@ from mvlm.convert.mcore_ckpt import (
     dtype_from_name,
     is_mcore_checkpoint,
     load_mcore,
+    read_meta,
     save_mcore,
 )
 from mvlm.runtime.parallel import ParallelLayout, destroy_distributed, init_distributed, set_seed
@@ -81,6 +83,7 @@ def _hf_dtype(cfg) -> torch.dtype | None:
 def run_convert(args: argparse.Namespace) -> int:
     from transformers import AutoConfig
 
+    from mvlm.models.gpt import validate_layout
     from mvlm.models.registry import get_family
     from mvlm.models.vlm import build_model
     from mvlm.runtime.compat import apply_compat_fixes
@@ -98,8 +101,13 @@ def run_convert(args: argparse.Namespace) -> int:
         if is_mcore_checkpoint(src):
             raise ValueError(f"{src} is already an mvlm Megatron checkpoint; use --to hf")
         hf_config = AutoConfig.from_pretrained(src)
-        get_family(hf_config.model_type)  # unsupported model types fail here
+        family = get_family(hf_config.model_type)  # unsupported model types fail here
+        validate_layout(family.text_arch(hf_config), layout)  # TP/EP/PP must divide the model
         SafetensorsReader(src)  # missing/corrupt shards fail here, before any output
+    else:
+        meta = read_meta(src)
+        validate_layout(get_family(meta["model_type"]).text_arch(
+            AutoConfig.from_pretrained(src / "hf")), layout)
     device = init_distributed(layout, args.device)
     apply_compat_fixes()
     set_seed(1234)
@@ -120,10 +128,12 @@ def run_convert(args: argparse.Namespace) -> int:
             dtype = dtype_from_name(args.torch_dtype) if args.torch_dtype else None
             bundle, meta = load_mcore(src, layout, device=device, dtype=dtype)
             export_dtype = _hf_dtype(bundle.hf_config) or bundle.config.params_dtype
-            export_to_hf(bundle, src / "hf", out, export_dtype, args.overwrite,
-                         parse_size(args.max_shard_size))
+            check = None
             if args.verify:
-                _verify(bundle, out, args.verify_tol, device, on_fail_remove=out)
+                def check(staged: Path) -> None:
+                    _verify(bundle, staged, args.verify_tol, device)
+            export_to_hf(bundle, src / "hf", out, export_dtype, args.overwrite,
+                         parse_size(args.max_shard_size), before_publish=check)
         if dist.get_rank() == 0:
             log.info("converted %s -> %s (%s) in %.1fs", src, out, args.to, time.time() - t0)
             print(f"mvlm convert: wrote {out}")
@@ -132,16 +142,10 @@ def run_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _verify(bundle, hf_dir: Path, tol: float, device: str, on_fail_remove: Path | None = None
-            ) -> None:
-    from mvlm.convert.verify import VerificationError, verify_against_hf
+def _verify(bundle, hf_dir: Path, tol: float, device: str) -> None:
+    from mvlm.convert.verify import verify_against_hf
 
-    try:
-        results = verify_against_hf(bundle, hf_dir, tol=tol, device=device)
-    except VerificationError:
-        if on_fail_remove is not None and dist.get_rank() == 0:
-            shutil.rmtree(on_fail_remove, ignore_errors=True)
-        raise
+    results = verify_against_hf(bundle, hf_dir, tol=tol, device=device)
     if dist.get_rank() == 0:
         for r in results:
             print(f"verify {r.name:<11} max|dlogits| = {r.max_abs_logits:.3e}  "
@@ -149,8 +153,12 @@ def _verify(bundle, hf_dir: Path, tol: float, device: str, on_fail_remove: Path 
 
 
 def export_to_hf(bundle, aux_src: Path, out: Path, dtype: torch.dtype | None,
-                 overwrite: bool, max_shard_bytes: int = 5 * 2**30) -> None:
-    """Collective: stream this model into an HF directory, published atomically by rank 0."""
+                 overwrite: bool, max_shard_bytes: int = 5 * 2**30,
+                 before_publish: Callable[[Path], None] | None = None) -> None:
+    """Collective: stream this model into an HF directory, published atomically by rank 0.
+
+    ``before_publish(staging_dir)`` runs on every rank after the files are complete and before
+    the rename (e.g. a logits check); if it raises, nothing is published."""
     staging = None
     if dist.get_rank() == 0:
         prepare_output_dir(out, overwrite)
@@ -165,6 +173,8 @@ def export_to_hf(bundle, aux_src: Path, out: Path, dtype: torch.dtype | None,
                 cfg.dtype = dtype
             cfg.save_pretrained(staging)
         dist.barrier()
+        if before_publish is not None:
+            before_publish(staging)
         if dist.get_rank() == 0:
             publish_dir(staging, out)
         dist.barrier()

@@ -1,0 +1,52 @@
+"""Shared test helpers: launching mvlm under torchrun, caching tiny checkpoints per session."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_mvlm(args: list[str], nproc: int = 1, timeout: int = 600, check: bool = True,
+             env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run `mvlm ARGS` as a user would: plain python for one rank, torchrun for several."""
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "mvlm", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               "--master-addr=127.0.0.1", f"--master-port={free_port()}", "-m", "mvlm", *args]
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=e, cwd=REPO)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-4000:]}\n"
+                             f"{p.stderr[-8000:]}")
+    return p
+
+
+def load_all_safetensors(d: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(d).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def assert_same_tensors(a_dir: Path, b_dir: Path) -> int:
+    a, b = load_all_safetensors(a_dir), load_all_safetensors(b_dir)
+    assert sorted(a) == sorted(b), (sorted(set(a) ^ set(b)))
+    for k in a:
+        assert a[k].dtype == b[k].dtype, (k, a[k].dtype, b[k].dtype)
+        assert a[k].shape == b[k].shape, (k, a[k].shape, b[k].shape)
+        assert torch.equal(a[k], b[k]), f"{k} differs"
+    return len(a)
