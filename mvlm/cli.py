@@ -19,6 +19,7 @@ def _setup_logging() -> None:
         format=f"[%(asctime)s rank{rank}] %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    logging.getLogger("megatron.core.distributed.fsdp").setLevel(logging.WARNING)
     # Megatron-Core warns at import about optional fused kernels; say it once, not per rank.
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed.*")
 
