@@ -48,6 +48,8 @@ def _features(template: Template) -> datasets.Features:
         for k in _VISION_GRID:
             f[k] = datasets.Sequence(datasets.Sequence(datasets.Value("int32")))
         f["second_per_grid_ts"] = datasets.Sequence(datasets.Value("float32"))
+        f["image_paths"] = datasets.Sequence(datasets.Value("string"))
+        f["image_bytes"] = datasets.Sequence(datasets.Value("binary"))
     return datasets.Features(f)
 
 
@@ -65,6 +67,9 @@ def to_storage(enc: dict, template: Template) -> dict[str, Any]:
             row[k] = enc[k].numpy().astype(np.int32) if k in enc else np.zeros((0, 3), np.int32)
         row["second_per_grid_ts"] = enc["second_per_grid_ts"].numpy() \
             if "second_per_grid_ts" in enc else np.zeros(0, np.float32)
+        refs = enc.get("image_refs") or []
+        row["image_paths"] = [r if isinstance(r, str) else "" for r in refs]
+        row["image_bytes"] = [r if isinstance(r, bytes) else b"" for r in refs]
     return row
 
 
@@ -75,7 +80,8 @@ def _empty_row(template: Template, reason: str) -> dict[str, Any]:
     if template.is_multimodal:
         row.update(position_ids=np.zeros((3, 0), np.int32), pixel_values=f32,
                    pixel_values_videos=f32, image_grid_thw=np.zeros((0, 3), np.int32),
-                   video_grid_thw=np.zeros((0, 3), np.int32), second_per_grid_ts=f32)
+                   video_grid_thw=np.zeros((0, 3), np.int32), second_per_grid_ts=f32,
+                   image_paths=[], image_bytes=[])
     return row
 
 
@@ -97,6 +103,9 @@ def from_storage(row: dict) -> dict[str, Any]:
     if row.get("second_per_grid_ts") is not None and len(row["second_per_grid_ts"]):
         out["second_per_grid_ts"] = torch.as_tensor(np.asarray(row["second_per_grid_ts"],
                                                                dtype=np.float32))
+    paths = row.get("image_paths")
+    if paths is not None and len(paths):
+        out["image_refs"] = [p if p else bytes(b) for p, b in zip(paths, row["image_bytes"])]
     if row.get("extra"):
         out["extra"] = json.loads(row["extra"])
     return out
@@ -114,7 +123,8 @@ def _encode_map_fn(batch: dict, template: Template, source: str, base_dir: str |
             decoded.append(e)
     good = [i for i, r in enumerate(decoded) if not isinstance(r, BaseException)]
     results: list[Any] = list(decoded)
-    for i, r in zip(good, template.encode_batch([decoded[i] for i in good], base_dir)):
+    encoded = template.encode_batch([decoded[i] for i in good], base_dir, with_pixels=False)
+    for i, r in zip(good, encoded):
         results[i] = r
     out: dict[str, list] = {k: [] for k in _features(template)}
     for i, r in enumerate(results):
@@ -169,16 +179,42 @@ def encode_all(raws: list[RawDataset], template: Template, counter: BadSampleCou
 
 
 class EncodedDataset(torch.utils.data.Dataset):
-    """Torch view of an encoded Arrow dataset (what training iterates)."""
+    """Torch view of an encoded Arrow dataset (what training iterates).
 
-    def __init__(self, data: datasets.Dataset):
+    Images were stored as references; their pixels are produced here, i.e. in the DataLoader
+    workers, by the checkpoint's image processor. An image that fails to decode now is handled
+    per ``policy``: raise (with its reason), or skip to the next item (counted).
+    """
+
+    def __init__(self, data: datasets.Dataset, template: Template | None = None,
+                 policy: str = "error", max_retries: int = 100):
         self.data = data.with_format("numpy")
+        self.template = template
+        self.counter = BadSampleCounter(policy)
+        self.max_retries = max_retries
 
     def __len__(self) -> int:
         return len(self.data)
 
+    def _get(self, i: int) -> dict[str, Any]:
+        sample = from_storage(self.data[i])
+        if "image_refs" in sample:
+            if self.template is None:
+                raise ValueError("this dataset stores image references; pass the template")
+            try:
+                sample = self.template.load_pixels(sample)
+            except BadSampleError as e:
+                raise e.with_location("encoded dataset", int(self.data[i][ROW_COL])) from None
+        return sample
+
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return from_storage(self.data[int(i)])
+        for attempt in range(self.max_retries):
+            try:
+                return self._get((int(i) + attempt) % len(self))
+            except BadSampleError as e:
+                self.counter.handle(e)
+        raise BadSampleError("too_many_bad_samples", f"{self.max_retries} consecutive bad rows "
+                             f"from index {i}")
 
     @property
     def lengths(self) -> list[int]:

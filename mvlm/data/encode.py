@@ -231,8 +231,8 @@ def build_train_dataset(args: Any, processor_dir: str, *, dp_rank: int = 0,
         train, val = _encode_eager(args, template, counter)
         packs = _pack(args, train) if packing else None
         stats = _stats(train, _get(args, "max_length"), packs)
-    tr_ds: Any = EncodedDataset(train)
-    va_ds: Any = EncodedDataset(val) if val is not None else None
+    tr_ds: Any = EncodedDataset(train, template, counter.policy)
+    va_ds: Any = EncodedDataset(val, template, counter.policy) if val is not None else None
     if packing:
         tr_ds = PackedDataset(tr_ds, packs)
         if va_ds is not None:

@@ -180,6 +180,55 @@ def read_media_bytes(ref: Any, base_dir: str | None = None,
                          "paths relative to the dataset file)")
 
 
+@dataclass
+class ImageInfo:
+    """An image's oriented size plus a storable reference (absolute path, or encoded bytes)."""
+
+    height: int
+    width: int
+    path: str = ""
+    data: bytes = b""
+
+    def ref(self) -> str | bytes:
+        return self.path or self.data
+
+
+_EXIF_ORIENTATION = 0x0112
+
+
+def probe_image(ref: Any, base_dir: str | None = None, root_dir: str | None = None) -> ImageInfo:
+    """Size of an image after EXIF orientation, reading only its header (no pixel decode).
+
+    Why: the token count of an image depends only on its size, so encoding (tokens, labels,
+    mRoPE positions, packing lengths) never needs pixels; they are produced later, in the loader
+    workers, from the stored reference. A file whose header parses but whose body is broken is
+    reported when the loader decodes it (as a BadSampleError, handled per --on_bad_sample).
+    """
+    if isinstance(ref, Image.Image):
+        img = load_image(ref)
+        buf = io.BytesIO()
+        img.save(buf, format="PNG")
+        return ImageInfo(img.height, img.width, data=buf.getvalue())
+    src = read_media_bytes(ref, base_dir, root_dir)
+    try:
+        with Image.open(src if isinstance(src, str) else io.BytesIO(src)) as img:
+            w, h = img.size
+            try:
+                orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
+            except Exception:  # noqa: BLE001 - unreadable EXIF: no rotation, like load_image
+                orientation = 1
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
+        name = src if isinstance(src, str) else f"<{len(src)} bytes>"
+        raise BadSampleError("corrupt_media", f"cannot decode image {name}: {e}") from e
+    if orientation in (5, 6, 7, 8):  # transposed orientations swap the sides
+        w, h = h, w
+    if w < 1 or h < 1:
+        raise BadSampleError("corrupt_media", f"image has size {w}x{h}")
+    if isinstance(src, str):
+        return ImageInfo(h, w, path=os.path.abspath(src))
+    return ImageInfo(h, w, data=src)
+
+
 def load_image(ref: Any, base_dir: str | None = None, root_dir: str | None = None) -> Image.Image:
     """Decode an image reference to an RGB PIL image with EXIF orientation applied."""
     if isinstance(ref, Image.Image):

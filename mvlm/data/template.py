@@ -37,7 +37,7 @@ import torch
 
 from mvlm.data.errors import BadSampleError
 from mvlm.data.formats import Sample, parse_row
-from mvlm.data.media import MediaConfig, load_image, load_video, smart_resize
+from mvlm.data.media import MediaConfig, load_image, load_video, probe_image, smart_resize
 from mvlm.data.mrope import get_rope_index, text_position_ids
 
 logger = logging.getLogger(__name__)
@@ -77,7 +77,9 @@ class _Prepared:
 
     text: str
     spans: list[tuple[int, int]]
-    images: list[Any] = field(default_factory=list)
+    images: list[Any] = field(default_factory=list)  # PIL images (pixels wanted now) ...
+    image_refs: list[Any] = field(default_factory=list)  # ... or storable refs (pixels later)
+    image_grids: list[tuple[int, int, int]] = field(default_factory=list)
     videos: list[Any] = field(default_factory=list)
     extra: dict = field(default_factory=dict)
 
@@ -223,7 +225,8 @@ class Template:
                 return
 
     # ------------------------------------------------------------------ encoding
-    def prepare(self, sample: Sample, base_dir: str | None) -> _Prepared:
+    def prepare(self, sample: Sample, base_dir: str | None,
+                with_pixels: bool = True) -> _Prepared:
         """Render + load media for one parsed sample (errors are BadSampleError)."""
         if sample.audios:
             raise BadSampleError("unsupported_media", f"{self.family} takes no audio")
@@ -233,15 +236,21 @@ class Template:
         text, spans = self.render(sample.messages)
         return _Prepared(text, spans, extra=dict(sample.extra))
 
-    def encode(self, row: dict | Sample, base_dir: str | None = None) -> dict[str, Any]:
-        """Encode one row; raises BadSampleError (or SkipSample) with the reason."""
-        out = self.encode_batch([row], base_dir)[0]
+    def encode(self, row: dict | Sample, base_dir: str | None = None,
+               with_pixels: bool = True) -> dict[str, Any]:
+        """Encode one row; raises BadSampleError (or SkipSample) with the reason.
+
+        ``with_pixels=False`` leaves images undecoded: the result holds ``image_grid_thw`` and
+        ``image_refs`` (path or bytes per image) and :meth:`load_pixels` adds ``pixel_values``
+        later -- how datasets are pre-encoded and cached.
+        """
+        out = self.encode_batch([row], base_dir, with_pixels)[0]
         if isinstance(out, BaseException):
             raise out
         return out
 
-    def encode_batch(self, rows: list[dict | Sample],
-                     base_dir: str | None = None) -> list[dict | BadSampleError]:
+    def encode_batch(self, rows: list[dict | Sample], base_dir: str | None = None,
+                     with_pixels: bool = True) -> list[dict | BadSampleError]:
         """Encode several rows at once (one tokenizer call, one image-processor call).
 
         Returns one entry per row: the encoded dict, or the BadSampleError it raised. Any other
@@ -252,7 +261,7 @@ class Template:
         for row in rows:
             try:
                 sample = row if isinstance(row, Sample) else parse_row(row, self.cfg.task)
-                prepared.append(self.prepare(sample, base_dir))
+                prepared.append(self.prepare(sample, base_dir, with_pixels))
             except BadSampleError as e:
                 prepared.append(e)
             except Exception as e:  # noqa: BLE001 - turned into a reasoned, located error
@@ -281,6 +290,10 @@ class Template:
 
     def process_vision(self, prepared: list[_Prepared]) -> list[dict]:
         return [{} for _ in prepared]
+
+    def load_pixels(self, sample: dict[str, Any]) -> dict[str, Any]:
+        """Add pixel tensors to a sample encoded with ``with_pixels=False`` (no-op otherwise)."""
+        return sample
 
     def finish(self, p: _Prepared, ids: list[int], offsets: list[tuple[int, int]],
                vision: dict) -> dict[str, Any]:
@@ -401,23 +414,42 @@ class Qwen2VLTemplate(Template):
             if (vlo, vhi) != (vs.get("shortest_edge"), vs.get("longest_edge")):
                 self.video_kwargs["size"] = {"shortest_edge": vlo, "longest_edge": vhi}
 
-    def prepare(self, sample: Sample, base_dir: str | None) -> _Prepared:
-        p = super().prepare(sample, base_dir)
+    def image_grid(self, height: int, width: int) -> tuple[int, int, int]:
+        """(t, h, w) patch grid of an image -- the processor's smart resize, without pixels."""
+        h, w = smart_resize(height, width, self.factor, *self.pixel_range)
+        return (1, h // self.patch, w // self.patch)
+
+    def prepare(self, sample: Sample, base_dir: str | None,
+                with_pixels: bool = True) -> _Prepared:
+        p = super().prepare(sample, base_dir, with_pixels)
         root = self.media.root_image_dir
-        p.images = [load_image(r, base_dir, root) for r in sample.images]
-        for im in p.images:  # validate geometry here, with a precise reason
-            smart_resize(im.height, im.width, self.factor, *self.pixel_range)
+        if with_pixels:
+            p.images = [load_image(r, base_dir, root) for r in sample.images]
+            sizes = [(im.height, im.width) for im in p.images]
+        else:
+            infos = [probe_image(r, base_dir, root) for r in sample.images]
+            p.image_refs = [i.ref() for i in infos]
+            sizes = [(i.height, i.width) for i in infos]
+        p.image_grids = [self.image_grid(h, w) for h, w in sizes]  # validates the geometry
         p.videos = [load_video(r, self.media, base_dir) for r in sample.videos]
         return p
 
     def process_vision(self, prepared: list[_Prepared]) -> list[dict]:
         out: list[dict] = [{} for _ in prepared]
+        for j, p in enumerate(prepared):
+            if p.image_refs:  # pixels later (load_pixels); the grid is known from the size
+                out[j]["image_grid_thw"] = torch.tensor(p.image_grids, dtype=torch.long)
+                out[j]["image_refs"] = list(p.image_refs)
         imgs = [im for p in prepared for im in p.images]
         if imgs:
             try:
                 r = self.image_processor(images=imgs, return_tensors="pt", **self.image_kwargs)
             except (ValueError, OSError, RuntimeError) as e:
                 raise BadSampleError("corrupt_media", f"image processor failed: {e}") from e
+            expect = [g for p in prepared for g in p.image_grids]
+            if r["image_grid_thw"].tolist() != [list(g) for g in expect]:
+                raise RuntimeError(f"image processor grids {r['image_grid_thw'].tolist()} differ "
+                                   f"from the predicted {expect}: smart_resize out of sync")
             sizes = (r["image_grid_thw"].prod(-1)).tolist()
             pv = torch.split(r["pixel_values"], sizes)
             k = 0
@@ -447,6 +479,22 @@ class Qwen2VLTemplate(Template):
                         [self.temporal_patch / vids[k][1].sample_fps for k in sel],
                         dtype=torch.float32)
         return out
+
+    def load_pixels(self, sample: dict[str, Any]) -> dict[str, Any]:
+        """Decode ``image_refs`` and run the image processor (in loader workers)."""
+        refs = sample.pop("image_refs", None)
+        if not refs:
+            return sample
+        imgs = [load_image(r) for r in refs]
+        try:
+            r = self.image_processor(images=imgs, return_tensors="pt", **self.image_kwargs)
+        except (ValueError, OSError, RuntimeError) as e:
+            raise BadSampleError("corrupt_media", f"image processor failed: {e}") from e
+        if not torch.equal(r["image_grid_thw"], torch.as_tensor(sample["image_grid_thw"])):
+            raise BadSampleError("media_changed", "an image's size differs from when the "
+                                 "dataset was encoded; re-run mvlm encode")
+        sample["pixel_values"] = r["pixel_values"]
+        return sample
 
     def _counts(self, grid: torch.Tensor | None) -> list[int]:
         if grid is None:
@@ -501,16 +549,21 @@ class Qwen2VLTemplate(Template):
             idx = [k for k in range(len(grid)) if (kind, k) in keep]
             if len(idx) == len(grid):
                 continue
-            patches = grid.prod(-1).tolist()
-            chunks = torch.split(vision[pv_key], patches)
+            if kind == "image" and "image_refs" in vision:
+                vision["image_refs"] = [vision["image_refs"][k] for k in idx]
+            if pv_key in vision:
+                chunks = torch.split(vision[pv_key], grid.prod(-1).tolist())
             if idx:
-                vision[pv_key] = torch.cat([chunks[k] for k in idx])
+                if pv_key in vision:
+                    vision[pv_key] = torch.cat([chunks[k] for k in idx])
                 vision[grid_key] = grid[idx]
                 if kind == "video" and "second_per_grid_ts" in vision:
                     vision["second_per_grid_ts"] = vision["second_per_grid_ts"][idx]
             else:
-                vision.pop(pv_key)
+                vision.pop(pv_key, None)
                 vision.pop(grid_key)
+                if kind == "image":
+                    vision.pop("image_refs", None)
                 if kind == "video":
                     vision.pop("second_per_grid_ts", None)
         return vision
