@@ -112,6 +112,7 @@ def run_convert(args: argparse.Namespace) -> int:
     apply_compat_fixes()
     set_seed(1234)
     t0 = time.time()
+    rss_start = _rss_mb()
     try:
         if args.to == "mcore":
             dtype = dtype_from_name(args.torch_dtype, _hf_dtype(hf_config) or torch.float32)
@@ -134,6 +135,9 @@ def run_convert(args: argparse.Namespace) -> int:
                     _verify(bundle, staged, args.verify_tol, device)
             export_to_hf(bundle, src / "hf", out, export_dtype, args.overwrite,
                          parse_size(args.max_shard_size), before_publish=check)
+        params_mb = sum(p.numel() * p.element_size() for m in bundle.models
+                        for p in m.parameters()) / 2**20
+        _report_memory(rss_start, params_mb, time.time() - t0)
         if dist.get_rank() == 0:
             log.info("converted %s -> %s (%s) in %.1fs", src, out, args.to, time.time() - t0)
             print(f"mvlm convert: wrote {out}")
@@ -182,3 +186,24 @@ def export_to_hf(bundle, aux_src: Path, out: Path, dtype: torch.dtype | None,
         if dist.get_rank() == 0:
             shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+def _rss_mb() -> float:
+    import psutil
+
+    return psutil.Process().memory_info().rss / 2**20
+
+
+def _report_memory(rss_start: float, params_mb: float, seconds: float) -> None:
+    """One line per rank (rank order): peak RSS above the post-import baseline, next to the
+    bytes of this rank's own parameters, so conversion overhead is visible."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    row = [dist.get_rank(), rss_start, peak, params_mb, seconds]
+    rows: list = [None] * dist.get_world_size()
+    dist.all_gather_object(rows, row)
+    if dist.get_rank() == 0:
+        for r, start, pk, pm, sec in rows:
+            print(f"mvlm convert: rank {r} memory start_mb={start:.0f} peak_mb={pk:.0f} "
+                  f"params_mb={pm:.0f} seconds={sec:.1f}")

@@ -56,29 +56,38 @@ class SafetensorsReader:
             raise CheckpointError(
                 f"no {SINGLE_NAME} or {INDEX_NAME} in {self.dir}: point --model at a Hugging "
                 "Face model directory with safetensors weights")
-        self._handles: dict[str, object] = {}
+        self._shapes: dict[str, list[int]] = {}
         if weight_map is None:
-            h = self._open(SINGLE_NAME)
-            self.weight_map = {k: SINGLE_NAME for k in h.keys()}
+            self.weight_map = {k: SINGLE_NAME for k in self._validate(SINGLE_NAME)}
         else:
             self.weight_map = dict(weight_map)
             for fname in sorted(set(self.weight_map.values())):
-                self._open(fname)
+                self._validate(fname)
+
+    def _validate(self, fname: str) -> list[str]:
+        """Open every shard once up front so a missing or corrupt file fails before any
+        output exists; remember shapes so planning needs no further opens."""
+        h = self._open(fname)
+        keys = list(h.keys())
+        for k in keys:
+            self._shapes[k] = list(h.get_slice(k).get_shape())
+        return keys
 
     def _open(self, fname: str):
-        if fname not in self._handles:
-            path = self.dir / fname
-            if not path.exists():
-                raise CheckpointError(
-                    f"shard {path} is listed in {INDEX_NAME} but missing: the download or copy "
-                    "is incomplete; fetch the missing file again")
-            try:
-                self._handles[fname] = safe_open(str(path), framework="pt")
-            except Exception as e:  # safetensors raises its own error types
-                raise CheckpointError(
-                    f"shard {path} is corrupt or truncated ({type(e).__name__}: {e}); "
-                    "re-download it") from e
-        return self._handles[fname]
+        # Deliberately not cached: a long-lived memory map keeps every page this rank touched
+        # resident, so RSS would grow to the size of all slices read. Reopening per tensor
+        # (a header parse) keeps peak memory at about one tensor.
+        path = self.dir / fname
+        if not path.exists():
+            raise CheckpointError(
+                f"shard {path} is listed in {INDEX_NAME} but missing: the download or copy "
+                "is incomplete; fetch the missing file again")
+        try:
+            return safe_open(str(path), framework="pt")
+        except Exception as e:  # safetensors raises its own error types
+            raise CheckpointError(
+                f"shard {path} is corrupt or truncated ({type(e).__name__}: {e}); "
+                "re-download it") from e
 
     def keys(self) -> list[str]:
         return list(self.weight_map)
@@ -86,17 +95,17 @@ class SafetensorsReader:
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
 
-    def _slice(self, name: str):
-        if name not in self.weight_map:
-            raise CheckpointError(f"tensor {name!r} not found in {self.dir}")
-        return self._open(self.weight_map[name]).get_slice(name)
-
     def shape(self, name: str) -> list[int]:
-        return list(self._slice(name).get_shape())
+        if name not in self._shapes:
+            raise CheckpointError(f"tensor {name!r} not found in {self.dir}")
+        return list(self._shapes[name])
 
     def read(self, name: str, dim: int | None = None, start: int | None = None,
              stop: int | None = None) -> torch.Tensor:
-        sl = self._slice(name)
+        if name not in self.weight_map:
+            raise CheckpointError(f"tensor {name!r} not found in {self.dir}")
+        handle = self._open(self.weight_map[name])
+        sl = handle.get_slice(name)
         try:
             if dim is None:
                 t = sl[:]
@@ -111,7 +120,9 @@ class SafetensorsReader:
                 raise
             raise CheckpointError(f"reading {name!r} from {self.dir} failed ({e}); the shard "
                                   "is likely corrupt: re-download it") from e
-        return t.contiguous()
+        t = t.clone() if t.is_contiguous() else t.contiguous()
+        del sl, handle
+        return t
 
 
 class StreamingSafetensorsWriter:
