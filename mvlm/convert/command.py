@@ -49,6 +49,8 @@ def add_layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cp", "--context_parallel_size", dest="cp", type=int, default=1)
     p.add_argument("--device", choices=["cpu", "cuda"], default=None,
                    help="default: cuda when available")
+    p.add_argument("--transformer_impl", choices=["auto", "te", "local"], default="auto",
+                   help="layer spec: Transformer Engine (GPU, when installed) or local+SDPA")
 
 
 def add_convert_args(p: argparse.ArgumentParser) -> None:
@@ -85,6 +87,7 @@ def run_convert(args: argparse.Namespace) -> int:
 
     from mvlm.models.gpt import validate_layout
     from mvlm.models.registry import get_family
+    from mvlm.models.spec import choose_backend
     from mvlm.models.vlm import build_model
     from mvlm.runtime.compat import apply_compat_fixes
 
@@ -113,12 +116,13 @@ def run_convert(args: argparse.Namespace) -> int:
     set_seed(1234)
     t0 = time.time()
     rss_start = _rss_mb()
+    backend = choose_backend(device, args.transformer_impl)
     try:
         if args.to == "mcore":
             dtype = dtype_from_name(args.torch_dtype, _hf_dtype(hf_config) or torch.float32)
             if args.verify and args.torch_dtype is None:
                 dtype = torch.float32
-            bundle = build_model(hf_config, layout, dtype=dtype, device=device,
+            bundle = build_model(hf_config, layout, dtype=dtype, device=device, backend=backend,
                                  perform_initialization=False)
             load_hf_weights(bundle, src)
             if args.verify:
@@ -127,7 +131,7 @@ def run_convert(args: argparse.Namespace) -> int:
                        extra_meta={"hf_dtype": str(_hf_dtype(hf_config) or "")})
         else:
             dtype = dtype_from_name(args.torch_dtype) if args.torch_dtype else None
-            bundle, meta = load_mcore(src, layout, device=device, dtype=dtype)
+            bundle, meta = load_mcore(src, layout, device=device, dtype=dtype, backend=backend)
             export_dtype = _hf_dtype(bundle.hf_config) or bundle.config.params_dtype
             check = None
             if args.verify:
