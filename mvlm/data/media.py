@@ -196,6 +196,26 @@ class ImageInfo:
 _EXIF_ORIENTATION = 0x0112
 
 
+def _header_orientation(img: Image.Image) -> int:
+    """EXIF orientation without decoding pixels.
+
+    For PNG, ``getexif()`` decodes the whole image to find an eXIf chunk after the pixel data,
+    so only an eXIf chunk seen while parsing the header counts (a trailing one is rare; should
+    it rotate the image, the loader notices the grid change and reports the row).
+    """
+    try:
+        if img.format == "PNG":
+            raw = img.info.get("exif")
+            if not raw:
+                return 1
+            exif = Image.Exif()
+            exif.load(raw)
+            return int(exif.get(_EXIF_ORIENTATION, 1))
+        return int(img.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - unreadable EXIF: no rotation, like load_image
+        return 1
+
+
 def probe_image(ref: Any, base_dir: str | None = None, root_dir: str | None = None) -> ImageInfo:
     """Size of an image after EXIF orientation, reading only its header (no pixel decode).
 
@@ -213,10 +233,7 @@ def probe_image(ref: Any, base_dir: str | None = None, root_dir: str | None = No
     try:
         with Image.open(src if isinstance(src, str) else io.BytesIO(src)) as img:
             w, h = img.size
-            try:
-                orientation = img.getexif().get(_EXIF_ORIENTATION, 1)
-            except Exception:  # noqa: BLE001 - unreadable EXIF: no rotation, like load_image
-                orientation = 1
+            orientation = _header_orientation(img)
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
         name = src if isinstance(src, str) else f"<{len(src)} bytes>"
         raise BadSampleError("corrupt_media", f"cannot decode image {name}: {e}") from e
