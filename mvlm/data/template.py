@@ -37,12 +37,31 @@ import torch
 
 from mvlm.data.errors import BadSampleError
 from mvlm.data.formats import Sample, parse_row
-from mvlm.data.media import MediaConfig, load_image, load_video, probe_image, smart_resize
+from mvlm.data.media import (
+    DALI_HINT,
+    MediaConfig,
+    dali_available,
+    dali_decode_resize,
+    load_image,
+    load_video,
+    probe_image,
+    read_media_bytes,
+    smart_resize,
+)
 from mvlm.data.mrope import get_rope_index, text_position_ids
 
 logger = logging.getLogger(__name__)
 
 TRUNCATION_STRATEGIES = ("delete", "left", "right", "error")
+
+
+def _raw_size(data: bytes) -> tuple[int, int]:
+    """(height, width) as stored, before any EXIF rotation."""
+    import io
+
+    from PIL import Image
+    with Image.open(io.BytesIO(data)) as im:
+        return im.height, im.width
 _TAG_RE = re.compile(r"(<image>|<video>|<audio>)")
 
 
@@ -402,6 +421,12 @@ class Qwen2VLTemplate(Template):
             self.factor, int(size.get("shortest_edge") or 56 * 56),
             int(size.get("longest_edge") or 28 * 28 * 1280))
         self.pixel_range = (lo, hi)
+        self.dali_device: int | None = None
+        if self.media.image_backend == "dali":
+            if not dali_available():
+                raise ImportError(DALI_HINT)
+            if torch.cuda.is_available():
+                self.dali_device = torch.cuda.current_device()
         self.image_kwargs = {}
         if (lo, hi) != (size.get("shortest_edge"), size.get("longest_edge")):
             self.image_kwargs["size"] = {"shortest_edge": lo, "longest_edge": hi}
@@ -485,9 +510,14 @@ class Qwen2VLTemplate(Template):
         refs = sample.pop("image_refs", None)
         if not refs:
             return sample
-        imgs = [load_image(r) for r in refs]
+        kwargs = dict(self.image_kwargs)
+        if self.media.image_backend == "dali":
+            imgs = self._dali_images(refs, torch.as_tensor(sample["image_grid_thw"]))
+            kwargs["do_resize"] = False  # DALI already resized to the grid's pixel size
+        else:
+            imgs = [load_image(r) for r in refs]
         try:
-            r = self.image_processor(images=imgs, return_tensors="pt", **self.image_kwargs)
+            r = self.image_processor(images=imgs, return_tensors="pt", **kwargs)
         except (ValueError, OSError, RuntimeError) as e:
             raise BadSampleError("corrupt_media", f"image processor failed: {e}") from e
         if not torch.equal(r["image_grid_thw"], torch.as_tensor(sample["image_grid_thw"])):
@@ -495,6 +525,30 @@ class Qwen2VLTemplate(Template):
                                  "dataset was encoded; re-run mvlm encode")
         sample["pixel_values"] = r["pixel_values"]
         return sample
+
+    def _dali_images(self, refs: list[Any], grid: torch.Tensor) -> list[Any]:
+        """Decode + resize with DALI; images with an EXIF rotation go through PIL instead."""
+        out: list[Any] = [None] * len(refs)
+        enc, sizes, where = [], [], []
+        for k, ref in enumerate(refs):
+            src = read_media_bytes(ref)
+            if isinstance(src, str):
+                with open(src, "rb") as f:
+                    src = f.read()
+            data = src
+            size = (int(grid[k, 1]) * self.patch, int(grid[k, 2]) * self.patch)
+            info = probe_image(data)
+            if (info.height, info.width) != _raw_size(data):  # rotated by EXIF: PIL path
+                img = load_image(data).resize(size[::-1], resample=3)
+                out[k] = np.asarray(img)
+                continue
+            enc.append(data)
+            sizes.append(size)
+            where.append(k)
+        if enc:
+            for k, arr in zip(where, dali_decode_resize(enc, sizes, self.dali_device)):
+                out[k] = arr
+        return [torch.from_numpy(np.ascontiguousarray(a)).permute(2, 0, 1) for a in out]
 
     def _counts(self, grid: torch.Tensor | None) -> list[int]:
         if grid is None:
