@@ -111,6 +111,21 @@ def collate_packed(samples: Sequence[dict], pad_token_id: int,
     return batch
 
 
+def unpack(batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
+    """Per-sample views of a packed batch: input_ids, labels, loss_mask, position_ids slices.
+
+    For checks such as "perturb one packed sample, the others' logits must not move": slice the
+    model output with the same ``cu_seqlens`` boundaries.
+    """
+    cu = batch["cu_seqlens"].tolist()
+    out = []
+    for s, e in itertools.pairwise(cu):
+        out.append({"input_ids": batch["input_ids"][0, s:e], "labels": batch["labels"][0, s:e],
+                    "loss_mask": batch["loss_mask"][0, s:e],
+                    "position_ids": batch["position_ids"][:, 0, s:e], "span": (s, e)})
+    return out
+
+
 class Collator:
     """Picklable collate_fn for torch DataLoader (packed: each item is a list of samples)."""
 

@@ -11,6 +11,7 @@ from mvlm.data.collate import (
     cp_packed_indices,
     pad_samples_for_cp,
     shift_labels,
+    unpack,
 )
 from mvlm.data.loader import ResumableDistributedSampler, build_dataloader
 from mvlm.data.packing import pack_lengths, pack_stream, packing_efficiency
@@ -49,6 +50,9 @@ def test_packed_batch_positions_cu_seqlens_and_labels():
     assert (b["labels"][0, 21:] == -100).all() and (b["input_ids"][0, 21:] == 0).all()
     assert (b["position_ids"][:, 0, 21:] == 0).all()
     assert torch.equal(b["loss_mask"], (b["labels"] != -100).float())
+    parts = unpack(b)
+    assert [p["span"] for p in parts] == [(0, 7), (7, 12), (12, 21)]
+    assert torch.equal(parts[1]["input_ids"], samples[1]["input_ids"])
     # images stay with their sample, in sample order
     assert b["pixel_values"][:, 0].tolist() == [1.0] * 4 + [3.0] * 2
     assert b["image_grid_thw"].tolist() == [[1, 2, 2], [1, 2, 1]]
