@@ -226,7 +226,8 @@ class SDPACoreAttention(MegatronModule):
                 f"softmax_type={config.softmax_type!r} is not supported by SDPACoreAttention: "
                 "use softmax_type='vanilla' or the Transformer Engine spec"
             )
-        if is_layer_window_attention(config.window_size, config.window_attn_skip_freq, layer_number):
+        if is_layer_window_attention(config.window_size, config.window_attn_skip_freq,
+                                     layer_number):
             raise NotImplementedError(
                 "window_size (sliding-window attention) is not supported by SDPACoreAttention: "
                 "unset window_size or use the Transformer Engine spec"
@@ -415,7 +416,8 @@ class SDPACoreAttention(MegatronModule):
             if attention_mask.size(-1) != sk:
                 raise ValueError(
                     f"attention_mask last dim {attention_mask.size(-1)} != key length {sk}"
-                    + (" (under CP it must cover the full, global-order sequence)" if cp > 1 else "")
+                    + (" (under CP it must cover the full, global-order sequence)"
+                       if cp > 1 else "")
                 )
             keep = ~attention_mask.to(device)
             allowed = keep if allowed is None else allowed & keep

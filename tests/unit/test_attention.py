@@ -164,7 +164,8 @@ def test_padding_mask() -> None:
     assert diff <= TOL
 
     out_pc = _module(AttnMaskType.padding_causal)(q, k, v, key_pad[:, None, None, :])
-    assert _compare(out_pc, naive64(q, k, v, ~key_pad[:, None, None, :] & _causal(s)), (q, k, v)) <= TOL
+    ref_pc = naive64(q, k, v, ~key_pad[:, None, None, :] & _causal(s))
+    assert _compare(out_pc, ref_pc, (q, k, v)) <= TOL
 
 
 def test_runtime_mask_type_override() -> None:
