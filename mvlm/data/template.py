@@ -216,6 +216,12 @@ class Template:
     def render(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
         if self.cfg.task == "pt":
             return self.render_pretrain(messages)
+        if self.cfg.task == "rl":  # a prompt for generation: no loss, ends ready for an answer
+            if self.backend == "jinja":
+                if self.cfg.system and messages[0]["role"] != "system":
+                    messages = [{"role": "system", "content": self.cfg.system}, *messages]
+                return self._apply(messages, gen=True), []
+            return self.render_native(messages)[0] + f"{self.im_start}assistant\n", []
         if self.backend == "jinja":
             return self.render_jinja(messages)
         return self.render_native(messages)
