@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from collections import Counter
 from collections.abc import Iterator
 from typing import Any
@@ -153,7 +154,10 @@ def encode_raw(raw: RawDataset, template: Template, counter: BadSampleCounter, *
                  remove_columns=ds.column_names, features=_features(template),
                  fn_kwargs={"template": template, "source": raw.source,
                             "base_dir": raw.base_dir, "policy": counter.policy},
-                 desc=f"encode {raw.source}", load_from_cache_file=False)
+                 desc=f"encode {raw.source}", load_from_cache_file=False,
+                 # an explicit fingerprint: hashing the template (tokenizer + processor) for
+                 # datasets' cache key costs seconds and is useless with the cache off
+                 new_fingerprint=uuid.uuid4().hex)
     errors = enc[ERROR_COL]
     bad = Counter(e for e in errors if e)
     if bad:
