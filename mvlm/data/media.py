@@ -21,6 +21,7 @@ import io
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -136,6 +137,12 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int,
 
 # ----------------------------------------------------------------------------- reading bytes
 
+_B64_RE = re.compile(r"[A-Za-z0-9+/]+={0,2}")
+# Leading bytes of common image/video/audio containers: a bare base64 string must decode to one.
+_MEDIA_MAGIC = (b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"RIFF", b"BM", b"II*\x00", b"MM\x00*",
+                b"\x00\x00\x00", b"ID3", b"fLaC", b"OggS", b"\x1aE\xdf\xa3")
+
+
 def _resolve_path(ref: str, base_dir: str | None, root_dir: str | None) -> str:
     ref = ref.removeprefix("file://")
     if os.path.isabs(ref):
@@ -171,11 +178,13 @@ def read_media_bytes(ref: Any, base_dir: str | None = None,
     path = _resolve_path(ref, base_dir, root_dir)
     if os.path.isfile(path):
         return path
-    if len(ref) > 256 and "/" not in ref[:64]:  # looks like bare base64
+    if len(ref) >= 32 and _B64_RE.fullmatch(ref):  # bare base64 of a media file?
         try:
-            return base64.b64decode(ref, validate=True)
+            data = base64.b64decode(ref, validate=True)
         except binascii.Error:
-            pass
+            data = b""
+        if data.startswith(_MEDIA_MAGIC):
+            return data
     raise BadSampleError("missing_media", f"file not found: {path!r} (set ROOT_IMAGE_DIR or use "
                          "paths relative to the dataset file)")
 

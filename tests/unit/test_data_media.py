@@ -141,3 +141,25 @@ def test_dali_matches_pil(ckpt, tmp_path):
     d = (pil["pixel_values"] - dali["pixel_values"]).abs()
     print(f"DALI vs PIL: mean |d| {d.mean():.4f}, max |d| {d.max():.4f}")
     assert d.mean() < 0.005 and d.max() < 0.1, (d.mean(), d.max())
+
+
+def test_image_reference_forms(tmp_path, monkeypatch):
+    import base64
+
+    img = Image.fromarray(np.full((20, 30, 3), 7, np.uint8))
+    (tmp_path / "root").mkdir()
+    img.save(tmp_path / "root" / "r.png")
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    raw = buf.getvalue()
+    b64 = base64.b64encode(raw).decode()
+    monkeypatch.setenv("ROOT_IMAGE_DIR", str(tmp_path / "root"))
+    for ref in ("r.png", f"file://{tmp_path / 'root' / 'r.png'}", f"data:image/png;base64,{b64}",
+                b64 * 1, raw, {"bytes": raw, "path": None}, {"path": str(tmp_path / "root/r.png")},
+                img):
+        assert load_image(ref, base_dir=str(tmp_path)).size == (30, 20), ref if isinstance(
+            ref, str) and len(ref) < 200 else type(ref)
+        info = probe_image(ref, base_dir=str(tmp_path))
+        assert (info.height, info.width) == (20, 30)
+    with pytest.raises(BadSampleError, match="remote media"):
+        load_image("https://example.com/x.png")
