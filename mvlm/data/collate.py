@@ -127,16 +127,37 @@ def unpack(batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
 
 
 class Collator:
-    """Picklable collate_fn for torch DataLoader (packed: each item is a list of samples)."""
+    """Picklable collate_fn for torch DataLoader (packed: each item is a list of samples).
 
-    def __init__(self, pad_token_id: int, packing: bool = False, pad_to_multiple_of: int = 1):
+    ``cp_size > 1`` with packing pads every sample to a multiple of 2*CP (pads carry no loss and
+    position 0), so ``cp_packed_indices(batch["cu_seqlens"], cp, rank, seq_len)`` can split each
+    sample into 2*CP load-balanced chunks; ``cu_seqlens`` then holds the padded boundaries (right
+    for causal attention: a real token never attends to its sample's trailing pads) and
+    ``cu_seqlens_unpadded`` the real ones (Megatron-Core's ``cu_seqlens_q`` vs ``_q_padded``).
+    """
+
+    def __init__(self, pad_token_id: int, packing: bool = False, pad_to_multiple_of: int = 1,
+                 cp_size: int = 1):
         self.pad_token_id = pad_token_id
         self.packing = packing
+        self.cp_size = cp_size
         self.pad_to_multiple_of = pad_to_multiple_of
+        if cp_size > 1 and pad_to_multiple_of % (2 * cp_size):
+            raise ValueError(f"pad_to_multiple_of={pad_to_multiple_of} must be a multiple of "
+                             f"2*CP={2 * cp_size} (pass 2*CP*TP)")
 
     def __call__(self, items: Sequence[Any]) -> dict[str, Any]:
         if self.packing:
             samples = [s for pack in items for s in (pack if isinstance(pack, list) else [pack])]
+            if self.cp_size > 1:
+                real = [len(s["input_ids"]) for s in samples]
+                samples, _ = pad_samples_for_cp(samples, self.cp_size, self.pad_token_id)
+                batch = collate_packed(samples, self.pad_token_id, self.pad_to_multiple_of)
+                cu = torch.zeros(len(real) + 1, dtype=torch.int32)
+                cu[1:] = torch.cumsum(torch.tensor(real, dtype=torch.int32), 0)
+                batch["cu_seqlens_unpadded"] = cu
+                batch["max_seqlen"] = max(real)
+                return batch
             return collate_packed(samples, self.pad_token_id, self.pad_to_multiple_of)
         return collate_padded(items, self.pad_token_id, self.pad_to_multiple_of)
 
@@ -161,15 +182,18 @@ def cp_chunk_indices(seq_len: int, cp_size: int, cp_rank: int) -> torch.Tensor:
                       torch.arange((n - 1 - cp_rank) * c, (n - cp_rank) * c)])
 
 
-def cp_packed_indices(cu_seqlens_padded: torch.Tensor, cp_size: int,
-                      cp_rank: int) -> torch.Tensor:
+def cp_packed_indices(cu_seqlens_padded: torch.Tensor, cp_size: int, cp_rank: int,
+                      seq_len: int | None = None) -> torch.Tensor:
     """THD variant: the 2*CP split applied to every packed sample separately.
 
-    Needs per-sample lengths that are multiples of 2*CP (``pack_for_cp`` pads them); returns the
-    token indices of this rank in the packed row.
+    Needs per-sample lengths that are multiples of 2*CP (``Collator(cp_size=...)`` pads them);
+    returns the token indices of this rank in the packed row. ``seq_len`` (the row length) makes
+    the pad tail after the last sample a segment of its own, so the whole row is covered.
     """
     idx = []
     bounds = cu_seqlens_padded.tolist()
+    if seq_len is not None and seq_len > bounds[-1]:
+        bounds.append(seq_len)
     for s, e in itertools.pairwise(bounds):
         idx.append(cp_chunk_indices(e - s, cp_size, cp_rank) + s)
     return torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)

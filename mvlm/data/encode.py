@@ -18,10 +18,13 @@ Public API (what ``mvlm/cli.py`` and the trainer use)::
         .pad_token_id, .packing, .stats.
     build_dataloader(data: TrainData, *, split="train", micro_batch_size=1, dp_rank=0,
                      dp_size=1, consumed_samples=0, seed=42, shuffle=True, num_workers=0,
-                     pad_to_multiple_of=1, num_epochs=None) -> torch.utils.data.DataLoader
+                     pad_to_multiple_of=1, cp_size=1, num_epochs=None)
+                     -> torch.utils.data.DataLoader
         Yields micro-batches in the batch contract of ``mvlm.data.collate``. With packing each
         micro-batch is one packed row (use micro_batch_size=1); pass pad_to_multiple_of=2*CP*TP
-        when CP/SP are on. ``consumed_samples`` (items, i.e. packed rows when packing) resumes
+        when CP/SP are on, and cp_size=CP with packing so every sample is padded to a multiple
+        of 2*CP (``collate.cp_packed_indices`` then gives each CP rank its token indices).
+        ``consumed_samples`` (items, i.e. packed rows when packing) resumes
         the exact order.
 
 Cache layout written by ``mvlm encode --output_dir D`` and read by ``--cached_dataset D``:
@@ -243,14 +246,14 @@ def build_train_dataset(args: Any, processor_dir: str, *, dp_rank: int = 0,
 def build_dataloader(data: TrainData, *, split: str = "train", micro_batch_size: int = 1,
                      dp_rank: int = 0, dp_size: int = 1, consumed_samples: int = 0,
                      seed: int = 42, shuffle: bool = True, num_workers: int = 0,
-                     pad_to_multiple_of: int = 1,
+                     pad_to_multiple_of: int = 1, cp_size: int = 1,
                      num_epochs: int | None = None) -> torch.utils.data.DataLoader:
     """Micro-batch DataLoader (see the module docstring)."""
     ds = data.train if split == "train" else data.val
     if ds is None:
         raise ValueError(f"no {split} dataset (pass --val_dataset or --split_dataset_ratio)")
     collator = Collator(data.pad_token_id, packing=data.packing,
-                        pad_to_multiple_of=pad_to_multiple_of)
+                        pad_to_multiple_of=pad_to_multiple_of, cp_size=cp_size)
     if isinstance(ds, torch.utils.data.IterableDataset):
         if consumed_samples:
             logger.warning("streaming datasets resume by skipping %d items", consumed_samples)

@@ -114,6 +114,17 @@ def test_cp_split_load_balanced():
     with pytest.raises(ValueError, match="multiple of 2"):
         cp_chunk_indices(10, 2, 0)
     assert b["labels"][0, 4:8].eq(-100).all()
+    # through the Collator: per-sample padding, tail to 2*CP*TP, the row fully covered
+    b = Collator(0, packing=True, pad_to_multiple_of=8, cp_size=2)([[_sample(5, 1),
+                                                                     _sample(9, 2)]])
+    assert b["cu_seqlens"].tolist() == [0, 8, 20]
+    assert b["cu_seqlens_unpadded"].tolist() == [0, 5, 14]
+    s = b["input_ids"].shape[1]
+    assert s == 24 and b["max_seqlen"] == 9
+    got = sorted(sum((cp_packed_indices(b["cu_seqlens"], 2, r, s).tolist() for r in range(2)),
+                     []))
+    assert got == list(range(s))
+    assert (b["labels"][0, 5:8] == -100).all() and (b["position_ids"][:, 0, 5:8] == 0).all()
 
 
 def _stream(sampler, steps):
