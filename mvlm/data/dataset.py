@@ -33,6 +33,7 @@ from mvlm.data.template import SkipSample, Template
 
 logger = logging.getLogger(__name__)
 ERROR_COL = "_mvlm_error"
+SRC_COL = "_mvlm_source"  # the dataset file a row came from (error messages name it)
 _VISION_FLAT = ("pixel_values", "pixel_values_videos")
 _VISION_GRID = ("image_grid_thw", "video_grid_thw")
 
@@ -41,7 +42,8 @@ def _features(template: Template) -> datasets.Features:
     f = {"input_ids": datasets.Sequence(datasets.Value("int32")),
          "labels": datasets.Sequence(datasets.Value("int32")),
          "length": datasets.Value("int32"), "extra": datasets.Value("string"),
-         ERROR_COL: datasets.Value("string"), ROW_COL: datasets.Value("int64")}
+         ERROR_COL: datasets.Value("string"), ROW_COL: datasets.Value("int64"),
+         SRC_COL: datasets.Value("string")}
     if template.is_multimodal:
         f["position_ids"] = datasets.Sequence(datasets.Sequence(datasets.Value("int32")))
         for k in _VISION_FLAT:
@@ -137,6 +139,7 @@ def _encode_map_fn(batch: dict, template: Template, source: str, base_dir: str |
         else:
             row = to_storage(r, template)
         row[ROW_COL] = int(rows_idx[i])
+        row[SRC_COL] = source
         for k, col in out.items():
             col.append(row[k])
     return out
@@ -208,7 +211,9 @@ class EncodedDataset(torch.utils.data.Dataset):
             try:
                 sample = self.template.load_pixels(sample)
             except BadSampleError as e:
-                raise e.with_location("encoded dataset", int(self.data[i][ROW_COL])) from None
+                row = self.data[i]
+                raise e.with_location(str(row.get(SRC_COL, "encoded dataset")),
+                                      int(row[ROW_COL])) from None
         return sample
 
     def __getitem__(self, i: int) -> dict[str, Any]:

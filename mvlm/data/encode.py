@@ -250,6 +250,9 @@ def build_dataloader(data: TrainData, *, split: str = "train", micro_batch_size:
                      num_epochs: int | None = None) -> torch.utils.data.DataLoader:
     """Micro-batch DataLoader (see the module docstring)."""
     ds = data.train if split == "train" else data.val
+    if data.packing and micro_batch_size != 1:
+        raise ValueError("with --packing a micro-batch is one packed row: use "
+                         "--micro_batch_size 1 (raise --max_length to put more tokens in it)")
     if ds is None:
         raise ValueError(f"no {split} dataset (pass --val_dataset or --split_dataset_ratio)")
     collator = Collator(data.pad_token_id, packing=data.packing,

@@ -168,3 +168,26 @@ def test_encode_cli_error_and_skip(setup, capsys):
     assert "skipped samples: 3 (bad_json=1, missing_media=1, no_assistant_turn=1)" in out
     stats = json.loads((d / "out_skip" / "stats.json").read_text())
     assert stats["samples"] == 3
+
+
+def test_image_broken_after_encoding_is_handled_in_the_loader(setup, tmp_path):
+    """Pixels are decoded in the loader: a file that breaks later is skipped or reported."""
+    import datasets
+
+    from mvlm.data.dataset import EncodedDataset, encode_all
+    from mvlm.data.dataset_spec import load_datasets
+    from mvlm.data.errors import BadSampleCounter
+
+    d, _, tpl = setup
+    (tmp_path / "x.png").write_bytes(_png_bytes())
+    (tmp_path / "y.png").write_bytes(_png_bytes(50, 20))
+    rows = [{"messages": [_u("<image>q"), _a("a")], "images": [f]} for f in ("x.png", "y.png")]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    enc = encode_all(load_datasets([str(tmp_path / "d.jsonl")])[0], tpl, BadSampleCounter())
+    assert isinstance(enc, datasets.Dataset) and len(enc) == 2
+    (tmp_path / "x.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
+    skip = EncodedDataset(enc, tpl, "skip")
+    assert skip[0]["image_grid_thw"].tolist() == skip[1]["image_grid_thw"].tolist()  # y
+    assert skip.counter.counts == {"corrupt_media": 1}
+    with pytest.raises(BadSampleError, match=r"d\.jsonl, row 0.*corrupt_media"):
+        EncodedDataset(enc, tpl, "error")[0]
