@@ -314,6 +314,8 @@ class StreamingDataset(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[Any]:
         from mvlm.data.packing import pack_stream
 
+        # Loader workers: `datasets` hands each worker its own file shards when iterated inside
+        # a worker (a single-file dataset goes to worker 0), so nothing is duplicated here.
         items: Iterator[Any] = iter_encoded(self.raws, self.template, self.counter)
         if self.packing_length:
             items = pack_stream(items, self.packing_length)

@@ -124,6 +124,10 @@ def test_streaming_packed(env):
     batches = list(build_dataloader(data, micro_batch_size=1))
     # streaming '#10' takes at most 10 rows (no repetition): 24 + 6
     assert sum(b["num_samples"] for b in batches) == 30
+    # two loader workers split the stream without duplicating it
+    two = list(build_dataloader(data, micro_batch_size=1, num_workers=2))
+    assert sorted(b["input_ids"].shape[1] for b in two) == \
+        sorted(b["input_ids"].shape[1] for b in batches)
     assert all(b["cu_seqlens"][-1] <= 256 for b in batches)
 
 
