@@ -281,11 +281,47 @@ class Template:
         Returns one entry per row: the encoded dict, or the BadSampleError it raised. Any other
         exception inside a row is converted into BadSampleError("internal_error") naming its
         type, so a loader worker never dies without saying which row did it.
+
+        Preference rows encode both conversations: the chosen one as usual, the rejected one
+        under ``rejected_input_ids`` / ``rejected_labels`` / ``rejected_position_ids`` /
+        ``rejected_length`` (the media are shared, so vision tensors appear once).
         """
-        prepared: list[_Prepared | BadSampleError] = []
-        for row in rows:
+        units: list[Sample | BadSampleError] = []
+        owner: list[int] = []  # row index of each unit; a preference row owns two units
+        for r, row in enumerate(rows):
             try:
                 sample = row if isinstance(row, Sample) else parse_row(row, self.cfg.task)
+            except BadSampleError as e:
+                sample = e
+            except Exception as e:  # noqa: BLE001 - turned into a reasoned, located error
+                sample = BadSampleError("internal_error", f"{type(e).__name__}: {e}")
+            units.append(sample)
+            owner.append(r)
+            if isinstance(sample, Sample) and sample.rejected_messages is not None:
+                units.append(Sample(sample.rejected_messages, sample.images, sample.videos,
+                                    sample.audios, sample.task))
+                owner.append(r)
+        out = self._encode_units(units, base_dir, with_pixels)
+        results: list[Any] = [None] * len(rows)
+        for u, r in enumerate(owner):
+            if results[r] is None:
+                results[r] = out[u]
+            elif isinstance(results[r], dict):  # second unit of a preference row
+                if isinstance(out[u], BaseException):
+                    results[r] = out[u]
+                else:
+                    for k in ("input_ids", "labels", "position_ids", "length"):
+                        results[r][f"rejected_{k}"] = out[u][k]
+        return results
+
+    def _encode_units(self, units: list[Any], base_dir: str | None,
+                      with_pixels: bool) -> list[dict | BadSampleError]:
+        prepared: list[_Prepared | BadSampleError] = []
+        for sample in units:
+            if isinstance(sample, BadSampleError):
+                prepared.append(sample)
+                continue
+            try:
                 prepared.append(self.prepare(sample, base_dir, with_pixels))
             except BadSampleError as e:
                 prepared.append(e)

@@ -89,3 +89,22 @@ def test_truncation_delete_and_error(ckpts):
                                                                truncation_strategy=strat))
         with pytest.raises(exc, match="too_long"):
             tpl.encode({"messages": CONV})
+
+
+def test_preference_rows_encode_both_conversations(ckpts):
+    tpl = get_template(ckpts["qwen2_vl"], cfg=TemplateConfig(task="preference"))
+    img = _vl_row()["images"][0]
+    row = {"messages": [{"role": "user", "content": "<image>Which?"},
+                        {"role": "assistant", "content": "The left one."}],
+           "rejected_response": "No idea.", "images": [img]}
+    out = tpl.encode(row)
+    chosen = get_template(ckpts["qwen2_vl"]).encode(
+        {"messages": row["messages"], "images": [img]})
+    rejected = get_template(ckpts["qwen2_vl"]).encode(
+        {"messages": [row["messages"][0], {"role": "assistant", "content": "No idea."}],
+         "images": [img]})
+    assert torch.equal(out["input_ids"], chosen["input_ids"])
+    assert torch.equal(out["rejected_input_ids"], rejected["input_ids"])
+    assert torch.equal(out["rejected_labels"], rejected["labels"])
+    assert torch.equal(out["rejected_position_ids"], rejected["position_ids"])
+    assert torch.equal(out["pixel_values"], chosen["pixel_values"])
