@@ -126,6 +126,22 @@ def unpack(batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
     return out
 
 
+def preference_pairs(samples: Sequence[dict]) -> list[dict]:
+    """[c1, c2, ..] -> [c1, c2, .., r1, r2, ..]: chosen first, then rejected, same media.
+
+    The usual DPO batch layout: the loss pairs row i with row i + B. Images are repeated for the
+    rejected half (their pixels are shared objects, not copies).
+    """
+    rejected = []
+    for s in samples:
+        r = {k: v for k, v in s.items() if not k.startswith("rejected_")}
+        r["input_ids"], r["labels"] = s["rejected_input_ids"], s["rejected_labels"]
+        r["position_ids"] = s.get("rejected_position_ids")
+        rejected.append(r)
+    chosen = [{k: v for k, v in s.items() if not k.startswith("rejected_")} for s in samples]
+    return chosen + rejected
+
+
 class Collator:
     """Picklable collate_fn for torch DataLoader (packed: each item is a list of samples).
 
@@ -147,6 +163,8 @@ class Collator:
                              f"2*CP={2 * cp_size} (pass 2*CP*TP)")
 
     def __call__(self, items: Sequence[Any]) -> dict[str, Any]:
+        if items and isinstance(items[0], dict) and "rejected_input_ids" in items[0]:
+            items = preference_pairs(items)
         if self.packing:
             samples = [s for pack in items for s in (pack if isinstance(pack, list) else [pack])]
             if self.cp_size > 1:

@@ -53,6 +53,12 @@ def _features(template: Template) -> datasets.Features:
         f["second_per_grid_ts"] = datasets.Sequence(datasets.Value("float32"))
         f["image_paths"] = datasets.Sequence(datasets.Value("string"))
         f["image_bytes"] = datasets.Sequence(datasets.Value("binary"))
+    if template.cfg.task == "preference":
+        f["rejected_input_ids"] = datasets.Sequence(datasets.Value("int32"))
+        f["rejected_labels"] = datasets.Sequence(datasets.Value("int32"))
+        if template.is_multimodal:
+            f["rejected_position_ids"] = datasets.Sequence(
+                datasets.Sequence(datasets.Value("int32")))
     return datasets.Features(f)
 
 
@@ -73,6 +79,11 @@ def to_storage(enc: dict, template: Template) -> dict[str, Any]:
         refs = enc.get("image_refs") or []
         row["image_paths"] = [r if isinstance(r, str) else "" for r in refs]
         row["image_bytes"] = [r if isinstance(r, bytes) else b"" for r in refs]
+    if template.cfg.task == "preference":
+        row["rejected_input_ids"] = enc["rejected_input_ids"].numpy().astype(np.int32)
+        row["rejected_labels"] = enc["rejected_labels"].numpy().astype(np.int32)
+        if template.is_multimodal:
+            row["rejected_position_ids"] = enc["rejected_position_ids"].numpy().astype(np.int32)
     return row
 
 
@@ -85,6 +96,10 @@ def _empty_row(template: Template, reason: str) -> dict[str, Any]:
                    pixel_values_videos=f32, image_grid_thw=np.zeros((0, 3), np.int32),
                    video_grid_thw=np.zeros((0, 3), np.int32), second_per_grid_ts=f32,
                    image_paths=[], image_bytes=[])
+    if template.cfg.task == "preference":
+        row.update(rejected_input_ids=i32, rejected_labels=i32)
+        if template.is_multimodal:
+            row["rejected_position_ids"] = np.zeros((3, 0), np.int32)
     return row
 
 
@@ -106,6 +121,14 @@ def from_storage(row: dict) -> dict[str, Any]:
     if row.get("second_per_grid_ts") is not None and len(row["second_per_grid_ts"]):
         out["second_per_grid_ts"] = torch.as_tensor(np.asarray(row["second_per_grid_ts"],
                                                                dtype=np.float32))
+    if "rejected_input_ids" in row:
+        out["rejected_input_ids"] = torch.as_tensor(np.asarray(row["rejected_input_ids"],
+                                                               dtype=np.int64))
+        out["rejected_labels"] = torch.as_tensor(np.asarray(row["rejected_labels"],
+                                                            dtype=np.int64))
+        if row.get("rejected_position_ids") is not None and len(row["rejected_position_ids"]):
+            out["rejected_position_ids"] = torch.as_tensor(
+                np.stack(list(row["rejected_position_ids"])).astype(np.int64))
     paths = row.get("image_paths")
     if paths is not None and len(paths):
         out["image_refs"] = [p if p else bytes(b) for p, b in zip(paths, row["image_bytes"])]

@@ -108,3 +108,26 @@ def test_preference_rows_encode_both_conversations(ckpts):
     assert torch.equal(out["rejected_labels"], rejected["labels"])
     assert torch.equal(out["rejected_position_ids"], rejected["position_ids"])
     assert torch.equal(out["pixel_values"], chosen["pixel_values"])
+
+
+def test_preference_storage_and_collate(ckpts, tmp_path):
+    import json
+
+    from mvlm.data.collate import Collator
+    from mvlm.data.dataset import EncodedDataset, encode_all
+    from mvlm.data.dataset_spec import load_datasets
+    from mvlm.data.errors import BadSampleCounter
+
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"},
+                          {"role": "assistant", "content": "good" * (i + 1)}],
+             "rejected_response": "bad"} for i in range(3)]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    tpl = get_template(ckpts["qwen2"], cfg=TemplateConfig(task="preference"))
+    ds = EncodedDataset(encode_all(load_datasets([str(tmp_path / "p.jsonl")])[0], tpl,
+                                   BadSampleCounter()), tpl)
+    direct = tpl.encode(rows[1])
+    assert torch.equal(ds[1]["rejected_input_ids"], direct["rejected_input_ids"])
+    b = Collator(tpl.pad_token_id)([ds[0], ds[1]])
+    assert b["input_ids"].shape[0] == 4 and b["num_samples"] == 4
+    n = len(direct["rejected_input_ids"])
+    assert torch.equal(b["input_ids"][3, :n], direct["rejected_input_ids"])
