@@ -90,7 +90,7 @@ def draw_shape(shape: str, colour: str, size: int, rng: random.Random) -> Image.
     img = Image.new("RGB", (size, size), BACKGROUND)
     d = ImageDraw.Draw(img)
     fill = tuple(max(0, min(255, c + rng.randint(-20, 20))) for c in COLOURS[colour])
-    r = rng.uniform(0.28, 0.42) * size  # half-extent of the figure
+    r = rng.uniform(0.34, 0.42) * size  # half-extent of the figure
     cx = rng.uniform(r + 1, size - r - 1)
     cy = rng.uniform(r + 1, size - r - 1)
     if shape == "circle":
