@@ -65,6 +65,14 @@ def test_spec_parsing_and_sampling(env):
     assert len(train[1].data) + len(val[1].data) == 4
     rows = train[0].data["_mvlm_row"]
     assert max(rows) < 24
+    # a directory written by datasets.save_to_disk, and a JSON array file
+    datasets.Dataset.from_dict({"query": ["a", "b"], "response": ["x", "y"]}).save_to_disk(
+        str(d / "hfdir"))
+    (d / "arr.json").write_text(json.dumps([{"query": "a", "response": "x"}] * 3))
+    train, _ = load_datasets([str(d / "hfdir"), str(d / "arr.json")])
+    assert [len(r.data) for r in train] == [2, 3]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_datasets([str(d / "nope.jsonl")])
 
 
 def test_encode_cli_cache_and_training_views(env, capsys):
