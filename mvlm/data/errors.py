@@ -82,6 +82,15 @@ class BadSampleCounter:
         if first:
             logger.warning("skipping bad samples with reason %r (first: %s)", err.reason, err)
 
+    def __getstate__(self) -> dict:  # picklable for spawn-started loader workers
+        state = dict(self.__dict__)
+        state.pop("_lock", None)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
     def merge(self, counts: dict) -> None:
         with self._lock:
             self.counts.update(counts)
