@@ -186,6 +186,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--peak_tflops", type=float, default=None,
                    help="bf16 dense peak of this GPU (default: from the device name)")
     p.add_argument("--sides", default="mcore,hf", help="comma list of mcore, hf")
+    p.add_argument("--cpu_smoke", action="store_true",
+                   help="tiny fp32 model on CPU: checks the driver's logic without a GPU "
+                        "(numbers are meaningless)")
     p.add_argument("--only", choices=["mcore", "hf"], default=None, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -194,6 +197,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if bad or not sides:
         p.error(f"--sides: unknown {bad or sides}; use mcore, hf or mcore,hf")
     args.sides = sides
+    args.device = "cpu" if args.cpu_smoke else "cuda"
+    if args.cpu_smoke:
+        args.seq_len, args.micro_batch_size, args.image_size = 96, 2, 112
+        args.layers, args.hidden = 2, 128
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be >= 1 and --warmup >= 0")
     if args.image_size % (DEFAULT_SHAPE.patch * DEFAULT_SHAPE.merge):
@@ -201,9 +208,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+SMOKE_SHAPE = {"heads": 4, "kv_heads": 2, "intermediate": 256, "vocab": 1000,
+               "vision_depth": 2, "vision_hidden": 64, "vision_heads": 4,
+               "vision_intermediate": 128, "vision_fullatt": [1]}
+
+
 def shape_from_args(args: argparse.Namespace) -> Shape:
     s = Shape(seq_len=args.seq_len, micro_batch_size=args.micro_batch_size,
-              image_size=args.image_size, layers=args.layers, hidden=args.hidden)
+              image_size=args.image_size, layers=args.layers, hidden=args.hidden,
+              **(SMOKE_SHAPE if getattr(args, "cpu_smoke", False) else {}))
     if s.image_tokens + 8 > s.seq_len:
         raise ValueError(f"--seq_len {s.seq_len} cannot hold the {s.image_tokens} image tokens "
                          f"of a {s.image_size}px image; raise --seq_len or lower --image_size")
@@ -216,14 +229,14 @@ def format_table(rows: list[dict[str, Any]], peak: float | None, peak_src: str,
                  device: str) -> str:
     """The short table printed last (it may be all that is read)."""
     lines = [f"gpu_check on {device}; MFU vs {peak if peak else '?'} TFLOP/s ({peak_src})",
-             f"{'side':<34} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak mem':>9} "
+             f"{'side':<38} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak mem':>9} "
              f"{'step s':>7} {'loss@1':>8}"]
     for r in rows:
         if "error" in r:
-            lines.append(f"{r['label']:<34} FAILED: {r['error'][:60]}")
+            lines.append(f"{r['label']:<38} FAILED: {r['error'][:60]}")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
-        lines.append(f"{r['label']:<34} {r['tokens_per_s']:>10.0f} {r['tflops']:>8.1f} "
+        lines.append(f"{r['label']:<38} {r['tokens_per_s']:>10.0f} {r['tflops']:>8.1f} "
                      f"{mfu:>6} {r['peak_mem_gib']:>7.1f}Gi {r['step_s']:>7.3f} "
                      f"{r['losses'][0]:>8.4f}")
     return "\n".join(lines)
@@ -244,7 +257,8 @@ def require_cuda() -> None:
         sys.exit(EXIT_NO_CUDA)
 
 
-def synthetic_batch(s: Shape, hf_config: Any, seed: int, device: str) -> dict[str, Any]:
+def synthetic_batch(s: Shape, hf_config: Any, seed: int, device: str,
+                    dtype: Any = None) -> dict[str, Any]:
     """One micro-batch: per row [text, <vision_start>, image pads, <vision_end>, text].
 
     Token ids are random ordinary tokens; pixel values random; labels are the text tokens (HF
@@ -254,6 +268,7 @@ def synthetic_batch(s: Shape, hf_config: Any, seed: int, device: str) -> dict[st
 
     from mvlm.data.mrope import get_rope_index
 
+    dtype = dtype or torch.bfloat16
     g = torch.Generator().manual_seed(seed)
     b, seq = s.micro_batch_size, s.seq_len
     prefix = 8
@@ -275,7 +290,7 @@ def synthetic_batch(s: Shape, hf_config: Any, seed: int, device: str) -> dict[st
     mm_types = (ids == hf_config.image_token_id).long()  # HF 5.x computes mRoPE only with it
     return {"input_ids": ids.to(device), "labels": labels.to(device),
             "mm_token_type_ids": mm_types.to(device),
-            "pixel_values": pix.to(device, torch.bfloat16), "image_grid_thw": grid.to(device),
+            "pixel_values": pix.to(device, dtype), "image_grid_thw": grid.to(device),
             "position_ids": pos.to(device)}
 
 
@@ -283,12 +298,16 @@ def _timed_steps(step_fn: Any, batches: list[dict], warmup: int, steps: int
                  ) -> tuple[list[float], list[float]]:
     import torch
 
+    def sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
     times, losses = [], []
     for k in range(warmup + steps):
-        torch.cuda.synchronize()
+        sync()
         t = time.perf_counter()
         loss = step_fn(batches[k % len(batches)])
-        torch.cuda.synchronize()
+        sync()
         if k == 0 or k >= warmup:
             losses.append(float(loss))
         if k >= warmup:
@@ -301,25 +320,28 @@ def run_hf_side(args: argparse.Namespace, s: Shape, hf_dir: Path) -> dict[str, A
     import transformers
 
     model = transformers.Qwen2_5_VLForConditionalGeneration.from_pretrained(
-        hf_dir, dtype=torch.bfloat16, attn_implementation="sdpa").cuda().train()
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0, fused=True)
+        hf_dir, dtype=_dtype(args), attn_implementation="sdpa").to(args.device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0,
+                            fused=args.device == "cuda")
     cfg = model.config
-    batches = [synthetic_batch(s, cfg, seed, "cuda") for seed in range(2)]
+    batches = [synthetic_batch(s, cfg, seed, args.device, _dtype(args)) for seed in range(2)]
 
     def step(batch: dict) -> torch.Tensor:
         out = model(input_ids=batch["input_ids"], labels=batch["labels"],
                     mm_token_type_ids=batch["mm_token_type_ids"],
                     pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
         out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)  # as the mcore side does
         opt.step()
         opt.zero_grad(set_to_none=True)
         return out.loss.detach()
 
-    torch.cuda.reset_peak_memory_stats()
+    _reset_peak_memory()
     times, losses = _timed_steps(step, batches, args.warmup, args.steps)
-    return {"label": "transformers + torch AdamW (bf16)", "times": times, "losses": losses,
-            "peak_mem_bytes": torch.cuda.max_memory_allocated(),
-            "optimizer": "torch.optim.AdamW(fused), bf16 params and states"}
+    return {"label": f"transformers + torch AdamW ({_dtype_name(args)})",
+            "times": times, "losses": losses,
+            "peak_mem_bytes": _peak_memory(),
+            "optimizer": "torch.optim.AdamW (fused on CUDA), states in the param dtype"}
 
 
 def run_mcore_side(args: argparse.Namespace, s: Shape, hf_dir: Path) -> dict[str, Any]:
@@ -334,12 +356,12 @@ def run_mcore_side(args: argparse.Namespace, s: Shape, hf_dir: Path) -> dict[str
     from mvlm.runtime.parallel import ParallelLayout, init_distributed, set_seed
 
     layout = ParallelLayout(tp=1)
-    device = init_distributed(layout, "cuda")
+    device = init_distributed(layout, args.device)
     apply_compat_fixes()
     set_seed(1234)
     hf_config = AutoConfig.from_pretrained(hf_dir)
     t = time.perf_counter()
-    bundle = build_model(hf_config, layout, dtype=torch.bfloat16, device=device,
+    bundle = build_model(hf_config, layout, dtype=_dtype(args), device=device,
                          backend="local", perform_initialization=False)
     load_hf_weights(bundle, hf_dir)
     load_s = time.perf_counter() - t
@@ -347,11 +369,12 @@ def run_mcore_side(args: argparse.Namespace, s: Shape, hf_dir: Path) -> dict[str
     ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
                                             use_distributed_optimizer=True)
     ddp = DistributedDataParallel(bundle.config, ddp_cfg, model)
-    opt_cfg = OptimizerConfig(optimizer="adam", lr=args.lr, weight_decay=0.0, bf16=True,
-                              params_dtype=torch.bfloat16, use_distributed_optimizer=True,
+    opt_cfg = OptimizerConfig(optimizer="adam", lr=args.lr, weight_decay=0.0,
+                              bf16=_dtype(args) == torch.bfloat16, params_dtype=_dtype(args),
+                              use_distributed_optimizer=True,
                               clip_grad=1.0)
     opt = get_megatron_optimizer(opt_cfg, [ddp])
-    batches = [synthetic_batch(s, hf_config, seed, "cuda") for seed in range(2)]
+    batches = [synthetic_batch(s, hf_config, seed, device, _dtype(args)) for seed in range(2)]
 
     def step(batch: dict) -> torch.Tensor:
         ddp.zero_grad_buffer()
@@ -367,11 +390,35 @@ def run_mcore_side(args: argparse.Namespace, s: Shape, hf_dir: Path) -> dict[str
         opt.step()
         return loss.detach()
 
-    torch.cuda.reset_peak_memory_stats()
+    _reset_peak_memory()
     times, losses = _timed_steps(step, batches, args.warmup, args.steps)
-    return {"label": "mvlm Megatron-Core (local+SDPA, bf16)", "times": times, "losses": losses,
-            "peak_mem_bytes": torch.cuda.max_memory_allocated(), "hf_load_s": load_s,
-            "optimizer": "Megatron-Core distributed Adam, bf16 params, fp32 main grads/states"}
+    return {"label": f"mvlm Megatron-Core (local+SDPA, {_dtype_name(args)})",
+            "times": times, "losses": losses,
+            "peak_mem_bytes": _peak_memory(), "hf_load_s": load_s,
+            "optimizer": "Megatron-Core distributed Adam, fp32 main grads and states"}
+
+
+def _dtype(args: argparse.Namespace) -> Any:
+    import torch
+
+    return torch.float32 if args.cpu_smoke else torch.bfloat16
+
+
+def _dtype_name(args: argparse.Namespace) -> str:
+    return "fp32" if args.cpu_smoke else "bf16"
+
+
+def _reset_peak_memory() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+
+
+def _peak_memory() -> int:
+    import torch
+
+    return torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
 
 
 def _side_main(args: argparse.Namespace) -> int:
@@ -390,7 +437,8 @@ def _side_main(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    require_cuda()
+    if not args.cpu_smoke:
+        require_cuda()
     if args.only:
         return _side_main(args)
     import torch
@@ -403,10 +451,10 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     hf_dir = work / "hf_bench"
     t = time.time()
-    build_tiny_checkpoint("qwen2_5_vl", hf_dir, variant="bench", dtype=torch.bfloat16,
+    build_tiny_checkpoint("qwen2_5_vl", hf_dir, variant="bench", dtype=_dtype(args),
                           **s.tiny_model_overrides())
     build_s = time.time() - t
-    device = torch.cuda.get_device_name(0)
+    device = torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu (smoke test)"
     peak, peak_src = peak_tflops(device, args.peak_tflops)
     flops = train_flops(s)
     tokens = s.micro_batch_size * s.seq_len

@@ -150,3 +150,24 @@ def test_script_is_bash_clean_and_fails_fast_without_cuda(tmp_path):
     assert not (tmp_path / "site").exists()  # failed before installing anything
     if shutil.which("shellcheck"):
         assert subprocess.run(["shellcheck", str(script)]).returncode == 0
+
+
+def test_cpu_smoke_run_both_sides_agree(tmp_path):
+    """The whole driver on CPU (tiny fp32 model): HF checkpoint build, in-memory conversion into
+    the Megatron model, Megatron-Core DDP + distributed optimizer steps, and the HF + AdamW steps
+    in separate processes. Same weights, batches, clipping and Adam: the losses must agree."""
+    import json
+    import os
+
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_check.py"), "--cpu_smoke",
+                        "--steps", "2", "--warmup", "1", "--work_dir", str(tmp_path / "w"),
+                        "--out", str(tmp_path / "r.json")],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    last = p.stdout.strip().splitlines()[-3:]
+    assert last[0].startswith("side") and "mvlm" in last[1] and "transformers" in last[2]
+    r = json.loads((tmp_path / "r.json").read_text())
+    mcore, hf = (s["losses"] for s in r["sides"])
+    assert len(mcore) == len(hf) == 3
+    assert mcore == pytest.approx(hf, abs=1e-4)
