@@ -66,8 +66,15 @@ if ! "$PY" -c "import megatron.core" >/dev/null 2>&1; then
   fi
   SITE="$OUT/site"
   rm -rf "$SITE"
-  echo "== gpu_check: installing $(ls "$WHEELS"/*.whl | wc -l) wheel(s) from $WHEELS into $SITE"
-  "$PY" -m pip install --quiet --no-index --no-deps --target "$SITE" "$WHEELS"/*.whl
+  WHLS=("$WHEELS"/*.whl)
+  echo "== gpu_check: installing ${#WHLS[@]} wheel(s) from $WHEELS into $SITE"
+  if "$PY" -m pip --version >/dev/null 2>&1; then
+    "$PY" -m pip install --quiet --no-index --no-deps --target "$SITE" "${WHLS[@]}"
+  else
+    # No pip: a wheel is a zip laid out for site-packages, so unpacking it is the install.
+    "$PY" -c 'import sys, zipfile; [zipfile.ZipFile(w).extractall(sys.argv[1]) for w in sys.argv[2:]]' \
+      "$SITE" "${WHLS[@]}"
+  fi
   export PYTHONPATH="$ROOT:$SITE${PYTHONPATH#"$ROOT"}"
   "$PY" -c "import megatron.core as m; print('== gpu_check: megatron-core', m.__version__)"
 fi
