@@ -1,7 +1,8 @@
 """`mvlm <command>`: parse, then hand over to the pipeline that does the work.
 
-Commands: convert (HF <-> Megatron-Core), encode (pre-tokenise a dataset), demo (the README's
-tiny end-to-end job). Launch with torchrun / srun for several ranks, or plainly for one.
+Commands: convert (HF <-> Megatron-Core), encode (pre-tokenise a dataset), pt / sft (training),
+export (training checkpoint -> HF), demo (the README's tiny end-to-end job).
+Launch with torchrun / srun for several ranks, or plainly for one.
 """
 from __future__ import annotations
 
@@ -36,6 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
         add_encode_args(sub.add_parser("encode", help="pre-encode a dataset into a cache"))
     except ImportError:  # pragma: no cover - data pipeline optional during development
         pass
+    for task, what in (("pt", "continued pre-training"), ("sft", "supervised fine-tuning")):
+        # Training flags are parsed by mvlm.train.args (aliases, YAML, validation): take them all.
+        sub.add_parser(task, help=f"{what} on Megatron-Core (torchrun / srun for several ranks)",
+                       add_help=False)
+    from mvlm.train.export import add_export_args
+
+    add_export_args(sub.add_parser("export", help="training checkpoint -> HF safetensors"))
     from mvlm.demo import add_demo_args
 
     add_demo_args(sub.add_parser("demo", help="tiny end-to-end run on this machine"))
@@ -44,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     _setup_logging()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("pt", "sft"):
+        return _train_main(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "convert":
@@ -54,6 +65,10 @@ def main(argv: list[str] | None = None) -> int:
             from mvlm.data.encode import run_encode
 
             return run_encode(args)
+        if args.command == "export":
+            from mvlm.train.export import run_export
+
+            return run_export(args)
         if args.command == "demo":
             from mvlm.demo import run_demo
 
@@ -63,6 +78,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mvlm {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 1
+
+
+def _train_main(task: str, argv: list[str]) -> int:
+    from mvlm.train.args import build_parser as train_parser
+
+    if any(a in ("-h", "--help") for a in argv):
+        train_parser(task).print_help()
+        return 0
+    from mvlm.train.steps import NonFiniteLossError
+    from mvlm.train.trainer import run_training
+
+    try:
+        return run_training(argv, task)
+    except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError) as e:
+        print(f"mvlm {task}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":
