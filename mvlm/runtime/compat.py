@@ -20,4 +20,37 @@ def apply_compat_fixes() -> None:
     # intended behaviour (plain matmul) is what the code does when the name is None.
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
+    _fix_reshardable_optimizer_step()
     _DONE = True
+
+
+def _fix_reshardable_optimizer_step() -> None:
+    """megatron-core 0.16.1 without Apex/TE: loading a ``fully_reshardable`` distributed-optimizer
+    checkpoint raises ``KeyError: 'step'``. The loader skips torch Adam's per-param ``step`` in
+    the saved tensors (it restores ``step`` from the param groups just before), then copies every
+    key of the live state -- ``step`` included -- from the saved tensors. Fix: copy only the keys
+    that were saved; ``step`` keeps the value the loader already set."""
+    import inspect
+
+    from megatron.core.optimizer import distrib_optimizer as do
+
+    cls = do.DistributedOptimizer
+    orig = cls._set_main_param_and_optimizer_states
+    if getattr(orig, "_mvlm_fixed", False):
+        return
+    src = inspect.getsource(orig)
+    if "for key in dst_tensors:" not in src:  # fixed upstream (or rewritten): leave it alone
+        return
+
+    def _set_main_param_and_optimizer_states(self, model_param, tensors):
+        if "step" not in tensors and \
+                not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            state = self.optimizer.state[main_param]
+            if "step" in state:
+                tensors = dict(tensors, step=state["step"])  # a no-op copy onto itself
+        return orig(self, model_param, tensors)
+
+    _set_main_param_and_optimizer_states._mvlm_fixed = True
+    cls._set_main_param_and_optimizer_states = _set_main_param_and_optimizer_states

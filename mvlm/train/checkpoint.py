@@ -86,6 +86,26 @@ def _sharded_state(bundle: ModelBundle, optimizer, is_loading: bool) -> dict:
     return sd
 
 
+def _ensure_optimizer_state(optimizer) -> None:
+    """Give a never-stepped distributed optimizer its Adam state before loading into it.
+
+    Without Apex/TE, Megatron-Core's DistributedOptimizer.state_dict() reads the ``step`` of
+    existing states, so loading into a fresh optimizer needs states to exist first. Megatron's own
+    helper takes one zero-gradient step; it runs at lr 0 here so no parameter moves even for a
+    moment (the loaded state replaces everything afterwards anyway)."""
+    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(o, "optimizer", None)
+        init = getattr(o, "_init_optimizer_states_with_dummy_values", None)
+        if inner is None or init is None or any(len(s) for s in inner.state.values()):
+            continue
+        lrs = [g["lr"] for g in inner.param_groups]
+        for g in inner.param_groups:
+            g["lr"] = 0.0
+        init()
+        for g, lr in zip(inner.param_groups, lrs, strict=True):
+            g["lr"] = lr
+
+
 def save_checkpoint(out_dir: Path, step: int, bundle: ModelBundle, optimizer, scheduler,
                     layout: ParallelLayout, hf_src: Path, state: dict[str, Any],
                     save_total_limit: int | None = None, save_optim: bool = True) -> Path:
@@ -192,6 +212,8 @@ def load_checkpoint(path: Path, bundle: ModelBundle, optimizer, scheduler,
     path = Path(path)
     state = json.loads((path / STATE).read_text())
     with_opt = optimizer is not None and state.get("has_optimizer", True)
+    if with_opt:
+        _ensure_optimizer_state(optimizer)
     sd = _sharded_state(bundle, optimizer if with_opt else None, True)
     loaded = dist_checkpointing.load(sd, str(path / "model"))
     keys = ["model"] if len(bundle.models) == 1 else [f"model{i}" for i in

@@ -157,3 +157,38 @@ class PreemptionHandler:
                 os.remove(self.stop_file)
             except FileNotFoundError:
                 pass
+
+
+# Left behind by a save that was killed (kill -9, node loss) before rank 0 published it:
+# ``.checkpoint-<step>.tmp-XXXX`` staging dirs (mvlm.convert.hf_io.make_staging_dir),
+# ``.checkpoint-<step>.old-<pid>`` dirs of an interrupted re-publish, ``.latest.tmp-<pid>`` files.
+_STALE_PREFIXES = (".checkpoint-",)
+_STALE_MARKERS = (".tmp-", ".old-")
+
+
+def remove_stale_checkpoint_dirs(output_dir: str | os.PathLike) -> list[str]:
+    """Delete partial checkpoint directories a killed save left in ``output_dir``.
+
+    They are never named by ``latest`` (publication is a rename after every rank finished), so
+    resume ignores them anyway; this reclaims their space. Call on rank 0 at start-up, before any
+    save of this run begins (a save in progress in *this* run would look the same). Returns the
+    names removed.
+    """
+    import shutil
+
+    removed: list[str] = []
+    try:
+        entries = list(os.scandir(output_dir))
+    except FileNotFoundError:
+        return removed
+    for e in entries:
+        name = e.name
+        stale_dir = name.startswith(_STALE_PREFIXES) and any(m in name for m in _STALE_MARKERS)
+        stale_file = name.startswith(".latest.tmp-")
+        if stale_dir and e.is_dir(follow_symlinks=False):
+            shutil.rmtree(e.path, ignore_errors=True)
+            removed.append(name)
+        elif stale_file and e.is_file(follow_symlinks=False):
+            os.remove(e.path)
+            removed.append(name)
+    return sorted(removed)

@@ -169,7 +169,15 @@ def train(cfg: TrainConfig) -> TrainResult:
         mcfg.finalize_model_grads_func = finalize_model_grads
         mcfg.grad_scale_func = optimizer.scale_loss
         if rank == 0:
+            import json
+
+            from mvlm.train.optim import param_groups_summary
+
             log.info("trainable parameters on rank 0: %s", counts)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            (out_dir / "optimizer_groups.json").write_text(json.dumps(
+                {"trainable_numel_rank0": counts,
+                 "param_groups": param_groups_summary(optimizer)}, indent=1) + "\n")
 
         # ---- data -----------------------------------------------------------------------------
         dp = parallel_state.get_data_parallel_world_size()
