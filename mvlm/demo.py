@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -176,9 +177,10 @@ def sft_args(hf_dir: Path, data_train: Path, train_dir: Path, nproc: int,
             "--train_type", "full", "--train_iters", str(iters),
             "--micro_batch_size", str(args.micro_batch_size),
             "--global_batch_size", str(args.micro_batch_size),
-            "--lr", str(args.lr), "--min_lr", str(args.lr / 20),
+            "--lr", f"{args.lr:g}", "--min_lr", f"{args.lr / 20:g}",
             "--lr_decay_style", "cosine", "--lr_warmup_fraction", "0.05",
             "--weight_decay", "0.0", "--clip_grad", "1.0", "--max_length", "256",
+            "--freeze_vit", "false", "--freeze_aligner", "false",  # the tower must learn shapes
             "--seed", str(args.seed), "--tp", str(nproc),
             "--save_interval", str(iters), "--output_dir", str(train_dir)]
 
@@ -205,6 +207,8 @@ def loss_summary(losses: list[tuple[int, float]], points: int = 8) -> str:
 
 def find_hf_export(train_dir: Path) -> Path | None:
     """The HF safetensors directory the trainer wrote at the end of training, if any."""
+    if (train_dir / "hf" / "config.json").is_file():  # where `mvlm sft` exports by default
+        return train_dir / "hf"
     cands = [p.parent for p in train_dir.rglob("config.json")
              if any(p.parent.glob("*.safetensors"))]
     return max(cands, key=lambda p: p.stat().st_mtime) if cands else None
@@ -264,11 +268,18 @@ def run_demo(args: argparse.Namespace) -> int:
     t = lap("eval_before", t)
 
     train_dir = out / "train"
+    # A fresh run each time: the trainer would otherwise resume from the previous run's latest
+    # checkpoint (its documented default) and train zero steps.
+    shutil.rmtree(train_dir, ignore_errors=True)
     print(f"[demo] 5. training (log: {out / 'logs' / 'sft.log'})", flush=True)
     _torchrun(nproc, sft_args(hf_dir, data.train, train_dir, nproc, args),
               out / "logs" / "sft.log")
     losses = read_losses(train_dir / "logging.jsonl")
     print(f"[demo]    loss (step:loss): {loss_summary(losses)}")
+    latest = train_dir / "latest"
+    ckpt = train_dir / latest.read_text().strip() if latest.is_file() else None
+    print(f"[demo]    logging.jsonl: {train_dir / 'logging.jsonl'}; torch_dist checkpoint: "
+          f"{ckpt or '(none)'}")
     t = lap("train", t)
 
     export_dir = find_hf_export(train_dir)
@@ -294,7 +305,8 @@ def run_demo(args: argparse.Namespace) -> int:
         "nproc": nproc, "device": device, "seconds": times,
         "total_seconds": round(time.time() - t0, 1),
         "paths": {"hf_init": str(hf_dir), "data": str(data.root), "train": str(train_dir),
-                  "export": str(export_dir), "logs": str(out / "logs")},
+                  "checkpoint": str(ckpt) if ckpt else None, "export": str(export_dir),
+                  "logs": str(out / "logs")},
         "answers_after": records,
     }
     (out / "demo_result.json").write_text(json.dumps(result, indent=1))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,12 +20,18 @@ pytestmark = pytest.mark.slow
 TIMEOUT_S = 1200
 
 
-def test_mvlm_demo_trains_and_gains_accuracy(tmp_path: Path) -> None:
+def test_mvlm_demo_trains_and_gains_accuracy() -> None:
     from mvlm.demo import sft_available
 
     if not sft_available():  # only while the trainer is being merged; never once it is
         pytest.skip("`mvlm sft` is not in this build yet")
-    out = tmp_path / "demo"
+    # Our own temp dir, not tmp_path: pytest prunes old basetemps when other pytest sessions
+    # start, which deleted this minutes-long run's directory under it on a shared machine.
+    with tempfile.TemporaryDirectory(prefix="mvlm_demo_e2e_") as tmp:
+        _check_demo(Path(tmp) / "demo")
+
+
+def _check_demo(out: Path) -> None:
     proc = subprocess.run(
         [sys.executable, "-m", "mvlm", "demo", "--output_dir", str(out)],
         capture_output=True, text=True, timeout=TIMEOUT_S,
