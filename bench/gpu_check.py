@@ -6,9 +6,10 @@ megatron-core until its wheel is installed). What it does, in one run:
 1. builds a ~1B-parameter Qwen2.5-VL-shaped random checkpoint in bf16 (tiny_models "bench"
    variant scaled up by :data:`DEFAULT_SHAPE`), written with ``save_pretrained``;
 2. **mcore** (a subprocess): loads it into mvlm's Megatron-Core model through the conversion code
-   (``load_hf_weights``, in memory, TP=1), then runs ``--steps`` bf16 training steps with
-   Megatron-Core's DDP + distributed optimizer (the trainer's optimizer stack: bf16 params, fp32
-   main grads and Adam states) on synthetic image+text batches;
+   (``load_hf_weights``, in memory, TP=1), then runs ``--steps`` bf16 training steps with the
+   trainer's own pieces (``mvlm.train``: DDP wrapping, distributed Adam with bf16 params and fp32
+   main grads/states, scheduler, ``forward_step`` + per-token loss through Megatron-Core's
+   forward_backward_func) on synthetic image+text batches;
 3. **hf** (a second subprocess, so peak memory is not shared): the same batches through
    ``Qwen2_5_VLForConditionalGeneration`` in bf16 with ``torch.optim.AdamW``;
 4. prints tokens/s, MFU and peak memory for both as a short table LAST, and writes every number
@@ -344,16 +345,38 @@ def run_hf_side(args: argparse.Namespace, s: Shape, hf_dir: Path) -> dict[str, A
             "optimizer": "torch.optim.AdamW (fused on CUDA), states in the param dtype"}
 
 
+def _trainer_cfg(args: argparse.Namespace) -> Any:
+    """The subset of :class:`mvlm.train.args.TrainConfig` the trainer's builders read.
+
+    Built directly rather than through ``parse_train_args``: that parser pulls in the data
+    pipeline (``datasets``/``pyarrow``), which the reference GPU box does not have and which this
+    check does not need (its batches are synthetic). Adam betas/eps and clipping equal the HF side.
+    """
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        lr=args.lr, min_lr=args.lr, lr_decay_style="constant", lr_warmup_fraction=None,
+        lr_warmup_iters=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8,
+        clip_grad=1.0, vit_lr=None, aligner_lr=None, freeze_vit=False, freeze_aligner=False,
+        freeze_llm=False, use_distributed_optimizer=True, overlap_grad_reduce=False)
+
+
 def run_mcore_side(args: argparse.Namespace, s: Shape, hf_dir: Path) -> dict[str, Any]:
+    """mvlm's training step as `mvlm sft` runs it (mvlm.train: DDP wrapping, optimizer, LR
+    scheduler, forward_step and per-token loss through Megatron-Core's forward_backward_func),
+    fed the synthetic batches instead of the data pipeline."""
     import torch
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
     from transformers import AutoConfig
 
     from mvlm.convert.bridge import load_hf_weights
     from mvlm.models.vlm import build_model
     from mvlm.runtime.compat import apply_compat_fixes
     from mvlm.runtime.parallel import ParallelLayout, init_distributed, set_seed
+    from mvlm.train.optim import build_optimizer, wrap_ddp
+    from mvlm.train.schedule import build_scheduler
+    from mvlm.train.steps import forward_step, reduce_stats
 
     layout = ParallelLayout(tp=1)
     device = init_distributed(layout, args.device)
@@ -363,39 +386,46 @@ def run_mcore_side(args: argparse.Namespace, s: Shape, hf_dir: Path) -> dict[str
     t = time.perf_counter()
     bundle = build_model(hf_config, layout, dtype=_dtype(args), device=device,
                          backend="local", perform_initialization=False)
-    load_hf_weights(bundle, hf_dir)
+    load_hf_weights(bundle, hf_dir)  # the conversion, in memory
     load_s = time.perf_counter() - t
-    model = bundle.models[0]
-    ddp_cfg = DistributedDataParallelConfig(grad_reduce_in_fp32=True,
-                                            use_distributed_optimizer=True)
-    ddp = DistributedDataParallel(bundle.config, ddp_cfg, model)
-    opt_cfg = OptimizerConfig(optimizer="adam", lr=args.lr, weight_decay=0.0,
-                              bf16=_dtype(args) == torch.bfloat16, params_dtype=_dtype(args),
-                              use_distributed_optimizer=True,
-                              clip_grad=1.0)
-    opt = get_megatron_optimizer(opt_cfg, [ddp])
-    batches = [synthetic_batch(s, hf_config, seed, device, _dtype(args)) for seed in range(2)]
+    cfg = _trainer_cfg(args)
+    mcfg = bundle.config
+    mcfg.calculate_per_token_loss = True  # as mvlm.train.trainer sets it
+    ddp_models = wrap_ddp(bundle, cfg)
+    opt = build_optimizer(ddp_models, bundle, cfg)
+    mcfg.finalize_model_grads_func = finalize_model_grads
+    mcfg.grad_scale_func = opt.scale_loss
+    sched = build_scheduler(opt, cfg, args.warmup + args.steps)
+    fb = get_forward_backward_func()
+    batches = []
+    for seed in range(2):
+        b = synthetic_batch(s, hf_config, seed, device, _dtype(args))
+        labels = torch.full_like(b["labels"], -100)  # Megatron targets: labels[t] = next token
+        labels[:, :-1] = b["labels"][:, 1:]
+        batches.append({k: b[k] for k in ("input_ids", "position_ids", "pixel_values",
+                                          "image_grid_thw")} | {"labels": labels})
+    for m in ddp_models:
+        m.train()
 
-    def step(batch: dict) -> torch.Tensor:
-        ddp.zero_grad_buffer()
+    def step(batch: dict) -> float:
+        for m in ddp_models:
+            m.zero_grad_buffer()
         opt.zero_grad()
-        # Megatron labels are next-token targets aligned with positions.
-        labels = torch.full_like(batch["labels"], -100)
-        labels[:, :-1] = batch["labels"][:, 1:]
-        per_tok = ddp(batch["input_ids"], batch["position_ids"], labels=labels,
-                      pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
-        loss = per_tok.sum() / (labels >= 0).sum()
-        loss.backward()
-        ddp.finish_grad_sync()
+        losses = fb(forward_step_func=forward_step, data_iterator=iter([batch]),
+                    model=ddp_models, num_microbatches=1,
+                    seq_length=batch["input_ids"].shape[1],
+                    micro_batch_size=batch["input_ids"].shape[0], forward_only=False)
+        stats = reduce_stats(losses, device)
         opt.step()
-        return loss.detach()
+        sched.step(increment=1)
+        return stats.loss
 
     _reset_peak_memory()
     times, losses = _timed_steps(step, batches, args.warmup, args.steps)
     return {"label": f"mvlm Megatron-Core (local+SDPA, {_dtype_name(args)})",
             "times": times, "losses": losses,
             "peak_mem_bytes": _peak_memory(), "hf_load_s": load_s,
-            "optimizer": "Megatron-Core distributed Adam, fp32 main grads and states"}
+            "optimizer": "mvlm.train: Megatron-Core distributed Adam, fp32 main grads and states"}
 
 
 def _dtype(args: argparse.Namespace) -> Any:
