@@ -77,6 +77,8 @@ def param_entries(bundle: ModelBundle) -> list[ParamEntry]:
         vp_stage = vp if len(bundle.models) > 1 else None
         offset = get_transformer_layer_offset(bundle.config, vp_stage=vp_stage)
         for lname, p in model.named_parameters():
+            if lname.startswith("mvlm_adapters."):  # mvlm.tuners: adapters export via peft_io
+                continue
             gname = global_param_name(lname, offset, expert_offset)
             try:
                 m, idx = find_mapping(table, gname)

@@ -1,0 +1,327 @@
+"""PEFT-format adapter export/import and merged HF export.
+
+The PEFT directory is what ``peft`` 0.21 itself writes for the HF model class: adapter_config.json
+(written by ``peft.LoraConfig.save_pretrained`` when peft is installed) and
+adapter_model.safetensors with keys ``base_model.model.<HF module path>.lora_A.weight`` /
+``lora_B.weight`` / ``lora_magnitude_vector`` (DoRA), plus ``base_model.model.<HF param>`` for
+modules_to_save. Fused Megatron adapters are split back per HF module with the family's weight
+table, the same primitives the weight converter uses:
+
+* linear_qkv: A is shared by q/k/v, so each of q_proj/k_proj/v_proj gets a copy of A and its rows
+  of B (de-interleaved per query group exactly like the fused weight); same for the DoRA
+  magnitude (one entry per output row).
+* linear_fc1: gate_proj/up_proj get A and their halves of B ([gate_r; up_r] per TP rank).
+* row-parallel layers: A is gathered along the input dim, B is whole.
+
+Loading reverses it with the table's ``load`` (each rank reads only its slice).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from mvlm.models.vlm import ModelBundle
+from mvlm.tuners.layers import LoRAAdapter
+from mvlm.tuners.model import AdapterConfig, adapters, merge_adapters, unmerge_adapters
+
+log = logging.getLogger("mvlm.tuners")
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+# Qwen-VL checkpoints store model.layers.* / visual.* on disk (the hub layout), but in the
+# transformers 5 module tree the decoder is model.language_model and the ViT is model.visual; peft
+# keys follow the module tree.
+_VL_MODULE_PREFIXES = (("model.layers.", "model.language_model.layers."),
+                       ("model.embed_tokens.", "model.language_model.embed_tokens."),
+                       ("model.norm.", "model.language_model.norm."),
+                       ("visual.", "model.visual."))
+
+
+def hf_module_path(bundle: ModelBundle, disk_name: str) -> str:
+    """HF on-disk tensor/module name -> module path in the transformers model (peft key base)."""
+    if bundle.family.is_vlm:
+        for a, b in _VL_MODULE_PREFIXES:
+            if disk_name.startswith(a):
+                return b + disk_name[len(a):]
+    return disk_name
+
+
+def _mapping_for(bundle: ModelBundle, ad: LoRAAdapter):
+    from mvlm.convert.bridge import shard_ctx
+    from mvlm.convert.mapping import find_mapping
+
+    table = bundle.family.mappings(bundle.hf_config, bundle.arch)
+    m, idx = find_mapping(table, ad.global_name + ".weight")
+    return m, idx, shard_ctx(bundle, m)
+
+
+def _gather(t: torch.Tensor, dim: int, ad: LoRAAdapter) -> torch.Tensor:
+    spec = ad.spec
+    if spec.tp_size == 1:
+        return t.detach()
+    parts = [torch.empty_like(t) for _ in range(spec.tp_size)]
+    dist.all_gather(parts, t.detach().contiguous(), group=spec.tp_group)
+    return torch.cat(parts, dim=dim)
+
+
+def _writer(ad: LoRAAdapter) -> bool:
+    """One rank writes each adapter: TP rank 0 of one data-parallel (and CP) replica."""
+    from megatron.core import parallel_state as ps
+
+    if ad.spec.expert:
+        dp0 = ps.get_expert_data_parallel_rank() == 0
+    else:
+        dp0 = ps.get_data_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
+    return dp0 and ad.spec.tp_rank == 0
+
+
+@torch.no_grad()
+def peft_tensors(bundle: ModelBundle, dtype: torch.dtype | None = None
+                 ) -> tuple[dict[str, torch.Tensor], dict]:
+    """Collective: every adapter (and trainable base tensor = modules_to_save) in peft keys,
+    gathered on global rank 0 (empty elsewhere); also the names needed for the config."""
+    from mvlm.convert.bridge import param_entries, shard_ctx
+
+    local: dict[str, torch.Tensor] = {}
+    modules: set[str] = set()
+    for ad in adapters(bundle):
+        m, idx, ctx = _mapping_for(bundle, ad)
+        col = ad.spec.kind == "column"
+        a = _gather(ad.lora_A, 1, ad) if ad.spec.kind == "row" else ad.lora_A.detach()
+        b = _gather(ad.lora_B, 0, ad) if col else ad.lora_B.detach()
+        mag = None
+        if ad.lora_magnitude is not None:
+            mag = _gather(ad.lora_magnitude, 0, ad) if col else ad.lora_magnitude.detach()
+        if not _writer(ad):
+            continue
+        b_parts = m.to_hf(b, idx, ctx)
+        mag_parts = m.to_hf(mag, idx, ctx) if mag is not None else [(n, None) for n, _ in b_parts]
+        for (name, bp), (_, mp) in zip(b_parts, mag_parts, strict=True):
+            path = hf_module_path(bundle, name[: -len(".weight")])
+            modules.add(path)
+            local[f"{PEFT_PREFIX}{path}.lora_A.weight"] = a.clone()
+            local[f"{PEFT_PREFIX}{path}.lora_B.weight"] = bp.clone()
+            if mp is not None:
+                local[f"{PEFT_PREFIX}{path}.lora_magnitude_vector"] = mp.clone()
+    saved: set[str] = set()
+    for e in param_entries(bundle):
+        if not e.param.requires_grad:
+            continue
+        ctx = shard_ctx(bundle, e.mapping)
+        t = e.param.detach()
+        if e.mapping.split_dim is not None and ctx.tp_size > 1:
+            from mvlm.convert.bridge import _group
+
+            parts = [torch.empty_like(t) for _ in range(ctx.tp_size)]
+            dist.all_gather(parts, t.contiguous(), group=_group(e.mapping))
+            t = torch.cat(parts, dim=e.mapping.split_dim)
+        from mvlm.convert.bridge import _participates, _skip_on_export
+
+        if not _participates(e.mapping) or ctx.tp_rank != 0 or _skip_on_export(bundle, e):
+            continue
+        for name, tensor in e.mapping.to_hf(t, e.idx, ctx):
+            path = hf_module_path(bundle, name)
+            local[PEFT_PREFIX + path] = tensor.clone()
+            saved.add(path.rsplit(".", 2)[-2])
+    if dtype is not None:
+        local = {k: v.to(dtype) for k, v in local.items()}
+    gathered: list = [None] * dist.get_world_size()
+    dist.gather_object((local, sorted(modules), sorted(saved)), gathered if dist.get_rank() == 0
+                       else None, dst=0)
+    if dist.get_rank() != 0:
+        return {}, {}
+    out: dict[str, torch.Tensor] = {}
+    mods: set[str] = set()
+    to_save: set[str] = set()
+    for t, ms, ss in gathered:
+        out.update(t)
+        mods.update(ms)
+        to_save.update(ss)
+    return out, {"modules": sorted(mods), "modules_to_save": sorted(to_save)}
+
+
+def _target_modules(modules: list[str]) -> list[str] | str:
+    """peft matches target names as module-path suffixes. Decoder-only targets -> the usual
+    short names (q_proj, ...); once the vision tower is involved its short names (qkv, proj, fc1)
+    could also hit unadapted modules, so an exact full-match regex is written instead."""
+    if all(".visual." not in m and not m.startswith("visual.") for m in modules):
+        return sorted({m.rsplit(".", 1)[-1] for m in modules})
+    import re
+
+    return "^(" + "|".join(re.escape(m) for m in modules) + ")$"
+
+
+def export_peft_adapter(bundle: ModelBundle, cfg: AdapterConfig, out_dir: str | Path,
+                        base_model_dir: str | Path | None = None,
+                        dtype: torch.dtype | None = None) -> Path | None:
+    """Collective: write a peft adapter directory (rank 0 writes). Returns the path on rank 0."""
+    from safetensors.torch import save_file
+
+    tensors, names = peft_tensors(bundle, dtype)
+    out = Path(out_dir)
+    if dist.get_rank() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / ADAPTER_WEIGHTS),
+                  metadata={"format": "pt"})
+        conf = {
+            "peft_type": "LORA", "task_type": None, "r": cfg.rank, "lora_alpha": cfg.alpha,
+            "lora_dropout": cfg.dropout, "use_rslora": cfg.use_rslora,
+            "use_dora": cfg.kind == "dora", "bias": "none", "fan_in_fan_out": False,
+            "init_lora_weights": True, "target_modules": _target_modules(names["modules"]),
+            "modules_to_save": names["modules_to_save"] or None,
+            "base_model_name_or_path": str(base_model_dir) if base_model_dir else None,
+            "inference_mode": True,
+        }
+        try:  # let peft itself write its config (all its current fields and peft_version)
+            from peft import LoraConfig
+
+            LoraConfig(**{k: v for k, v in conf.items() if k != "peft_type"}
+                       ).save_pretrained(str(out))
+        except ImportError:
+            (out / ADAPTER_CONFIG).write_text(json.dumps(conf, indent=2) + "\n")
+        log.info("PEFT adapter (%d tensors) written to %s", len(tensors), out)
+    dist.barrier()
+    return out if dist.get_rank() == 0 else None
+
+
+def adapter_config_from_peft(adapter_dir: str | Path, **overrides) -> AdapterConfig:
+    """An AdapterConfig that recreates the adapters described by a peft adapter directory."""
+    d = Path(adapter_dir)
+    conf = json.loads((d / ADAPTER_CONFIG).read_text())
+    if conf.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{d}: peft_type {conf.get('peft_type')!r}; only LORA adapters load")
+    from safetensors import safe_open
+
+    with safe_open(str(d / ADAPTER_WEIGHTS), "pt") as f:
+        keys = list(f.keys())
+    mods = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in keys if ".lora_" in k})
+    last = {m.rsplit(".", 1)[-1] for m in mods}
+    vision = any(".visual." in m for m in mods)
+    targets = sorted(x for x in last if x in ("q_proj", "k_proj", "v_proj", "o_proj",
+                                               "gate_proj", "up_proj", "down_proj"))
+    vis_names = sorted({m.split(".visual.", 1)[1].split(".", 2)[-1] for m in mods
+                        if ".visual." in m})
+    save = [k[len(PEFT_PREFIX):].rsplit(".", 2)[-2] for k in keys if ".lora_" not in k]
+    kw = dict(kind="dora" if conf.get("use_dora") else "lora", rank=int(conf["r"]),
+              alpha=float(conf["lora_alpha"]), dropout=float(conf.get("lora_dropout") or 0.0),
+              use_rslora=bool(conf.get("use_rslora")), target_modules=targets + vis_names,
+              modules_to_save=sorted(set(save)), include_vision=vision)
+    kw.update(overrides)
+    return AdapterConfig(**kw)
+
+
+class _PeftReader:
+    """Serves peft tensors under the HF weight names the mapping table asks for."""
+
+    def __init__(self, bundle: ModelBundle, tensors: dict[str, torch.Tensor], suffix: str):
+        self.bundle, self.t, self.suffix = bundle, tensors, suffix
+
+    def key(self, name: str) -> str:
+        mod = hf_module_path(self.bundle, name[: -len(".weight")])
+        return f"{PEFT_PREFIX}{mod}.{self.suffix}"
+
+    def __contains__(self, name: str) -> bool:
+        return self.key(name) in self.t
+
+    def read(self, name, dim=None, start=None, stop=None):
+        t = self.t[self.key(name)]
+        return t if dim is None else t.narrow(dim, start, stop - start)
+
+    def shape(self, name):
+        return list(self.t[self.key(name)].shape)
+
+
+@torch.no_grad()
+def load_peft_adapter(bundle: ModelBundle, adapter_dir: str | Path) -> int:
+    """Copy a peft adapter directory into this model's (already applied) adapters; each rank
+    reads only its slices. Returns the number of adapters filled; raises on any gap."""
+    from safetensors.torch import load_file
+
+    from mvlm.convert.bridge import param_entries, shard_ctx
+
+    d = Path(adapter_dir)
+    tensors = load_file(str(d / ADAPTER_WEIGHTS))
+    used: set[str] = set()
+    n = 0
+    for ad in adapters(bundle):
+        m, idx, ctx = _mapping_for(bundle, ad)
+        names = m.hf_names(idx)
+        ra = _PeftReader(bundle, tensors, "lora_A.weight")
+        rb = _PeftReader(bundle, tensors, "lora_B.weight")
+        missing = [nm for nm in names if nm not in ra or nm not in rb]
+        if missing:
+            raise KeyError(f"{d}: no adapter for {missing} (Megatron {ad.global_name}): the "
+                           "adapter directory does not cover the targeted modules; match "
+                           "--target_modules to it")
+        a_all = [ra.read(nm) for nm in names]
+        if ad.spec.kind == "row":
+            a = m.load(ra, idx, ctx)
+        else:
+            if any(not torch.equal(a_all[0], x) for x in a_all[1:]):
+                raise ValueError(f"{d}: {names} have different lora_A; mvlm's fused "
+                                 f"{ad.global_name} shares one A (train q/k/v or gate/up "
+                                 "adapters with mvlm, or merge this adapter instead)")
+            a = a_all[0]
+        b = m.load(rb, idx, ctx) if ad.spec.kind == "column" else rb.read(names[0])
+        for p, t in ((ad.lora_A, a), (ad.lora_B, b)):
+            if tuple(p.shape) != tuple(t.shape):
+                raise ValueError(f"{ad.global_name}: adapter shape {tuple(t.shape)} != "
+                                 f"{tuple(p.shape)} (rank mismatch? the dir has r="
+                                 f"{a_all[0].shape[0]})")
+            p.copy_(t.to(p.dtype))
+        if ad.lora_magnitude is not None:
+            rm = _PeftReader(bundle, tensors, "lora_magnitude_vector")
+            mag = m.load(rm, idx, ctx) if ad.spec.kind == "column" else rm.read(names[0])
+            ad.lora_magnitude.copy_(mag.to(ad.lora_magnitude.dtype))
+            used.update(rm.key(nm) for nm in names)
+        used.update(ra.key(nm) for nm in names)
+        used.update(rb.key(nm) for nm in names)
+        n += 1
+    for e in param_entries(bundle):  # modules_to_save
+        if not e.param.requires_grad:
+            continue
+        ctx = shard_ctx(bundle, e.mapping)
+
+        class _Full:
+            def __contains__(self, name):
+                return PEFT_PREFIX + hf_module_path(bundle, name) in tensors
+
+            def read(self, name, dim=None, start=None, stop=None):
+                t = tensors[PEFT_PREFIX + hf_module_path(bundle, name)]
+                return t if dim is None else t.narrow(dim, start, stop - start)
+
+            def shape(self, name):
+                return list(tensors[PEFT_PREFIX + hf_module_path(bundle, name)].shape)
+
+        reader = _Full()
+        if all(nm in reader for nm in e.mapping.hf_names(e.idx)):
+            e.param.copy_(e.mapping.load(reader, e.idx, ctx).to(e.param.dtype))
+            used.update(PEFT_PREFIX + hf_module_path(bundle, nm)
+                        for nm in e.mapping.hf_names(e.idx))
+    all_used: list = [None] * dist.get_world_size()
+    dist.all_gather_object(all_used, used)
+    unused = set(tensors) - set().union(*all_used)
+    if unused:
+        raise KeyError(f"{d}: {len(unused)} adapter tensors match no adapted module (e.g. "
+                       f"{sorted(unused)[:3]}): apply adapters with the directory's targets "
+                       "(adapter_config_from_peft)")
+    return n
+
+
+def export_merged_hf(bundle: ModelBundle, aux_src: str | Path, out: str | Path,
+                     dtype: torch.dtype | None, overwrite: bool = False) -> None:
+    """Collective: merge adapters into the base weights (fp32 math, cast back), stream the HF
+    export, then restore the exact base weights so training can go on."""
+    from mvlm.convert.command import export_to_hf
+
+    merge_adapters(bundle)
+    try:
+        export_to_hf(bundle, Path(aux_src), Path(out), dtype, overwrite=overwrite)
+    finally:
+        unmerge_adapters(bundle)
