@@ -1,0 +1,120 @@
+"""The trainer's side of adapters: flags, the apply step, checkpoint filtering, final export.
+
+Kept here so the trainer needs only three calls (``add_adapter_args`` in its parser,
+``setup_adapters`` after the base weights are loaded and freezing is applied and before DDP,
+``export_adapters`` at the end) and one filter in its checkpoint code (``trainable_only``).
+ms-swift flag names and defaults: ``--train_type lora|dora|lora_llm|full``, ``--lora_rank 8``,
+``--lora_alpha 32``, ``--lora_dropout 0.05``, ``--target_modules all-linear``, ``--merge_lora``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mvlm.models.vlm import ModelBundle
+from mvlm.tuners.model import ADAPTER_ATTR, AdapterConfig, AdapterReport, apply_adapters
+
+log = logging.getLogger("mvlm.tuners")
+
+TRAIN_TYPES = ("full", "lora", "dora", "lora_llm")
+
+
+def add_adapter_args(p: argparse.ArgumentParser) -> None:
+    from mvlm.train.args import _bool
+
+    g = p.add_argument_group("adapters (--train_type lora|dora|lora_llm)")
+    g.add_argument("--lora_rank", type=int, default=8)
+    g.add_argument("--lora_alpha", type=float, default=32.0)
+    g.add_argument("--lora_dropout", type=float, default=0.05)
+    _bool(g, "--use_rslora", default=False, help="scale alpha/sqrt(r) instead of alpha/r")
+    g.add_argument("--target_modules", "--lora_target_modules", dest="target_modules",
+                   nargs="+", default=["all-linear"],
+                   help="all-linear, Megatron names (linear_qkv linear_proj linear_fc1 "
+                        "linear_fc2 router) or HF names (q_proj ... down_proj)")
+    g.add_argument("--target_regex", default=None,
+                   help="full-match regex on global Megatron module names")
+    g.add_argument("--modules_to_save", nargs="*", default=[],
+                   help="trained in full and saved with the adapter: embed_tokens, lm_head, ...")
+    g.add_argument("--adapters", nargs="?", default=None, const=None,
+                   help="PEFT adapter dir to load (continue training / evaluate)")
+    _bool(g, "--merge_lora", default=False,
+          help="at the end write merged full HF weights (else a PEFT adapter dir)")
+
+
+def adapter_config_from_args(ns: argparse.Namespace) -> AdapterConfig | None:
+    """None for full training; raises with the flag name on bad combinations."""
+    tt = getattr(ns, "train_type", "full")
+    if tt not in TRAIN_TYPES:
+        raise ValueError(f"--train_type: {tt!r}; use one of {', '.join(TRAIN_TYPES)}")
+    if tt == "full":
+        if getattr(ns, "adapters", None):
+            raise ValueError("--adapters: loading a PEFT adapter needs --train_type lora|dora")
+        return None
+    if getattr(ns, "adapters", None):
+        from mvlm.tuners.peft_io import adapter_config_from_peft
+
+        return adapter_config_from_peft(ns.adapters, seed=getattr(ns, "seed", 42))
+    # ms-swift: with LoRA the ViT is frozen unless --freeze_vit false; all-linear then covers it
+    include_vision = tt != "lora_llm" and getattr(ns, "freeze_vit", None) is False
+    return AdapterConfig(
+        kind="dora" if tt == "dora" else "lora", rank=ns.lora_rank, alpha=ns.lora_alpha,
+        dropout=ns.lora_dropout, use_rslora=bool(ns.use_rslora),
+        target_modules=list(ns.target_modules), target_regex=ns.target_regex,
+        modules_to_save=list(ns.modules_to_save or []), include_vision=include_vision,
+        seed=getattr(ns, "seed", 42))
+
+
+def setup_adapters(bundle: ModelBundle, ns: argparse.Namespace) -> AdapterReport | None:
+    """Apply (and optionally load) adapters. ``lora``/``dora``: every base tensor frozen except
+    modules_to_save. ``lora_llm``: the LLM base is frozen and adapted, the vision tower and
+    aligner keep the trainer's freeze flags (so they can be trained in full)."""
+    acfg = adapter_config_from_args(ns)
+    if acfg is None:
+        return None
+    if getattr(ns, "train_type", "lora") == "lora_llm":
+        for m in bundle.models:
+            for p in m.language_model.parameters():
+                p.requires_grad_(False)
+        rep = apply_adapters(bundle, acfg, freeze_base=False)
+    else:
+        rep = apply_adapters(bundle, acfg, freeze_base=True)
+    if getattr(ns, "adapters", None):
+        from mvlm.tuners.peft_io import load_peft_adapter
+
+        n = load_peft_adapter(bundle, ns.adapters)
+        log.info("loaded %d adapters from %s", n, ns.adapters)
+    ns.mvlm_adapter_config = acfg
+    return rep
+
+
+def is_trainable_key(key: str, value: Any) -> bool:
+    """For adapters-only checkpoints: adapter entries and trainable (modules_to_save) tensors."""
+    if ADAPTER_ATTR in key.split("."):
+        return True
+    data = getattr(value, "data", None)
+    return isinstance(data, torch.Tensor) and data.requires_grad
+
+
+def trainable_only(sd: dict) -> dict:
+    """Filter a model sharded state dict ({"model": {...}} or per chunk) to trainable entries."""
+    return {k: {kk: vv for kk, vv in v.items() if is_trainable_key(kk, vv)}
+            if isinstance(v, dict) else v for k, v in sd.items()}
+
+
+def export_adapters(bundle: ModelBundle, ns: argparse.Namespace, src_dir: Path, out_dir: Path,
+                    dtype: torch.dtype | None) -> Path:
+    """Final export: merged HF weights (--merge_lora true) or a PEFT adapter dir."""
+    from mvlm.tuners.peft_io import export_merged_hf, export_peft_adapter
+
+    acfg: AdapterConfig = ns.mvlm_adapter_config
+    if getattr(ns, "merge_lora", False):
+        out = out_dir / "hf"
+        export_merged_hf(bundle, src_dir, out, dtype, overwrite=True)
+    else:
+        out = out_dir / "adapter"
+        export_peft_adapter(bundle, acfg, out, base_model_dir=src_dir, dtype=dtype)
+    return out
