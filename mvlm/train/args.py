@@ -8,7 +8,7 @@ every flag they use is either
 * mapped onto the Megatron concept that carries its intent, with ONE info line saying what it
   became (``--deepspeed zero2`` -> distributed optimizer, ``--per_device_train_batch_size`` ->
   ``--micro_batch_size``, ``--gradient_accumulation_steps`` -> part of ``--global_batch_size``), or
-* refused with a message naming the mvlm equivalent (``--fsdp``, ``--train_type lora`` for now).
+* refused with a message naming the mvlm equivalent (``--fsdp``).
 
 ``--config run.yaml`` gives the same flags as a YAML mapping; flags on the command line win.
 Everything is validated up front (before any process group exists) with errors that name the flag
@@ -108,9 +108,6 @@ REFUSED: dict[str, str] = {
     "--fsdp_config": "use --use_distributed_optimizer true",
     "--deepspeed_config": "use --use_distributed_optimizer true",
     "--torch_compile": "not supported yet; remove the flag",
-    "--lora_rank": "LoRA is not available yet: use --train_type full",
-    "--lora_alpha": "LoRA is not available yet: use --train_type full",
-    "--target_modules": "LoRA is not available yet: use --train_type full",
     "--use_liger_kernel": "not used by the Megatron path; remove the flag",
     "--optim": "the optimizer is Megatron-Core Adam(W); set --weight_decay/--adam_beta1/2",
 }
@@ -139,7 +136,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="mvlm torch_dist checkpoint (mvlm convert --to mcore, or a training run)")
     _bool(g, "--load_safetensors", default=None,
           help="Megatron-SWIFT: --model is an HF safetensors dir (always true in mvlm)")
-    g.add_argument("--train_type", default="full", help="full (LoRA arrives later)")
+    g.add_argument("--train_type", default="full", choices=["full", "lora", "dora", "lora_llm"],
+                   help="full | lora | dora | lora_llm (adapters on the LLM, ViT/aligner per "
+                        "the freeze flags); adapter flags: mvlm.tuners.train_hooks")
     g.add_argument("--torch_dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="parameter dtype (default: the checkpoint's)")
     g.add_argument("--attn_impl", default=None,
@@ -172,6 +171,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     _bool(g, "--freeze_vit", default=None)
     _bool(g, "--freeze_aligner", default=None)
     _bool(g, "--freeze_llm", default=False)
+    from mvlm.tuners.train_hooks import add_adapter_args  # mvlm.tuners: LoRA/DoRA flags
+
+    add_adapter_args(p)
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tp", type=int, default=1)
@@ -399,8 +401,9 @@ def _validate(ns: argparse.Namespace, task: str, notes: list[str]) -> TrainConfi
     def bad(flag: str, msg: str) -> ValueError:
         return ValueError(f"{flag}: {msg}")
 
-    if ns.train_type != "full":
-        raise bad("--train_type", f"{ns.train_type!r} is not available yet: use --train_type full")
+    from mvlm.tuners.train_hooks import adapter_config_from_args  # mvlm.tuners (validation)
+
+    adapter_config_from_args(ns)
     if not ns.model and not ns.mcore_model:
         raise bad("--model", "pass an HF checkpoint dir (--model) or an mvlm torch_dist "
                              "checkpoint (--mcore_model / --load)")

@@ -78,8 +78,18 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         mrandom.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _adapters_only(bundle: ModelBundle) -> bool:
+    from mvlm.tuners import adapters  # mvlm.tuners: adapter runs checkpoint trainables only
+
+    return bool(adapters(bundle))
+
+
 def _sharded_state(bundle: ModelBundle, optimizer, is_loading: bool) -> dict:
     sd = model_sharded_state_dict(bundle)
+    if _adapters_only(bundle):
+        from mvlm.tuners.train_hooks import trainable_only
+
+        sd = trainable_only(sd)
     if optimizer is not None:
         sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=is_loading,
                                                        metadata=dict(_OPT_META))
@@ -219,7 +229,7 @@ def load_checkpoint(path: Path, bundle: ModelBundle, optimizer, scheduler,
     keys = ["model"] if len(bundle.models) == 1 else [f"model{i}" for i in
                                                        range(len(bundle.models))]
     for k, m in zip(keys, bundle.models, strict=True):
-        m.load_state_dict(loaded[k], strict=True)
+        m.load_state_dict(loaded[k], strict=not _adapters_only(bundle))
     if with_opt:
         optimizer.load_state_dict(loaded["optimizer"])
     elif optimizer is not None:

@@ -154,7 +154,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                              perform_initialization=False,
                              vocab_padded=meta["vocab_padded"] if meta else None)
         resume_from = ckpt.find_resume(cfg.resume, out_dir)
-        if resume_from is None:
+        adapter_run = cfg.ns.train_type != "full"  # mvlm.tuners: checkpoints hold adapters only
+        if resume_from is None or adapter_run:
             if cfg.model:
                 from mvlm.convert.bridge import load_hf_weights
 
@@ -164,6 +165,14 @@ def train(cfg: TrainConfig) -> TrainResult:
         mcfg = bundle.config
         mcfg.calculate_per_token_loss = True  # token-mean over the global batch (see steps.py)
         counts = apply_freeze(bundle, cfg)
+        if adapter_run:  # mvlm.tuners: after weights + freeze flags, before DDP/optimizer
+            from mvlm.tuners.train_hooks import setup_adapters
+
+            report = setup_adapters(bundle, cfg.ns)
+            counts = {"adapters": report.trainable, "total": report.total}
+            if rank == 0:
+                log.info("%s", report)
+                print(f"mvlm {cfg.task}: {report}", flush=True)
         ddp_models = wrap_ddp(bundle, cfg)
         optimizer = build_optimizer(ddp_models, bundle, cfg)
         mcfg.finalize_model_grads_func = finalize_model_grads
@@ -358,7 +367,14 @@ def train(cfg: TrainConfig) -> TrainResult:
             from mvlm.convert.command import export_to_hf
 
             hf_out = out_dir / "hf"
-            export_to_hf(bundle, src_dir, hf_out, _hf_dtype(hf_config) or dtype, overwrite=True)
+            if adapter_run:  # mvlm.tuners: merged HF (--merge_lora true) or a PEFT adapter dir
+                from mvlm.tuners.train_hooks import export_adapters
+
+                hf_out = export_adapters(bundle, cfg.ns, src_dir, out_dir,
+                                         _hf_dtype(hf_config) or dtype)
+            else:
+                export_to_hf(bundle, src_dir, hf_out, _hf_dtype(hf_config) or dtype,
+                             overwrite=True)
             result.hf_dir = hf_out
             if rank == 0:
                 log.info("HF safetensors: %s", hf_out)
