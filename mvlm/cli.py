@@ -86,6 +86,16 @@ def _train_main(task: str, argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         train_parser(task).print_help()
         return 0
+    nproc = int(os.environ.get("NPROC_PER_NODE", "1") or 1)
+    if nproc > 1 and "RANK" not in os.environ and "SLURM_PROCID" not in os.environ:
+        # ms-swift scripts say `NPROC_PER_NODE=N swift sft ...`: launch N local ranks likewise.
+        import subprocess
+
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc-per-node={nproc}", "-m", "mvlm", task, *argv]
+        print(f"mvlm {task}: NPROC_PER_NODE={nproc} -> torchrun --nproc-per-node {nproc}",
+              file=sys.stderr)
+        return subprocess.call(cmd)
     from mvlm.train.steps import NonFiniteLossError
     from mvlm.train.trainer import run_training
 

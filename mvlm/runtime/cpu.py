@@ -52,11 +52,40 @@ def _is_cuda_device(dev: Any) -> bool:
     return isinstance(dev, int) and not isinstance(dev, bool)
 
 
+_BACKWARDS = (torch.autograd.backward, torch.Tensor.backward)
+
+
+def _run_backward(tensors, gradient=None, retain_graph=None, create_graph=False, inputs=None,
+                  grad_tensors=None, **_: Any) -> None:
+    """torch.autograd.backward minus its __torch_function__ dispatch (same engine call)."""
+    from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
+    from torch.autograd.graph import _engine_run_backward
+
+    tensors = (tensors,) if torch.is_tensor(tensors) else tuple(tensors)
+    grads = grad_tensors if grad_tensors is not None else gradient
+    grads = _make_grads(tensors, _tensor_or_tensors_to_tuple(grads, len(tensors)),
+                        is_grads_batched=False)
+    if inputs is None:
+        inputs = ()
+    elif torch.is_tensor(inputs):
+        inputs = (inputs,)
+    _engine_run_backward(tensors, grads, create_graph if retain_graph is None else retain_graph,
+                         create_graph, tuple(inputs), allow_unreachable=True,
+                         accumulate_grad=True)
+
+
 class _CudaToCpuMode(TorchFunctionMode):
     """Rewrites CUDA placements to CPU for every torch call made while it is active."""
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = dict(kwargs or {})
+        if func in _BACKWARDS:
+            # torch >= 2.14 routes torch.autograd.backward through __torch_function__, and a mode
+            # is switched off while its handler runs: the whole backward pass (e.g. the MoE
+            # all-gather dispatcher's gather in backward, which allocates on
+            # torch.cuda.current_device()) would run unadapted. Run the engine with the mode on.
+            with self:
+                return _run_backward(*args, **kwargs)
         if func in (torch.Tensor.cuda, torch.Tensor.pin_memory):
             return args[0]
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:

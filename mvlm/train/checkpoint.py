@@ -116,6 +116,19 @@ def _ensure_optimizer_state(optimizer) -> None:
             g["lr"] = lr
 
 
+def _unshare_adam_steps(optimizer) -> None:
+    """megatron-core 0.16.1 without Apex/TE restores torch Adam's per-parameter ``step`` as ONE
+    tensor shared by every parameter's state; torch Adam increments it in place per parameter,
+    so after one step the bias correction would use step+N_params. Give each state its own."""
+    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(o, "optimizer", None)
+        if inner is None:
+            continue
+        for st in inner.state.values():
+            if torch.is_tensor(st.get("step")):
+                st["step"] = st["step"].clone()
+
+
 def save_checkpoint(out_dir: Path, step: int, bundle: ModelBundle, optimizer, scheduler,
                     layout: ParallelLayout, hf_src: Path, state: dict[str, Any],
                     save_total_limit: int | None = None, save_optim: bool = True) -> Path:
@@ -232,6 +245,7 @@ def load_checkpoint(path: Path, bundle: ModelBundle, optimizer, scheduler,
         m.load_state_dict(loaded[k], strict=not _adapters_only(bundle))
     if with_opt:
         optimizer.load_state_dict(loaded["optimizer"])
+        _unshare_adam_steps(optimizer)
     elif optimizer is not None:
         log.warning("%s has no optimizer state (saved with --save_only_model): the optimizer "
                     "starts fresh", path)

@@ -154,6 +154,14 @@ def train(cfg: TrainConfig) -> TrainResult:
                              perform_initialization=False,
                              vocab_padded=meta["vocab_padded"] if meta else None)
         resume_from = ckpt.find_resume(cfg.resume, out_dir)
+        # [issue 6 / launch: mvlm/train/signals.py] a save killed mid-write leaves
+        # .checkpoint-<step>.tmp-* behind (never named by `latest`, so resume ignores it anyway):
+        # reclaim the space before this run saves anything.
+        if rank == 0:
+            from mvlm.train.signals import remove_stale_checkpoint_dirs
+
+            for name in remove_stale_checkpoint_dirs(out_dir):
+                log.info("removed %s (partial checkpoint of a killed save)", out_dir / name)
         adapter_run = cfg.ns.train_type != "full"  # mvlm.tuners: checkpoints hold adapters only
         if resume_from is None or adapter_run:
             if cfg.model:
@@ -238,12 +246,21 @@ def train(cfg: TrainConfig) -> TrainResult:
         result = TrainResult(step=step, consumed_samples=consumed)
         pad_id = data.pad_token_id
 
+        def same_length(bs: list[dict]) -> list[dict]:
+            """PP stages exchange one activation shape per step, and the CPU MoE all-gather
+            dispatcher needs equal token counts on every EP rank: pad the step's micro-batches
+            to one length (the max over the world when EP > 1)."""
+            if layout.pp == 1 and layout.ep == 1:
+                return bs
+            seq = max(b["input_ids"].shape[1] for b in bs)
+            if layout.ep > 1:
+                t = torch.tensor([seq], dtype=torch.int64)
+                dist.all_reduce(t, op=dist.ReduceOp.MAX)
+                seq = int(t)
+            return [_pad_to(b, seq, pad_id) for b in bs]
+
         def next_batches(it) -> list[dict]:
-            bs = [to_device(next(it), device) for _ in range(nmb)]
-            if layout.pp > 1:  # fixed activation shape across the step's micro-batches
-                seq = max(b["input_ids"].shape[1] for b in bs)
-                bs = [_pad_to(b, seq, pad_id) for b in bs]
-            return bs
+            return same_length([to_device(next(it), device) for _ in range(nmb)])
 
         def run_step(batches: list[dict], forward_only: bool):
             seq = batches[0]["input_ids"].shape[1]
@@ -277,10 +294,7 @@ def train(cfg: TrainConfig) -> TrainResult:
             with torch.no_grad():
                 while done < rounds:
                     k = min(nmb, rounds - done)
-                    bs = [to_device(next(vit), device) for _ in range(k)]
-                    if layout.pp > 1:
-                        s = max(b["input_ids"].shape[1] for b in bs)
-                        bs = [_pad_to(b, s, pad_id) for b in bs]
+                    bs = same_length([to_device(next(vit), device) for _ in range(k)])
                     st = reduce_stats(run_step(bs, True), device)
                     total += torch.tensor([st.loss_sum, st.tokens], dtype=torch.float64)
                     done += k
