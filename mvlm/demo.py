@@ -55,6 +55,10 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--n_train", type=int, default=480, help="training rows to generate")
     p.add_argument("--n_val", type=int, default=48, help="held-out rows to generate")
     p.add_argument("--seed", type=int, default=0)
+    # mvlm.tuners (minimal marked edit): the same demo with adapters instead of full SFT
+    p.add_argument("--train_type", default="full", choices=["full", "lora", "dora", "lora_llm"],
+                   help="lora/dora: adapters on every linear (LLM + vision tower), merged export")
+    p.add_argument("--lora_rank", type=int, default=16)
     p.add_argument("--skip_roundtrip", action="store_true",
                    help="skip the conversion round-trip step (it is checked by default)")
 
@@ -182,7 +186,17 @@ def sft_args(hf_dir: Path, data_train: Path, train_dir: Path, nproc: int,
             "--weight_decay", "0.0", "--clip_grad", "1.0", "--max_length", "256",
             "--freeze_vit", "false", "--freeze_aligner", "false",  # the tower must learn shapes
             "--seed", str(args.seed), "--tp", str(nproc),
-            "--save_interval", str(iters), "--output_dir", str(train_dir)]
+            "--save_interval", str(iters), "--output_dir", str(train_dir)] + _adapter_args(args)
+
+
+def _adapter_args(args: argparse.Namespace) -> list[str]:
+    """mvlm.tuners: adapter flags; merged export so the accuracy check loads a plain HF dir."""
+    tt = getattr(args, "train_type", "full")
+    if tt == "full":
+        return []
+    r = getattr(args, "lora_rank", 16)
+    return ["--train_type", tt, "--lora_rank", str(r), "--lora_alpha", str(2 * r),
+            "--lora_dropout", "0", "--merge_lora", "true"]
 
 
 def read_losses(logging_jsonl: Path) -> list[tuple[int, float]]:

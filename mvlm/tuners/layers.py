@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -147,7 +148,8 @@ class LoRAAdapter(nn.Module):
 
     def __init__(self, base: nn.Module, spec: LinearSpec, global_name: str, *, rank: int,
                  alpha: float, dropout: float, use_rslora: bool, use_dora: bool, seed: int,
-                 b_init_std: float = 0.0) -> None:
+                 b_init_std: float = 0.0,
+                 column_to_local: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         super().__init__()
         self.spec = spec
         self.global_name = global_name
@@ -170,7 +172,9 @@ class LoRAAdapter(nn.Module):
             b = b_full
         elif spec.kind == "column":
             a = a_full
-            b = _local_slice(b_full, 0, spec)
+            # b_full is in single-rank (TP1) row order; a gated fc1 is not a plain row split of
+            # it ([gate_r; up_r] per rank), so the caller's weight-table mapping does the split
+            b = column_to_local(b_full) if column_to_local else _local_slice(b_full, 0, spec)
         else:
             a, b = a_full, b_full
         self.lora_A = nn.Parameter(a.to(device=device, dtype=dtype))
@@ -239,7 +243,7 @@ class LoRAAdapter(nn.Module):
         b = getattr(self.base, "bias", None)
         return b if isinstance(b, torch.Tensor) and b.numel() else None
 
-    def apply(self, x: torch.Tensor, output: Any) -> Any:
+    def add_to_output(self, x: torch.Tensor, output: Any) -> Any:
         """The forward hook body: add the adapter to the base layer's output structure."""
         if self._merged_backup is not None:  # merged into W: the base output already has it
             return output
@@ -320,6 +324,6 @@ def attach(base: nn.Module, adapter: LoRAAdapter) -> Any:
 
     def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         x = args[0] if args else next(iter(kwargs.values()))
-        return adapter.apply(x, output)
+        return adapter.add_to_output(x, output)
 
     return base.register_forward_hook(hook, with_kwargs=True)

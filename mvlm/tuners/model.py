@@ -214,9 +214,11 @@ def apply_adapters(bundle: ModelBundle, cfg: AdapterConfig,
         key = gname.replace(".", "-")
         if key in store.adapters:
             continue
+        to_local = _column_splitter(bundle, gname) if spec.kind == "column" and \
+            spec.tp_size > 1 else None
         ad = LoRAAdapter(mod, spec, gname, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
                          use_rslora=cfg.use_rslora, use_dora=cfg.kind == "dora", seed=cfg.seed,
-                         b_init_std=cfg.b_init_std)
+                         b_init_std=cfg.b_init_std, column_to_local=to_local)
         store.adapters[key] = ad
         store.handles.append(attach(mod, ad))
         targets.append(gname)
@@ -231,6 +233,40 @@ def apply_adapters(bundle: ModelBundle, cfg: AdapterConfig,
     return rep
 
 
+class _DictReader:
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.t = tensors
+
+    def read(self, name, dim=None, start=None, stop=None):
+        t = self.t[name]
+        return t if dim is None else t.narrow(dim, start, stop - start)
+
+    def shape(self, name):
+        return list(self.t[name].shape)
+
+
+def _column_splitter(bundle: ModelBundle, gname: str):
+    """Full tensor in single-rank row order -> this rank's rows, through the weight table (so
+    QKV groups and [gate_r; up_r] blocks land where the TP-sharded weight has them)."""
+    from dataclasses import replace
+
+    from mvlm.convert.bridge import shard_ctx
+    from mvlm.convert.mapping import find_mapping
+
+    try:
+        m, idx = find_mapping(bundle.family.mappings(bundle.hf_config, bundle.arch),
+                              gname + ".weight")
+    except KeyError:
+        return None
+    ctx = shard_ctx(bundle, m)
+    one = replace(ctx, tp_rank=0, tp_size=1)
+
+    def split(full: torch.Tensor) -> torch.Tensor:
+        return m.load(_DictReader(dict(m.to_hf(full, idx, one))), idx, ctx)
+
+    return split
+
+
 def adapters(bundle: ModelBundle) -> list[LoRAAdapter]:
     out: list[LoRAAdapter] = []
     for m in bundle.models:
@@ -241,32 +277,29 @@ def adapters(bundle: ModelBundle) -> list[LoRAAdapter]:
 
 
 def parameter_report(bundle: ModelBundle) -> AdapterReport:
-    """Trainable / total parameters over the whole model: each TP-replicated tensor counted on
-    TP rank 0 only, one data-parallel (expert-data-parallel) replica."""
-    from megatron.core import parallel_state as ps
+    """Trainable / total parameters of the whole model (full, unsharded sizes; every tensor once
+    whatever the layout): each rank lists its tensors by global name, the lists are merged."""
+    from mvlm.convert.bridge import _skip_on_export, param_entries, shard_ctx
 
-    tp_rank = ps.get_tensor_model_parallel_rank()
-    counts = torch.zeros(2, dtype=torch.float64)
-    for m in bundle.models:
-        for name, p in m.named_parameters():
-            expert = not getattr(p, "allreduce", True)
-            dp0 = (ps.get_expert_data_parallel_rank() if expert
-                   else ps.get_data_parallel_rank(with_context_parallel=True)) == 0
-            split = getattr(p, "tensor_model_parallel", False)
-            if expert:
-                first = ps.get_expert_tensor_parallel_rank() == 0
-            else:
-                first = tp_rank == 0
-            if not dp0 or not (split or first):
-                continue
-            if name.endswith("output_layer.weight") and bundle.arch.tie_word_embeddings:
-                continue
-            counts[1] += p.numel()
-            if p.requires_grad:
-                counts[0] += p.numel()
-    if dist.is_initialized():
-        dist.all_reduce(counts)
-    return AdapterReport(len(adapters(bundle)), int(counts[0]), int(counts[1]), [])
+    local: dict[str, tuple[int, bool]] = {}
+    for e in param_entries(bundle):
+        if _skip_on_export(bundle, e):
+            continue
+        tp = shard_ctx(bundle, e.mapping).tp_size if e.mapping.split_dim is not None else 1
+        local[e.global_name] = (e.param.numel() * tp, e.param.requires_grad)
+    for ad in adapters(bundle):
+        for n, p in ad.named_parameters():
+            tp = ad.spec.tp_size if getattr(p, "tensor_model_parallel", False) else 1
+            local[f"{ad.global_name}.{n}"] = (p.numel() * tp, p.requires_grad)
+    merged = dict(local)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        everything: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everything, local)
+        for d in everything:
+            merged.update(d)
+    total = sum(n for n, _ in merged.values())
+    trainable = sum(n for n, t in merged.values() if t)
+    return AdapterReport(len(adapters(bundle)), trainable, total, [])
 
 
 def adapter_state_dict(bundle: ModelBundle) -> dict[str, torch.Tensor]:
