@@ -105,7 +105,8 @@ CONF
 cp "$SLURM_DIR/slurm.conf" /etc/slurm/slurm.conf
 echo "" > /etc/slurm/cgroup.conf
 
-/usr/sbin/slurmctld -f /etc/slurm/slurm.conf
+# -c: start with no saved jobs (a previous run's requeued jobs must not come back)
+/usr/sbin/slurmctld -c -f /etc/slurm/slurm.conf
 /usr/sbin/slurmd -f /etc/slurm/slurm.conf
 for _ in $(seq 100); do
   if sinfo -h -o "%T" 2>/dev/null | grep -qE "^(idle|mixed|allocated)"; then
