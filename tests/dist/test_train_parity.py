@@ -188,9 +188,10 @@ def test_freeze_flags(runs):
         after = _tensors(runs["out"][name] / "hf")
         assert sorted(after) == sorted(init)
         for k in init:
-            if k.startswith("model.visual.merger."):
+            name_ = k[len("model."):] if k.startswith("model.") else k
+            if name_.startswith("visual.merger."):
                 part = "aligner"
-            elif k.startswith("model.visual."):
+            elif name_.startswith("visual."):
                 part = "vit"
             else:
                 part = "llm"
