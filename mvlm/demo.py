@@ -59,6 +59,9 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--train_type", default="full", choices=["full", "lora", "dora", "lora_llm"],
                    help="lora/dora: adapters on every linear (LLM + vision tower), merged export")
     p.add_argument("--lora_rank", type=int, default=16)
+    p.add_argument("--modules_to_save", nargs="*", default=[],
+                   help="trained in full beside the adapters (e.g. embed_tokens lm_head: the "
+                        "demo's base has random weights, so its vocabulary head must learn)")
     p.add_argument("--skip_roundtrip", action="store_true",
                    help="skip the conversion round-trip step (it is checked by default)")
 
@@ -196,7 +199,9 @@ def _adapter_args(args: argparse.Namespace) -> list[str]:
         return []
     r = getattr(args, "lora_rank", 16)
     return ["--train_type", tt, "--lora_rank", str(r), "--lora_alpha", str(2 * r),
-            "--lora_dropout", "0", "--merge_lora", "true"]
+            "--lora_dropout", "0", "--merge_lora", "true"] + (
+                ["--modules_to_save", *args.modules_to_save] if getattr(
+                    args, "modules_to_save", None) else [])
 
 
 def read_losses(logging_jsonl: Path) -> list[tuple[int, float]]:

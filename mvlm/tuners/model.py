@@ -101,8 +101,10 @@ class AdapterStore(nn.Module):
             spec = ad.spec
             if spec.expert:
                 dp_rank = ps.get_expert_data_parallel_rank()
+                tp_rank = ps.get_expert_tensor_parallel_rank()
             else:
                 dp_rank = ps.get_data_parallel_rank(with_context_parallel=True)
+                tp_rank = ps.get_tensor_model_parallel_rank()  # also for replicated ViT linears
             for pname, p in ad.named_parameters():
                 full_key = f"{prefix}adapters.{key}.{pname}"
                 dim = getattr(p, "partition_dim", None) if getattr(
@@ -110,7 +112,7 @@ class AdapterStore(nn.Module):
                 if dim is None:
                     out[full_key] = ShardedTensor.from_rank_offsets(
                         f"mvlm_adapters.{ad.global_name}.{pname}", p,
-                        replica_id=(spec.tp_rank, 0, dp_rank))
+                        replica_id=(tp_rank, 0, dp_rank))
                 else:
                     out[full_key] = ShardedTensor.from_rank_offsets(
                         f"mvlm_adapters.{ad.global_name}.{pname}", p,

@@ -76,9 +76,11 @@ def _writer(ad: LoRAAdapter) -> bool:
 
     if ad.spec.expert:
         dp0 = ps.get_expert_data_parallel_rank() == 0
+        tp0 = ps.get_expert_tensor_parallel_rank() == 0
     else:
         dp0 = ps.get_data_parallel_rank() == 0 and ps.get_context_parallel_rank() == 0
-    return dp0 and ad.spec.tp_rank == 0
+        tp0 = ps.get_tensor_model_parallel_rank() == 0  # replicated ViT linears too
+    return dp0 and tp0
 
 
 @torch.no_grad()
