@@ -63,9 +63,10 @@ def write_data(root: Path) -> tuple[Path, Path]:
     rows = [json.loads(x) for x in demo.train.read_text().splitlines()]
     for r in rows:
         r["images"] = [str((demo.train.parent / p).resolve()) for p in r["images"]]
-    words = ["alpha", "beta", "gamma", "delta", "omega", "sigma"]
-    text = [{"messages": [{"role": "user", "content": f"Say the word number {i} please."},
-                          {"role": "assistant", "content": f"{words[i % 6]} {words[(i * 5) % 6]}"}]}
+    # Equal token lengths: EP ranks then need no padding, whose tokens would reach the MoE
+    # router's aux loss and make EP2 differ from one rank for reasons other than parallelism.
+    text = [{"messages": [{"role": "user", "content": f"Say the number {i} twice."},
+                          {"role": "assistant", "content": f"{i} {i}"}]}
             for i in range(8)]
     mixed = rows[:8] + text[:4] + rows[8:]
     vl = root / "vl.jsonl"
