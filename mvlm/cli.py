@@ -21,6 +21,8 @@ def _setup_logging() -> None:
         datefmt="%H:%M:%S",
     )
     logging.getLogger("megatron.core.distributed.fsdp").setLevel(logging.WARNING)
+    # Megatron lists every parameter of every grad bucket at INFO: noise for a training log.
+    logging.getLogger("megatron.core.distributed.param_and_grad_buffer").setLevel(logging.WARNING)
     # Megatron-Core warns at import about optional fused kernels; say it once, not per rank.
     warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed.*")
 
