@@ -67,7 +67,7 @@ def child(args: argparse.Namespace) -> dict:
     n_total = sum(p.numel() for m in bundle.models for p in m.parameters())
     opt = torch.optim.AdamW(params, lr=1e-4)
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, 900, (1, args.seq), generator=g)
+    ids = torch.randint(0, 600, (1, args.seq), generator=g)  # below the special tokens
     labels = torch.roll(ids, -1, 1)
     pos = batch_position_ids(cfg, ids, None)
     fb = get_forward_backward_func()
