@@ -216,8 +216,9 @@ def peft_checks(hf_dir: Path, case: dict) -> dict:
     bundle2, _, _ = _build_from(hf_dir, fresh2_cfg)
     n = load_peft_adapter(bundle2, out / "adapter")
     d_reload = _maxdiff(ref, _logits(bundle2, inputs))
-    return {"base_vs_mvlm": d_base, "peft_vs_mvlm": d_peft, "merged_vs_mvlm": d_merged, "reload_vs_mvlm": d_reload,
-            "reloaded_adapters": n, "base_changed_after_export": base_changed}
+    return {"base_vs_mvlm": d_base, "peft_vs_mvlm": d_peft, "merged_vs_mvlm": d_merged,
+            "reload_vs_mvlm": d_reload, "reloaded_adapters": n,
+            "base_changed_after_export": base_changed}
 
 
 def _build_from(hf_dir: Path, acfg):
