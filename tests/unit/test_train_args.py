@@ -70,7 +70,8 @@ def test_deepspeed_zero0_keeps_plain_optimizer(dirs):
 
 @pytest.mark.parametrize("extra,flag,fix", [
     (["--fsdp", "full_shard"], "--fsdp", "--use_distributed_optimizer"),
-    (["--train_type", "lora"], "--train_type", "--train_type full"),
+    # mvlm.tuners: LoRA is available now; a PEFT adapter still needs an adapter train type
+    (["--adapters", "some_dir"], "--adapters", "--train_type lora"),
     (["--lr_decay_style", "wsd"], "--lr_decay_style", "cosine"),
     (["--torch_dtype", "float16"], "--torch_dtype", "bfloat16"),
     (["--packing", "true"], "--packing", "--max_length"),
