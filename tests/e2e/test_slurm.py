@@ -112,10 +112,7 @@ def _sft_env(hf: Path, dataset: Path, out: Path) -> dict:
 
 
 def _sft_extra() -> list[str]:
-    # --use_distributed_optimizer false: with the distributed optimizer, resume is not yet bit-exact
-    # (losses drift from the first update after a resume; reported to the trainer's owner). The
-    # launch/requeue path under test is the same either way.
-    return ["--max_length", "256", "--seed", "0", "--use_distributed_optimizer", "false"]
+    return ["--max_length", "256", "--seed", "0"]
 
 
 @pytest.fixture(scope="module")
