@@ -60,12 +60,13 @@ logger = logging.getLogger(__name__)
 
 
 def str2bool(v: Any) -> bool:
+    """ms-swift style booleans ("true"/"false"/"1"/"0"/...); shared by the trainer's flags."""
     if isinstance(v, bool):
         return v
     s = str(v).strip().lower()
     if s in ("1", "true", "yes", "y", "on"):
         return True
-    if s in ("0", "false", "no", "n", "off"):
+    if s in ("0", "false", "no", "n", "off", "none"):
         return False
     raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
 

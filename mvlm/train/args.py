@@ -23,18 +23,11 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+from mvlm.data.encode import str2bool  # noqa: E402 - one parser for data and train flags
+
 log = logging.getLogger("mvlm.train")
 
 
-def str2bool(v: Any) -> bool:
-    if isinstance(v, bool):
-        return v
-    s = str(v).strip().lower()
-    if s in ("1", "true", "yes", "y", "on"):
-        return True
-    if s in ("0", "false", "no", "n", "off", "none"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
 
 
 def _bool(p: argparse._ActionsContainer, *names: str, default: bool | None = False,
