@@ -8,7 +8,9 @@ The batch contract (names are fixed; the model and trainer read exactly these ke
 * ``position_ids`` [3, B, S] long for every family, restarting at 0 per packed sample; 0 on pads.
 * padded batches: ``attention_mask`` [B, S] bool (True = real token).
 * packed batches (B = 1): ``cu_seqlens`` int32 [n+1] (sample boundaries; the pad tail is not a
-  sample) and ``max_seqlen`` int; no attention_mask.
+  sample) and ``max_seqlen`` int; no attention_mask. A micro-batch of N packed rows (the
+  sampler's items) is ONE row: the rows' samples concatenated in order (see
+  :func:`collate_packed_rows`); ``num_rows`` = N.
 * vision: ``pixel_values`` [N_patches, D], ``image_grid_thw`` [N_images, 3] (all images of the
   micro-batch in sample order); ``pixel_values_videos``, ``video_grid_thw``,
   ``second_per_grid_ts`` likewise. Keys are absent when the micro-batch has no such media.
@@ -142,8 +144,40 @@ def preference_pairs(samples: Sequence[dict]) -> list[dict]:
     return chosen + rejected
 
 
+def collate_packed_rows(rows: Sequence[Any], pad_token_id: int, pad_to_multiple_of: int = 1,
+                        cp_size: int = 1) -> dict[str, Any]:
+    """A micro-batch of N packed rows -> ONE padding-free row [1, S] with per-sample cu_seqlens.
+
+    Why one row and not [N, max_length]: samples are already kept apart by their cu_seqlens
+    segments (attention never crosses a boundary, labels are shifted per sample, positions restart
+    per sample), so putting N rows' samples side by side computes exactly what N separate
+    micro-batches of one row compute -- the same per-token losses, hence the same loss sum and
+    gradients -- with no padding between rows and no batched packed-attention path to add. Only
+    the tail pad (to ``pad_to_multiple_of``) differs, and pads carry no loss and are a segment of
+    their own. ``rows`` items are lists of samples (a plain sample counts as a row of one).
+
+    ``cp_size > 1`` pads every sample to a multiple of 2*CP first (see :class:`Collator`).
+    """
+    samples = [s for row in rows for s in (row if isinstance(row, list) else [row])]
+    if not samples:
+        raise ValueError("a packed micro-batch needs at least one sample")
+    if cp_size > 1:
+        real = [len(s["input_ids"]) for s in samples]
+        samples, _ = pad_samples_for_cp(samples, cp_size, pad_token_id)
+        batch = collate_packed(samples, pad_token_id, pad_to_multiple_of)
+        cu = torch.zeros(len(real) + 1, dtype=torch.int32)
+        cu[1:] = torch.cumsum(torch.tensor(real, dtype=torch.int32), 0)
+        batch["cu_seqlens_unpadded"] = cu
+        batch["max_seqlen"] = max(real)
+    else:
+        batch = collate_packed(samples, pad_token_id, pad_to_multiple_of)
+    batch["num_rows"] = len(rows)
+    return batch
+
+
 class Collator:
-    """Picklable collate_fn for torch DataLoader (packed: each item is a list of samples).
+    """Picklable collate_fn for torch DataLoader (packed: each item is a list of samples, and the
+    items of one micro-batch become one row, see :func:`collate_packed_rows`).
 
     ``cp_size > 1`` with packing pads every sample to a multiple of 2*CP (pads carry no loss and
     position 0), so ``cp_packed_indices(batch["cu_seqlens"], cp, rank, seq_len)`` can split each
@@ -166,17 +200,8 @@ class Collator:
         if items and isinstance(items[0], dict) and "rejected_input_ids" in items[0]:
             items = preference_pairs(items)
         if self.packing:
-            samples = [s for pack in items for s in (pack if isinstance(pack, list) else [pack])]
-            if self.cp_size > 1:
-                real = [len(s["input_ids"]) for s in samples]
-                samples, _ = pad_samples_for_cp(samples, self.cp_size, self.pad_token_id)
-                batch = collate_packed(samples, self.pad_token_id, self.pad_to_multiple_of)
-                cu = torch.zeros(len(real) + 1, dtype=torch.int32)
-                cu[1:] = torch.cumsum(torch.tensor(real, dtype=torch.int32), 0)
-                batch["cu_seqlens_unpadded"] = cu
-                batch["max_seqlen"] = max(real)
-                return batch
-            return collate_packed(samples, self.pad_token_id, self.pad_to_multiple_of)
+            return collate_packed_rows(items, self.pad_token_id, self.pad_to_multiple_of,
+                                       self.cp_size)
         return collate_padded(items, self.pad_token_id, self.pad_to_multiple_of)
 
 

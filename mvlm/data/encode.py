@@ -20,8 +20,9 @@ Public API (what ``mvlm/cli.py`` and the trainer use)::
                      dp_size=1, consumed_samples=0, seed=42, shuffle=True, num_workers=0,
                      pad_to_multiple_of=1, cp_size=1, num_epochs=None)
                      -> torch.utils.data.DataLoader
-        Yields micro-batches in the batch contract of ``mvlm.data.collate``. With packing each
-        micro-batch is one packed row (use micro_batch_size=1); pass pad_to_multiple_of=2*CP*TP
+        Yields micro-batches in the batch contract of ``mvlm.data.collate``. With packing a
+        micro-batch holds micro_batch_size packed rows, concatenated padding-free into one
+        row (per-sample cu_seqlens); pass pad_to_multiple_of=2*CP*TP
         when CP/SP are on, and cp_size=CP with packing so every sample is padded to a multiple
         of 2*CP (``collate.cp_packed_indices`` then gives each CP rank its token indices).
         ``consumed_samples`` (items, i.e. packed rows when packing) resumes
@@ -251,9 +252,6 @@ def build_dataloader(data: TrainData, *, split: str = "train", micro_batch_size:
                      num_epochs: int | None = None) -> torch.utils.data.DataLoader:
     """Micro-batch DataLoader (see the module docstring)."""
     ds = data.train if split == "train" else data.val
-    if data.packing and micro_batch_size != 1:
-        raise ValueError("with --packing a micro-batch is one packed row: use "
-                         "--micro_batch_size 1 (raise --max_length to put more tokens in it)")
     if ds is None:
         raise ValueError(f"no {split} dataset (pass --val_dataset or --split_dataset_ratio)")
     collator = Collator(data.pad_token_id, packing=data.packing,

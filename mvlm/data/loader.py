@@ -87,8 +87,8 @@ def build_dataloader(dataset: Any, collate_fn: Any, *, micro_batch_size: int = 1
     """DataLoader over a map-style dataset with the resumable DP sampler.
 
     ``dataset`` items are encoded samples (or lists of them when packed); ``collate_fn`` is a
-    :class:`mvlm.data.collate.Collator`. With packing, use micro_batch_size=1 (one packed row per
-    micro-batch).
+    :class:`mvlm.data.collate.Collator`. With packing an item is one packed row and a micro-batch
+    holds micro_batch_size of them (the collator concatenates them into one row).
     """
     sampler = ResumableDistributedSampler(
         len(dataset), micro_batch_size=micro_batch_size, dp_rank=dp_rank, dp_size=dp_size,

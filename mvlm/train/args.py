@@ -427,17 +427,13 @@ def _validate(ns: argparse.Namespace, task: str, notes: list[str]) -> TrainConfi
     mbs = mbs or 1
     if mbs < 1:
         raise bad("--micro_batch_size", "must be >= 1")
-    if ns.packing and mbs != 1:
-        raise bad("--micro_batch_size", "with --packing a micro-batch is one packed row: use 1 "
-                                        "(raise --max_length for more tokens per row)")
+    # With --packing a micro-batch of N holds N packed rows (ms-swift's meaning); the collator
+    # concatenates them padding-free into one row with per-sample boundaries (cu_seqlens), so
+    # the global batch stays micro x DP x num_microbatches packed rows.
     if ns.padding_free:
         if not ns.packing:
             notes.append("--padding_free -> --packing (padding-free packed rows)")
         ns.packing = True
-        if mbs != 1:
-            notes.append(f"--padding_free: --micro_batch_size {mbs} -> 1, "
-                         f"--global_batch_size kept")
-            mbs = 1
     if ns.packing and not ns.max_length:
         raise bad("--packing", "needs --max_length (the packed row length)")
 

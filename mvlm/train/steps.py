@@ -48,6 +48,24 @@ def packed_params(batch: dict) -> PackedSeqParams | None:
                            max_seqlen_q=m, max_seqlen_kv=m)
 
 
+def microbatch_dims(batches: list[dict]) -> tuple[int, int]:
+    """(rows, seq_len) of the step's micro-batches as the model sees them.
+
+    Megatron-Core's pipeline schedule allocates the activations it receives from the previous
+    stage as [seq_len, rows, hidden], so it must get the rows of the tensors actually fed, not
+    ``--micro_batch_size``: with packing, a micro-batch of N packed rows is ONE concatenated row
+    (``collate.collate_packed_rows``), b = 1. The rows (and, under PP, the lengths: see the
+    trainer's ``_same_length``) must agree across the step's micro-batches.
+    """
+    if not batches:
+        raise ValueError("a step needs at least one micro-batch")
+    rows = {int(b["input_ids"].shape[0]) for b in batches}
+    if len(rows) != 1:
+        raise ValueError(f"micro-batches of one step have different row counts {sorted(rows)}: "
+                         "the data loader must yield micro_batch_size items per micro-batch")
+    return rows.pop(), int(batches[0]["input_ids"].shape[1])
+
+
 def _vision_zero_term(model: Any) -> torch.Tensor | None:
     vm = getattr(unwrap(model), "vision_model", None)
     if vm is None:

@@ -67,6 +67,21 @@ def _pad_to(batch: dict, seq: int, pad_id: int) -> dict:
     return out
 
 
+def _same_length(batches: list[dict], pp: int, ep: int, pad_id: int) -> list[dict]:
+    """PP stages exchange one activation shape per step, and the CPU MoE all-gather dispatcher
+    needs equal token counts on every EP rank: pad the step's micro-batches to one length (the
+    max over the world when EP > 1). Packed micro-batches (N packed rows concatenated into one
+    row) get a longer pad tail, which is a segment of its own and carries no loss."""
+    if pp == 1 and ep == 1:
+        return batches
+    seq = max(b["input_ids"].shape[1] for b in batches)
+    if ep > 1:
+        t = torch.tensor([seq], dtype=torch.int64)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        seq = int(t)
+    return [_pad_to(b, seq, pad_id) for b in batches]
+
+
 def _token_count(batch: dict) -> int:
     if batch.get("cu_seqlens") is not None:
         return int(batch["cu_seqlens"][-1])
@@ -108,7 +123,13 @@ def train(cfg: TrainConfig) -> TrainResult:
     from mvlm.train.optim import apply_freeze, build_optimizer, wrap_ddp
     from mvlm.train.schedule import build_scheduler, current_lr
     from mvlm.train.signals import EXIT_PREEMPTED, PreemptionHandler
-    from mvlm.train.steps import check_finite, forward_step, reduce_stats, to_device
+    from mvlm.train.steps import (
+        check_finite,
+        forward_step,
+        microbatch_dims,
+        reduce_stats,
+        to_device,
+    )
 
     # ---- everything that can fail cheaply, before any process group --------------------------
     layout = ParallelLayout(**cfg.layout_kwargs)
@@ -247,27 +268,18 @@ def train(cfg: TrainConfig) -> TrainResult:
         pad_id = data.pad_token_id
 
         def same_length(bs: list[dict]) -> list[dict]:
-            """PP stages exchange one activation shape per step, and the CPU MoE all-gather
-            dispatcher needs equal token counts on every EP rank: pad the step's micro-batches
-            to one length (the max over the world when EP > 1)."""
-            if layout.pp == 1 and layout.ep == 1:
-                return bs
-            seq = max(b["input_ids"].shape[1] for b in bs)
-            if layout.ep > 1:
-                t = torch.tensor([seq], dtype=torch.int64)
-                dist.all_reduce(t, op=dist.ReduceOp.MAX)
-                seq = int(t)
-            return [_pad_to(b, seq, pad_id) for b in bs]
+            return _same_length(bs, layout.pp, layout.ep, pad_id)
 
         def next_batches(it) -> list[dict]:
             return same_length([to_device(next(it), device) for _ in range(nmb)])
 
         def run_step(batches: list[dict], forward_only: bool):
-            seq = batches[0]["input_ids"].shape[1]
+            # rows as fed (1 for a packed micro-batch of N rows), not --micro_batch_size
+            rows, seq = microbatch_dims(batches)
             iters = [iter(batches) for _ in range(n_chunks)] if n_chunks > 1 else iter(batches)
             return fb(forward_step_func=forward_step, data_iterator=iters, model=ddp_models,
                       num_microbatches=len(batches), seq_length=seq,
-                      micro_batch_size=cfg.micro_batch_size, forward_only=forward_only)
+                      micro_batch_size=rows, forward_only=forward_only)
 
         def evaluate() -> dict[str, Any] | None:
             if data.val is None:

@@ -6,6 +6,7 @@ import torch
 from mvlm.data.collate import (
     Collator,
     collate_packed,
+    collate_packed_rows,
     collate_padded,
     cp_chunk_indices,
     cp_packed_indices,
@@ -14,7 +15,7 @@ from mvlm.data.collate import (
     unpack,
 )
 from mvlm.data.loader import ResumableDistributedSampler, build_dataloader
-from mvlm.data.packing import pack_lengths, pack_stream, packing_efficiency
+from mvlm.data.packing import PackedDataset, pack_lengths, pack_stream, packing_efficiency
 
 
 def _sample(n, seed, prompt=3, vision=None):
@@ -160,3 +161,71 @@ def test_dataloader_resume():
     b = [x["input_ids"] for _, x in zip(range(5), build_dataloader(data, coll, micro_batch_size=2,
                                                                    consumed_samples=6))]
     assert all(torch.equal(x, y) for x, y in zip(a[3:], b))
+
+
+def test_micro_batch_of_n_packed_rows_is_one_concatenated_row():
+    """N packed rows per micro-batch -> one row: every sample keeps its own segment, positions,
+    shifted labels and images, exactly as in its own micro-batch of one row."""
+    rows = [[_sample(7, 1, vision=4), _sample(5, 2)], [_sample(9, 3, vision=2)],
+            [_sample(3, 4), _sample(6, 5)]]
+    coll = Collator(0, packing=True, pad_to_multiple_of=8)
+    b = coll(rows)
+    flat = [s for r in rows for s in r]
+    assert b["num_rows"] == 3 and b["num_samples"] == 5
+    assert b["input_ids"].shape == (1, 32)  # 30 tokens, tail padded to the multiple of 8
+    assert b["cu_seqlens"].tolist() == [0, 7, 12, 21, 24, 30] and b["max_seqlen"] == 9
+    assert "attention_mask" not in b
+    ref = collate_packed(flat, 0, pad_to_multiple_of=8)
+    for k in ("input_ids", "labels", "loss_mask", "position_ids", "cu_seqlens", "pixel_values",
+              "image_grid_thw"):
+        assert torch.equal(b[k], ref[k]), k
+    # the same tokens, positions and targets as the rows collated one per micro-batch
+    singles = [coll([r]) for r in rows]
+    for part, sub in zip(unpack(b), (p for sb in singles for p in unpack(sb)), strict=True):
+        for k in ("input_ids", "labels", "loss_mask", "position_ids"):
+            assert torch.equal(part[k], sub[k]), k
+    assert sum(int(sb["loss_mask"].sum()) for sb in singles) == int(b["loss_mask"].sum())
+    assert torch.equal(torch.cat([sb["pixel_values"] for sb in singles if "pixel_values" in sb]),
+                       b["pixel_values"])
+    assert (b["labels"][0, 30:] == -100).all() and (b["position_ids"][:, 0, 30:] == 0).all()
+    assert collate_packed_rows(rows, 0, 8)["cu_seqlens"].tolist() == b["cu_seqlens"].tolist()
+    with pytest.raises(ValueError, match="at least one sample"):
+        collate_packed_rows([[]], 0)
+
+
+def test_micro_batch_of_n_packed_rows_under_cp():
+    """CP: every sample of every row is padded to a multiple of 2*CP on its own, so the whole-row
+    split and the per-sample (THD) split both cover the concatenated row exactly."""
+    rows = [[_sample(5, 1), _sample(9, 2)], [_sample(6, 3)]]
+    b = Collator(0, packing=True, pad_to_multiple_of=8, cp_size=2)(rows)
+    assert b["cu_seqlens"].tolist() == [0, 8, 20, 28]
+    assert b["cu_seqlens_unpadded"].tolist() == [0, 5, 14, 20]
+    assert b["input_ids"].shape[1] == 32 and b["max_seqlen"] == 9 and b["num_rows"] == 2
+    s = b["input_ids"].shape[1]
+    got = sorted(sum((cp_packed_indices(b["cu_seqlens"], 2, r, s).tolist() for r in range(2)),
+                     []))
+    assert got == list(range(s))
+    one = Collator(0, packing=True, pad_to_multiple_of=8, cp_size=2)([rows[1]])
+    assert torch.equal(b["input_ids"][0, 20:26], one["input_ids"][0, :6])
+    assert torch.equal(b["labels"][0, 20:28], one["labels"][0, :8])
+
+
+def test_packed_loader_micro_batch_n_takes_n_rows_of_the_stream():
+    """micro_batch_size=2 over packed rows sees the rows that two micro-batches of 1 see, in the
+    same order: the global batch counts packed rows either way."""
+    data = [_sample(3 + i % 4, i) for i in range(12)]
+    packs = pack_lengths([len(s["input_ids"]) for s in data], 12)
+    ds = PackedDataset(data, packs)
+    coll = Collator(0, packing=True)
+    one = [b for _, b in zip(range(4), build_dataloader(ds, coll, micro_batch_size=1, seed=3))]
+    two = [b for _, b in zip(range(2), build_dataloader(ds, coll, micro_batch_size=2, seed=3))]
+    for k, b in enumerate(two):
+        a, c = one[2 * k], one[2 * k + 1]
+        n = int(a["cu_seqlens"][-1])
+        assert torch.equal(b["input_ids"][0, :n], a["input_ids"][0, :n])
+        assert torch.equal(b["input_ids"][0, n:n + int(c["cu_seqlens"][-1])],
+                           c["input_ids"][0, :int(c["cu_seqlens"][-1])])
+        assert b["num_samples"] == a["num_samples"] + c["num_samples"] and b["num_rows"] == 2
+    resumed = next(iter(build_dataloader(ds, coll, micro_batch_size=2, seed=3,
+                                         consumed_samples=2)))
+    assert torch.equal(resumed["input_ids"], two[1]["input_ids"])

@@ -77,13 +77,26 @@ def test_deepspeed_zero0_keeps_plain_optimizer(dirs):
     (["--packing", "true"], "--packing", "--max_length"),
     (["--freeze_vit", "true", "--vit_lr", "1e-4"], "--vit_lr", "--freeze_vit"),
     (["--deepspeed", "zero9"], "--deepspeed", "zero2"),
-    (["--micro_batch_size", "2", "--packing", "true", "--max_length", "8"],
-     "--micro_batch_size", "use 1"),
 ])
 def test_invalid_configs_name_flag_and_fix(dirs, extra, flag, fix):
     with pytest.raises(ValueError) as e:
         parse_train_args(base(dirs) + extra, "sft")
     assert flag in str(e.value) and fix in str(e.value), str(e.value)
+
+
+@pytest.mark.parametrize("extra", [
+    ["--micro_batch_size", "2", "--packing", "true"],
+    ["--per_device_train_batch_size", "2", "--packing", "true", "--padding_free", "true"],
+    ["--per_device_train_batch_size", "2", "--padding_free", "true"],
+])
+def test_packing_keeps_micro_batch_of_n_rows(dirs, extra):
+    """With packing a micro-batch of N holds N packed rows (ms-swift's meaning): N is kept, not
+    refused or forced to 1, and the global batch counts packed rows."""
+    cfg = parse_train_args(base(dirs) + extra + ["--max_length", "64", "--global_batch_size",
+                                                  "8"], "sft")
+    assert cfg.packing and cfg.micro_batch_size == 2
+    cfg.resolve_batch(world_size=2)  # DP 2 -> 2 micro-batches of 2 packed rows per rank
+    assert cfg.global_batch_size == 8 and cfg.micro_batch_size == 2
 
 
 def test_missing_model_and_batch_divisibility(dirs):
