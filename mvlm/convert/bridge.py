@@ -115,8 +115,9 @@ def load_hf_weights(bundle: ModelBundle, hf_dir: str | Path,
         missing = [n for n in names if n not in reader]
         if missing:
             raise CheckpointError(
-                f"{hf_dir}: tensors {missing} needed for {e.global_name} are missing; is this "
-                f"a {bundle.family.name} checkpoint?")
+                f"{hf_dir}: tensors {missing} needed for {e.global_name} are missing (looked "
+                "for the hub layout and transformers' module-tree layout, e.g. model.layers.* "
+                f"or model.language_model.layers.*); is this a {bundle.family.name} checkpoint?")
         t = e.mapping.load(reader, e.idx, ctx)
         if tuple(t.shape) != tuple(e.param.shape):
             raise CheckpointError(
@@ -124,7 +125,7 @@ def load_hf_weights(bundle: ModelBundle, hf_dir: str | Path,
                 f"Megatron shard is {tuple(e.param.shape)}; config.json does not match the "
                 "weights")
         e.param.data.copy_(t.to(e.param.dtype))
-        used.update(names)
+        used.update(reader.disk_name(n) for n in names)
     if check_coverage:
         all_used: list[set[str]] = [set()] * dist.get_world_size()
         dist.all_gather_object(all_used, used)

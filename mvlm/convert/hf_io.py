@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from mvlm.convert.mapping import hub_name
+
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
@@ -39,7 +41,14 @@ class CheckpointError(ValueError):
 
 
 class SafetensorsReader:
-    """Lazy reader over a HF directory (``model.safetensors`` or an index with shards)."""
+    """Lazy reader over a HF directory (``model.safetensors`` or an index with shards).
+
+    Names are served in the hub layout the weight tables use whichever layout is on disk: a
+    checkpoint in transformers' module-tree layout (``model.language_model.*``,
+    ``model.visual.*``) answers to ``model.*`` / ``visual.*`` too (see
+    :data:`mvlm.convert.mapping.MODULE_TREE_PREFIXES`); :meth:`keys` stays the on-disk names and
+    :meth:`disk_name` maps back, so coverage checks name what is really in the files.
+    """
 
     def __init__(self, model_dir: str | os.PathLike) -> None:
         self.dir = Path(model_dir)
@@ -63,6 +72,30 @@ class SafetensorsReader:
             self.weight_map = dict(weight_map)
             for fname in sorted(set(self.weight_map.values())):
                 self._validate(fname)
+        self._aliases = self._hub_aliases()
+
+    def _hub_aliases(self) -> dict[str, str]:
+        """Hub-layout name -> on-disk module-tree name; both layouts at once is an error (one of
+        the two copies would be silently ignored)."""
+        aliases: dict[str, str] = {}
+        both = []
+        for k in self.weight_map:
+            h = hub_name(k)
+            if h == k:
+                continue
+            if h in self.weight_map:
+                both.append((h, k))
+            aliases[h] = k
+        if both:
+            raise CheckpointError(
+                f"{self.dir} mixes the hub layout and transformers' module-tree layout: "
+                f"{len(both)} tensors are stored under both names (e.g. {both[0][0]!r} and "
+                f"{both[0][1]!r}); keep one copy of each tensor (re-save with save_pretrained)")
+        return aliases
+
+    def disk_name(self, name: str) -> str:
+        """The name ``name`` is stored under on disk (itself, or its module-tree spelling)."""
+        return name if name in self.weight_map else self._aliases.get(name, name)
 
     def _validate(self, fname: str) -> list[str]:
         """Open every shard once up front so a missing or corrupt file fails before any
@@ -93,15 +126,17 @@ class SafetensorsReader:
         return list(self.weight_map)
 
     def __contains__(self, name: str) -> bool:
-        return name in self.weight_map
+        return name in self.weight_map or name in self._aliases
 
     def shape(self, name: str) -> list[int]:
+        name = self.disk_name(name)
         if name not in self._shapes:
             raise CheckpointError(f"tensor {name!r} not found in {self.dir}")
         return list(self._shapes[name])
 
     def read(self, name: str, dim: int | None = None, start: int | None = None,
              stop: int | None = None) -> torch.Tensor:
+        name = self.disk_name(name)
         if name not in self.weight_map:
             raise CheckpointError(f"tensor {name!r} not found in {self.dir}")
         handle = self._open(self.weight_map[name])

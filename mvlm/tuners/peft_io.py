@@ -34,22 +34,13 @@ ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 
-# Qwen-VL checkpoints store model.layers.* / visual.* on disk (the hub layout), but in the
-# transformers 5 module tree the decoder is model.language_model and the ViT is model.visual; peft
-# keys follow the module tree.
-_VL_MODULE_PREFIXES = (("model.layers.", "model.language_model.layers."),
-                       ("model.embed_tokens.", "model.language_model.embed_tokens."),
-                       ("model.norm.", "model.language_model.norm."),
-                       ("visual.", "model.visual."))
-
 
 def hf_module_path(bundle: ModelBundle, disk_name: str) -> str:
-    """HF on-disk tensor/module name -> module path in the transformers model (peft key base)."""
-    if bundle.family.is_vlm:
-        for a, b in _VL_MODULE_PREFIXES:
-            if disk_name.startswith(a):
-                return b + disk_name[len(a):]
-    return disk_name
+    """HF hub-layout tensor/module name -> module path in the transformers model (peft keys follow
+    the module tree: Qwen-VL's decoder is model.language_model, its ViT model.visual)."""
+    from mvlm.convert.mapping import module_tree_name
+
+    return module_tree_name(disk_name) if bundle.family.is_vlm else disk_name
 
 
 def _mapping_for(bundle: ModelBundle, ad: LoRAAdapter):
