@@ -12,6 +12,9 @@ import os
 import sys
 import warnings
 
+# Sub-commands whose flags mvlm.train.args parses: name -> what it does (for the help line).
+TRAIN_TASKS: dict[str, str] = {"pt": "continued pre-training", "sft": "supervised fine-tuning"}
+
 
 def _setup_logging() -> None:
     rank = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
@@ -28,26 +31,23 @@ def _setup_logging() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mvlm.convert.command import add_convert_args
+    """Every sub-command's parser. Only light modules are imported here (standard library and
+    the flag builders): ``mvlm --help`` must print in well under a second, without torch or
+    Megatron-Core (tests/unit/test_cli_help.py checks the import log)."""
+    from mvlm.convert.flags import add_convert_args
+    from mvlm.data.flags import add_encode_args
+    from mvlm.demo import add_demo_args
+    from mvlm.train.export import add_export_args
 
     parser = argparse.ArgumentParser(prog="mvlm", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     add_convert_args(sub.add_parser("convert", help="HF <-> Megatron-Core checkpoints"))
-    try:
-        from mvlm.data.encode import add_encode_args
-
-        add_encode_args(sub.add_parser("encode", help="pre-encode a dataset into a cache"))
-    except ImportError:  # pragma: no cover - data pipeline optional during development
-        pass
-    for task, what in (("pt", "continued pre-training"), ("sft", "supervised fine-tuning")):
+    add_encode_args(sub.add_parser("encode", help="pre-encode a dataset into a cache"))
+    for task, what in TRAIN_TASKS.items():
         # Training flags are parsed by mvlm.train.args (aliases, YAML, validation): take them all.
         sub.add_parser(task, help=f"{what} on Megatron-Core (torchrun / srun for several ranks)",
                        add_help=False)
-    from mvlm.train.export import add_export_args
-
     add_export_args(sub.add_parser("export", help="training checkpoint -> HF safetensors"))
-    from mvlm.demo import add_demo_args
-
     add_demo_args(sub.add_parser("demo", help="tiny end-to-end run on this machine"))
     return parser
 
@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv and argv[0] in ("pt", "sft"):
+    if argv and argv[0] in TRAIN_TASKS:
         return _train_main(argv[0], argv[1:])
     args = build_parser().parse_args(argv)
     try:

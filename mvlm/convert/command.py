@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from mvlm.convert.bridge import export_hf_weights, load_hf_weights
+from mvlm.convert.flags import add_convert_args, add_layout_args  # noqa: F401 - re-exported
 from mvlm.convert.hf_io import (
     SafetensorsReader,
     copy_aux_files,
@@ -39,32 +40,6 @@ from mvlm.convert.mcore_ckpt import (
 from mvlm.runtime.parallel import ParallelLayout, destroy_distributed, init_distributed, set_seed
 
 log = logging.getLogger("mvlm.convert")
-
-
-def add_layout_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--tp", "--tensor_model_parallel_size", dest="tp", type=int, default=1)
-    p.add_argument("--pp", "--pipeline_model_parallel_size", dest="pp", type=int, default=1)
-    p.add_argument("--ep", "--expert_model_parallel_size", dest="ep", type=int, default=1)
-    p.add_argument("--etp", "--expert_tensor_parallel_size", dest="etp", type=int, default=None)
-    p.add_argument("--cp", "--context_parallel_size", dest="cp", type=int, default=1)
-    p.add_argument("--device", choices=["cpu", "cuda"], default=None,
-                   help="default: cuda when available")
-    p.add_argument("--transformer_impl", choices=["auto", "te", "local"], default="auto",
-                   help="layer spec: Transformer Engine (GPU, when installed) or local+SDPA")
-
-
-def add_convert_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--to", required=True, choices=["mcore", "hf"])
-    p.add_argument("--model", required=True, help="HF dir (--to mcore) or MCORE dir (--to hf)")
-    p.add_argument("--output", "--output_dir", dest="output", required=True)
-    add_layout_args(p)
-    p.add_argument("--torch_dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="dtype of the Megatron model (default: the checkpoint's)")
-    p.add_argument("--verify", action="store_true",
-                   help="compare logits/loss with the HF model; fail (no output) on mismatch")
-    p.add_argument("--verify_tol", type=float, default=1e-4)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--max_shard_size", default="5GB", help="HF shard size limit, e.g. 2GB")
 
 
 def parse_size(s: str) -> int:

@@ -42,81 +42,30 @@ import os
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import datasets
-import torch
-import torch.utils.data
+from mvlm.data.errors import BadSampleCounter, BadSampleError
 
-from mvlm.data.collate import Collator
-from mvlm.data.dataset import EncodedDataset, LazyDataset, StreamingDataset, encode_all
-from mvlm.data.dataset_spec import load_datasets
-from mvlm.data.errors import ON_BAD_SAMPLE_CHOICES, BadSampleCounter, BadSampleError
-from mvlm.data.loader import build_dataloader as _build_loader
-from mvlm.data.media import MediaConfig
-from mvlm.data.packing import PackedDataset, pack_lengths, packing_efficiency
-from mvlm.data.template import TRUNCATION_STRATEGIES, Template, TemplateConfig, get_template
+# The flag builders live in the light mvlm.data.flags and are re-exported here, where the trainer
+# and the tests look for them. This module keeps torch, datasets and the pipeline modules inside
+# the functions that use them: mvlm/train/args.py imports add_data_args from here while building
+# the `mvlm sft --help` parser, which must not import torch (tests/unit/test_cli_help.py).
+from mvlm.data.flags import (  # noqa: F401 - re-exported
+    _DATA_FLAGS,
+    TRUNCATION_STRATEGIES,
+    add_data_args,
+    add_encode_args,
+    str2bool,
+)
+
+if TYPE_CHECKING:
+    import datasets
+    import torch.utils.data
+
+    from mvlm.data.media import MediaConfig
+    from mvlm.data.template import Template, TemplateConfig
 
 logger = logging.getLogger(__name__)
-
-
-def str2bool(v: Any) -> bool:
-    """ms-swift style booleans ("true"/"false"/"1"/"0"/...); shared by the trainer's flags."""
-    if isinstance(v, bool):
-        return v
-    s = str(v).strip().lower()
-    if s in ("1", "true", "yes", "y", "on"):
-        return True
-    if s in ("0", "false", "no", "n", "off", "none"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {v!r}")
-
-
-_DATA_FLAGS: list[tuple[str, dict]] = [
-    ("--dataset", {"nargs": "+", "default": [], "help": "files/dirs, 'path#N' samples N rows"}),
-    ("--val_dataset", {"nargs": "*", "default": []}),
-    ("--split_dataset_ratio", {"type": float, "default": 0.0}),
-    ("--cached_dataset", {"default": None, "help": "directory written by mvlm encode"}),
-    ("--task", {"default": "sft", "choices": ("pt", "sft", "preference", "rl")}),
-    ("--max_length", {"type": int, "default": None}),
-    ("--truncation_strategy", {"default": "delete", "choices": TRUNCATION_STRATEGIES}),
-    ("--packing", {"type": str2bool, "nargs": "?", "const": True, "default": False}),
-    ("--streaming", {"type": str2bool, "nargs": "?", "const": True, "default": False}),
-    ("--lazy_tokenize", {"type": str2bool, "nargs": "?", "const": True, "default": False}),
-    ("--dataset_num_proc", {"type": int, "default": 1}),
-    ("--dataset_shuffle", {"type": str2bool, "nargs": "?", "const": True, "default": True}),
-    ("--seed", {"type": int, "default": 42}),
-    ("--system", {"default": None, "help": "system prompt ('' for none); default: the family's"}),
-    ("--template_backend", {"default": "native", "choices": ("native", "jinja")}),
-    ("--max_pixels", {"type": int, "default": None}),
-    ("--min_pixels", {"type": int, "default": None}),
-    ("--image_max_token_num", {"type": int, "default": None}),
-    ("--video_max_pixels", {"type": int, "default": None}),
-    ("--video_max_token_num", {"type": int, "default": None}),
-    ("--fps", {"type": float, "default": None}),
-    ("--fps_max_frames", {"type": int, "default": None}),
-    ("--image_backend", {"default": "pil", "choices": ("pil", "dali")}),
-    ("--on_bad_sample", {"default": "error", "choices": ON_BAD_SAMPLE_CHOICES}),
-]
-
-
-def add_data_args(parser: argparse.ArgumentParser) -> None:
-    """Add the data flags (skipping any the parser already defines)."""
-    group = parser.add_argument_group("data")
-    for flag, kw in _DATA_FLAGS:
-        if flag not in parser._option_string_actions:
-            group.add_argument(flag, **kw)
-
-
-def add_encode_args(parser: argparse.ArgumentParser) -> None:
-    add_data_args(parser)
-    for flag, kw in [("--model", {"required": True, "help": "HF checkpoint dir (tokenizer, "
-                                      "processor, config)"}),
-                     ("--output_dir", {"required": True}),
-                     ("--dump", {"type": int, "default": 0,
-                                 "help": "also write N samples as JSONL"})]:
-        if flag not in parser._option_string_actions:
-            parser.add_argument(flag, **kw)
 
 
 def _get(args: Any, name: str, default: Any = None) -> Any:
@@ -124,12 +73,16 @@ def _get(args: Any, name: str, default: Any = None) -> Any:
 
 
 def media_config(args: Any) -> MediaConfig:
+    from mvlm.data.media import MediaConfig
+
     return MediaConfig.from_env(**{k: _get(args, k) for k in (
         "max_pixels", "min_pixels", "image_max_token_num", "video_max_pixels",
         "video_max_token_num", "fps", "fps_max_frames", "image_backend")})
 
 
 def template_config(args: Any) -> TemplateConfig:
+    from mvlm.data.template import TemplateConfig
+
     return TemplateConfig(max_length=_get(args, "max_length"),
                           truncation_strategy=_get(args, "truncation_strategy", "delete"),
                           task=_get(args, "task", "sft"), system=_get(args, "system"),
@@ -137,6 +90,8 @@ def template_config(args: Any) -> TemplateConfig:
 
 
 def build_template(args: Any, model_dir: str) -> Template:
+    from mvlm.data.template import get_template
+
     return get_template(model_dir, cfg=template_config(args), media=media_config(args))
 
 
@@ -154,6 +109,8 @@ class TrainData:
 
 
 def _stats(ds: datasets.Dataset, max_length: int | None, packs: list | None) -> dict[str, Any]:
+    from mvlm.data.packing import packing_efficiency
+
     lengths = ds["length"]
     out: dict[str, Any] = {"samples": len(ds), "tokens": int(sum(lengths)),
                            "max_len": int(max(lengths)) if len(lengths) else 0}
@@ -167,21 +124,32 @@ def _stats(ds: datasets.Dataset, max_length: int | None, packs: list | None) -> 
 
 
 def _encode_eager(args: Any, template: Template, counter: BadSampleCounter):
+    from mvlm.data.dataset import encode_all
+    from mvlm.data.dataset_spec import load_datasets, load_options
+
     train_raw, val_raw = load_datasets(
         _get(args, "dataset") or [], val_specs=_get(args, "val_dataset") or [],
         split_dataset_ratio=_get(args, "split_dataset_ratio", 0.0) or 0.0,
-        seed=_get(args, "seed", 42))
+        seed=_get(args, "seed", 42), options=load_options(args))
     num_proc = _get(args, "dataset_num_proc", 1) or 1
     train = encode_all(train_raw, template, counter, num_proc=num_proc,
-                       shuffle=_get(args, "dataset_shuffle", True), seed=_get(args, "seed", 42))
+                       shuffle=_get(args, "dataset_shuffle", True),
+                       seed=load_options(args).seed)
     val = encode_all(val_raw, template, counter, num_proc=num_proc) if val_raw else None
     return train, val
 
 
 def _pack(args: Any, ds: datasets.Dataset) -> list[list[int]]:
+    from mvlm.data.packing import pack_lengths
+
     if not _get(args, "max_length"):
         raise ValueError("--packing needs --max_length (the packed row length)")
-    return pack_lengths(ds["length"], args.max_length)
+    return pack_lengths(ds["length"], packing_length(args))
+
+
+def packing_length(args: Any) -> int:
+    """Packed row length: --packing_length (ms-swift), else --max_length."""
+    return int(_get(args, "packing_length") or args.max_length)
 
 
 def _read_json(path: str) -> Any:
@@ -192,6 +160,12 @@ def _read_json(path: str) -> Any:
 def build_train_dataset(args: Any, processor_dir: str, *, dp_rank: int = 0,
                         dp_size: int = 1) -> TrainData:
     """Datasets for training from the data flags (see the module docstring)."""
+    import datasets
+
+    from mvlm.data.dataset import EncodedDataset, LazyDataset, StreamingDataset
+    from mvlm.data.dataset_spec import load_datasets, load_options
+    from mvlm.data.packing import PackedDataset, pack_lengths
+
     template = build_template(args, processor_dir)
     counter = BadSampleCounter(_get(args, "on_bad_sample", "error"))
     packing = bool(_get(args, "packing", False))
@@ -215,8 +189,9 @@ def build_train_dataset(args: Any, processor_dir: str, *, dp_rank: int = 0,
         stats = _read_json(os.path.join(cached, "stats.json"))
     elif _get(args, "streaming", False):
         train_raw, val_raw = load_datasets(args.dataset, val_specs=_get(args, "val_dataset", []),
-                                           streaming=True, seed=_get(args, "seed", 42))
-        plen = args.max_length if packing else None
+                                           streaming=True, seed=_get(args, "seed", 42),
+                                           options=load_options(args))
+        plen = packing_length(args) if packing else None
         tr = StreamingDataset(train_raw, template, counter.policy, plen, dp_rank, dp_size)
         va = StreamingDataset(val_raw, template, counter.policy, plen) if val_raw else None
         return TrainData(tr, va, template, tr.counter, pad_id, packing)
@@ -228,20 +203,21 @@ def build_train_dataset(args: Any, processor_dir: str, *, dp_rank: int = 0,
         train_raw, val_raw = load_datasets(
             args.dataset, val_specs=_get(args, "val_dataset", []),
             split_dataset_ratio=_get(args, "split_dataset_ratio", 0.0) or 0.0,
-            seed=_get(args, "seed", 42))
+            seed=_get(args, "seed", 42), options=load_options(args))
         tr = LazyDataset(train_raw, template, counter.policy)
         va = LazyDataset(val_raw, template, counter.policy) if val_raw else None
         return TrainData(tr, va, template, tr.counter, pad_id, False)
     else:
         train, val = _encode_eager(args, template, counter)
         packs = _pack(args, train) if packing else None
-        stats = _stats(train, _get(args, "max_length"), packs)
+        plen = packing_length(args) if packs is not None else _get(args, "max_length")
+        stats = _stats(train, plen, packs)
     tr_ds: Any = EncodedDataset(train, template, counter.policy)
     va_ds: Any = EncodedDataset(val, template, counter.policy) if val is not None else None
     if packing:
         tr_ds = PackedDataset(tr_ds, packs)
         if va_ds is not None:
-            va_ds = PackedDataset(va_ds, pack_lengths(val["length"], args.max_length))
+            va_ds = PackedDataset(va_ds, pack_lengths(val["length"], packing_length(args)))
     return TrainData(tr_ds, va_ds, template, counter, pad_id, packing, stats)
 
 
@@ -251,6 +227,11 @@ def build_dataloader(data: TrainData, *, split: str = "train", micro_batch_size:
                      pad_to_multiple_of: int = 1, cp_size: int = 1,
                      num_epochs: int | None = None) -> torch.utils.data.DataLoader:
     """Micro-batch DataLoader (see the module docstring)."""
+    import torch.utils.data
+
+    from mvlm.data.collate import Collator
+    from mvlm.data.loader import build_dataloader as _build_loader
+
     ds = data.train if split == "train" else data.val
     if ds is None:
         raise ValueError(f"no {split} dataset (pass --val_dataset or --split_dataset_ratio)")
@@ -313,7 +294,8 @@ def run_encode(args: argparse.Namespace) -> int:
     if packs is not None:
         with open(os.path.join(out, "packs.json"), "w") as f:
             json.dump(packs, f)
-    stats = _stats(train, _get(args, "max_length"), packs)
+    plen = packing_length(args) if packs is not None else _get(args, "max_length")
+    stats = _stats(train, plen, packs)
     stats["val_samples"] = len(val) if val is not None else 0
     stats["skipped"] = dict(counter.counts)
     stats["seconds"] = round(time.time() - t0, 2)

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from mvlm.data.errors import BadSampleError
+from mvlm.data.flags import TRUNCATION_STRATEGIES  # one tuple: the flag's choices
 from mvlm.data.formats import Sample, parse_row
 from mvlm.data.media import (
     DALI_HINT,
@@ -51,8 +52,6 @@ from mvlm.data.media import (
 from mvlm.data.mrope import get_rope_index, text_position_ids
 
 logger = logging.getLogger(__name__)
-
-TRUNCATION_STRATEGIES = ("delete", "left", "right", "error")
 
 
 def _raw_size(data: bytes) -> tuple[int, int]:

@@ -23,7 +23,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
-from mvlm.data.encode import str2bool  # noqa: E402 - one parser for data and train flags
+from mvlm.data.flags import str2bool  # one parser for data and train flags (light module)
+from mvlm.models.recompute import RecomputeConfig, RecomputeError  # light: stdlib only
 
 log = logging.getLogger("mvlm.train")
 
@@ -135,8 +136,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--torch_dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="parameter dtype (default: the checkpoint's)")
     g.add_argument("--attn_impl", default=None,
-                   help="flash_attn|flash|sdpa|eager|local|fused|auto: core attention (falls back "
-                        "with a warning when the kernel is not installed)")
+                   help="core attention kernel: flash_attn (flash-attn varlen; SDPA with one "
+                        "warning where it cannot run), sdpa (torch SDPA only), eager (explicit "
+                        "matmul-softmax), auto (default: flash-attn where it runs, else SDPA). "
+                        "Megatron names: flash, fused (=sdpa), unfused (=eager), local (=eager "
+                        "on the local spec). The TE spec maps them onto its attention backend.")
     g.add_argument("--transformer_impl", default="auto", choices=["auto", "te", "local"])
     g.add_argument("--device", default=None, choices=["cpu", "cuda"])
 
@@ -178,8 +182,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     _bool(g, "--sequence_parallel")
     _bool(g, "--use_distributed_optimizer", default=None)
     g.add_argument("--recompute_granularity", default=None, choices=["full", "selective", "none"])
-    g.add_argument("--recompute_method", default=None, choices=["uniform", "block"])
-    g.add_argument("--recompute_num_layers", type=int, default=None)
+    g.add_argument("--recompute_method", default=None, choices=["uniform", "block"],
+                   help="full recompute: uniform (checkpoint every --recompute_num_layers layers; "
+                        "default) or block (only the first N layers of each pipeline stage)")
+    g.add_argument("--recompute_num_layers", type=int, default=None,
+                   help="full recompute: layers per checkpoint (uniform) or checkpointed layers "
+                        "per pipeline stage (block); default 1")
     _bool(g, "--gradient_checkpointing", default=None)
     g.add_argument("--deepspeed", default=None,
                    help="HF-Trainer: zero0|zero1|zero2|zero3 -> (distributed) optimizer")
@@ -210,9 +218,12 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--wandb_exp_name", default=None)
     _bool(g, "--padding_free", default=None)
     g.add_argument("--dataloader_num_workers", type=int, default=0)
-    _bool(g, "--check_for_nan_in_loss_and_grad", default=True)
+    _bool(g, "--check_for_nan_in_loss_and_grad", default=True,
+          help="check every step's loss and grad norm before the update; a NaN/inf stops the run "
+               "naming the step (or skips the update, see --max_skipped_steps)")
     g.add_argument("--max_skipped_steps", type=int, default=0,
-                   help="stop when more than this many steps had a NaN/inf gradient")
+                   help="steps with a NaN/inf loss or grad norm whose update is skipped before "
+                        "the run stops (needs --check_for_nan_in_loss_and_grad true)")
     _bool(g, "--disable_tqdm")
 
     # Accepted-and-ignored / refused flags get their own entries so argparse knows them.
@@ -323,6 +334,21 @@ class TrainConfig:
     disable_tqdm: bool
     ns: argparse.Namespace = field(repr=False, default_factory=argparse.Namespace)
     notes: list[str] = field(default_factory=list)
+    # Activation recompute beyond the granularity (mvlm.models.recompute.RecomputeConfig).
+    recompute_method: str | None = None
+    recompute_num_layers: int | None = None
+    # Megatron's selective-recompute submodules (core_attn, mlp, layernorm, moe,
+    # shared_experts; None = Megatron's default ["core_attn"]). Filled from ms-swift's
+    # --recompute_modules: set it ONLY when the user passed the flag (a value with no
+    # --recompute_granularity selective is refused as having no effect).
+    recompute_modules: list[str] | None = None
+    check_for_nan_in_loss_and_grad: bool = True
+
+    @property
+    def recompute(self) -> RecomputeConfig:
+        """The recompute flags as one value (checked against the model in transformer_config)."""
+        return RecomputeConfig(self.recompute_granularity, self.recompute_method,
+                               self.recompute_num_layers, self.recompute_modules)
 
     def dp_size(self, world_size: int) -> int:
         return world_size // (self.tp * self.pp * self.cp)
@@ -361,8 +387,10 @@ class TrainConfig:
 _DECAY = {"cosine": "cosine", "linear": "linear", "constant": "constant",
           "constant_with_warmup": "constant", "cosine_with_min_lr": "cosine",
           "wsd": None, "inverse-square-root": "inverse-square-root"}
+# --attn_impl / --attention_backend spellings -> mvlm's kernel names (mvlm.models.gpt.ATTN_IMPLS).
+# Megatron's 'local' is its unfused local-spec attention, 'fused'/'unfused' are TE's switches.
 _ATTN = {None: "auto", "auto": "auto", "flash_attn": "flash", "flash": "flash",
-         "flash_attention_2": "flash", "sdpa": "sdpa", "eager": "eager", "local": "sdpa",
+         "flash_attention_2": "flash", "sdpa": "sdpa", "eager": "eager", "local": "eager",
          "fused": "sdpa", "unfused": "eager"}
 
 
@@ -486,6 +514,17 @@ def _validate(ns: argparse.Namespace, task: str, notes: list[str]) -> TrainConfi
         notes.append("--gradient_checkpointing true -> --recompute_granularity full")
     elif ns.gradient_checkpointing is not None and not ns.gradient_checkpointing:
         notes.append("--gradient_checkpointing false -> no activation recompute")
+    recompute_modules = getattr(ns, "recompute_modules", None)  # ms-swift flag (args owner)
+    try:  # flag combinations; the layer-count checks run once the model is known
+        RecomputeConfig(recompute, ns.recompute_method, ns.recompute_num_layers,
+                        recompute_modules).check_flags()
+    except RecomputeError as e:
+        raise ValueError(str(e)) from None
+    if ns.max_skipped_steps < 0:
+        raise bad("--max_skipped_steps", "must be >= 0")
+    if ns.max_skipped_steps and not ns.check_for_nan_in_loss_and_grad:
+        raise bad("--max_skipped_steps", "skipping needs the check: drop it or set "
+                                         "--check_for_nan_in_loss_and_grad true")
 
     # dtype: --bf16/--fp16 (Megatron/HF switches) map onto --torch_dtype.
     dtype = ns.torch_dtype
@@ -521,7 +560,17 @@ def _validate(ns: argparse.Namespace, task: str, notes: list[str]) -> TrainConfi
 
     attn = _ATTN.get(ns.attn_impl)
     if attn is None:
-        raise bad("--attn_impl", f"{ns.attn_impl!r}: use flash_attn, sdpa or eager")
+        raise bad("--attn_impl", f"{ns.attn_impl!r}: use one of "
+                                 f"{', '.join(k for k in _ATTN if k)}")
+    if ns.attn_impl == "local":  # Megatron's --attention_backend local = the local spec
+        if ns.transformer_impl == "te":
+            raise bad("--attn_impl", "local means the local (non-TE) spec: drop "
+                                     "--transformer_impl te or pick flash/fused/unfused")
+        if ns.transformer_impl != "local":
+            notes.append("--attn_impl local -> --transformer_impl local, eager core attention")
+        ns.transformer_impl = "local"
+    if attn != "auto" and ns.attn_impl not in ("local",):
+        notes.append(f"--attn_impl {ns.attn_impl} -> core attention kernel {attn}")
 
     # Intervals.
     for flag in ("eval_interval", "save_interval", "log_interval", "exit_interval",
@@ -571,7 +620,9 @@ def _validate(ns: argparse.Namespace, task: str, notes: list[str]) -> TrainConfi
         transformer_impl=ns.transformer_impl, device=ns.device, packing=bool(ns.packing),
         dataloader_num_workers=ns.dataloader_num_workers, seed=ns.seed,
         max_skipped_steps=ns.max_skipped_steps, disable_tqdm=bool(ns.disable_tqdm), ns=ns,
-        notes=notes)
+        notes=notes, recompute_method=ns.recompute_method,
+        recompute_num_layers=ns.recompute_num_layers, recompute_modules=recompute_modules,
+        check_for_nan_in_loss_and_grad=bool(ns.check_for_nan_in_loss_and_grad))
 
 
 def iterations_for_epochs(epochs: float, n_items: int, global_batch_size: int) -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 
 def add_export_args(p: argparse.ArgumentParser) -> None:
-    from mvlm.convert.command import add_layout_args
+    from mvlm.convert.flags import add_layout_args  # light: `mvlm export --help`
 
     p.add_argument("--model", "--load", dest="model", required=True,
                    help="checkpoint-<step> dir, a training output_dir, or an mvlm mcore dir")

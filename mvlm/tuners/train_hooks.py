@@ -11,12 +11,16 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+# torch, the model and mvlm.tuners.model are imported inside the functions that use them:
+# mvlm/train/args.py imports add_adapter_args from here to build the `mvlm sft --help` parser,
+# which must not import torch (tests/unit/test_cli_help.py).
+if TYPE_CHECKING:
+    import torch
 
-from mvlm.models.vlm import ModelBundle
-from mvlm.tuners.model import ADAPTER_ATTR, AdapterConfig, AdapterReport, apply_adapters
+    from mvlm.models.vlm import ModelBundle
+    from mvlm.tuners.model import AdapterConfig, AdapterReport
 
 log = logging.getLogger("mvlm.tuners")
 
@@ -47,6 +51,8 @@ def add_adapter_args(p: argparse.ArgumentParser) -> None:
 
 def adapter_config_from_args(ns: argparse.Namespace) -> AdapterConfig | None:
     """None for full training; raises with the flag name on bad combinations."""
+    from mvlm.tuners.model import AdapterConfig
+
     tt = getattr(ns, "train_type", "full")
     if tt not in TRAIN_TYPES:
         raise ValueError(f"--train_type: {tt!r}; use one of {', '.join(TRAIN_TYPES)}")
@@ -72,6 +78,8 @@ def setup_adapters(bundle: ModelBundle, ns: argparse.Namespace) -> AdapterReport
     """Apply (and optionally load) adapters. ``lora``/``dora``: every base tensor frozen except
     modules_to_save. ``lora_llm``: the LLM base is frozen and adapted, the vision tower and
     aligner keep the trainer's freeze flags (so they can be trained in full)."""
+    from mvlm.tuners.model import apply_adapters
+
     acfg = adapter_config_from_args(ns)
     if acfg is None:
         return None
@@ -93,6 +101,10 @@ def setup_adapters(bundle: ModelBundle, ns: argparse.Namespace) -> AdapterReport
 
 def is_trainable_key(key: str, value: Any) -> bool:
     """For adapters-only checkpoints: adapter entries and trainable (modules_to_save) tensors."""
+    import torch
+
+    from mvlm.tuners.model import ADAPTER_ATTR
+
     if ADAPTER_ATTR in key.split("."):
         return True
     data = getattr(value, "data", None)
