@@ -4,9 +4,13 @@
   rows goes through ``Template.encode_batch`` (one tokenizer call, one image-processor call).
   Bad rows are kept as empty rows with an ``_mvlm_error`` reason, counted, then dropped with a
   cheap ``select``; under ``--on_bad_sample error`` the first one stops the run with its file and
-  row. The result is Arrow on disk: what ``mvlm encode`` saves and ``--cached_dataset`` reloads.
+  line (the first bad line of the file with ``num_proc`` 1; with more processes, the first one of
+  the shard that met one first). The result is Arrow on disk: what ``mvlm encode`` saves and
+  ``--cached_dataset`` reloads. Skips are counted per distinct file row, in every mode (a row
+  repeated by ``path#N`` is one skipped row).
 * Lazy (``--lazy_tokenize``): rows are encoded in the DataLoader workers on access; a bad row is
-  replaced by the next good one (counted) so the sampler's order stays deterministic.
+  replaced by the next good one (counted once per row, also when counted in a loader worker)
+  so the sampler's order stays deterministic.
 * Streaming (``--streaming``): an iterable over encoded samples (optionally packed on the fly).
 
 Storage layout of an encoded row: ``input_ids``, ``labels`` (unshifted), ``length``,
@@ -27,12 +31,13 @@ import numpy as np
 import torch
 import torch.utils.data
 
-from mvlm.data.dataset_spec import ROW_COL, RawDataset, decode_row
+from mvlm.data.dataset_spec import ROW_COL, RawDataset
 from mvlm.data.errors import BadSampleCounter, BadSampleError
 from mvlm.data.template import SkipSample, Template
+from mvlm.data.textrows import LINE_COL, decode_example, location
 
 logger = logging.getLogger(__name__)
-ERROR_COL = "_mvlm_error"
+ERROR_COL = "_mvlm_error"  # "reason\tmessage" of a bad row, "" for a good one
 SRC_COL = "_mvlm_source"  # the dataset file a row came from (error messages name it)
 _VISION_FLAT = ("pixel_values", "pixel_values_videos")
 _VISION_GRID = ("image_grid_thw", "video_grid_thw")
@@ -43,7 +48,7 @@ def _features(template: Template) -> datasets.Features:
          "labels": datasets.Sequence(datasets.Value("int32")),
          "length": datasets.Value("int32"), "extra": datasets.Value("string"),
          ERROR_COL: datasets.Value("string"), ROW_COL: datasets.Value("int64"),
-         SRC_COL: datasets.Value("string")}
+         LINE_COL: datasets.Value("int64"), SRC_COL: datasets.Value("string")}
     if template.is_multimodal:
         f["position_ids"] = datasets.Sequence(datasets.Sequence(datasets.Value("int32")))
         for k in _VISION_FLAT:
@@ -87,10 +92,11 @@ def to_storage(enc: dict, template: Template) -> dict[str, Any]:
     return row
 
 
-def _empty_row(template: Template, reason: str) -> dict[str, Any]:
+def _empty_row(template: Template, err: BadSampleError) -> dict[str, Any]:
     # typed empties: Arrow cannot concatenate an int32 list with an untyped (double) one
     i32, f32 = np.zeros(0, np.int32), np.zeros(0, np.float32)
-    row = {"input_ids": i32, "labels": i32, "length": 0, "extra": "", ERROR_COL: reason}
+    row = {"input_ids": i32, "labels": i32, "length": 0, "extra": "",
+           ERROR_COL: f"{err.reason}\t{err}"}
     if template.is_multimodal:
         row.update(position_ids=np.zeros((3, 0), np.int32), pixel_values=f32,
                    pixel_values_videos=f32, image_grid_thw=np.zeros((0, 3), np.int32),
@@ -140,11 +146,11 @@ def from_storage(row: dict) -> dict[str, Any]:
 def _encode_map_fn(batch: dict, template: Template, source: str, base_dir: str | None,
                    policy: str) -> dict[str, list]:
     n = len(batch[ROW_COL])
-    rows_idx = batch[ROW_COL]
+    examples = [{k: batch[k][i] for k in batch} for i in range(n)]
     decoded: list[Any] = []
-    for i in range(n):
+    for ex in examples:
         try:
-            decoded.append(decode_row({k: batch[k][i] for k in batch}))
+            decoded.append(decode_example(ex))
         except BadSampleError as e:
             decoded.append(e)
     good = [i for i, r in enumerate(decoded) if not isinstance(r, BaseException)]
@@ -153,15 +159,17 @@ def _encode_map_fn(batch: dict, template: Template, source: str, base_dir: str |
     for i, r in zip(good, encoded):
         results[i] = r
     out: dict[str, list] = {k: [] for k in _features(template)}
-    for i, r in enumerate(results):
+    for ex, r in zip(examples, results):
+        row_idx, line = location(ex)
         if isinstance(r, BadSampleError):
-            r.with_location(source, int(rows_idx[i]))
+            r.with_location(source, row_idx, line)
             if policy == "error" and not isinstance(r, SkipSample):
                 raise r
-            row = _empty_row(template, r.reason)
+            row = _empty_row(template, r)
         else:
             row = to_storage(r, template)
-        row[ROW_COL] = int(rows_idx[i])
+        row[ROW_COL] = row_idx
+        row[LINE_COL] = line or 0
         row[SRC_COL] = source
         for k, col in out.items():
             col.append(row[k])
@@ -185,12 +193,20 @@ def encode_raw(raw: RawDataset, template: Template, counter: BadSampleCounter, *
                  # datasets' cache key costs seconds and is useless with the cache off
                  new_fingerprint=uuid.uuid4().hex)
     errors = enc[ERROR_COL]
-    bad = Counter(e for e in errors if e)
+    rows = enc[ROW_COL]
+    bad = Counter(reason for reason, _ in {(e.partition("\t")[0], r)
+                                           for e, r in zip(errors, rows) if e})
     if bad:
+        first = {}
+        for e in errors:
+            if e:
+                first.setdefault(e.partition("\t")[0], e.partition("\t")[2])
+        known = counter.counts
         for reason, cnt in bad.items():
-            if reason not in counter.counts:
-                logger.warning("skipping %d bad sample(s) in %s with reason %r", cnt,
-                               raw.source, reason)
+            if reason not in known:
+                logger.warning("skipping %d bad sample(s) in %s with reason %r (first: %s)",
+                               cnt, raw.source, reason, first[reason])
+                counter.examples.setdefault(reason, first[reason])
         counter.merge(bad)
         enc = enc.select([i for i, e in enumerate(errors) if not e])
     return enc
@@ -220,7 +236,7 @@ class EncodedDataset(torch.utils.data.Dataset):
                  policy: str = "error", max_retries: int = 100):
         self.data = data.with_format("numpy")
         self.template = template
-        self.counter = BadSampleCounter(policy)
+        self.counter = BadSampleCounter(policy, share_with_workers=True)
         self.max_retries = max_retries
 
     def __len__(self) -> int:
@@ -236,7 +252,7 @@ class EncodedDataset(torch.utils.data.Dataset):
             except BadSampleError as e:
                 row = self.data[i]
                 raise e.with_location(str(row.get(SRC_COL, "encoded dataset")),
-                                      int(row[ROW_COL])) from None
+                                      *location(row)) from None
         return sample
 
     def __getitem__(self, i: int) -> dict[str, Any]:
@@ -245,8 +261,8 @@ class EncodedDataset(torch.utils.data.Dataset):
                 return self._get((int(i) + attempt) % len(self))
             except BadSampleError as e:
                 self.counter.handle(e)
-        raise BadSampleError("too_many_bad_samples", f"{self.max_retries} consecutive bad rows "
-                             f"from index {i}")
+                last = e
+        raise _too_many(self.max_retries, last)
 
     @property
     def lengths(self) -> list[int]:
@@ -260,7 +276,7 @@ class LazyDataset(torch.utils.data.Dataset):
                  max_retries: int = 100):
         self.raws = raws
         self.template = template
-        self.counter = BadSampleCounter(policy)
+        self.counter = BadSampleCounter(policy, share_with_workers=True)
         self.max_retries = max_retries
         self.offsets = np.cumsum([0] + [len(r.data) for r in raws])
 
@@ -272,9 +288,9 @@ class LazyDataset(torch.utils.data.Dataset):
         raw = self.raws[k]
         ex = raw.data[int(i - self.offsets[k])]
         try:
-            return self.template.encode(decode_row(ex), raw.base_dir)
+            return self.template.encode(decode_example(ex), raw.base_dir)
         except BadSampleError as e:
-            raise e.with_location(raw.source, int(ex[ROW_COL])) from None
+            raise e.with_location(raw.source, *location(ex)) from None
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         for attempt in range(self.max_retries):
@@ -282,11 +298,17 @@ class LazyDataset(torch.utils.data.Dataset):
             try:
                 return self._encode(j)
             except SkipSample as e:  # dropped on purpose (truncation 'delete'): count only
-                self.counter.counts[e.reason] += 1
+                self.counter.count(e)
+                last: BadSampleError = e
             except BadSampleError as e:
                 self.counter.handle(e)  # raises under policy "error"
-        raise BadSampleError("too_many_bad_samples", f"{self.max_retries} consecutive bad rows "
-                             f"from index {i}")
+                last = e
+        raise _too_many(self.max_retries, last)
+
+
+def _too_many(n: int, last: BadSampleError) -> BadSampleError:
+    return BadSampleError("too_many_bad_samples", f"{n} consecutive bad rows, the last at "
+                          f"{last.where()} ({last.reason}); is the dataset mostly broken?")
 
 
 def iter_encoded(raws: list[RawDataset], template: Template, counter: BadSampleCounter,
@@ -299,7 +321,7 @@ def iter_encoded(raws: list[RawDataset], template: Template, counter: BadSampleC
             decoded: list[Any] = []
             for ex in buf:
                 try:
-                    decoded.append(decode_row(ex))
+                    decoded.append(decode_example(ex))
                 except BadSampleError as e:
                     decoded.append(e)
             good = [d for d in decoded if not isinstance(d, BaseException)]
@@ -307,9 +329,9 @@ def iter_encoded(raws: list[RawDataset], template: Template, counter: BadSampleC
             for ex, d in zip(buf, decoded):
                 r = d if isinstance(d, BaseException) else next(res)
                 if isinstance(r, BadSampleError):
-                    r.with_location(raw.source, int(ex[ROW_COL]))
+                    r.with_location(raw.source, *location(ex))
                     if isinstance(r, SkipSample):
-                        counter.counts[r.reason] += 1
+                        counter.count(r)
                         continue
                     counter.handle(r)
                     continue
@@ -330,7 +352,7 @@ class StreamingDataset(torch.utils.data.IterableDataset):
     def __init__(self, raws: list[RawDataset], template: Template, policy: str = "error",
                  packing_length: int | None = None, dp_rank: int = 0, dp_size: int = 1):
         self.raws, self.template = raws, template
-        self.counter = BadSampleCounter(policy)
+        self.counter = BadSampleCounter(policy, share_with_workers=True)
         self.packing_length = packing_length
         self.dp_rank, self.dp_size = dp_rank, dp_size
 

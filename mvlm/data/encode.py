@@ -44,7 +44,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from mvlm.data.errors import BadSampleCounter, BadSampleError
+from mvlm.data.errors import BadSampleCounter, BadSampleError, DatasetFileError
 
 # The flag builders live in the light mvlm.data.flags and are re-exported here, where the trainer
 # and the tests look for them. This module keeps torch, datasets and the pipeline modules inside
@@ -125,7 +125,8 @@ def _stats(ds: datasets.Dataset, max_length: int | None, packs: list | None) -> 
 
 def _encode_eager(args: Any, template: Template, counter: BadSampleCounter):
     from mvlm.data.dataset import encode_all
-    from mvlm.data.dataset_spec import load_datasets, load_options
+    from mvlm.data.dataset_spec import load_options
+    from mvlm.data.textrows import load_datasets  # text files read line by line
 
     train_raw, val_raw = load_datasets(
         _get(args, "dataset") or [], val_specs=_get(args, "val_dataset") or [],
@@ -163,8 +164,9 @@ def build_train_dataset(args: Any, processor_dir: str, *, dp_rank: int = 0,
     import datasets
 
     from mvlm.data.dataset import EncodedDataset, LazyDataset, StreamingDataset
-    from mvlm.data.dataset_spec import load_datasets, load_options
+    from mvlm.data.dataset_spec import load_options
     from mvlm.data.packing import PackedDataset, pack_lengths
+    from mvlm.data.textrows import load_datasets  # text files read line by line
 
     template = build_template(args, processor_dir)
     counter = BadSampleCounter(_get(args, "on_bad_sample", "error"))
@@ -282,7 +284,7 @@ def run_encode(args: argparse.Namespace) -> int:
     counter = BadSampleCounter(_get(args, "on_bad_sample", "error"))
     try:
         train, val = _encode_eager(args, template, counter)
-    except BadSampleError as e:
+    except (BadSampleError, DatasetFileError) as e:  # a row, or a file unreadable as a whole
         print(f"mvlm encode: {e}", file=sys.stderr)
         return 2
     packs = _pack(args, train) if _get(args, "packing") else None

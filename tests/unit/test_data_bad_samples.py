@@ -162,7 +162,7 @@ def test_encode_cli_error_and_skip(setup, capsys):
     (d / "mixed.jsonl").write_text("\n".join(lines) + "\n")
     assert _run(d, ckpt, "error") == 2
     err = capsys.readouterr().err
-    assert "mixed.jsonl, row 2" in err and "bad_json" in err and "--on_bad_sample skip" in err
+    assert "mixed.jsonl, line 3" in err and "bad_json" in err and "--on_bad_sample skip" in err
     assert _run(d, ckpt, "skip") == 0
     out = capsys.readouterr().out
     assert "skipped samples: 3 (bad_json=1, missing_media=1, no_assistant_turn=1)" in out
@@ -175,8 +175,8 @@ def test_image_broken_after_encoding_is_handled_in_the_loader(setup, tmp_path):
     import datasets
 
     from mvlm.data.dataset import EncodedDataset, encode_all
-    from mvlm.data.dataset_spec import load_datasets
     from mvlm.data.errors import BadSampleCounter
+    from mvlm.data.textrows import load_datasets
 
     d, _, tpl = setup
     (tmp_path / "x.png").write_bytes(_png_bytes())
@@ -189,5 +189,5 @@ def test_image_broken_after_encoding_is_handled_in_the_loader(setup, tmp_path):
     skip = EncodedDataset(enc, tpl, "skip")
     assert skip[0]["image_grid_thw"].tolist() == skip[1]["image_grid_thw"].tolist()  # y
     assert skip.counter.counts == {"corrupt_media": 1}
-    with pytest.raises(BadSampleError, match=r"d\.jsonl, row 0.*corrupt_media"):
+    with pytest.raises(BadSampleError, match=r"d\.jsonl, line 1\b.*corrupt_media"):
         EncodedDataset(enc, tpl, "error")[0]
