@@ -12,6 +12,12 @@ in the source file) so errors can name the file and row after sampling and shuff
 
 ``#N`` samples N rows (seeded); if N exceeds the dataset size, the dataset is repeated and the
 remainder sampled -- ms-swift's behaviour, which users rely on for up-weighting small sets.
+
+A spec is ``PATH_OR_ID[:SUBSET][#N]`` (ms-swift's syntax). A path that exists is local; otherwise
+``org/name`` is a hub dataset resolved by :mod:`mvlm.hub` (HF cache, then ModelScope/HF per
+``--use_hf``) and SUBSET picks its files (a directory or file-name part, e.g. ``validation``).
+``--columns '{"src": "dst"}'`` renames top-level columns before rows are interpreted (ms-swift's
+``columns``); for JSON rows the rename is applied to each parsed line at load time.
 """
 from __future__ import annotations
 
@@ -25,6 +31,8 @@ from typing import Any
 import datasets
 import numpy as np
 
+from mvlm.hub import _REPO_ID
+
 ROW_COL = "_mvlm_row"
 JSON_COL = "_mvlm_json"
 _DATA_EXTS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow",
@@ -35,13 +43,76 @@ _DATA_EXTS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow"
 class DatasetSpec:
     path: str
     num_samples: int | None = None
+    subset: str | None = None
 
     @classmethod
     def parse(cls, spec: str) -> DatasetSpec:
         m = re.fullmatch(r"(.+?)(?:#(\d+))?", spec.strip())
         if not m or not m.group(1):
-            raise ValueError(f"bad --dataset entry {spec!r}; expected PATH or 'PATH#N'")
-        return cls(m.group(1), int(m.group(2)) if m.group(2) else None)
+            raise ValueError(f"bad --dataset entry {spec!r}; expected PATH, 'PATH#N' or "
+                             "'ORG/NAME[:SUBSET][#N]'")
+        path, subset = m.group(1), None
+        if not os.path.exists(path) and ":" in path:
+            base, sub = path.rsplit(":", 1)
+            if sub and "/" not in sub and _REPO_ID.fullmatch(base):
+                path, subset = base, sub
+        return cls(path, int(m.group(2)) if m.group(2) else None, subset)
+
+
+@dataclass
+class LoadOptions:
+    """How specs are loaded (from the data flags): the data seed (``#N`` sampling, the val
+    split, the dataset shuffle), column renames, and the hub settings for IDs."""
+
+    seed: int = 42
+    columns: dict[str, str] | None = None
+    use_hf: bool | None = None
+    hub_token: str | None = None
+
+
+def parse_columns(value: Any) -> dict[str, str] | None:
+    """``--columns`` as ms-swift takes it: a JSON object ``{"src": "dst"}`` (or a dict)."""
+    if value is None or value == {} or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--columns {value!r}: expected a JSON object like "
+                             f"'{{\"text1\": \"query\"}}' ({e})") from e
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                              for k, v in value.items()):
+        raise ValueError(f"--columns: expected a JSON object of column -> new name, got "
+                         f"{value!r}")
+    return dict(value)
+
+
+def load_options(args: Any) -> LoadOptions:
+    """The options from parsed flags (``--data_seed`` wins over ``--seed`` for data ops)."""
+    seed = getattr(args, "data_seed", None)
+    if seed is None:
+        seed = getattr(args, "seed", 42)
+    return LoadOptions(seed=42 if seed is None else int(seed),
+                       columns=parse_columns(getattr(args, "columns", None)),
+                       use_hf=getattr(args, "use_hf", None),
+                       hub_token=getattr(args, "hub_token", None))
+
+
+def _rename_json_line(line: str, columns: dict[str, str]) -> str:
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        return line  # left as is: encoding reports it as bad_json with its row number
+    if not isinstance(row, dict):
+        return line
+    return json.dumps(_rename_dict(row, columns), ensure_ascii=False)
+
+
+def _rename_dict(row: dict, columns: dict[str, str]) -> dict:
+    out = {}
+    for k, v in row.items():
+        out[columns.get(k, k)] = v
+    return out
 
 
 @dataclass
@@ -77,48 +148,81 @@ def _json_lines(path: str) -> Iterator[str]:
         yield json.dumps(r, ensure_ascii=False)
 
 
-def _json_gen(path: str) -> Iterator[dict]:
-    for i, line in enumerate(_json_lines(path)):
-        yield {JSON_COL: line, ROW_COL: i}
+def _json_gen(paths: list[str], columns: dict[str, str] | None = None) -> Iterator[dict]:
+    i = 0
+    for path in paths:
+        for line in _json_lines(path):
+            yield {JSON_COL: _rename_json_line(line, columns) if columns else line, ROW_COL: i}
+            i += 1
 
 
-def load_one(spec: DatasetSpec | str, *, streaming: bool = False, seed: int = 42) -> RawDataset:
-    """Load one spec (file or directory) without decoding rows."""
-    spec = DatasetSpec.parse(spec) if isinstance(spec, str) else spec
+def _resolve_files(spec: DatasetSpec, opts: LoadOptions) -> tuple[list[str], str]:
+    """(local files, or [a directory], and the base dir for relative media paths) of one spec:
+    a local path as is; a hub ID's snapshot files (its SUBSET's when one is given)."""
     path = spec.path
     if not os.path.exists(path):
-        raise FileNotFoundError(f"--dataset {path!r} does not exist (mvlm reads local files and "
-                                "dataset directories; download hub datasets first)")
+        from mvlm.hub import dataset_files, is_repo_id, resolve
+
+        if not is_repo_id(path):
+            raise FileNotFoundError(
+                f"--dataset {path!r} does not exist (a local file/directory, or a hub ID "
+                "ORG/NAME[:SUBSET][#N])")
+        root = resolve(path, repo_type="dataset", use_hf=opts.use_hf, token=opts.hub_token,
+                       flag="--dataset").path
+        import logging
+
+        logging.getLogger("mvlm.data").info("--dataset %s -> %s", path, root)
+        return dataset_files(root, spec.subset), root
     base_dir = os.path.dirname(os.path.abspath(path)) if os.path.isfile(path) \
         else os.path.abspath(path)
-    ext = os.path.splitext(path)[1].lower()
-    if os.path.isfile(path) and _DATA_EXTS.get(ext) == "json":
+    return [path], base_dir
+
+
+def load_one(spec: DatasetSpec | str, *, streaming: bool = False, seed: int = 42,
+             options: LoadOptions | None = None) -> RawDataset:
+    """Load one spec (file, directory or hub ID) without decoding rows."""
+    spec = DatasetSpec.parse(spec) if isinstance(spec, str) else spec
+    opts = options or LoadOptions(seed=seed)
+    files, base_dir = _resolve_files(spec, opts)
+    path = files[0]
+    exts = {os.path.splitext(f)[1].lower() for f in files}
+    if all(os.path.isfile(f) for f in files) and {_DATA_EXTS.get(e) for e in exts} == {"json"}:
         if streaming:
-            ds = datasets.IterableDataset.from_generator(_json_gen, gen_kwargs={"path": path})
+            ds = datasets.IterableDataset.from_generator(
+                _json_gen, gen_kwargs={"paths": files, "columns": opts.columns})
         else:
-            lines = list(_json_lines(path))
+            lines = [r[JSON_COL] for r in _json_gen(files, opts.columns)]
             ds = datasets.Dataset.from_dict({JSON_COL: lines, ROW_COL: list(range(len(lines)))})
-    elif os.path.isfile(path):
-        if ext not in _DATA_EXTS:
-            raise ValueError(f"unsupported dataset file {path!r}; use one of "
-                             f"{sorted(_DATA_EXTS)} or a directory saved by datasets")
-        ds = datasets.load_dataset(_DATA_EXTS[ext], data_files=path, split="train",
+        return _finish(RawDataset(spec.path, ds, base_dir), spec, opts, rename=False)
+    if all(os.path.isfile(f) for f in files):
+        kinds = {_DATA_EXTS.get(e) for e in exts}
+        if None in kinds or len(kinds) != 1:
+            raise ValueError(f"unsupported dataset file(s) {files[:4]!r}; use one of "
+                             f"{sorted(_DATA_EXTS)} (one format per spec) or a directory saved "
+                             "by datasets")
+        ds = datasets.load_dataset(kinds.pop(), data_files=files, split="train",
                                    streaming=streaming)
-        ds = _add_row_index(ds)
     elif os.path.exists(os.path.join(path, "dataset_info.json")) or \
             os.path.exists(os.path.join(path, "state.json")):
         ds = datasets.load_from_disk(path)
         if isinstance(ds, datasets.DatasetDict):
             ds = ds["train"]
-        ds = _add_row_index(ds)
         if streaming:
             ds = ds.to_iterable_dataset()
     else:
         ds = datasets.load_dataset(path, split="train", streaming=streaming)
-        ds = _add_row_index(ds)
-    raw = RawDataset(path, ds, base_dir)
+    return _finish(RawDataset(spec.path, ds, base_dir), spec, opts, rename=True)
+
+
+def _finish(raw: RawDataset, spec: DatasetSpec, opts: LoadOptions, rename: bool) -> RawDataset:
+    if rename and opts.columns:
+        have = set(raw.data.column_names or [])
+        mapping = {k: v for k, v in opts.columns.items() if k in have and k != v}
+        if mapping:
+            raw.data = raw.data.rename_columns(mapping)
+    raw.data = _add_row_index(raw.data)
     if spec.num_samples is not None:
-        raw.data = sample_rows(raw.data, spec.num_samples, seed)
+        raw.data = sample_rows(raw.data, spec.num_samples, opts.seed)
     return raw
 
 
@@ -159,12 +263,17 @@ def split_train_val(raw: RawDataset, ratio: float, seed: int) -> tuple[RawDatase
 
 def load_datasets(specs: Sequence[str], *, val_specs: Sequence[str] = (),
                   split_dataset_ratio: float = 0.0, streaming: bool = False,
-                  seed: int = 42) -> tuple[list[RawDataset], list[RawDataset]]:
-    """All ``--dataset`` / ``--val_dataset`` specs, with the optional val split applied."""
+                  seed: int = 42, options: LoadOptions | None = None
+                  ) -> tuple[list[RawDataset], list[RawDataset]]:
+    """All ``--dataset`` / ``--val_dataset`` specs, with the optional val split applied.
+    ``options`` (from :func:`load_options`) carries the data seed, which then wins over
+    ``seed``."""
     if not specs:
         raise ValueError("no --dataset given")
-    train = [load_one(s, streaming=streaming, seed=seed) for s in specs]
-    val = [load_one(s, streaming=streaming, seed=seed) for s in val_specs]
+    opts = options or LoadOptions(seed=seed)
+    seed = opts.seed
+    train = [load_one(s, streaming=streaming, options=opts) for s in specs]
+    val = [load_one(s, streaming=streaming, options=opts) for s in val_specs]
     if split_dataset_ratio and not val_specs:
         if not 0 < split_dataset_ratio < 1:
             raise ValueError(f"--split_dataset_ratio must be in (0, 1), got {split_dataset_ratio}")

@@ -61,6 +61,10 @@ class MediaConfig:
     fps_max_frames: int | None = None
     fps_min_frames: int | None = None
     sampling_rate: int = 16000
+    # Audio budgets (ms-swift's SAMPLING_RATE / AUDIO_MAX_TOKEN_NUM). Read for completeness: no
+    # family mvlm trains today takes audio (audio rows fail as ``unsupported_media``), so they
+    # have no effect yet; mvlm.train.args says so when they are set.
+    audio_max_token_num: int | None = None
     image_backend: str = "pil"
     root_image_dir: str | None = None
 
@@ -72,6 +76,8 @@ class MediaConfig:
            "video_max_token_num": ("VIDEO_MAX_TOKEN_NUM", _env_int),
            "fps": ("FPS", _env_float), "fps_max_frames": ("FPS_MAX_FRAMES", _env_int),
            "fps_min_frames": ("FPS_MIN_FRAMES", _env_int),
+           "sampling_rate": ("SAMPLING_RATE", _env_int),
+           "audio_max_token_num": ("AUDIO_MAX_TOKEN_NUM", _env_int),
            "root_image_dir": ("ROOT_IMAGE_DIR", os.environ.get)}
 
     @classmethod
@@ -81,7 +87,9 @@ class MediaConfig:
         for f in fields(cls):
             if f.name in cls.ENV:
                 env_name, conv = cls.ENV[f.name]
-                values[f.name] = conv(env_name)
+                v = conv(env_name)
+                if v is not None or f.default is None:  # unset: keep the field's default
+                    values[f.name] = v
             if flags.get(f.name) is not None:
                 values[f.name] = flags[f.name]
         cfg = cls(**values)

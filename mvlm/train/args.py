@@ -64,20 +64,57 @@ SAME_MEANING: dict[str, str] = {
     "--num_workers": "--dataloader_num_workers",
     "--attention_backend": "--attn_impl",
     "--report_to": "--report_to",
+    # ms-swift 4 spellings
+    "--tuner_type": "--train_type",
+    "--adam_epsilon": "--adam_eps",
+    "--tensorboard_dir": "--logging_dir",
+    "--sequence_parallel_size": "--cp",
 }
 
-# Accepted and ignored, with the reason (they describe things mvlm decides for itself).
+# Why an alias means what it maps to, where the name alone does not say it (the info line).
+ALIAS_WHY: dict[str, str] = {
+    "--tuner_type": "ms-swift 4's name for --train_type",
+    "--sequence_parallel_size": "ms-swift's sequence parallelism splits every sequence over N "
+                                "ranks with exact attention over the whole sequence, as "
+                                "Megatron context parallelism does; DP shrinks by N in both",
+    "--tensorboard_dir": "Megatron-SWIFT's name for the tensorboard directory",
+}
+
+# Accepted and ignored, with the reason. Only flags that cannot change what is trained (the loss,
+# the data order, the weights written) belong here: speed/memory/bookkeeping switches and names
+# of things mvlm reads from the checkpoint. Anything that changes training is implemented (a
+# flag of the parser) or REFUSED.
 IGNORED: dict[str, str] = {
     "--model_type": "the family is read from the checkpoint's config.json",
     "--template": "the chat template comes from the checkpoint's tokenizer/processor",
-    "--use_hf": "nothing is downloaded; --model is a local directory",
-    "--model_author": "only used by ms-swift's self-cognition data",
-    "--model_name": "only used by ms-swift's self-cognition data",
-    "--per_device_eval_batch_size": "eval uses --micro_batch_size",
+    "--per_device_eval_batch_size": "eval uses --micro_batch_size (the eval loss is a token "
+                                    "mean over the whole validation set either way)",
     "--eval_strategy": "evaluation runs every --eval_interval steps",
     "--evaluation_strategy": "evaluation runs every --eval_interval steps",
-    "--save_strategy": "checkpoints are written every --save_interval steps",
     "--logging_strategy": "logging happens every --log_interval steps",
+    "--load_from_cache_file": "mvlm encodes the dataset in memory at every start (the same "
+                              "result each run, no cache files read or written); to skip "
+                              "re-encoding, run `mvlm encode` once and train with "
+                              "--cached_dataset",
+    "--vit_gradient_checkpointing": "memory only, same numerics: mvlm keeps the ViT's "
+                                    "activations (lower MAX_PIXELS if the ViT runs out of memory)",
+    "--max_shard_size": "the HF export writes one safetensors shard per rank plus an index, "
+                        "which transformers and vLLM load like any sharding",
+    "--create_checkpoint_symlink": "<output_dir>/latest already names the newest checkpoint",
+    "--add_version": "checkpoints go straight into --output_dir (that is what makes a rerun "
+                     "resume)",
+    "--check_model": "mvlm reads the checkpoint files as they are (no hash check)",
+    "--ddp_find_unused_parameters": "Megatron-Core DDP reduces the grad buffer of every "
+                                    "trainable parameter; there is nothing to search",
+    "--experts_impl": "a transformers MoE kernel choice; mvlm runs Megatron-Core's MoE layer",
+    "--async_save": "checkpoints are written synchronously (the same files)",
+    "--attention_softmax_in_fp32": "the SDPA/flash kernels accumulate the softmax in fp32",
+    "--use_liger_kernel": "Liger's fused kernels patch transformers modules; mvlm's Megatron "
+                          "modules compute the same loss without them",
+    "--dataloader_pin_memory": "host-to-device copy speed only",
+    "--dataloader_persistent_workers": "worker start-up cost only",
+    "--dataloader_prefetch_factor": "loader look-ahead only",
+    "--offload_bridge": "used by ms-swift's GRPO weight sync only",
     "--cross_entropy_loss_fusion": "the vocab-parallel cross entropy is always used",
     "--moe_grouped_gemm": "the local expert MLP is used where grouped GEMM is unavailable",
     "--moe_shared_expert_overlap": "no effect on the local spec",
@@ -96,14 +133,51 @@ IGNORED: dict[str, str] = {
     "--no_load_rng": "--mcore_model loads weights only",
 }
 
-# Cannot apply: refused with the mvlm equivalent.
+# Cannot apply: refused with the reason and the mvlm alternative.
 REFUSED: dict[str, str] = {
     "--fsdp": "use --use_distributed_optimizer true (ZeRO-style sharding of optimizer state)",
     "--fsdp_config": "use --use_distributed_optimizer true",
     "--deepspeed_config": "use --use_distributed_optimizer true",
     "--torch_compile": "not supported yet; remove the flag",
-    "--use_liger_kernel": "not used by the Megatron path; remove the flag",
-    "--optim": "the optimizer is Megatron-Core Adam(W); set --weight_decay/--adam_beta1/2",
+    "--decoder_first_pipeline_num_layers": "mvlm splits the decoder layers evenly over the "
+                                           "--pp stages: choose a --pp that divides the layer "
+                                           "count (or add --vpp)",
+    "--decoder_last_pipeline_num_layers": "mvlm splits the decoder layers evenly over the --pp "
+                                          "stages: choose a --pp that divides the layer count "
+                                          "(or add --vpp)",
+    "--pipeline_model_parallel_layout": "mvlm splits the decoder layers evenly over the --pp "
+                                        "stages: choose --pp/--vpp instead",
+    "--optimizer_cpu_offload": "optimizer state stays on the device: shard it over more DP "
+                               "ranks (--use_distributed_optimizer true, the default) or train "
+                               "adapters (--train_type lora)",
+    "--optimizer_offload_fraction": "no optimizer CPU offload in mvlm: use "
+                                    "--use_distributed_optimizer true or --train_type lora",
+    "--use_precision_aware_optimizer": "needs Transformer Engine's fused Adam; mvlm keeps fp32 "
+                                       "master weights and Adam state",
+    "--num_labels": "sequence classification (--task_type seq_cls) is not implemented: mvlm "
+                    "trains causal LMs (sft/pt); phrase the labels as answers for sft",
+    "--problem_type": "sequence classification (--task_type seq_cls) is not implemented",
+    "--agent_template": "mvlm has no agent/tool-call templates: render tool calls into the "
+                        "messages' text before training",
+    "--external_plugins": "mvlm loads no plugins: convert custom data to ms-swift JSONL "
+                          "(messages/images) and use a supported model family",
+    "--lorap_lr_ratio": "LoRA+ (a larger LR for the B matrices) is not implemented: use --lr",
+    "--moe_expert_capacity_factor": "mvlm's MoE is dropless (no expert capacity): remove it",
+    "--moe_router_dtype": "the router runs in the parameter dtype: train with --torch_dtype "
+                          "float32 for an fp32 router",
+    "--group_by_length": "length grouping is not implemented: --packing true balances "
+                         "tokens per micro-batch instead",
+    "--lr_decay_iters": "the LR decays over --train_iters (or the epochs' steps): set those",
+    "--use_galore": "GaLore is not implemented: use --train_type lora or "
+                    "--use_distributed_optimizer true to save memory",
+    "--quant_method": "quantised (QLoRA) training is not implemented: use --train_type lora",
+    "--quant_bits": "quantised (QLoRA) training is not implemented: use --train_type lora",
+    "--rope_scaling": "mvlm uses the checkpoint's own rope settings: edit config.json",
+    "--new_special_tokens": "adding tokens (embedding resize) is not implemented: use a "
+                            "checkpoint whose tokenizer already has them",
+    "--enable_dft_loss": "DFT loss is not implemented (mvlm trains plain token cross-entropy)",
+    "--enable_channel_loss": "per-channel loss is not implemented (mvlm trains plain token "
+                             "cross-entropy)",
 }
 
 
@@ -151,7 +225,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--per_device_train_batch_size", type=int, default=None)
     g.add_argument("--global_batch_size", type=int, default=None)
     g.add_argument("--gradient_accumulation_steps", type=int, default=None)
-    g.add_argument("--lr", type=float, default=None)
+    g.add_argument("--lr", type=float, default=None,
+                   help="peak LR; default as in ms-swift: 1e-5 for full training, 1e-4 with "
+                        "adapters (--train_type lora|dora|lora_llm)")
     g.add_argument("--min_lr", type=float, default=0.0)
     g.add_argument("--lr_decay_style", default="cosine",
                    help="cosine|linear|constant (HF names: cosine, linear, constant, "
@@ -165,9 +241,26 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip_grad", type=float, default=1.0)
     g.add_argument("--vit_lr", type=float, default=None)
     g.add_argument("--aligner_lr", type=float, default=None)
-    _bool(g, "--freeze_vit", default=None)
-    _bool(g, "--freeze_aligner", default=None)
+    _bool(g, "--freeze_vit", default=None,
+          help="default true, as in ms-swift (false with --train_type lora_llm, which trains "
+               "the ViT in full): pass --freeze_vit false to train the vision tower")
+    _bool(g, "--freeze_aligner", default=None,
+          help="default true, as in ms-swift (false with --train_type lora_llm)")
     _bool(g, "--freeze_llm", default=False)
+    g.add_argument("--freeze_parameters", nargs="*", default=[],
+                   help="freeze parameters whose name starts with one of these prefixes "
+                        "(Megatron names as in optimizer_groups.json, e.g. "
+                        "language_model.decoder.layers.0 vision_model.blocks; applied after "
+                        "the --freeze_* part flags)")
+    g.add_argument("--freeze_parameters_regex", default=None,
+                   help="freeze parameters whose name matches this regex (re.search)")
+    g.add_argument("--freeze_parameters_ratio", type=float, default=0.0,
+                   help="0 (nothing) or 1 (everything, then --trainable_parameters re-enables "
+                        "parts); fractions are refused")
+    g.add_argument("--trainable_parameters", nargs="*", default=[],
+                   help="prefixes kept trainable; wins over every freeze flag")
+    g.add_argument("--trainable_parameters_regex", default=None,
+                   help="regex of parameters kept trainable; wins over every freeze flag")
     from mvlm.tuners.train_hooks import add_adapter_args  # mvlm.tuners: LoRA/DoRA flags
 
     add_adapter_args(p)
@@ -214,6 +307,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--log_interval", type=int, default=1)
     g.add_argument("--report_to", nargs="+", default=["tensorboard"],
                    help="tensorboard|wandb|none (several allowed)")
+    g.add_argument("--logging_dir", default=None,
+                   help="tensorboard event directory (default <output_dir>/runs); "
+                        "Megatron-SWIFT: --tensorboard_dir")
+    g.add_argument("--save_strategy", default="steps", choices=["steps", "epoch", "no"],
+                   help="steps: every --save_interval; epoch: at the end of every epoch "
+                        "(--save_interval and --eval_interval become the steps per epoch); "
+                        "no: no intermediate checkpoints (the final one is still written)")
     g.add_argument("--wandb_project", default="mvlm")
     g.add_argument("--wandb_exp_name", default=None)
     _bool(g, "--padding_free", default=None)
@@ -226,17 +326,19 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "the run stops (needs --check_for_nan_in_loss_and_grad true)")
     _bool(g, "--disable_tqdm")
 
+    add_swift_args(p)
+
     # Accepted-and-ignored / refused flags get their own entries so argparse knows them.
     g = p.add_argument_group("compatibility (accepted for ms-swift scripts)")
     for flag in list(IGNORED) + list(REFUSED):
         if flag in ("--bf16", "--fp16", "--finetune", "--no_load_optim", "--no_load_rng",
-                    "--no_save_rng", "--use_hf", "--cross_entropy_loss_fusion",
+                    "--no_save_rng", "--cross_entropy_loss_fusion",
                     "--moe_grouped_gemm", "--moe_shared_expert_overlap", "--moe_permute_fusion",
                     "--overlap_param_gather", "--dataloader_drop_last", "--torch_compile",
                     "--use_liger_kernel", "--remove_unused_columns"):
             _bool(g, flag, default=None, dest="_compat_" + flag[2:])
         else:
-            g.add_argument(flag, default=None, dest="_compat_" + flag[2:], nargs="?", const="1")
+            g.add_argument(flag, default=None, dest="_compat_" + flag[2:], nargs="*")
     for alias, canon in SAME_MEANING.items():
         if alias == canon:
             continue
@@ -247,6 +349,58 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     from mvlm.data.encode import add_data_args
 
     add_data_args(p)
+
+
+def add_swift_args(p: argparse.ArgumentParser) -> None:
+    """ms-swift / Megatron-SWIFT flags that change training, implemented (or value-checked in
+    :func:`_validate_swift`, which refuses the values mvlm cannot honour with the reason)."""
+    g = p.add_argument_group("ms-swift data, hub and loss flags")
+    _bool(g, "--use_hf", default=None,
+          help="hub IDs: true = Hugging Face; false (ms-swift's default) = ModelScope when the "
+               "modelscope package is installed, else Hugging Face. The local HF cache is "
+               "always tried first (mvlm.hub)")
+    g.add_argument("--hub_token", default=None, help="token for hub downloads")
+    g.add_argument("--model_revision", default=None, help="hub revision of --model")
+    g.add_argument("--data_seed", type=int, default=None,
+                   help="seed of the dataset operations (#N sampling, the validation split, "
+                        "the dataset shuffle); default: --seed")
+    g.add_argument("--columns", default=None,
+                   help='rename dataset columns before rows are read: \'{"src": "dst"}\'')
+    _bool(g, "--strict", default=None,
+          help="true: a malformed row stops the run (--on_bad_sample error); false: it is "
+               "skipped and counted (--on_bad_sample skip)")
+    g.add_argument("--packing_length", type=int, default=None,
+                   help="packed row length (default --max_length, which stays the per-sample "
+                        "limit)")
+    g.add_argument("--loss_scale", default=None,
+                   help="default (sft: every assistant turn) | all (every text token, as "
+                        "mvlm pt); default: 'default' for sft, 'all' for pt")
+    _bool(g, "--add_non_thinking_prefix", default=None,
+          help="false only: mvlm does not insert empty <think> blocks")
+    g.add_argument("--model_name", nargs="+", default=None,
+                   help="self-cognition data: replaces {{NAME}} (zh name, en name)")
+    g.add_argument("--model_author", nargs="+", default=None,
+                   help="self-cognition data: replaces {{AUTHOR}} (zh, en)")
+    g.add_argument("--task_type", default="causal_lm",
+                   help="causal_lm only (seq_cls/embedding/reranker are not implemented)")
+    g.add_argument("--moe_aux_loss_coeff", type=float, default=None,
+                   help="MoE load-balancing loss weight (default: the checkpoint's "
+                        "router_aux_loss_coef); > 0 turns the aux loss on")
+    g.add_argument("--lr_scheduler_kwargs", default=None,
+                   help='HF-Trainer: JSON; {"min_lr": x} -> --min_lr x')
+    g.add_argument("--neftune_noise_alpha", type=float, default=0.0,
+                   help="0 only (NEFTune noise is not implemented)")
+    g.add_argument("--recompute_modules", nargs="+", default=None,
+                   help="selective recompute submodules (core_attn mlp layernorm moe moe_act); "
+                        "needs --recompute_granularity selective")
+    g.add_argument("--optimizer", default="adam",
+                   help="adam (Megatron's Adam with decoupled weight decay = AdamW) only")
+    g.add_argument("--optim", default=None,
+                   help="HF-Trainer optimizer name: the adamw_* variants map to Megatron's Adam "
+                        "(AdamW); others are refused")
+    g.add_argument("--tuner_backend", default="peft",
+                   help="peft only (mvlm's own LoRA/DoRA on Megatron layers, saved in PEFT's "
+                        "format)")
 
 
 def yaml_to_argv(path: str) -> list[str]:
@@ -343,6 +497,37 @@ class TrainConfig:
     # --recompute_granularity selective is refused as having no effect).
     recompute_modules: list[str] | None = None
     check_for_nan_in_loss_and_grad: bool = True
+    # ms-swift flags (mvlm.train.args._validate_swift): tensorboard dir (None = <output>/runs),
+    # steps|epoch|no, MoE aux-loss override, name-based freezing (applied after the part flags;
+    # trainable_* win over every freeze rule).
+    logging_dir: str | None = None
+    save_strategy: str = "steps"
+    moe_aux_loss_coeff: float | None = None
+    freeze_parameters: list[str] = field(default_factory=list)
+    freeze_parameters_regex: str | None = None
+    freeze_all: bool = False
+    trainable_parameters: list[str] = field(default_factory=list)
+    trainable_parameters_regex: str | None = None
+
+    def name_freeze_rule(self) -> Any:
+        """``rule(name) -> True (freeze) | False (keep trainable) | None (part flags decide)``
+        for --freeze_parameters(_regex/_ratio 1) and --trainable_parameters(_regex)."""
+        import re
+
+        fre = re.compile(self.freeze_parameters_regex) if self.freeze_parameters_regex else None
+        tre = re.compile(self.trainable_parameters_regex) \
+            if self.trainable_parameters_regex else None
+
+        def rule(name: str) -> bool | None:
+            if any(name.startswith(p) for p in self.trainable_parameters) or \
+                    (tre is not None and tre.search(name)):
+                return False
+            if self.freeze_all or any(name.startswith(p) for p in self.freeze_parameters) or \
+                    (fre is not None and fre.search(name)):
+                return True
+            return None
+
+        return rule
 
     @property
     def recompute(self) -> RecomputeConfig:
@@ -410,12 +595,192 @@ def parse_train_args(argv: list[str], task: str) -> TrainConfig:
         if flag in REFUSED:
             raise ValueError(f"{flag} cannot apply to Megatron training: {REFUSED[flag]}")
         if flag in SAME_MEANING and SAME_MEANING[flag] != flag:
-            notes.append(f"{flag} -> {SAME_MEANING[flag]} (same meaning)")
+            why = ALIAS_WHY.get(flag, "same meaning")
+            notes.append(f"{flag} -> {SAME_MEANING[flag]} ({why})")
         if flag in IGNORED:
             notes.append(f"{flag} ignored: {IGNORED[flag]}")
+    _check_spellings(argv)
     ns = build_parser(task).parse_args(argv)
     ns.task = task
     return _validate(ns, task, notes)
+
+
+# Values of native flags that mvlm cannot honour (argparse would only say "invalid choice").
+REFUSED_VALUES: dict[tuple[str, str], str] = {
+    ("--truncation_strategy", "split"): "splitting one long sample into several is not "
+    "implemented: use left/right (truncate) or delete (drop), or split the text in the data",
+}
+
+
+def _flag_values(argv: list[str]) -> list[tuple[str, list[str]]]:
+    """(flag, its value tokens) in command-line order (``--f=v`` and ``--f v1 v2`` forms)."""
+    out: list[tuple[str, list[str]]] = []
+    for t in argv:
+        if t.startswith("--"):
+            flag, eq, val = t.partition("=")
+            out.append((flag, [val] if eq else []))
+        elif out:
+            out[-1][1].append(t)
+    return out
+
+
+def _check_spellings(argv: list[str]) -> None:
+    """Refused values, and two spellings of one flag with different values (argparse would keep
+    the last one silently: ``--tuner_type lora ... --train_type full`` must not train in full)."""
+    seen: dict[str, tuple[str, list[str]]] = {}
+    for flag, vals in _flag_values(argv):
+        for v in vals:
+            if (flag, v) in REFUSED_VALUES:
+                raise ValueError(f"{flag} {v}: {REFUSED_VALUES[(flag, v)]}")
+        canon = SAME_MEANING.get(flag, flag)
+        if canon in seen and seen[canon][0] != flag and seen[canon][1] != vals:
+            other, ov = seen[canon]
+            raise ValueError(f"{flag} {' '.join(vals)} contradicts {other} {' '.join(ov)} (the "
+                             f"same setting, {canon}): pass it once")
+        seen[canon] = (flag, vals)
+
+
+def _early_swift(ns: argparse.Namespace, notes: list[str]) -> None:
+    """ms-swift flags that must act before the generic checks: hub IDs for --model (the
+    directory check follows), --packing_length (the packing check follows)."""
+    if ns.model and not os.path.exists(ns.model):
+        from mvlm.hub import is_repo_id, resolve_model
+
+        if is_repo_id(ns.model):
+            path = resolve_model(ns.model, use_hf=ns.use_hf, revision=ns.model_revision,
+                                 token=ns.hub_token)
+            notes.append(f"--model {ns.model} -> {path} (hub ID, resolved by mvlm.hub)")
+            ns.model = path
+    if ns.packing_length is not None:
+        if ns.packing_length < 2:
+            raise ValueError("--packing_length: must be >= 2")
+        if not (ns.packing or ns.padding_free):
+            raise ValueError("--packing_length: only used with --packing true")
+        if ns.max_length is None:
+            ns.max_length = ns.packing_length
+            notes.append(f"--packing_length {ns.packing_length}: also the per-sample "
+                         "--max_length (none given)")
+        elif ns.packing_length < ns.max_length:
+            raise ValueError(f"--packing_length {ns.packing_length} is shorter than --max_length "
+                             f"{ns.max_length}: a sample of max_length would not fit a row")
+
+
+def _json_arg(flag: str, value: str | None) -> dict[str, Any]:
+    import json
+
+    if value in (None, ""):
+        return {}
+    try:
+        out = json.loads(value)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag} {value!r}: expected a JSON object ({e})") from e
+    if not isinstance(out, dict):
+        raise ValueError(f"{flag} {value!r}: expected a JSON object")
+    return out
+
+
+_LOSS_SCALE_TASK = {"default": "sft", "all": "pt"}
+_ADAMW_NAMES = ("adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw", "adam",
+                "adamw_apex_fused")
+
+
+def _validate_swift(ns: argparse.Namespace, task: str, notes: list[str]) -> dict[str, Any]:
+    """Value checks and mappings of the ms-swift flags (see add_swift_args). Returns the
+    TrainConfig fields they set."""
+    import re
+
+    def bad(flag: str, msg: str) -> ValueError:
+        return ValueError(f"{flag}: {msg}")
+
+    if ns.task_type != "causal_lm":
+        raise bad("--task_type", f"{ns.task_type}: only causal_lm is implemented (sft/pt); "
+                                 "sequence classification, embedding and reranker heads are not")
+    if ns.tuner_backend != "peft":
+        raise bad("--tuner_backend", f"{ns.tuner_backend}: mvlm has its own LoRA/DoRA on "
+                                     "Megatron layers (saved in PEFT's format): use peft")
+    if ns.optimizer != "adam":
+        raise bad("--optimizer", f"{ns.optimizer}: mvlm trains with Megatron-Core Adam "
+                                 "(decoupled weight decay = AdamW): use adam")
+    if ns.optim is not None:
+        if ns.optim not in _ADAMW_NAMES:
+            raise bad("--optim", f"{ns.optim}: the optimizer is Megatron-Core Adam(W); use "
+                                 "adamw_torch (set --weight_decay/--adam_beta1/2/--adam_eps)")
+        notes.append(f"--optim {ns.optim} -> Megatron-Core Adam with decoupled weight decay "
+                     "(AdamW)")
+    if ns.neftune_noise_alpha:
+        raise bad("--neftune_noise_alpha", "NEFTune embedding noise is not implemented: "
+                                           "drop the flag (or pass 0)")
+    if ns.add_non_thinking_prefix:
+        raise bad("--add_non_thinking_prefix", "mvlm does not insert empty <think></think> "
+                  "blocks into answers: add them to the data's assistant turns, or pass false")
+    if getattr(ns, "_compat_finetune", None) is False:
+        raise bad("--finetune", "false means resuming a Megatron-SWIFT run: mvlm resumes with "
+                                "--resume CHECKPOINT_DIR (weights, optimizer, RNG, data position)")
+    if getattr(ns, "use_dora", False) and ns.train_type in ("lora", "lora_llm"):
+        notes.append(f"--use_dora true -> DoRA adapters (--train_type "
+                     f"{'dora' if ns.train_type == 'lora' else 'lora_llm with DoRA'})")
+        if ns.train_type == "lora":
+            ns.train_type = "dora"
+    # Loss mask: ms-swift's loss_scale -> which tokens carry loss (the data's task mode).
+    if ns.loss_scale is not None:
+        if ns.loss_scale not in _LOSS_SCALE_TASK:
+            raise bad("--loss_scale", f"{ns.loss_scale}: mvlm trains every assistant turn "
+                      "('default') or every text token ('all'); other strategies (last_round, "
+                      "ignore_empty_think, agent weights) are not implemented: keep only the "
+                      "turns to learn in the data")
+        want = _LOSS_SCALE_TASK[ns.loss_scale]
+        if want != task:
+            notes.append(f"--loss_scale {ns.loss_scale} -> loss on "
+                         f"{'every text token' if want == 'pt' else 'the assistant turns'} "
+                         f"(the labels of mvlm {want})")
+        ns.task = want
+    if ns.strict is not None:
+        ns.on_bad_sample = "error" if ns.strict else "skip"
+        notes.append(f"--strict {str(ns.strict).lower()} -> --on_bad_sample {ns.on_bad_sample}")
+    from mvlm.data.dataset_spec import parse_columns
+
+    parse_columns(ns.columns)  # raises naming --columns
+    kw = _json_arg("--lr_scheduler_kwargs", ns.lr_scheduler_kwargs)
+    for k, v in kw.items():
+        if k != "min_lr":
+            raise bad("--lr_scheduler_kwargs", f"{k!r} is not supported (only min_lr -> "
+                                               "--min_lr)")
+        ns.min_lr = float(v)
+        notes.append(f"--lr_scheduler_kwargs min_lr={v} -> --min_lr {v}")
+    if ns.freeze_parameters_ratio not in (0.0, 1.0):
+        raise bad("--freeze_parameters_ratio", f"{ns.freeze_parameters_ratio}: only 0 or 1 "
+                  "(freeze everything, then --trainable_parameters); freeze layer ranges with "
+                  "--freeze_parameters language_model.decoder.layers.0 ...")
+    for flag in ("freeze_parameters_regex", "trainable_parameters_regex"):
+        v = getattr(ns, flag)
+        if v:
+            try:
+                re.compile(v)
+            except re.error as e:
+                raise bad(f"--{flag}", f"{v!r} is not a valid regex ({e})") from e
+    if ns.moe_aux_loss_coeff is not None and ns.moe_aux_loss_coeff < 0:
+        raise bad("--moe_aux_loss_coeff", "must be >= 0")
+    save_strategy = ns.save_strategy
+    if save_strategy == "epoch":
+        notes.append("--save_strategy epoch -> a checkpoint and an evaluation at the step that "
+                     "completes each epoch (--save_steps/--eval_steps are not used)")
+        ns.save_interval = ns.eval_interval = None
+    elif save_strategy == "no":
+        notes.append("--save_strategy no -> no intermediate checkpoints (the final checkpoint "
+                     "and HF export are still written)")
+        ns.save_interval = None
+    for env in ("AUDIO_MAX_TOKEN_NUM", "SAMPLING_RATE"):
+        if os.environ.get(env):
+            notes.append(f"{env} is read into the media config, but no model family mvlm "
+                         "trains takes audio (audio rows are rejected as unsupported_media): "
+                         "it has no effect")
+    return {"logging_dir": ns.logging_dir, "save_strategy": save_strategy,
+            "moe_aux_loss_coeff": ns.moe_aux_loss_coeff,
+            "freeze_parameters": list(ns.freeze_parameters or []),
+            "freeze_parameters_regex": ns.freeze_parameters_regex,
+            "freeze_all": ns.freeze_parameters_ratio == 1.0,
+            "trainable_parameters": list(ns.trainable_parameters or []),
+            "trainable_parameters_regex": ns.trainable_parameters_regex}
 
 
 def _validate(ns: argparse.Namespace, task: str, notes: list[str]) -> TrainConfig:
@@ -424,6 +789,7 @@ def _validate(ns: argparse.Namespace, task: str, notes: list[str]) -> TrainConfi
 
     from mvlm.tuners.train_hooks import adapter_config_from_args  # mvlm.tuners (validation)
 
+    _early_swift(ns, notes)
     adapter_config_from_args(ns)
     if not ns.model and not ns.mcore_model:
         raise bad("--model", "pass an HF checkpoint dir (--model) or an mvlm torch_dist "
@@ -474,7 +840,11 @@ def _validate(ns: argparse.Namespace, task: str, notes: list[str]) -> TrainConfi
         raise bad("--num_train_epochs", "must be > 0")
 
     # Learning rate and schedule.
-    lr = ns.lr if ns.lr is not None else 1e-5
+    lr = ns.lr
+    if lr is None:  # ms-swift's defaults: 1e-5 full, 1e-4 with adapters
+        lr = 1e-5 if ns.train_type == "full" else 1e-4
+        notes.append(f"--lr not given -> {lr:g} (ms-swift's default for --train_type "
+                     f"{ns.train_type})")
     style = _DECAY.get(ns.lr_decay_style)
     if style is None:
         raise bad("--lr_decay_style", f"{ns.lr_decay_style!r} is not supported: use cosine, "
@@ -495,15 +865,22 @@ def _validate(ns: argparse.Namespace, task: str, notes: list[str]) -> TrainConfi
     dist_opt = ns.use_distributed_optimizer
     if ns.deepspeed is not None:
         stage = os.path.basename(str(ns.deepspeed)).lower().replace(".json", "")
-        if stage.startswith("zero") and stage[4:5] in ("0", "1", "2", "3"):
+        if stage.startswith("zero") and stage[4:5] in ("0", "1", "2", "3") and \
+                stage[5:] in ("", "_offload"):
             want = stage[4] != "0"
             notes.append(f"--deepspeed {ns.deepspeed} -> --use_distributed_optimizer "
                          f"{str(want).lower()} (Megatron shards optimizer state over DP; weights "
                          "are split by TP/PP instead of ZeRO-3)")
+            if stage.endswith("_offload"):
+                notes.append(f"--deepspeed {ns.deepspeed}: the CPU OFFLOAD part is NOT applied "
+                             "- optimizer state and weights stay on the accelerator (sharded "
+                             "over DP); if memory is short add DP ranks, --tp/--pp, or "
+                             "--train_type lora")
             if dist_opt is None:
                 dist_opt = want
         else:
-            raise bad("--deepspeed", f"{ns.deepspeed!r}: use zero0|zero1|zero2|zero3, or "
+            raise bad("--deepspeed", f"{ns.deepspeed!r}: use zero0|zero1|zero2|zero3 (or "
+                                     "zero2_offload|zero3_offload, offload not applied), or "
                                      "--use_distributed_optimizer true")
     if dist_opt is None:
         dist_opt = True  # Megatron-SWIFT's default
@@ -548,13 +925,22 @@ def _validate(ns: argparse.Namespace, task: str, notes: list[str]) -> TrainConfi
     if ns.vpp == 1:
         ns.vpp = None
 
-    # Freezing: ms-swift defaults (full SFT trains the LLM and aligner, freezes nothing).
-    freeze_vit = bool(ns.freeze_vit) if ns.freeze_vit is not None else False
-    freeze_aligner = bool(ns.freeze_aligner) if ns.freeze_aligner is not None else False
+    # Freezing: ms-swift's defaults -- the ViT and the aligner are frozen (freeze_vit and
+    # freeze_aligner default to true) except with lora_llm, which trains both in full. ns keeps
+    # what the user passed (None = not given): the trainer only objects to explicit flags on a
+    # text-only model, and the adapter code reads an explicit --freeze_vit false.
+    default_frozen = ns.train_type != "lora_llm"
+    freeze_vit = bool(ns.freeze_vit) if ns.freeze_vit is not None else default_frozen
+    freeze_aligner = bool(ns.freeze_aligner) if ns.freeze_aligner is not None \
+        else default_frozen
     if freeze_vit and ns.vit_lr is not None:
-        raise bad("--vit_lr", "the ViT is frozen (--freeze_vit true): drop --vit_lr or unfreeze")
+        raise bad("--vit_lr", "the ViT is frozen (--freeze_vit true" +
+                  (", ms-swift's default" if ns.freeze_vit is None else "") +
+                  "): drop --vit_lr or pass --freeze_vit false")
     if freeze_aligner and ns.aligner_lr is not None:
-        raise bad("--aligner_lr", "the aligner is frozen (--freeze_aligner true)")
+        raise bad("--aligner_lr", "the aligner is frozen (--freeze_aligner true" +
+                  (", ms-swift's default" if ns.freeze_aligner is None else "") +
+                  "): drop --aligner_lr or pass --freeze_aligner false")
     if freeze_vit and freeze_aligner and ns.freeze_llm:
         raise bad("--freeze_llm", "every part is frozen: nothing would train")
 
@@ -597,6 +983,7 @@ def _validate(ns: argparse.Namespace, task: str, notes: list[str]) -> TrainConfi
         ns.task = task
     if task == "pt":
         ns.task = "pt"
+    swift = _validate_swift(ns, task, notes)
 
     return TrainConfig(
         task=task, model=ns.model, mcore_model=ns.mcore_model, output_dir=ns.output_dir,
@@ -622,7 +1009,20 @@ def _validate(ns: argparse.Namespace, task: str, notes: list[str]) -> TrainConfi
         max_skipped_steps=ns.max_skipped_steps, disable_tqdm=bool(ns.disable_tqdm), ns=ns,
         notes=notes, recompute_method=ns.recompute_method,
         recompute_num_layers=ns.recompute_num_layers, recompute_modules=recompute_modules,
-        check_for_nan_in_loss_and_grad=bool(ns.check_for_nan_in_loss_and_grad))
+        check_for_nan_in_loss_and_grad=bool(ns.check_for_nan_in_loss_and_grad), **swift)
+
+
+def epoch_end_steps(n_items: int, global_batch_size: int, train_iters: int) -> set[int]:
+    """--save_strategy epoch: the steps whose global batch holds the last item of an epoch
+    (step ceil(k * n / gbs) for epoch k), up to ``train_iters``."""
+    out = set()
+    k = 1
+    while True:
+        s = math.ceil(k * n_items / global_batch_size)
+        if s > train_iters:
+            return out
+        out.add(s)
+        k += 1
 
 
 def iterations_for_epochs(epochs: float, n_items: int, global_batch_size: int) -> int:

@@ -24,6 +24,7 @@ class TrainLogger:
 
     def __init__(self, output_dir: Path, total_steps: int, start_step: int, rank: int,
                  report_to: list[str], run_name: str | None = None, project: str = "mvlm",
+                 tb_dir: str | Path | None = None,
                  config: dict[str, Any] | None = None, disable_bar: bool = False):
         self.rank = rank
         self.total = total_steps
@@ -41,7 +42,7 @@ class TrainLogger:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(Path(output_dir) / "runs"))
+                self.tb = SummaryWriter(str(tb_dir or Path(output_dir) / "runs"))
             except ImportError:
                 log.warning("--report_to tensorboard: tensorboard is not installed "
                             "(pip install tensorboard); skipping")

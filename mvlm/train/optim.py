@@ -40,10 +40,14 @@ def apply_freeze(bundle: ModelBundle, cfg: TrainConfig) -> dict[str, int]:
     """Set requires_grad per part; returns trainable parameter counts per part (this rank)."""
     frozen = {"vit": cfg.freeze_vit, "aligner": cfg.freeze_aligner, "llm": cfg.freeze_llm}
     counts = {"vit": 0, "aligner": 0, "llm": 0, "frozen": 0}
+    # [issue 9 / ms-swift flags] --freeze_parameters*/--trainable_parameters* by name, after
+    # the part flags (names as this rank's model chunk has them; see --freeze_parameters)
+    by_name = cfg.name_freeze_rule()
     for m in bundle.models:
         for name, p in m.named_parameters():
             part = part_of(name, bundle.family.aligner_prefixes)
-            p.requires_grad_(not frozen[part])
+            rule = by_name(_strip(name))
+            p.requires_grad_(not (frozen[part] if rule is None else rule))
             counts[part if p.requires_grad else "frozen"] += p.numel()
     return counts
 

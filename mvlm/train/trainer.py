@@ -140,10 +140,16 @@ def train(cfg: TrainConfig) -> TrainResult:
     src_dir = Path(cfg.model) if cfg.model else Path(cfg.mcore_model) / "hf"
     meta = read_meta(Path(cfg.mcore_model)) if cfg.mcore_model else None
     hf_config = AutoConfig.from_pretrained(src_dir)
+    if cfg.moe_aux_loss_coeff is not None:  # [issue 9 / ms-swift flags] --moe_aux_loss_coeff
+        for c in (hf_config, getattr(hf_config, "text_config", None)):
+            if c is not None:
+                c.router_aux_loss_coef = cfg.moe_aux_loss_coeff
     family = get_family(hf_config.model_type)
     validate_layout(family.text_arch(hf_config), layout)
-    if (cfg.vit_lr is not None or cfg.aligner_lr is not None or cfg.freeze_vit
-            or cfg.freeze_aligner) and not family.is_vlm:
+    # [issue 9 / ms-swift flags] freeze_vit/aligner default to true: only explicit flags count
+    if (cfg.vit_lr is not None or cfg.aligner_lr is not None
+            or getattr(cfg.ns, "freeze_vit", None) or getattr(cfg.ns, "freeze_aligner", None)) \
+            and not family.is_vlm:
         raise ValueError(f"--vit_lr/--aligner_lr/--freeze_vit/--freeze_aligner: "
                          f"{hf_config.model_type} has no vision tower; drop those flags")
 
@@ -231,6 +237,17 @@ def train(cfg: TrainConfig) -> TrainResult:
                                  "pass --train_iters") from None
             train_iters = iterations_for_epochs(cfg.num_train_epochs, n_items,
                                                 cfg.global_batch_size)
+        # [issue 9 / ms-swift flags] --save_strategy epoch: save + eval at each epoch's last step
+        epoch_ends: set[int] = set()
+        if cfg.save_strategy == "epoch":
+            from mvlm.train.args import epoch_end_steps
+
+            try:
+                n_epoch_items = len(data.train)
+            except TypeError:
+                raise ValueError("--save_strategy epoch needs a sized dataset: with "
+                                 "--streaming use --save_steps") from None
+            epoch_ends = epoch_end_steps(n_epoch_items, cfg.global_batch_size, train_iters)
         scheduler = build_scheduler(optimizer, cfg, train_iters)
         step, consumed, skipped = 0, 0, 0
         if resume_from is not None:
@@ -254,6 +271,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         data_iter = iter(loader)
 
         tlog = TrainLogger(out_dir, train_iters, step, rank, cfg.report_to,
+                           tb_dir=cfg.logging_dir,  # [issue 9] --logging_dir/--tensorboard_dir
                            run_name=cfg.wandb_exp_name, project=cfg.wandb_project,
                            config={k: v for k, v in vars(cfg).items() if k != "ns"},
                            disable_bar=cfg.disable_tqdm)
@@ -359,12 +377,12 @@ def train(cfg: TrainConfig) -> TrainResult:
                           "tokens_per_sec": round(float(tok[0]) / max(dt, 1e-9), 1),
                           "step_time_s": round(dt, 4)})
             tlog.advance(step)
-            if cfg.eval_interval and step % cfg.eval_interval == 0:
+            if (cfg.eval_interval and step % cfg.eval_interval == 0) or step in epoch_ends:
                 ev = evaluate()
                 if ev is not None:
                     tlog.log({"step": step, **ev})
             result.step, result.consumed_samples = step, consumed
-            if cfg.save_interval and step % cfg.save_interval == 0:
+            if (cfg.save_interval and step % cfg.save_interval == 0) or step in epoch_ends:
                 last_saved = save(step)
             stop = cfg.exit_interval is not None and step % cfg.exit_interval == 0 \
                 and step < train_iters

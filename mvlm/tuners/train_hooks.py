@@ -47,6 +47,14 @@ def add_adapter_args(p: argparse.ArgumentParser) -> None:
                    help="PEFT adapter dir to load (continue training / evaluate)")
     _bool(g, "--merge_lora", default=False,
           help="at the end write merged full HF weights (else a PEFT adapter dir)")
+    _bool(g, "--use_dora", default=False,
+          help="ms-swift: DoRA instead of LoRA (--train_type lora|lora_llm + this = DoRA)")
+    g.add_argument("--lora_bias", default="none", choices=["none", "all"],
+                   help="none only: mvlm adapters train no biases (use --modules_to_save for "
+                        "whole modules)")
+    g.add_argument("--lora_dtype", default=None,
+                   help="must equal --torch_dtype: adapters take the model's dtype (the "
+                        "optimizer keeps fp32 master copies)")
 
 
 def adapter_config_from_args(ns: argparse.Namespace) -> AdapterConfig | None:
@@ -59,7 +67,18 @@ def adapter_config_from_args(ns: argparse.Namespace) -> AdapterConfig | None:
     if tt == "full":
         if getattr(ns, "adapters", None):
             raise ValueError("--adapters: loading a PEFT adapter needs --train_type lora|dora")
+        if getattr(ns, "use_dora", False):
+            raise ValueError("--use_dora true needs adapters: add --train_type lora (ms-swift: "
+                             "--tuner_type lora --use_dora true)")
         return None
+    if getattr(ns, "lora_bias", "none") != "none":
+        raise ValueError(f"--lora_bias {ns.lora_bias}: mvlm adapters train no biases; use "
+                         "--lora_bias none (and --modules_to_save to train whole modules)")
+    lora_dtype = getattr(ns, "lora_dtype", None)
+    if lora_dtype is not None and lora_dtype != getattr(ns, "torch_dtype", None):
+        raise ValueError(f"--lora_dtype {lora_dtype}: mvlm adapters take the model's dtype "
+                         "(--torch_dtype; the optimizer keeps fp32 master copies): drop the flag "
+                         f"or pass --torch_dtype {lora_dtype}")
     if getattr(ns, "adapters", None):
         from mvlm.tuners.peft_io import adapter_config_from_peft
 
@@ -67,7 +86,8 @@ def adapter_config_from_args(ns: argparse.Namespace) -> AdapterConfig | None:
     # ms-swift: with LoRA the ViT is frozen unless --freeze_vit false; all-linear then covers it
     include_vision = tt != "lora_llm" and getattr(ns, "freeze_vit", None) is False
     return AdapterConfig(
-        kind="dora" if tt == "dora" else "lora", rank=ns.lora_rank, alpha=ns.lora_alpha,
+        kind="dora" if tt == "dora" or getattr(ns, "use_dora", False) else "lora",
+        rank=ns.lora_rank, alpha=ns.lora_alpha,
         dropout=ns.lora_dropout, use_rslora=bool(ns.use_rslora),
         target_modules=list(ns.target_modules), target_regex=ns.target_regex,
         modules_to_save=list(ns.modules_to_save or []), include_vision=include_vision,

@@ -82,7 +82,9 @@ def common(model: Path, data: Path, out: Path, steps: int = STEPS) -> list[str]:
             "--global_batch_size", "4", "--lr", "2e-3", "--min_lr", "1e-4",
             "--lr_warmup_iters", "0", "--max_length", "256", "--seed", "0",
             "--output_dir", str(out), "--save_final_checkpoint", "false",
-            "--save_safetensors", "false", "--report_to", "none", "--disable_tqdm", "true"]
+            "--save_safetensors", "false", "--report_to", "none", "--disable_tqdm", "true",
+            # [issue 9] ms-swift's defaults freeze the ViT/aligner: these runs train every part
+            "--freeze_vit", "false", "--freeze_aligner", "false"]
 
 
 @pytest.fixture(scope="module")
