@@ -48,22 +48,23 @@ def packed_params(batch: dict) -> PackedSeqParams | None:
                            max_seqlen_q=m, max_seqlen_kv=m)
 
 
-def microbatch_dims(batches: list[dict]) -> tuple[int, int]:
+def microbatch_dims(batches: list[dict], pp: int = 1) -> tuple[int, int]:
     """(rows, seq_len) of the step's micro-batches as the model sees them.
 
     Megatron-Core's pipeline schedule allocates the activations it receives from the previous
     stage as [seq_len, rows, hidden], so it must get the rows of the tensors actually fed, not
     ``--micro_batch_size``: with packing, a micro-batch of N packed rows is ONE concatenated row
-    (``collate.collate_packed_rows``), b = 1. The rows (and, under PP, the lengths: see the
-    trainer's ``_same_length``) must agree across the step's micro-batches.
+    (``collate.collate_packed_rows``), b = 1. Under PP (``pp > 1``) the rows must agree across
+    the step's micro-batches (and the lengths: see the trainer's ``_same_length``); without PP
+    the schedule does not use the shape and a short last micro-batch is fine.
     """
     if not batches:
         raise ValueError("a step needs at least one micro-batch")
-    rows = {int(b["input_ids"].shape[0]) for b in batches}
-    if len(rows) != 1:
-        raise ValueError(f"micro-batches of one step have different row counts {sorted(rows)}: "
-                         "the data loader must yield micro_batch_size items per micro-batch")
-    return rows.pop(), int(batches[0]["input_ids"].shape[1])
+    rows = sorted({int(b["input_ids"].shape[0]) for b in batches})
+    if pp > 1 and len(rows) != 1:
+        raise ValueError(f"micro-batches of one step have different row counts {rows}: "
+                         "pipeline stages exchange one activation shape per step")
+    return rows[-1], int(batches[0]["input_ids"].shape[1])
 
 
 def _vision_zero_term(model: Any) -> torch.Tensor | None:

@@ -293,7 +293,7 @@ def train(cfg: TrainConfig) -> TrainResult:
 
         def run_step(batches: list[dict], forward_only: bool):
             # rows as fed (1 for a packed micro-batch of N rows), not --micro_batch_size
-            rows, seq = microbatch_dims(batches)
+            rows, seq = microbatch_dims(batches, layout.pp)
             iters = [iter(batches) for _ in range(n_chunks)] if n_chunks > 1 else iter(batches)
             return fb(forward_step_func=forward_step, data_iterator=iters, model=ddp_models,
                       num_microbatches=len(batches), seq_length=seq,
