@@ -3,12 +3,15 @@
 Layout of a checkpoint directory::
 
     MCORE_DIR/
-      mvlm_meta.json     model_type, HF config, padded vocab, layout it was saved at, dtype
+      mvlm_meta.json     model_type, HF config, padded vocab, layout it was saved at, dtype,
+                         format_version and the layer spec (te/local) that wrote it
       hf/                the HF non-weight files (config, tokenizer, processor, chat template)
       model/             Megatron-Core dist_checkpointing (torch_dist) of the model
 
 Because ``torch_dist`` stores global tensors with their shard layout, the checkpoint loads at
-any TP/PP/EP (the padded vocabulary size is fixed at save time and reused on load).
+any TP/PP/EP (the padded vocabulary size is fixed at save time and reused on load), and its
+keys are Transformer Engine's whichever spec wrote it, so it loads under either spec
+(``mvlm.convert.ckpt_format``: key names, format versions, TE ``_extra_state``).
 Everything is written into a hidden staging directory next to the target and renamed into
 place only after every rank finished, so an interrupted save leaves no directory that looks
 complete.
@@ -25,6 +28,13 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from transformers import AutoConfig
 
+from mvlm.convert.ckpt_format import (
+    adapt_model_keys,
+    format_meta,
+    format_version,
+    load_module_state,
+    load_sharded,
+)
 from mvlm.convert.hf_io import copy_aux_files, make_staging_dir, prepare_output_dir, publish_dir
 from mvlm.models.vlm import ModelBundle, build_model
 from mvlm.runtime.parallel import ParallelLayout
@@ -82,6 +92,7 @@ def save_mcore(bundle: ModelBundle, out: Path, layout: ParallelLayout, hf_src: P
                 "vocab_padded": bundle.vocab_padded,
                 "saved_layout": asdict(layout),
                 "dtype": dtype_name(bundle.config.params_dtype),
+                **format_meta(bundle.backend),
                 **(extra_meta or {}),
             }
             (staging / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
@@ -106,12 +117,34 @@ def read_meta(path: Path) -> dict:
         raise FileNotFoundError(
             f"{path} is not an mvlm Megatron checkpoint (no {META}); pass an HF directory with "
             "--to mcore, or a directory written by `mvlm convert --to mcore`")
-    return json.loads(p.read_text())
+    meta = json.loads(p.read_text())
+    format_version(meta, Path(path))  # a checkpoint from a newer mvlm fails here, clearly
+    return meta
+
+
+def model_keys(bundle: ModelBundle) -> list[str]:
+    """The top-level keys of :func:`model_sharded_state_dict`, in model-chunk order."""
+    return ["model"] if len(bundle.models) == 1 else [f"model{i}" for i in
+                                                       range(len(bundle.models))]
+
+
+def load_model_weights(bundle: ModelBundle, path: Path, meta: dict | None = None) -> dict:
+    """Collective: load the model weights of an mvlm checkpoint (convert or training) into
+    ``bundle``, whichever layer spec and layout wrote it. Optimizer state is left unread."""
+    path = Path(path)
+    meta = meta if meta is not None else read_meta(path)
+    sd = model_sharded_state_dict(bundle)
+    adapt_model_keys(sd, path / "model", meta)
+    loaded = load_sharded(sd, path / "model", with_optimizer=False)
+    for k, m in zip(model_keys(bundle), bundle.models, strict=True):
+        load_module_state(m, loaded[k], strict=True)
+    return meta
 
 
 def load_mcore(path: Path, layout: ParallelLayout, *, device: str, dtype: torch.dtype | None,
                backend: str = "local", **build_kw) -> tuple[ModelBundle, dict]:
-    """Build the model at ``layout`` (may differ from the saved one) and load the weights."""
+    """Build the model at ``layout`` (may differ from the saved one) and load the weights;
+    ``backend`` may differ from the ``layer_spec`` that wrote the checkpoint."""
     path = Path(path)
     meta = read_meta(path)
     hf_config = AutoConfig.from_pretrained(path / "hf")
@@ -119,10 +152,5 @@ def load_mcore(path: Path, layout: ParallelLayout, *, device: str, dtype: torch.
     bundle = build_model(hf_config, layout, dtype=dtype, device=device, backend=backend,
                          perform_initialization=False, vocab_padded=meta["vocab_padded"],
                          **build_kw)
-    sd = dist_checkpointing.load(model_sharded_state_dict(bundle), str(path / "model"))
-    if len(bundle.models) == 1:
-        bundle.models[0].load_state_dict(sd["model"], strict=True)
-    else:
-        for i, m in enumerate(bundle.models):
-            m.load_state_dict(sd[f"model{i}"], strict=True)
+    load_model_weights(bundle, path, meta)
     return bundle, meta

@@ -1,9 +1,13 @@
 """Layer specs: Transformer Engine's when it is importable on a GPU, otherwise Megatron-Core's local
 modules with mvlm's SDPA core attention and HF-exact RMSNorm.
 
-The two specs name their parameters differently (TE fuses the pre-attention and pre-MLP norms
-into ``linear_qkv``/``linear_fc1`` as ``layer_norm_weight``); ``mvlm.convert.mapping`` knows both,
-so which spec a run used never leaks into checkpoints exchanged with HF.
+The two specs name their parameters differently (TE fuses the pre-attention norm into
+``linear_qkv`` and, in dense layers, the pre-MLP norm into ``linear_fc1``, as
+``layer_norm_weight``). Two mechanisms keep which spec a run used out of its checkpoints:
+``mvlm.convert.mapping`` knows both module names for HF conversion, and the local spec declares a
+``sharded_state_dict_keys_map`` (:func:`te_checkpoint_keys_map`) so that its ``torch_dist`` keys
+are TE's. A checkpoint written on a GPU box with TE therefore resumes and exports on a box
+without it, and the other way round (``mvlm.convert.ckpt_format`` handles TE's ``_extra_state``).
 """
 from __future__ import annotations
 
@@ -44,6 +48,20 @@ def choose_backend(device: str, requested: str = "auto") -> str:
     return "te" if ok else "local"
 
 
+def te_checkpoint_keys_map(is_moe: bool) -> dict[str, str]:
+    """Prefix map from the local spec's norm names to the checkpoint keys TE writes for them.
+
+    TE fuses ``input_layernorm`` into ``self_attention.linear_qkv`` in every layer, but
+    ``pre_mlp_layernorm`` into ``mlp.linear_fc1`` only in dense layers: Megatron-Core's TE spec
+    keeps a separate ``pre_mlp_layernorm`` (TENorm) in front of a MoE block, whose router and
+    experts have no fused norm. q/k-norms, biases and the final norm are named alike in both.
+    The prefixes end in '.', so ``weight``/``bias`` map to ``layer_norm_weight``/``_bias``."""
+    keys_map = {"input_layernorm.": "self_attention.linear_qkv.layer_norm_"}
+    if not is_moe:
+        keys_map["pre_mlp_layernorm."] = "mlp.linear_fc1.layer_norm_"
+    return keys_map
+
+
 def local_layer_spec(config: TransformerConfig) -> ModuleSpec:
     from mvlm.models.attention import SDPACoreAttention
 
@@ -80,6 +98,7 @@ def local_layer_spec(config: TransformerConfig) -> ModuleSpec:
             pre_mlp_layernorm=RMSNorm,
             mlp=mlp,
             mlp_bda=get_bias_dropout_add,
+            sharded_state_dict_keys_map=te_checkpoint_keys_map(is_moe=bool(num_experts)),
         ),
     )
 

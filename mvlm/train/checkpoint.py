@@ -3,7 +3,8 @@
 Layout of ``<output_dir>/checkpoint-<step>/`` (a superset of :mod:`mvlm.convert.mcore_ckpt`'s, so
 ``mvlm convert --to hf`` and ``mvlm export`` read it, and ``--mcore_model`` starts from it)::
 
-    mvlm_meta.json       model_type, HF config, padded vocab, saved layout, dtype (+ "train")
+    mvlm_meta.json       model_type, HF config, padded vocab, saved layout, dtype, format_version,
+                         layer_spec (+ "train")
     hf/                  tokenizer / processor / config files
     model/               torch_dist: {"model": ..., "optimizer": ...} (optimizer optional)
     trainer_state.json   step, consumed_samples, scheduler state, layout, world size, skipped
@@ -18,6 +19,11 @@ Resharding: ``torch_dist`` stores global tensors; the distributed optimizer stat
 ``fully_reshardable``; so a checkpoint resumes at another TP/PP/DP. RNG states are restored only
 when the layout and world size are unchanged (otherwise there is no meaningful mapping; dropout-
 free training is unaffected).
+
+Layer specs: keys are Transformer Engine's under both specs (model and, since optimizer keys embed
+them, optimizer state), so a run checkpointed with TE resumes without it and the other way round;
+format-1 checkpoints (before the key names were unified) still load. See
+:mod:`mvlm.convert.ckpt_format`.
 """
 from __future__ import annotations
 
@@ -35,8 +41,21 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mvlm.convert.ckpt_format import (
+    adapt_model_keys,
+    format_meta,
+    load_module_state,
+    load_sharded,
+)
 from mvlm.convert.hf_io import copy_aux_files, make_staging_dir, publish_dir
-from mvlm.convert.mcore_ckpt import META, broadcast_path, dtype_name, model_sharded_state_dict
+from mvlm.convert.mcore_ckpt import (
+    META,
+    broadcast_path,
+    dtype_name,
+    model_keys,
+    model_sharded_state_dict,
+    read_meta,
+)
 from mvlm.models.vlm import ModelBundle
 from mvlm.runtime.parallel import ParallelLayout
 
@@ -84,12 +103,18 @@ def _adapters_only(bundle: ModelBundle) -> bool:
     return bool(adapters(bundle))
 
 
-def _sharded_state(bundle: ModelBundle, optimizer, is_loading: bool) -> dict:
+def _sharded_state(bundle: ModelBundle, optimizer, is_loading: bool,
+                   ckpt: tuple[Path, dict] | None = None) -> dict:
+    """Model (+ optimizer) sharded state; when loading, ``ckpt`` = (model dir, meta) renames the
+    model keys to the checkpoint's format first, so that the optimizer keys derived from them
+    match too."""
     sd = model_sharded_state_dict(bundle)
     if _adapters_only(bundle):
         from mvlm.tuners.train_hooks import trainable_only
 
         sd = trainable_only(sd)
+    if ckpt is not None:
+        adapt_model_keys(sd, *ckpt)
     if optimizer is not None:
         sd["optimizer"] = optimizer.sharded_state_dict(sd, is_loading=is_loading,
                                                        metadata=dict(_OPT_META))
@@ -154,6 +179,7 @@ def save_checkpoint(out_dir: Path, step: int, bundle: ModelBundle, optimizer, sc
             meta = {"format": "mvlm-mcore-v1", "model_type": bundle.hf_config.model_type,
                     "hf_config": bundle.hf_config.to_dict(), "vocab_padded": bundle.vocab_padded,
                     "saved_layout": asdict(layout), "dtype": dtype_name(bundle.config.params_dtype),
+                    **format_meta(bundle.backend),
                     "train": {"step": step, "consumed_samples": state.get("consumed_samples")}}
             (staging / META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
             hf = staging / "hf"
@@ -230,19 +256,17 @@ def find_resume(resume: str, out_dir: Path) -> Path | None:
 def load_checkpoint(path: Path, bundle: ModelBundle, optimizer, scheduler,
                     layout: ParallelLayout) -> dict[str, Any]:
     """Collective: restore model (+ optimizer, scheduler, RNG); returns the trainer state."""
-    from megatron.core import dist_checkpointing
-
     path = Path(path)
     state = json.loads((path / STATE).read_text())
+    meta = read_meta(path)
     with_opt = optimizer is not None and state.get("has_optimizer", True)
     if with_opt:
         _ensure_optimizer_state(optimizer)
-    sd = _sharded_state(bundle, optimizer if with_opt else None, True)
-    loaded = dist_checkpointing.load(sd, str(path / "model"))
-    keys = ["model"] if len(bundle.models) == 1 else [f"model{i}" for i in
-                                                       range(len(bundle.models))]
-    for k, m in zip(keys, bundle.models, strict=True):
-        m.load_state_dict(loaded[k], strict=not _adapters_only(bundle))
+    sd = _sharded_state(bundle, optimizer if with_opt else None, True,
+                        ckpt=(path / "model", meta))
+    loaded = load_sharded(sd, path / "model", with_optimizer=with_opt)
+    for k, m in zip(model_keys(bundle), bundle.models, strict=True):
+        load_module_state(m, loaded[k], strict=not _adapters_only(bundle))
     if with_opt:
         optimizer.load_state_dict(loaded["optimizer"])
         _unshare_adam_steps(optimizer)
