@@ -68,6 +68,14 @@ class LoadOptions:
     columns: dict[str, str] | None = None
     use_hf: bool | None = None
     hub_token: str | None = None
+    # ms-swift's --model_name / --model_author: (zh, en) replacements of {{NAME}} / {{AUTHOR}}
+    # in self-cognition rows (a row's "tag" zh picks the first, anything else the last).
+    name: tuple[str, ...] | None = None
+    author: tuple[str, ...] | None = None
+
+    @property
+    def rewrites_rows(self) -> bool:
+        return bool(self.columns or self.name or self.author)
 
 
 def parse_columns(value: Any) -> dict[str, str] | None:
@@ -95,17 +103,54 @@ def load_options(args: Any) -> LoadOptions:
     return LoadOptions(seed=42 if seed is None else int(seed),
                        columns=parse_columns(getattr(args, "columns", None)),
                        use_hf=getattr(args, "use_hf", None),
-                       hub_token=getattr(args, "hub_token", None))
+                       hub_token=getattr(args, "hub_token", None),
+                       name=_pair(getattr(args, "model_name", None)),
+                       author=_pair(getattr(args, "model_author", None)))
 
 
-def _rename_json_line(line: str, columns: dict[str, str]) -> str:
+def _pair(v: Any) -> tuple[str, ...] | None:
+    if not v:
+        return None
+    return tuple(v) if isinstance(v, (list, tuple)) else (str(v),)
+
+
+def _fill_placeholders(value: Any, subs: dict[str, str]) -> Any:
+    if isinstance(value, str):
+        for k, v in subs.items():
+            value = value.replace(k, v)
+        return value
+    if isinstance(value, list):
+        return [_fill_placeholders(x, subs) for x in value]
+    if isinstance(value, dict):
+        return {k: _fill_placeholders(x, subs) for k, x in value.items()}
+    return value
+
+
+def transform_row(row: dict, opts: LoadOptions) -> dict:
+    """--columns renames, then the self-cognition {{NAME}}/{{AUTHOR}} fill (text fields only:
+    query, response, messages, system)."""
+    if opts.columns:
+        row = _rename_dict(row, opts.columns)
+    subs = {}
+    zh = row.get("tag") == "zh"
+    for key, val in (("{{NAME}}", opts.name), ("{{AUTHOR}}", opts.author)):
+        if val:
+            subs[key] = val[0] if zh else val[-1]
+    if subs:
+        for k in ("query", "response", "messages", "system"):
+            if k in row:
+                row[k] = _fill_placeholders(row[k], subs)
+    return row
+
+
+def _transform_json_line(line: str, opts: LoadOptions) -> str:
     try:
         row = json.loads(line)
     except json.JSONDecodeError:
         return line  # left as is: encoding reports it as bad_json with its row number
     if not isinstance(row, dict):
         return line
-    return json.dumps(_rename_dict(row, columns), ensure_ascii=False)
+    return json.dumps(transform_row(row, opts), ensure_ascii=False)
 
 
 def _rename_dict(row: dict, columns: dict[str, str]) -> dict:
@@ -148,11 +193,12 @@ def _json_lines(path: str) -> Iterator[str]:
         yield json.dumps(r, ensure_ascii=False)
 
 
-def _json_gen(paths: list[str], columns: dict[str, str] | None = None) -> Iterator[dict]:
+def _json_gen(paths: list[str], opts: LoadOptions | None = None) -> Iterator[dict]:
     i = 0
+    rewrite = opts is not None and opts.rewrites_rows
     for path in paths:
         for line in _json_lines(path):
-            yield {JSON_COL: _rename_json_line(line, columns) if columns else line, ROW_COL: i}
+            yield {JSON_COL: _transform_json_line(line, opts) if rewrite else line, ROW_COL: i}
             i += 1
 
 
@@ -189,9 +235,9 @@ def load_one(spec: DatasetSpec | str, *, streaming: bool = False, seed: int = 42
     if all(os.path.isfile(f) for f in files) and {_DATA_EXTS.get(e) for e in exts} == {"json"}:
         if streaming:
             ds = datasets.IterableDataset.from_generator(
-                _json_gen, gen_kwargs={"paths": files, "columns": opts.columns})
+                _json_gen, gen_kwargs={"paths": files, "opts": opts})
         else:
-            lines = [r[JSON_COL] for r in _json_gen(files, opts.columns)]
+            lines = [r[JSON_COL] for r in _json_gen(files, opts)]
             ds = datasets.Dataset.from_dict({JSON_COL: lines, ROW_COL: list(range(len(lines)))})
         return _finish(RawDataset(spec.path, ds, base_dir), spec, opts, rename=False)
     if all(os.path.isfile(f) for f in files):
@@ -220,6 +266,9 @@ def _finish(raw: RawDataset, spec: DatasetSpec, opts: LoadOptions, rename: bool)
         mapping = {k: v for k, v in opts.columns.items() if k in have and k != v}
         if mapping:
             raw.data = raw.data.rename_columns(mapping)
+    if rename and (opts.name or opts.author):
+        fill = LoadOptions(name=opts.name, author=opts.author)
+        raw.data = raw.data.map(lambda r: transform_row(dict(r), fill))
     raw.data = _add_row_index(raw.data)
     if spec.num_samples is not None:
         raw.data = sample_rows(raw.data, spec.num_samples, opts.seed)

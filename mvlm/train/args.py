@@ -1028,3 +1028,76 @@ def epoch_end_steps(n_items: int, global_batch_size: int, train_iters: int) -> s
 def iterations_for_epochs(epochs: float, n_items: int, global_batch_size: int) -> int:
     """Steps that cover ``epochs`` passes over ``n_items`` (at least one step)."""
     return max(1, math.ceil(epochs * n_items / global_batch_size))
+
+
+# ----------------------------------------------------------------------------- docs/ms-swift.md
+
+FLAG_DOC = "docs/ms-swift.md"
+_DOC_HEAD = """# ms-swift flags in mvlm
+
+Every flag `mvlm pt` / `mvlm sft` knows, and what it does there. ms-swift (`swift sft/pt`) and
+Megatron-SWIFT (`megatron sft/pt`) scripts run with the command name changed; each alias, mapping
+and ignored flag prints one info line at start-up, refused flags stop before anything starts.
+
+Kinds: **native** (mvlm implements the flag under this name), **alias** (another spelling of a
+native flag), **ignored** (accepted; it cannot change what is trained, the reason says why),
+**refused** (stops with the reason and the alternative), **refused value** (the flag works, that
+value does not).
+
+Defaults follow ms-swift: `--freeze_vit`/`--freeze_aligner` true (false with `--train_type
+lora_llm`), `--lr` 1e-5 for full training and 1e-4 with adapters. Hub IDs in `--model` and
+`--dataset` (`ORG/NAME[:SUBSET][#N]`) are resolved by `mvlm.hub`: the local Hugging Face cache
+first (also with `HF_HUB_OFFLINE=1`), then ModelScope (`--use_hf false`, ms-swift's default, when
+the `modelscope` package is installed) or Hugging Face.
+
+This file is generated from the tables in `mvlm/train/args.py` (`write_flag_doc()`);
+`tests/unit/test_ms_swift_flags.py` fails when it is out of date.
+
+| flag | kind | mvlm behaviour |
+|---|---|---|
+"""
+
+
+def flag_table(task: str = "sft") -> list[tuple[str, str, str]]:
+    """(flag, kind, behaviour) for every option of the `mvlm pt|sft` parser plus the refused
+    values, sorted by flag: the content of docs/ms-swift.md."""
+    p = build_parser(task)
+    rows: dict[str, tuple[str, str, str]] = {}
+    for a in p._actions:
+        for opt in a.option_strings:
+            if not opt.startswith("--") or opt == "--help":
+                continue
+            if opt in IGNORED:
+                rows[opt] = (opt, "ignored", IGNORED[opt])
+            elif opt in REFUSED:
+                rows[opt] = (opt, "refused", REFUSED[opt])
+            elif SAME_MEANING.get(opt, opt) != opt:
+                canon = SAME_MEANING[opt]
+                rows[opt] = (opt, "alias", f"= {canon} ({ALIAS_WHY.get(opt, 'same meaning')})")
+            elif opt != a.option_strings[0]:
+                rows[opt] = (opt, "alias", f"= {a.option_strings[0]} (same meaning)")
+            else:
+                what = " ".join((a.help or "").split()) or "as in ms-swift / Megatron-SWIFT"
+                if a.default not in (None, argparse.SUPPRESS) and not opt.startswith("--_"):
+                    what += f" (default: {a.default})"
+                rows[opt] = (opt, "native", what)
+    for (flag, value), why in REFUSED_VALUES.items():
+        rows[f"{flag} {value}"] = (f"{flag} {value}", "refused value", why)
+    return [rows[k] for k in sorted(rows)]
+
+
+def render_flag_doc(task: str = "sft") -> str:
+    def cell(t: str) -> str:
+        return t.replace("|", "\\|")
+
+    return _DOC_HEAD + "".join(f"| `{f}` | {k} | {cell(b)} |\n" for f, k, b in flag_table(task))
+
+
+def write_flag_doc(repo_root: str = ".") -> str:
+    """Regenerate docs/ms-swift.md (atomically); returns its path."""
+    path = os.path.join(repo_root, FLAG_DOC)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(render_flag_doc())
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,444 @@
+"""ms-swift command lines through `mvlm sft|pt` (tests/fixtures/ms_swift/README.md).
+
+* every command of the users' guide and of ms-swift's multimodal example scripts parses (two
+  example scripts use flags mvlm refuses: the refusal names each flag, and the rest parses);
+  nothing is dropped silently: every ignored flag prints its info line, and the adapter type
+  follows --tuner_type (deleting it would have turned LoRA scripts into full training);
+* every flag of the documented ms-swift / Megatron-SWIFT core set is known to the parser;
+* docs/ms-swift.md is what the parser's tables generate;
+* the flags mvlm implements behave as ms-swift's (unit checks, numbers exact);
+* the guide's 8.1 script trains for 2 steps on CPU (hub model and dataset IDs served from an
+  offline HF cache).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mvlm.train.args import IGNORED, REFUSED, SAME_MEANING, parse_train_args
+
+REPO = Path(__file__).resolve().parents[2]
+FIX = REPO / "tests" / "fixtures" / "ms_swift"
+SCRIPTS = sorted(FIX.glob("*.sh"))
+REV = "fedcba9876543210fedcba9876543210fedcba98"
+
+# Scripts with flags mvlm refuses (each must be named by the refusal) -> those flags.
+EXPECTED_REFUSALS = {
+    "swift_train_multimodal_lora_llm_full_vit_seq_cls.sh": {"--num_labels", "--task_type"},
+    "swift_megatron_multimodal_lora_llm_vit_full_sft.sh": {"--add_non_thinking_prefix",
+                                                           "--loss_scale"},
+}
+
+_RECORDER = r"""
+_mvlm_rec() { "$MVLM_PY" -c '
+import json, os, sys
+keys = os.environ.get("MVLM_KEYS", "").split()
+env = {k: v for k, v in os.environ.items() if k in keys}
+rec = {"cmd": sys.argv[1], "argv": sys.argv[2:], "env": env}
+print("MVLM_CMD " + json.dumps(rec))' "$@"; }
+swift() { _mvlm_rec "swift $1" "${@:2}"; }
+megatron() { _mvlm_rec "megatron $1" "${@:2}"; }
+pip() { :; }
+"""
+ENV_KEYS = ("NPROC_PER_NODE MAX_PIXELS MIN_PIXELS VIDEO_MAX_PIXELS FPS_MAX_FRAMES "
+            "IMAGE_MAX_TOKEN_NUM VIDEO_MAX_TOKEN_NUM AUDIO_MAX_TOKEN_NUM SAMPLING_RATE "
+            "CUDA_VISIBLE_DEVICES")
+
+
+def record_commands(script: Path, cwd: Path) -> list[dict]:
+    """Run the script with bash (its own variables, $(...) and env prefixes), with swift /
+    megatron / pip as recorders: the commands exactly as the shell would start them."""
+    env = dict(os.environ, MVLM_PY=sys.executable, MVLM_KEYS=ENV_KEYS)
+    p = subprocess.run(["bash", "-c", _RECORDER + f"\nsource {shlex.quote(str(script))}\n"],
+                       cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    return [json.loads(line[len("MVLM_CMD "):]) for line in p.stdout.splitlines()
+            if line.startswith("MVLM_CMD ")]
+
+
+def _values(argv: list[str], flag: str) -> list[str] | None:
+    out = None
+    for i, t in enumerate(argv):
+        if t == flag:
+            out = []
+            for v in argv[i + 1:]:
+                if v.startswith("--"):
+                    break
+                out.append(v)
+    return out
+
+
+def _drop(argv: list[str], flag: str) -> list[str]:
+    out, skip = [], False
+    for t in argv:
+        if t.startswith("--"):
+            skip = t == flag
+        if not skip:
+            out.append(t)
+    return out
+
+
+def hf_cache_with(cache: Path, models: dict[str, Path], datasets: dict[str, dict[str, str]]
+                  ) -> None:
+    """An HF hub cache (huggingface_hub's layout) holding ``models`` (id -> local dir, linked
+    as the snapshot) and ``datasets`` (id -> {relative file: text})."""
+    for repo_id, src in models.items():
+        root = cache / ("models--" + repo_id.replace("/", "--"))
+        (root / "snapshots").mkdir(parents=True, exist_ok=True)
+        if not (root / "snapshots" / REV).exists():
+            (root / "snapshots" / REV).symlink_to(src, target_is_directory=True)
+        (root / "refs").mkdir(exist_ok=True)
+        (root / "refs" / "main").write_text(REV)
+    for repo_id, files in datasets.items():
+        root = cache / ("datasets--" + repo_id.replace("/", "--"))
+        for rel, text in files.items():
+            f = root / "snapshots" / REV / rel
+            f.parent.mkdir(parents=True, exist_ok=True)
+            f.write_text(text)
+        (root / "refs").mkdir(exist_ok=True)
+        (root / "refs" / "main").write_text(REV)
+
+
+@pytest.fixture(scope="module")
+def recorded(tmp_path_factory):
+    """Every fixture command, a cwd where its relative paths exist, and an offline HF cache
+    that serves every --model ID (an empty checkpoint dir: parsing reads no weights)."""
+    tmp = tmp_path_factory.mktemp("ms_swift")
+    work = tmp / "work"
+    (work / "output" / "stage1_aligner").mkdir(parents=True)  # guide 7.1 stage 2's --model
+    model_dir = tmp / "model"
+    model_dir.mkdir()
+    cmds = {s.name: record_commands(s, work) for s in SCRIPTS}
+    ids = {c["argv"][c["argv"].index("--model") + 1] for cs in cmds.values() for c in cs}
+    ids = {i for i in ids if not (work / i).exists()}
+    hf_cache_with(tmp / "hub", {i: model_dir for i in ids}, {})
+    return {"cmds": cmds, "work": work, "cache": tmp / "hub", "ids": ids}
+
+
+@pytest.fixture
+def offline(recorded, monkeypatch):
+    monkeypatch.setenv("HF_HUB_CACHE", str(recorded["cache"]))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.chdir(recorded["work"])
+    return recorded
+
+
+def _task(cmd: str) -> str:
+    return "pt" if cmd.endswith(" pt") else "sft"
+
+
+def test_fixture_set_is_complete(recorded):
+    names = {s.name for s in SCRIPTS}
+    guide = {n for n in names if n.startswith("guide_")}
+    examples = {n for n in names if n.startswith("swift_")}
+    assert len(guide) == 8 and len(examples) == 15, (guide, examples)
+    cmds = [c for cs in recorded["cmds"].values() for c in cs]
+    assert {c["cmd"] for c in cmds} == {"swift sft", "swift pt", "megatron sft"}
+    assert len(cmds) == 8 + 2 + 15  # guide_9_3 holds three commands
+    assert "Qwen/Qwen2.5-VL-7B-Instruct" in recorded["ids"]
+
+
+@pytest.mark.parametrize("script", [s.name for s in SCRIPTS])
+def test_every_command_parses(offline, script, monkeypatch):
+    for c in offline["cmds"][script]:
+        for k, v in c["env"].items():
+            if k != "NPROC_PER_NODE":
+                monkeypatch.setenv(k, v)
+        argv, refused = list(c["argv"]), set()
+        expected = EXPECTED_REFUSALS.get(script, set())
+        while True:
+            try:
+                cfg = parse_train_args(argv, _task(c["cmd"]))
+                break
+            except ValueError as e:
+                hit = [f for f in expected - refused if str(e).startswith(f)]
+                assert hit, f"{script}: unexpected refusal: {e}"
+                refused.add(hit[0])
+                argv = _drop(argv, hit[0])
+        assert refused == expected, (script, refused)
+        notes = "\n".join(cfg.notes)
+        used = [t for t in c["argv"] if t.startswith("--")]
+        for flag in used:
+            if flag in IGNORED:
+                assert f"{flag} ignored:" in notes, (script, flag)
+            if SAME_MEANING.get(flag, flag) != flag:
+                assert f"{flag} -> {SAME_MEANING[flag]}" in notes, (script, flag)
+        # the adapter type follows --tuner_type/--train_type (ms-swift's default: full here)
+        tt = (_values(argv, "--tuner_type") or _values(argv, "--train_type") or ["full"])[0]
+        if _values(argv, "--use_dora") == ["true"] and tt == "lora":
+            tt = "dora"
+        assert cfg.ns.train_type == tt, (script, cfg.ns.train_type, tt)
+        # ms-swift's freeze defaults, and what the scripts ask for
+        for part in ("vit", "aligner"):
+            given = _values(argv, f"--freeze_{part}")
+            want = given[0] == "true" if given else tt != "lora_llm"
+            assert getattr(cfg, f"freeze_{part}") is want, (script, part)
+        lr = _values(argv, "--learning_rate") or _values(argv, "--lr")
+        assert cfg.lr == (float(lr[0]) if lr else (1e-5 if tt == "full" else 1e-4)), script
+        assert cfg.model and os.path.isdir(cfg.model)
+
+
+def test_megatron_lora_script_semantics(offline):
+    """Megatron-SWIFT LoRA example: adapters (not full), TP1 SP dropped with a note, packing,
+    recompute, frozen ViT/aligner, no optimizer in checkpoints."""
+    c = offline["cmds"]["swift_megatron_multimodal_dense_lora.sh"][0]
+    cfg = parse_train_args(c["argv"], "sft")
+    assert cfg.ns.train_type == "lora" and cfg.ns.lora_rank == 8 and cfg.ns.lora_alpha == 32
+    assert cfg.packing and cfg.recompute_granularity == "full" and not cfg.save_optim
+    assert cfg.freeze_vit and cfg.freeze_aligner and not cfg.freeze_llm
+    assert (cfg.lr, cfg.min_lr, cfg.lr_warmup_fraction) == (1e-4, 1e-5, 0.05)
+    assert any("--tuner_type -> --train_type (ms-swift 4's name" in n for n in cfg.notes)
+    assert not cfg.sequence_parallel  # TP=1
+
+
+# Flags of ms-swift's / Megatron-SWIFT's documented core set (the flagged "important" ones of
+# their command-line docs, plus what the guide and the example scripts use): all must be known.
+CORE_FLAGS = """
+adapters agent_template aligner_lr cached_dataset create_checkpoint_symlink
+dataloader_num_workers dataset dataset_num_proc ddp_find_unused_parameters deepspeed eval_steps
+eval_strategy experts_impl external_plugins freeze_aligner freeze_llm freeze_vit fsdp
+gradient_accumulation_steps gradient_checkpointing learning_rate load_from_cache_file lora_alpha
+lora_rank lorap_lr_ratio loss_scale max_length max_pixels merge_lora model model_author
+model_name modules_to_save neftune_noise_alpha num_train_epochs output_dir packing padding_free
+per_device_eval_batch_size per_device_train_batch_size remove_unused_columns report_to
+resume_from_checkpoint save_steps save_strategy save_total_limit split_dataset_ratio system
+target_modules target_regex template torch_dtype tuner_backend tuner_type use_dora
+use_liger_kernel val_dataset vit_gradient_checkpointing vit_lr warmup_ratio
+async_save attention_backend attention_softmax_in_fp32 clip_grad context_parallel_size
+cross_entropy_loss_fusion decoder_first_pipeline_num_layers decoder_last_pipeline_num_layers
+eval_iters expert_model_parallel_size expert_tensor_parallel_size finetune global_batch_size
+group_by_length logging_steps lr lr_decay_iters lr_warmup_fraction mcore_model micro_batch_size
+min_lr moe_aux_loss_coeff moe_expert_capacity_factor moe_grouped_gemm moe_permute_fusion
+moe_router_dtype moe_shared_expert_overlap no_load_optim no_load_rng no_save_optim no_save_rng
+offload_bridge optimizer_cpu_offload optimizer_offload_fraction overlap_grad_reduce
+overlap_param_gather pipeline_model_parallel_layout pipeline_model_parallel_size
+recompute_granularity recompute_method recompute_modules recompute_num_layers save_safetensors
+sequence_parallel task_type tensor_model_parallel_size train_iters use_distributed_optimizer
+weight_decay add_non_thinking_prefix adam_epsilon lr_scheduler_kwargs data_seed columns strict
+packing_length lora_bias lora_dtype freeze_parameters freeze_parameters_regex
+freeze_parameters_ratio trainable_parameters trainable_parameters_regex sequence_parallel_size
+logging_dir tensorboard_dir max_shard_size truncation_strategy use_hf hub_token model_revision
+seed streaming lazy_tokenize dataset_shuffle lr_scheduler_type lr_decay_style warmup_steps
+max_steps max_grad_norm adam_beta1 adam_beta2 adam_eps num_labels load_safetensors
+attn_impl model_type min_pixels use_rslora lora_dropout optim optimizer
+""".split()
+
+
+def test_core_flags_are_all_known():
+    from mvlm.train.args import build_parser
+
+    known = set(build_parser("sft")._option_string_actions)
+    missing = [f for f in CORE_FLAGS if "--" + f not in known]
+    assert not missing, missing
+
+
+def test_flag_doc_is_generated_from_the_tables():
+    from mvlm.train.args import FLAG_DOC, flag_table, render_flag_doc
+
+    doc = (REPO / FLAG_DOC).read_text(encoding="utf-8")
+    assert doc == render_flag_doc(), ("docs/ms-swift.md is stale: regenerate with python -c "
+                                      "'from mvlm.train.args import write_flag_doc; "
+                                      "write_flag_doc()'")
+    kinds = {f: k for f, k, _ in flag_table()}
+    assert kinds["--tuner_type"] == "alias" and kinds["--load_from_cache_file"] == "ignored"
+    assert kinds["--decoder_first_pipeline_num_layers"] == "refused"
+    assert kinds["--truncation_strategy split"] == "refused value"
+    assert all(k in ("native", "alias", "ignored", "refused", "refused value")
+               for k in kinds.values())
+    assert set(REFUSED) <= set(kinds) and set(IGNORED) <= set(kinds)
+
+
+# ----------------------------------------------------------------------------- flag behaviour
+
+@pytest.fixture
+def base(tmp_path):
+    model = tmp_path / "model"
+    model.mkdir()
+    data = tmp_path / "d.jsonl"
+    data.write_text("{}\n")
+    return ["--model", str(model), "--dataset", str(data), "--output_dir", str(tmp_path / "o")]
+
+
+def parse(base, *extra, task="sft"):
+    return parse_train_args(list(base) + list(extra), task)
+
+
+def test_defaults_follow_ms_swift(base):
+    full = parse(base)
+    assert (full.freeze_vit, full.freeze_aligner, full.freeze_llm, full.lr) == (
+        True, True, False, 1e-5)
+    assert full.ns.freeze_vit is None  # the trainer only objects to explicit flags (text LMs)
+    lora = parse(base, "--tuner_type", "lora")
+    assert lora.lr == 1e-4 and lora.freeze_vit and lora.ns.train_type == "lora"
+    lllm = parse(base, "--tuner_type", "lora_llm", "--vit_lr", "1e-5")
+    assert not lllm.freeze_vit and not lllm.freeze_aligner and lllm.vit_lr == 1e-5
+    with pytest.raises(ValueError, match="--vit_lr.*ms-swift's default.*--freeze_vit false"):
+        parse(base, "--vit_lr", "1e-5")
+    assert any("--lr not given -> 1e-05" in n for n in full.notes)
+
+
+def test_conflicting_spellings_are_refused(base):
+    with pytest.raises(ValueError, match="--train_type full contradicts --tuner_type lora"):
+        parse(base, "--tuner_type", "lora", "--train_type", "full")
+    cfg = parse(base, "--tuner_type", "lora", "--train_type", "lora")  # guide 8.3 says both
+    assert cfg.ns.train_type == "lora"
+    with pytest.raises(ValueError, match="contradicts"):
+        parse(base, "--cp", "2", "--sequence_parallel_size", "4")
+
+
+def test_aliases_and_mapped_values(base):
+    cfg = parse(base, "--adam_epsilon", "1e-6", "--sequence_parallel_size", "2",
+                "--tensorboard_dir", "/tmp/tb", "--lr_scheduler_kwargs", '{"min_lr": 2e-7}',
+                "--optim", "adamw_torch_fused")
+    assert cfg.adam_eps == 1e-6 and cfg.cp == 2 and cfg.logging_dir == "/tmp/tb"
+    assert cfg.min_lr == 2e-7
+    notes = "\n".join(cfg.notes)
+    assert "--sequence_parallel_size -> --cp (ms-swift's sequence parallelism" in notes
+    for bad, flag in ((("--lr_scheduler_kwargs", '{"power": 2}'), "--lr_scheduler_kwargs"),
+                      (("--optim", "sgd"), "--optim"), (("--optimizer", "muon"), "--optimizer"),
+                      (("--task_type", "seq_cls"), "--task_type"),
+                      (("--tuner_backend", "unsloth"), "--tuner_backend"),
+                      (("--neftune_noise_alpha", "5"), "--neftune_noise_alpha"),
+                      (("--finetune", "false"), "--finetune"),
+                      (("--freeze_parameters_ratio", "0.5"), "--freeze_parameters_ratio"),
+                      (("--columns", "[1]"), "--columns")):
+        with pytest.raises(ValueError) as e:
+            parse(base, *bad)
+        assert str(e.value).startswith(flag), str(e.value)
+
+
+def test_adapter_flags(base):
+    cfg = parse(base, "--tuner_type", "lora", "--use_dora", "true")
+    assert cfg.ns.train_type == "dora"
+    from mvlm.tuners.train_hooks import adapter_config_from_args
+
+    assert adapter_config_from_args(cfg.ns).kind == "dora"
+    llm = parse(base, "--tuner_type", "lora_llm", "--use_dora", "true")
+    assert llm.ns.train_type == "lora_llm" and adapter_config_from_args(llm.ns).kind == "dora"
+    for extra, msg in ((("--use_dora", "true"), "--use_dora true needs adapters"),
+                       (("--tuner_type", "lora", "--lora_bias", "all"), "--lora_bias all"),
+                       (("--tuner_type", "lora", "--lora_dtype", "bfloat16"),
+                        "--lora_dtype bfloat16")):
+        with pytest.raises(ValueError, match=re.escape(msg)):
+            parse(base, *extra)
+    ok = parse(base, "--tuner_type", "lora", "--lora_dtype", "float32", "--torch_dtype",
+               "float32")
+    assert ok.torch_dtype == "float32"
+
+
+def test_loss_scale_strict_and_refused_values(base):
+    assert parse(base, "--loss_scale", "all").ns.task == "pt"
+    assert parse(base, "--loss_scale", "default").ns.task == "sft"
+    assert parse(base, task="pt").ns.task == "pt"
+    assert parse(base, "--loss_scale", "default", task="pt").ns.task == "sft"
+    for v in ("last_round", "ignore_empty_think", "last_round+hermes"):
+        with pytest.raises(ValueError, match="--loss_scale: .*not implemented"):
+            parse(base, "--loss_scale", v)
+    assert parse(base, "--strict", "false").ns.on_bad_sample == "skip"
+    assert parse(base, "--strict", "true").ns.on_bad_sample == "error"
+    with pytest.raises(ValueError, match="--truncation_strategy split: splitting"):
+        parse(base, "--truncation_strategy", "split")
+    with pytest.raises(ValueError, match="--add_non_thinking_prefix"):
+        parse(base, "--add_non_thinking_prefix", "true")
+    assert parse(base, "--add_non_thinking_prefix", "false").ns.add_non_thinking_prefix is False
+
+
+def test_deepspeed_offload_is_said_loudly(base):
+    cfg = parse(base, "--deepspeed", "zero3_offload")
+    assert cfg.use_distributed_optimizer
+    assert any("the CPU OFFLOAD part is NOT applied" in n for n in cfg.notes), cfg.notes
+    with pytest.raises(ValueError, match="--deepspeed"):
+        parse(base, "--deepspeed", "zero3_foo")
+
+
+def test_save_strategy(base):
+    from mvlm.train.args import epoch_end_steps
+
+    ep = parse(base, "--save_strategy", "epoch", "--save_steps", "3", "--eval_steps", "3")
+    assert ep.save_strategy == "epoch" and ep.save_interval is None and ep.eval_interval is None
+    # 10 items, global batch 4: epochs end inside steps 3 (items 9-12), 5 (17-20), 8, 10
+    assert epoch_end_steps(10, 4, 10) == {3, 5, 8, 10}
+    assert epoch_end_steps(8, 4, 5) == {2, 4}
+    no = parse(base, "--save_strategy", "no", "--save_steps", "3")
+    assert no.save_interval is None and no.ns.save_final_checkpoint
+
+
+def test_name_freeze_rule(base):
+    cfg = parse(base, "--freeze_parameters", "language_model.decoder.layers.0.",
+                "--freeze_parameters_regex", r"\.mlp\.", "--trainable_parameters",
+                "language_model.decoder.layers.0.mlp.linear_fc2")
+    rule = cfg.name_freeze_rule()
+    assert rule("language_model.decoder.layers.0.self_attention.linear_qkv.weight") is True
+    assert rule("language_model.decoder.layers.1.mlp.linear_fc1.weight") is True
+    assert rule("language_model.decoder.layers.0.mlp.linear_fc2.weight") is False
+    assert rule("language_model.decoder.layers.1.self_attention.linear_qkv.weight") is None
+    every = parse(base, "--freeze_parameters_ratio", "1", "--trainable_parameters_regex",
+                  "^vision_model").name_freeze_rule()
+    assert every("language_model.embedding.word_embeddings.weight") is True
+    assert every("vision_model.blocks.0.attn.qkv.weight") is False
+
+
+def test_packing_length_and_audio_env(base, monkeypatch):
+    from mvlm.data.encode import packing_length
+
+    cfg = parse(base, "--packing", "true", "--packing_length", "64")
+    assert cfg.ns.max_length == 64 and packing_length(cfg.ns) == 64
+    cfg = parse(base, "--packing", "true", "--max_length", "32", "--packing_length", "96")
+    assert cfg.ns.max_length == 32 and packing_length(cfg.ns) == 96
+    with pytest.raises(ValueError, match="--packing_length 16 is shorter"):
+        parse(base, "--packing", "true", "--max_length", "32", "--packing_length", "16")
+    monkeypatch.setenv("AUDIO_MAX_TOKEN_NUM", "128")
+    monkeypatch.setenv("SAMPLING_RATE", "8000")
+    cfg = parse(base)
+    assert sum("no model family mvlm trains takes audio" in n for n in cfg.notes) == 2
+    from mvlm.data.media import MediaConfig
+
+    m = MediaConfig.from_env()
+    assert (m.sampling_rate, m.audio_max_token_num) == (8000, 128)
+    monkeypatch.delenv("SAMPLING_RATE")
+    assert MediaConfig.from_env().sampling_rate == 16000
+
+
+def test_data_seed_columns_and_self_cognition(tmp_path):
+    from mvlm.data.dataset_spec import (
+        LoadOptions,
+        decode_row,
+        load_datasets,
+        load_one,
+        load_options,
+        sample_rows,
+    )
+
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps({"q": f"hi {i}", "a": f"{{{{NAME}}}} by {{{{AUTHOR}}}} {i}",
+                                     "tag": "zh" if i % 2 else "en"}) + "\n"
+                         for i in range(20)))
+    ns = type("NS", (), {"seed": 1, "data_seed": 7, "columns": '{"q": "query", "a": "response"}',
+                         "model_name": ["小黄", "Xiao Huang"],
+                         "model_author": ["魔搭", "ModelScope"], "use_hf": None,
+                         "hub_token": None})()
+    opts = load_options(ns)
+    assert opts.seed == 7  # --data_seed wins for data operations
+    raw = load_one(f"{f}#5", options=opts)
+    rows = [decode_row(raw.data[i]) for i in range(5)]
+    # the same 5 rows as sampling the file with the data seed (not --seed)
+    ref = sample_rows(load_one(str(f)).data, 5, 7)
+    assert [r["_mvlm_row"] for r in ref] == [raw.data[i]["_mvlm_row"] for i in range(5)]
+    ref1 = sample_rows(load_one(str(f)).data, 5, 1)
+    assert [r["_mvlm_row"] for r in ref1] != [r["_mvlm_row"] for r in ref]
+    for r in rows:
+        assert set(r) == {"query", "response", "tag"}
+        i = int(r["query"].split()[-1])
+        want = "小黄 by 魔搭" if r["tag"] == "zh" else "Xiao Huang by ModelScope"
+        assert r["response"] == f"{want} {i}", r
+    train, val = load_datasets([str(f)], split_dataset_ratio=0.25, options=LoadOptions(seed=3))
+    train2, val2 = load_datasets([str(f)], split_dataset_ratio=0.25, options=LoadOptions(seed=3))
+    assert list(val[0].data["_mvlm_row"]) == list(val2[0].data["_mvlm_row"])
+    assert len(val[0].data) == 5 and len(train[0].data) == 15
