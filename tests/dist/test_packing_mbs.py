@@ -14,10 +14,12 @@ text-only samples, max_length 128 (8 packed rows of 1-3 samples):
   parameter's gradient (what the optimizer sees) within 1e-6;
 * trainer level: `mvlm sft --packing true` for 3 steps with --per_device_train_batch_size 2 vs
   --micro_batch_size 1 (same global batch of 4 packed rows) at TP2, and --padding_free true
-  --micro_batch_size 2 vs 1 at CP2: logged loss and grad norm within 1e-6 at every step.
+  --micro_batch_size 2 vs 1 at CP2: logged loss and grad norm within 1e-6 (relative, floor 1)
+  at every step.
 
-Tolerance: 1e-6 absolute in fp32 on CPU (the two sides sum the same per-token terms in another
-grouping, so only float rounding separates them).
+Tolerance: 1e-6 in fp32 on CPU (the two sides sum the same per-token terms in another grouping,
+so only float rounding separates them); measured ~1e-7 for gradients, ~3e-7 for the trainer's
+logged numbers.
 """
 from __future__ import annotations
 
@@ -107,9 +109,14 @@ def test_trainer_micro_batch_2_equals_1(result, layout):
     b = _lines(result["out"][f"{layout}_mbs2"])
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, STEPS + 1))
     assert [r["consumed_samples"] for r in b] == [4, 8, 12]  # packed rows, as with mbs 1
-    dl = max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b, strict=True))
-    dg = max(abs(x["grad_norm"] - y["grad_norm"]) for x, y in zip(a, b, strict=True))
-    print(f"{layout}: max |dloss| {dl:.2e}  max |dgrad_norm| {dg:.2e}")
+    # relative to the value (floor 1): after the first step Adam's update, which divides by
+    # sqrt(v), carries the fp32 rounding of both sides into the next steps' numbers
+    dl = max(abs(x["loss"] - y["loss"]) / max(1.0, abs(x["loss"]))
+             for x, y in zip(a, b, strict=True))
+    dg = max(abs(x["grad_norm"] - y["grad_norm"]) / max(1.0, abs(x["grad_norm"]))
+             for x, y in zip(a, b, strict=True))
+    print(f"{layout}: loss {[x['loss'] for x in a]} grad_norm {[x['grad_norm'] for x in a]}; "
+          f"max rel |dloss| {dl:.2e}  max rel |dgrad_norm| {dg:.2e}")
     assert all(x["loss_tokens"] == y["loss_tokens"] for x, y in zip(a, b, strict=True))
     assert dl <= TOL and dg <= TOL, (a, b)
     assert a[-1]["loss"] < a[0]["loss"], a  # training moves, so parity is not vacuous
