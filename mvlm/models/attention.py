@@ -23,7 +23,9 @@ Layout conventions shared with the data and model code (use the helpers, don't r
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import itertools
+import logging
 import math
 from typing import Any
 
@@ -42,6 +44,37 @@ from torch import Tensor
 __all__ = ["SDPACoreAttention", "cp_chunk_indices", "cp_thd_indices", "split_for_cp"]
 
 _MODEL_PARALLEL_RNG = "model-parallel-rng"
+log = logging.getLogger(__name__)
+
+# --attn_impl values the kernel choice understands (mvlm.models.gpt.ATTN_IMPLS).
+ATTN_KERNELS = ("auto", "flash", "sdpa", "eager")
+_FLASH_FALLBACK_WARNED: set[str] = set()  # one warning per reason per process, not per layer
+
+
+def eager_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, dropout_p: float,
+                    is_causal: bool, scale: float, enable_gqa: bool) -> Tensor:
+    """``softmax(QK^T * scale) V`` with explicit matmuls, the SDPA call's contract ([b, h, s, d],
+    bool ``attn_mask`` True = may attend, causal = top-left aligned).
+
+    Why a second path: it is what HF's ``eager`` and Megatron's unfused local attention compute,
+    materialising the [sq, sk] probabilities, so ``--attn_impl eager`` reproduces those runs and
+    serves as the reference the fused kernels are checked against. Softmax runs in fp32 (HF's
+    choice) and is cast back to the input dtype before the second matmul.
+    """
+    if enable_gqa:
+        rep = q.size(1) // k.size(1)
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if is_causal:
+        sq, sk = scores.shape[-2:]
+        causal = torch.ones(sq, sk, dtype=torch.bool, device=q.device).tril()
+        attn_mask = causal if attn_mask is None else attn_mask & causal
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p)
+    return torch.matmul(probs, v)
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,15 +210,21 @@ class SDPACoreAttention(MegatronModule):
     ``repeat_interleave`` does). Output ``[sq, b, np_local*hn]`` like ``DotProductAttention``.
     A THD call (Megatron squeezes b away) is accepted as ``b == 1``.
 
-    Kernel choice, in order:
+    Kernel choice (``config.core_attn_impl``, the ``--attn_impl`` flag; ``kernel_used`` records
+    what the last forward ran):
 
-    1. ``flash_attn`` (imported lazily, never required) when tensors are CUDA fp16/bf16, CP == 1,
-       and the mask is plain/causal or packed: ``flash_attn_varlen_func`` / ``flash_attn_func``
-       avoid materialising an ``[sq, sk]`` mask.
-    2. ``F.scaled_dot_product_attention`` otherwise: ``is_causal=True`` for the plain causal case,
-       else an explicit boolean mask built on the tensors' device (causal by global position,
-       same packed segment, caller's padding mask). In fp32 this matches a naive
-       ``softmax(QK^T * scale) V`` to ~1e-7, which is what the CPU tests check.
+    * ``flash``: ``flash_attn`` (imported lazily, never required) when tensors are CUDA
+      fp16/bf16, CP == 1, and the mask is plain/causal or packed: ``flash_attn_varlen_func`` /
+      ``flash_attn_func`` avoid materialising an ``[sq, sk]`` mask. Where it cannot run (not
+      installed, CPU, fp32, CP > 1, a padding mask) the call falls back to SDPA with ONE warning
+      per reason: ms-swift scripts pass ``--attn_impl flash_attn`` almost always, and the same
+      script must run on a box without flash-attn (the GPU check box has none).
+    * ``sdpa``: ``F.scaled_dot_product_attention`` always (torch picks its own fused kernel):
+      ``is_causal=True`` for the plain causal case, else an explicit boolean mask built on the
+      tensors' device (causal by global position, same packed segment, caller's padding mask).
+      In fp32 this matches a naive ``softmax(QK^T * scale) V`` to ~1e-7.
+    * ``eager``: :func:`eager_attention`, explicit matmul-softmax-matmul with the same masks.
+    * ``auto`` (default): flash-attn where it applies, SDPA otherwise, silently.
 
     Mask semantics: ``attn_mask_type`` causal/padding_causal adds causality (bottom-right aligned
     when sq != sk, as with a KV cache); ``attention_mask`` (bool, True = masked out, broadcastable
@@ -239,6 +278,12 @@ class SDPACoreAttention(MegatronModule):
             )
         # SelfAttention.clip_qk reads this attribute; keep it present like DotProductAttention.
         self.current_max_attn_logits: Tensor | None = None
+        # mvlm.models.gpt.MvlmTransformerConfig carries --attn_impl; a plain TransformerConfig
+        # (Megatron's own, tests) means auto.
+        self.impl: str = getattr(config, "core_attn_impl", "auto")
+        if self.impl not in ATTN_KERNELS:
+            raise ValueError(f"--attn_impl {self.impl!r}: use one of {', '.join(ATTN_KERNELS)}")
+        self.kernel_used: str | None = None  # "flash_attn" | "sdpa" | "eager", set by forward
 
         self.tp_group = getattr(pg_collection, "tp", None) if pg_collection is not None else None
         if self.tp_group is None:
@@ -376,10 +421,18 @@ class SDPACoreAttention(MegatronModule):
             )
             key, value = kv[:, :, :ng], kv[:, :, ng:]
 
-        if cp == 1 and attention_mask is None:
-            fast = self._flash(query, key, value, causal, packed, dropout_p)
-            if fast is not None:
-                return fast
+        if self.impl in ("auto", "flash"):
+            why_not = self._flash_unusable(query, key, attention_mask)
+            if why_not is None:
+                fast = self._flash(query, key, value, causal, packed, dropout_p)
+                if fast is not None:
+                    self.kernel_used = "flash_attn"
+                    return fast
+            elif self.impl == "flash" and why_not not in _FLASH_FALLBACK_WARNED:
+                _FLASH_FALLBACK_WARNED.add(why_not)
+                log.warning("--attn_impl flash_attn: %s; using torch SDPA instead", why_not)
+        self.kernel_used = "eager" if self.impl == "eager" else "sdpa"
+        kernel = eager_attention if self.impl == "eager" else F.scaled_dot_product_attention
 
         sq, sk = query.size(0), key.size(0)
         device = query.device
@@ -395,9 +448,9 @@ class SDPACoreAttention(MegatronModule):
         gqa = q.size(1) != k.size(1)
 
         if packed is None and attention_mask is None and (not causal or (cp == 1 and sq == sk)):
-            return F.scaled_dot_product_attention(
-                q, k, v, dropout_p=dropout_p, is_causal=causal, scale=self.softmax_scale,
-                enable_gqa=gqa,
+            return kernel(
+                q, k, v, attn_mask=None, dropout_p=dropout_p, is_causal=causal,
+                scale=self.softmax_scale, enable_gqa=gqa,
             )
 
         allowed: Tensor | None = None  # broadcastable to [b, 1, sq, sk], True = may attend
@@ -426,11 +479,28 @@ class SDPACoreAttention(MegatronModule):
         # Rows with nothing to attend to would give NaN; attend anywhere, then zero them.
         # (No host sync: both steps are unconditional elementwise ops.)
         empty = ~allowed.any(dim=-1, keepdim=True)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=allowed | empty, dropout_p=dropout_p, scale=self.softmax_scale,
-            enable_gqa=gqa,
+        out = kernel(
+            q, k, v, attn_mask=allowed | empty, dropout_p=dropout_p, is_causal=False,
+            scale=self.softmax_scale, enable_gqa=gqa,
         )
         return out.masked_fill(empty, 0.0)
+
+    def _flash_unusable(self, query: Tensor, key: Tensor, attention_mask: Tensor | None
+                        ) -> str | None:
+        """Why flash-attn cannot run this call (None: it can)."""
+        if self.cp_size > 1:
+            return "context parallelism uses the all-gather SDPA path"
+        if attention_mask is not None:
+            return "an explicit attention mask (padding) is not supported by flash-attn"
+        if not query.is_cuda:
+            return "tensors are not on a CUDA device"
+        if query.dtype not in (torch.float16, torch.bfloat16):
+            return f"flash-attn needs fp16/bf16, the model runs in {query.dtype}"
+        if query.size(0) != key.size(0):
+            return "query and key lengths differ (KV cache)"
+        if importlib.util.find_spec("flash_attn") is None:
+            return "flash-attn is not installed (pip install flash-attn on a CUDA box)"
+        return None
 
     def _flash(
         self,

@@ -15,8 +15,10 @@ import torch
 import torch.nn.functional as F
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
+from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from mvlm.models.recompute import RecomputeConfig, RecomputeError  # noqa: F401 - re-exported
 from mvlm.models.spec import decoder_block_spec
 from mvlm.runtime.parallel import ParallelLayout
 
@@ -94,12 +96,44 @@ def validate_layout(arch: TextArch, layout: ParallelLayout) -> None:
         )
 
 
+# ---- core attention kernel (the --attn_impl flag) ---------------------------------------------
+# mvlm's own names; SDPACoreAttention reads ``MvlmTransformerConfig.core_attn_impl``.
+ATTN_IMPLS = ("auto", "flash", "sdpa", "eager")
+
+
+@dataclass
+class MvlmTransformerConfig(TransformerConfig):
+    """TransformerConfig plus the choices Megatron-Core has no field for on the local spec.
+
+    A subclass (rather than an attribute set after construction) so the field survives the
+    ``copy.deepcopy``/``dataclasses.replace`` copies Megatron makes for sub-modules.
+    """
+
+    core_attn_impl: str = "auto"
+    """Kernel of mvlm's ``SDPACoreAttention`` (see mvlm.models.attention): auto | flash | sdpa
+    | eager."""
+
+
 def transformer_config(arch: TextArch, layout: ParallelLayout, *, dtype: torch.dtype,
                        device: str, sequence_parallel: bool = False,
                        recompute_granularity: str | None = None,
+                       recompute: RecomputeConfig | None = None, attn_impl: str = "auto",
                        perform_initialization: bool = True, dropout: float = 0.0,
                        moe_dispatcher: str | None = None) -> TransformerConfig:
+    """The Megatron-Core config of ``arch`` at ``layout``. ``recompute_granularity`` alone is a
+    shorthand for ``RecomputeConfig(granularity)`` (full -> uniform, 1 layer per checkpoint)."""
     validate_layout(arch, layout)
+    if recompute is not None and recompute_granularity is not None:
+        raise TypeError("pass recompute=RecomputeConfig(...) or recompute_granularity, not both")
+    recompute = recompute or RecomputeConfig(granularity=recompute_granularity)
+    recompute_kw = recompute.megatron_kwargs(arch, layout)
+    if attn_impl not in ATTN_IMPLS:
+        raise ValueError(f"--attn_impl {attn_impl!r}: use one of {', '.join(ATTN_IMPLS)}")
+    # The TE spec's attention obeys Megatron's attention_backend (GPTModel turns it into the
+    # NVTE_* switches). Only set off 'auto' on GPUs: those switches are process-wide env vars that
+    # Megatron asserts are unchanged, and CPU runs (several runs per test process) never use TE.
+    te_backend = {"auto": AttnBackend.auto, "flash": AttnBackend.flash,
+                  "sdpa": AttnBackend.fused, "eager": AttnBackend.unfused}[attn_impl]
     moe = {}
     if arch.num_experts:
         moe = dict(
@@ -118,7 +152,9 @@ def transformer_config(arch: TextArch, layout: ParallelLayout, *, dtype: torch.d
             moe_shared_expert_intermediate_size=arch.moe_shared_expert_size,
             moe_permute_fusion=False,
         )
-    return TransformerConfig(
+    return MvlmTransformerConfig(
+        core_attn_impl=attn_impl,
+        attention_backend=te_backend if device == "cuda" else AttnBackend.auto,
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
         num_attention_heads=arch.num_heads,
@@ -154,9 +190,7 @@ def transformer_config(arch: TextArch, layout: ParallelLayout, *, dtype: torch.d
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
-        recompute_granularity=recompute_granularity,
-        recompute_method="uniform" if recompute_granularity == "full" else None,
-        recompute_num_layers=1 if recompute_granularity == "full" else None,
+        **recompute_kw,
         # gloo cannot batch isend/irecv for the interleaved schedule (grads silently wrong).
         batch_p2p_comm=device == "cuda",
         **moe,

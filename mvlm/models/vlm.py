@@ -25,7 +25,13 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from transformers import PretrainedConfig
 
-from mvlm.models.gpt import TextArch, build_gpt, padded_vocab_size, transformer_config
+from mvlm.models.gpt import (
+    RecomputeConfig,
+    TextArch,
+    build_gpt,
+    padded_vocab_size,
+    transformer_config,
+)
 from mvlm.models.registry import Family, get_family
 from mvlm.runtime.parallel import ParallelLayout
 
@@ -174,13 +180,17 @@ class ModelBundle:
 def build_model(hf_config: PretrainedConfig, layout: ParallelLayout, *, dtype: torch.dtype,
                 device: str, backend: str = "local", sequence_parallel: bool = False,
                 recompute_granularity: str | None = None, perform_initialization: bool = True,
-                vocab_padded: int | None = None, dropout: float = 0.0) -> ModelBundle:
-    """Build this rank's model chunks (one, or VPP of them) for an HF config."""
+                vocab_padded: int | None = None, dropout: float = 0.0,
+                recompute: RecomputeConfig | None = None, attn_impl: str = "auto",
+                ) -> ModelBundle:
+    """Build this rank's model chunks (one, or VPP of them) for an HF config. ``recompute`` and
+    ``attn_impl``: see :func:`mvlm.models.gpt.transformer_config`."""
     family = get_family(hf_config.model_type)
     arch = family.text_arch(hf_config)
     config = transformer_config(arch, layout, dtype=dtype, device=device,
                                 sequence_parallel=sequence_parallel,
                                 recompute_granularity=recompute_granularity,
+                                recompute=recompute, attn_impl=attn_impl,
                                 perform_initialization=perform_initialization, dropout=dropout)
     vpad = vocab_padded or padded_vocab_size(arch.vocab_size, layout.tp)
     if vpad % layout.tp:

@@ -21,7 +21,36 @@ def apply_compat_fixes() -> None:
     if not hasattr(moe_utils, "te_general_gemm"):
         moe_utils.te_general_gemm = None
     _fix_reshardable_optimizer_step()
+    _fix_checkpoint_without_output()
     _DONE = True
+
+
+def _fix_checkpoint_without_output() -> None:
+    """megatron-core 0.16.1 without TE: ``CheckpointWithoutOutput`` (selective recompute of
+    'layernorm') sets ``self.fp8 = fp8 is not None`` -- True for its default ``fp8=False`` -- and
+    then calls Transformer Engine's ``FP8GlobalStateManager``, ``activation_recompute_forward`` and
+    ``fp8_autocast``, which were never imported: NameError. Give the module the answers TE gives
+    with fp8 off (not enabled, no recipe, no-op contexts): exactly the non-fp8 path.
+    [recompute, issue 9]"""
+    import contextlib
+
+    from megatron.core.tensor_parallel import random as mrandom
+
+    if getattr(mrandom, "HAVE_TE", True) or hasattr(mrandom, "FP8GlobalStateManager"):
+        return
+
+    class _NoFP8:
+        @staticmethod
+        def is_fp8_enabled() -> bool:
+            return False
+
+        @staticmethod
+        def get_fp8_recipe() -> None:
+            return None
+
+    mrandom.FP8GlobalStateManager = _NoFP8
+    mrandom.fp8_autocast = lambda *_, **__: contextlib.nullcontext()
+    mrandom.activation_recompute_forward = lambda *_, **__: contextlib.nullcontext()
 
 
 def _fix_reshardable_optimizer_step() -> None:

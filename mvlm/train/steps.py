@@ -158,13 +158,89 @@ class NonFiniteLossError(RuntimeError):
     """Raised on every rank when a step's loss or grad norm is NaN/inf (too often)."""
 
 
-def check_finite(step: int, loss: float, grad_norm: float | None, skipped: int,
-                 max_skipped: int) -> None:
-    bad_loss = not math.isfinite(loss)
-    bad_grad = grad_norm is not None and not math.isfinite(grad_norm)
-    if bad_loss or (bad_grad and skipped > max_skipped):
-        what = "loss" if bad_loss else "gradient norm"
+@dataclass
+class UpdateOutcome:
+    """What :func:`checked_optimizer_step` did with one step's gradients."""
+
+    applied: bool
+    grad_norm: float | None
+    skipped_because: str | None = None  # "loss" | "grad norm" when the update was dropped
+
+
+def checked_optimizer_step(optimizer: Any, models: list[Any], step: int, loss: float,
+                           skipped: int, max_skipped: int, check: bool = True) -> UpdateOutcome:
+    """One optimizer update that never applies a non-finite loss or gradient.
+
+    Why not ``optimizer.step()`` and a look afterwards: Megatron-Core's fp32 and bf16 optimizers
+    have no overflow check (only fp16 loss scaling looks for inf), so a NaN gradient would already
+    be in every weight. With ``check`` (``--check_for_nan_in_loss_and_grad``): the loss, already
+    reduced over the world by :func:`reduce_stats`, is looked at first; then the gradients are
+    prepared and their global norm taken -- the reduction clipping does, once more, over the
+    same groups, so every rank sees the same number and takes the same branch. Only a finite step
+    reaches ``optimizer.step()`` (whose ``prepare_grads`` repeats an idempotent copy for the
+    fp32/bf16 optimizers mvlm builds; fp16 is refused by the flags).
+
+    A bad step is skipped -- no update, no scheduler step, its gradients dropped with the next
+    ``zero_grad`` -- while at most ``max_skipped`` steps were; the next one raises
+    :class:`NonFiniteLossError` naming the step, what was not finite and the first parameter
+    holding a non-finite gradient.
+
+    Megatron DDP's own ``check_for_nan_in_grad`` stays off: it checks each rank's local buckets
+    before the all-reduce and raises on the one rank that holds the NaN, leaving the others
+    blocked in the collective until the launcher or NCCL timeout kills them, and it cannot honour
+    ``--max_skipped_steps``. The global norm is NaN/inf exactly when some gradient is (or the sum
+    overflows), so this check sees everything that one would.
+    """
+    if not check:
+        ok, norm, _ = optimizer.step()
+        return UpdateOutcome(bool(ok), None if norm is None else float(norm))
+    norm: float | None = None
+    bad: str | None = None
+    if not math.isfinite(loss):
+        bad = "loss"
+    elif optimizer.prepare_grads():  # fp16 loss-scale overflow: Megatron's own inf check
+        bad = "grad norm"
+    else:
+        norm = float(optimizer.get_grad_norm())
+        if not math.isfinite(norm):
+            bad = "grad norm"
+    if bad is None:
+        ok, step_norm, _ = optimizer.step()
+        return UpdateOutcome(bool(ok), norm if step_norm is None else float(step_norm))
+    where = first_nonfinite_grad(models) if bad == "grad norm" else None
+    skipped += 1
+    detail = (f"step {step}: the {bad} is not finite (loss={loss}, grad_norm={norm}"
+              + (f", first non-finite gradient: {where}" if where else "") + ")")
+    if skipped > max_skipped:
         raise NonFiniteLossError(
-            f"step {step}: {what} is not finite (loss={loss}, grad_norm={grad_norm}, "
-            f"skipped steps so far={skipped}); lower --lr, check the data, or use float32/"
-            "bfloat16 instead of float16. The last good checkpoint is in --output_dir.")
+            f"{detail}; {skipped} such step(s), --max_skipped_steps {max_skipped}. The update "
+            "was not applied and no checkpoint of this step was written: the last good "
+            "checkpoint in --output_dir is intact. Lower --lr, check the data, or raise "
+            "--max_skipped_steps to skip such steps.")
+    import logging
+
+    logging.getLogger("mvlm.train").warning(
+        "%s: update skipped (%d of --max_skipped_steps %d)", detail, skipped, max_skipped)
+    return UpdateOutcome(False, norm, bad)
+
+
+def first_nonfinite_grad(models: list[Any]) -> str | None:
+    """'name (rank r)' of the first parameter (in rank, then module order) whose gradient has a
+    NaN/inf, or None. Collective over the world; only called on the failure path."""
+    import torch.distributed as dist
+
+    local = None
+    for i, m in enumerate(models):
+        for name, p in unwrap(m).named_parameters():
+            g = getattr(p, "main_grad", None)
+            g = p.grad if g is None else g
+            if g is not None and not bool(torch.isfinite(g).all()):
+                local = (f"chunk{i}." if len(models) > 1 else "") + name
+                break
+        if local:
+            break
+    if not dist.is_initialized():
+        return local
+    found: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(found, local)
+    return next((f"{n} (rank {r})" for r, n in enumerate(found) if n), None)

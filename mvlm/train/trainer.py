@@ -119,7 +119,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     from mvlm.train.schedule import build_scheduler, current_lr
     from mvlm.train.signals import EXIT_PREEMPTED, PreemptionHandler
     from mvlm.train.steps import (
-        check_finite,
+        checked_optimizer_step,
         forward_step,
         microbatch_dims,
         reduce_stats,
@@ -141,6 +141,7 @@ def train(cfg: TrainConfig) -> TrainResult:
                 c.router_aux_loss_coef = cfg.moe_aux_loss_coeff
     family = get_family(hf_config.model_type)
     validate_layout(family.text_arch(hf_config), layout)
+    cfg.recompute.megatron_kwargs(family.text_arch(hf_config), layout)  # layer-count checks
     # [issue 9 / ms-swift flags] freeze_vit/aligner default to true: only explicit flags count
     if (cfg.vit_lr is not None or cfg.aligner_lr is not None
             or getattr(cfg.ns, "freeze_vit", None) or getattr(cfg.ns, "freeze_aligner", None)) \
@@ -156,15 +157,6 @@ def train(cfg: TrainConfig) -> TrainResult:
     if rank == 0:
         for n in cfg.notes:
             log.info("flag mapping: %s", n)
-    if cfg.attn_impl == "flash":
-        try:
-            import flash_attn  # noqa: F401
-        except ImportError:
-            if rank == 0:
-                log.warning("--attn_impl flash_attn: flash-attn is not installed; using torch "
-                            "SDPA (which picks its own flash kernel on GPUs)")
-    elif cfg.attn_impl == "eager" and rank == 0:
-        log.info("--attn_impl eager: the local spec's SDPA attention is used (same math)")
     try:
         default_dtype = (dtype_from_name(meta.get("dtype")) if meta else None) or \
             _hf_dtype(hf_config) or torch.float32
@@ -172,7 +164,7 @@ def train(cfg: TrainConfig) -> TrainResult:
         backend = choose_backend(device, cfg.transformer_impl)
         bundle = build_model(hf_config, layout, dtype=dtype, device=device, backend=backend,
                              sequence_parallel=cfg.sequence_parallel,
-                             recompute_granularity=cfg.recompute_granularity,
+                             recompute=cfg.recompute, attn_impl=cfg.attn_impl or "auto",
                              perform_initialization=False,
                              vocab_padded=meta["vocab_padded"] if meta else None)
         resume_from = ckpt.find_resume(cfg.resume, out_dir)
@@ -351,14 +343,16 @@ def train(cfg: TrainConfig) -> TrainResult:
             optimizer.zero_grad()
             losses = run_step(batches, False)
             stats = reduce_stats(losses, device)
-            check_finite(step + 1, stats.loss, None, skipped, cfg.max_skipped_steps)
-            ok, grad_norm, _ = optimizer.step()
-            grad_norm = float(grad_norm) if grad_norm is not None else None
-            if not ok:
-                skipped += 1
-            check_finite(step + 1, stats.loss, grad_norm, skipped, cfg.max_skipped_steps)
+            # Raises NonFiniteLossError (same on every rank) before a bad update is applied.
+            upd = checked_optimizer_step(optimizer, ddp_models, step + 1, stats.loss, skipped,
+                                         cfg.max_skipped_steps,
+                                         check=cfg.check_for_nan_in_loss_and_grad)
+            grad_norm = upd.grad_norm
             lr = current_lr(optimizer)
-            scheduler.step(increment=1)
+            if upd.applied:
+                scheduler.step(increment=1)
+            else:  # Megatron's convention: a skipped update does not advance the LR schedule
+                skipped += 1
             step += 1
             consumed += cfg.global_batch_size
             tok = torch.tensor([local_tokens], dtype=torch.float64)
@@ -370,7 +364,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                 tlog.log({"step": step, "loss": stats.loss, "lr": lr, "grad_norm": grad_norm,
                           "consumed_samples": consumed, "loss_tokens": stats.tokens,
                           "tokens_per_sec": round(float(tok[0]) / max(dt, 1e-9), 1),
-                          "step_time_s": round(dt, 4)})
+                          "step_time_s": round(dt, 4),
+                          **({"skipped": upd.skipped_because} if not upd.applied else {})})
             tlog.advance(step)
             if (cfg.eval_interval and step % cfg.eval_interval == 0) or step in epoch_ends:
                 ev = evaluate()
