@@ -10,7 +10,8 @@ import argparse
 import logging
 import os
 import sys
-import warnings
+
+from mvlm.runtime.quiet import silence_startup_noise
 
 # Sub-commands whose flags mvlm.train.args parses: name -> what it does (for the help line).
 TRAIN_TASKS: dict[str, str] = {"pt": "continued pre-training", "sft": "supervised fine-tuning"}
@@ -26,8 +27,9 @@ def _setup_logging() -> None:
     logging.getLogger("megatron.core.distributed.fsdp").setLevel(logging.WARNING)
     # Megatron lists every parameter of every grad bucket at INFO: noise for a training log.
     logging.getLogger("megatron.core.distributed.param_and_grad_buffer").setLevel(logging.WARNING)
-    # Megatron-Core warns at import about optional fused kernels; say it once, not per rank.
-    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*not installed.*")
+    # Before torch / Megatron-Core are imported: their start-up messages that mean nothing here
+    # (no CUDA runtime on a CPU box, optional fused kernels missing) would print once per rank.
+    silence_startup_noise()
 
 
 def build_parser() -> argparse.ArgumentParser:
