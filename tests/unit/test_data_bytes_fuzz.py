@@ -1,0 +1,306 @@
+"""Byte-level fuzz of the text dataset readers, through `mvlm encode` and the training datasets.
+
+Rows that are not text (random bytes, a lone UTF-8 surrogate, overlong encodings, a stray
+continuation byte), truncated lines and NUL bytes are inserted as extra lines (seeded) into files
+that otherwise hold the same good rows as a clean file; blank lines, a UTF-8 BOM, CRLF endings
+and a last line without a newline are mixed in (all valid). What must hold:
+
+* skip: exit 0, no traceback, skipped rows == corrupted lines (per reason: bad_encoding when
+  the line is not UTF-8, else bad_json), and every file's good rows encode to exactly the
+  token ids and labels of the clean file;
+* error: exit 2, no traceback, the message names the file and ``line N`` of its first bad line;
+* the same counts in lazy mode (loader workers), streaming mode and ``--dataset_num_proc 2``.
+"""
+import argparse
+import json
+import random
+import subprocess
+import sys
+
+import datasets
+import pytest
+
+from mvlm.data.encode import add_encode_args, build_dataloader, build_train_dataset, run_encode
+from mvlm.data.errors import BadSampleError
+from mvlm.data.textrows import iter_rows
+from mvlm.testing.tiny_models import build_tiny_checkpoint
+
+SEED = 20261202
+TEXTS = [("Hello there", "General Kenobi"), ("Un café, s'il vous plaît ☕", "Voilà, monsieur"),
+         ("日本語で答えて", "はい、わかりました"), ("emoji? 🙂", "🙃 sure, \"quoted\" too"),
+         ("a, b and c", "three letters\nover two lines"), ("What is 2+2?", "four"),
+         ("tab\there", "back\\slash"), ("Ünïcödé", "ÄÖÜ ß"), ("last one", "done")]
+KINDS = ("random", "truncated", "nul", "surrogate", "overlong", "continuation")
+
+
+def _row(q, a):
+    return {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]}
+
+
+GOOD = [json.dumps(_row(q, a), ensure_ascii=False).encode() for q, a in TEXTS]
+
+
+def _corrupt(kind, good, rng):
+    """One corrupted line (no newline in it) derived from a good row or from nothing."""
+    pos = rng.randrange(1, len(good) - 1)
+    if kind == "random":
+        junk = bytearray(rng.randbytes(rng.randint(1, 40)).replace(b"\n", b"\xfe"))
+        junk.insert(rng.randrange(len(junk) + 1), 0xFF)  # 0xff is never UTF-8
+        return bytes(junk)
+    if kind == "truncated":
+        return good[:pos]
+    if kind == "nul":
+        return good[:pos] + b"\x00" + good[pos:]
+    if kind == "surrogate":  # U+D800 encoded as if it were a scalar value
+        return good[:pos] + b"\xed\xa0\x80" + good[pos:]
+    if kind == "overlong":  # '/' as 2, 3 and 4 bytes
+        return good[:pos] + rng.choice([b"\xc0\xaf", b"\xe0\x80\xaf", b"\xf0\x80\x80\xaf"]) + \
+            good[pos:]
+    ascii_at = [i for i, b in enumerate(good) if b < 0x80]
+    i = rng.choice(ascii_at)
+    return good[:i] + bytes([rng.randint(0x80, 0xBF)]) + good[i + 1:]  # lone continuation
+
+
+def _reason(line):
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bad_encoding"
+    with pytest.raises(json.JSONDecodeError):  # a corruption that parses would be no corruption
+        json.loads(text)
+    return "bad_json"
+
+
+def _assemble(lines, *, bom=False, crlf=False, final_newline=True):
+    nl = b"\r\n" if crlf else b"\n"
+    data = nl.join(lines) + (nl if final_newline else b"")
+    return (b"\xef\xbb\xbf" if bom else b"") + data
+
+
+def _fuzz_file(rng, kinds):
+    """(bytes, [(line, reason)] of the corrupted lines) of one fuzzed JSONL file."""
+    items = [("good", g) for g in GOOD]
+    for kind in kinds:
+        items.insert(rng.randrange(len(items) + 1), ("bad", _corrupt(kind, rng.choice(GOOD), rng)))
+    for blank in (b"", b"  \t", b""):
+        items.insert(rng.randrange(1, len(items)), ("blank", blank))
+    bad = [(n, _reason(b)) for n, (what, b) in enumerate(items, start=1) if what == "bad"]
+    data = _assemble([b for _, b in items], bom=rng.random() < 0.5, crlf=rng.random() < 0.5,
+                     final_newline=rng.random() < 0.5)
+    return data, bad
+
+
+def _json_array(bad_at):
+    """Pretty-printed array with BOM + CRLF; element ``bad_at`` has a non-UTF-8 byte."""
+    lines = [b"["]
+    rows = list(GOOD)
+    rows.insert(bad_at, GOOD[0].replace(b"Hello", b"He\xffllo"))
+    for i, r in enumerate(rows):
+        lines.append(b"  " + r + (b"," if i < len(rows) - 1 else b""))
+    lines.append(b"]")
+    return _assemble(lines, bom=True, crlf=True), [(bad_at + 2, "bad_encoding")]
+
+
+def _csv():
+    """query,response CSV with BOM + CRLF, a blank line and a record that is not UTF-8."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\r\n")
+    w.writerow(["query", "response"])
+    for q, a in TEXTS[:4]:
+        w.writerow([q, a])
+    head = buf.getvalue().encode()
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\r\n")
+    for q, a in TEXTS[4:]:
+        w.writerow([q, a])
+    tail = buf.getvalue().encode()
+    line = head.count(b"\n") + 1
+    data = b"\xef\xbb\xbf" + head + b"caf\xe9 au lait,latin-1 row\r\n\r\n" + tail
+    return data, [(line, "bad_encoding")]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bytes")
+    ckpt = build_tiny_checkpoint("qwen2", d / "ckpt")
+    rng = random.Random(SEED)
+    files = {"clean.jsonl": (_assemble(GOOD), []),
+             "bom.jsonl": (_assemble(GOOD, bom=True), []),
+             "crlf.jsonl": (_assemble(GOOD, crlf=True), []),
+             "bom_crlf_nofinal.jsonl": (_assemble(GOOD, bom=True, crlf=True,
+                                                  final_newline=False), []),
+             "array.json": _json_array(3), "rows.csv": _csv()}
+    kinds = list(KINDS) * 3
+    rng.shuffle(kinds)
+    for k in range(4):
+        files[f"fuzz{k}.jsonl"] = _fuzz_file(rng, kinds[k * 4:(k + 1) * 4] + [KINDS[k]])
+    for name, (data, _) in files.items():
+        (d / name).write_bytes(data)
+    return d, ckpt, files
+
+
+@pytest.fixture(scope="module")
+def clean(corpus):
+    """Token ids and labels of the clean file (in-process encode)."""
+    d, ckpt, _ = corpus
+    assert run_encode(_parse(_args(d, ckpt, ["clean.jsonl"], "error", "out_clean"))) == 0
+    enc = _load(d / "out_clean")
+    assert len(enc["input_ids"]) == len(GOOD) and all(n > 10 for n in enc["length"])
+    return enc["input_ids"], enc["labels"]
+
+
+def _load(out):
+    """The saved train split as plain Python lists (datasets 5 returns lazy Column objects)."""
+    return datasets.load_from_disk(str(out / "train")).to_dict()
+
+
+def _args(d, ckpt, names, policy, out, *extra):
+    return ["--model", str(ckpt), "--dataset", *[str(d / n) for n in names],
+            "--output_dir", str(d / out), "--max_length", "512", "--dataset_shuffle", "false",
+            "--on_bad_sample", policy, *extra]
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser()
+    add_encode_args(p)
+    return p.parse_args(argv)
+
+
+def _cli(argv):
+    return subprocess.run([sys.executable, "-m", "mvlm", "encode", *argv], capture_output=True,
+                          text=True, timeout=600)
+
+
+def _expected_counts(files, names):
+    counts = {}
+    for n in names:
+        for _, reason in files[n][1]:
+            counts[reason] = counts.get(reason, 0) + 1
+    return counts
+
+
+def test_fuzz_corpus_is_what_it_claims(corpus):
+    """The generator covers every corruption kind and every valid variant; lines as editors."""
+    d, _, files = corpus
+    bad = [b for _, (_, bs) in files.items() for b in bs]
+    assert {r for _, r in bad} == {"bad_encoding", "bad_json"} and len(bad) >= 20
+    for name, (data, bs) in files.items():
+        rows = list(iter_rows(str(d / name)))
+        assert [(r.line, r.reason) for r in rows if r.reason] == \
+            [(n, r) for n, r in bs if r == "bad_encoding"], name
+        lines = data.split(b"\n")
+        for r in rows:  # the line number points at the row's bytes, as `sed -n Np` shows it
+            if name.endswith(".jsonl") and not r.reason:
+                assert r.text.encode() in lines[r.line - 1], (name, r.line)
+
+
+def test_encode_cli_skip_and_error(corpus, clean):
+    d, ckpt, files = corpus
+    names = list(files)
+    r = _cli(_args(d, ckpt, names, "skip", "out_skip"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr
+    expected = _expected_counts(files, names)
+    total = sum(expected.values())
+    parts = ", ".join(f"{k}={v}" for k, v in sorted(expected.items()))
+    assert f"skipped samples: {total} ({parts})" in r.stdout, r.stdout
+    stats = json.loads((d / "out_skip" / "stats.json").read_text())
+    assert stats["skipped"] == expected and stats["samples"] == len(GOOD) * len(names)
+    enc = _load(d / "out_skip")
+    ids, labels = enc["input_ids"], enc["labels"]
+    k = len(GOOD)
+    for f in range(len(names)):  # every file's good rows == the clean file's, token for token
+        assert ids[f * k:(f + 1) * k] == clean[0], names[f]
+        assert labels[f * k:(f + 1) * k] == clean[1], names[f]
+
+    # error: valid variants pass, the first bad line of the first broken file is named
+    first = files["fuzz0.jsonl"][1][0]
+    r = _cli(_args(d, ckpt, ["bom_crlf_nofinal.jsonl", "crlf.jsonl", "fuzz0.jsonl"], "error",
+                   "out_err"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert f"fuzz0.jsonl, line {first[0]}): {first[1]}" in r.stderr, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("name", ["fuzz1.jsonl", "fuzz2.jsonl", "fuzz3.jsonl", "array.json",
+                                  "rows.csv"])
+def test_encode_error_names_first_bad_line(corpus, name, capsys):
+    d, ckpt, files = corpus
+    line, reason = files[name][1][0]
+    assert run_encode(_parse(_args(d, ckpt, [name], "error", f"err_{name}"))) == 2
+    err = capsys.readouterr().err
+    assert f"{name}, line {line}): {reason}" in err and "--on_bad_sample skip" in err
+
+
+def test_num_proc_2_counts(corpus, clean, capsys):
+    """Eager encoding with 2 processes: skip counts reach the report, good rows in order."""
+    d, ckpt, files = corpus
+    big = [b for _ in range(8) for b in GOOD]
+    rng = random.Random(SEED + 1)
+    bad = []
+    for kind in KINDS * 2:
+        at = rng.randrange(len(big) + 1)
+        big.insert(at, _corrupt(kind, rng.choice(GOOD), rng))
+        bad = [(n + (n >= at + 1), r) for n, r in bad] + [(at + 1, _reason(big[at]))]
+    (d / "big.jsonl").write_bytes(_assemble(big, crlf=True))
+    assert len(big) >= 64  # encode_raw uses at most len // 32 processes
+    assert run_encode(_parse(_args(d, ckpt, ["big.jsonl"], "skip", "out_np2",
+                                   "--dataset_num_proc", "2"))) == 0
+    stats = json.loads((d / "out_np2" / "stats.json").read_text())
+    assert stats["skipped"] == _expected_counts({"big": (None, bad)}, ["big"])
+    assert _load(d / "out_np2")["input_ids"] == clean[0] * 8
+    assert run_encode(_parse(_args(d, ckpt, ["big.jsonl"], "error", "err_np2",
+                                   "--dataset_num_proc", "2"))) == 2
+    err = capsys.readouterr().err
+    shown = int(err.split("big.jsonl, line ")[1].split(")")[0])
+    assert shown in {n for n, _ in bad}  # the first bad line of one worker's shard
+
+
+def _good_flags(d, name):
+    return [not r.reason and _parses(r.text) for r in iter_rows(str(d / name))]
+
+
+def _parses(text):
+    try:
+        json.loads(text)
+        return True
+    except json.JSONDecodeError:
+        return False
+
+
+@pytest.mark.parametrize("mode", ["lazy_tokenize", "streaming"])
+def test_lazy_and_streaming_with_workers(corpus, clean, mode):
+    """Bad rows skipped in loader workers are counted in the training process, once per row."""
+    d, ckpt, files = corpus
+    names = ["fuzz0.jsonl", "rows.csv", "fuzz3.jsonl"]
+    args = _parse(_args(d, ckpt, names, "skip", "unused", f"--{mode}", "true"))
+    data = build_train_dataset(args, str(ckpt))
+    loader = build_dataloader(data, micro_batch_size=1, shuffle=False, num_workers=2,
+                              num_epochs=1)
+    got = [b["input_ids"][0].tolist() for b in loader]
+    if mode == "streaming":
+        assert got == clean[0] * len(names)
+    else:  # a bad row is replaced by the next good one
+        good = [g for n in names for g in _good_flags(d, n)]
+        order = []
+        for i in range(len(good)):
+            j = i
+            while not good[j % len(good)]:
+                j += 1
+            order.append(sum(good[:j % len(good)]))  # ordinal of the good row served
+        assert got == [(clean[0] * len(names))[k] for k in order]
+    assert dict(data.bad_samples.counts) == _expected_counts(files, names)
+    assert data.bad_samples.summary().startswith(
+        f"skipped samples: {sum(_expected_counts(files, names).values())} (")
+
+
+def test_lazy_error_names_line(corpus):
+    d, ckpt, files = corpus
+    args = _parse(_args(d, ckpt, ["fuzz2.jsonl"], "error", "unused", "--lazy_tokenize", "true"))
+    data = build_train_dataset(args, str(ckpt))
+    first = files["fuzz2.jsonl"][1][0]
+    idx = [r.line for r in iter_rows(str(d / "fuzz2.jsonl"))].index(first[0])
+    with pytest.raises(BadSampleError, match=rf"fuzz2\.jsonl, line {first[0]}\): {first[1]}"):
+        data.train[idx]
