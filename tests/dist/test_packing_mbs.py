@@ -18,8 +18,9 @@ text-only samples, max_length 128 (8 packed rows of 1-3 samples):
   at every step.
 
 Tolerance: 1e-6 in fp32 on CPU (the two sides sum the same per-token terms in another grouping,
-so only float rounding separates them); measured ~1e-7 for gradients, ~3e-7 for the trainer's
-logged numbers.
+so only float rounding separates them). Measured: |dloss| <= 1.5e-7 and max |dgrad| <= 9e-8
+(gradients up to 0.52) at model level; relative <= 1.1e-7 for the trainer's logged loss and grad
+norm (absolute <= 6.5e-7 on grad norms of 5-7).
 """
 from __future__ import annotations
 
