@@ -224,6 +224,16 @@ def encode_all(raws: list[RawDataset], template: Template, counter: BadSampleCou
     return ds
 
 
+def _counter(policy: str | BadSampleCounter) -> BadSampleCounter:
+    """The dataset's counter: one passed in (shared with the trainer's report) or a new one.
+    Either way it must see skips made in DataLoader workers."""
+    if isinstance(policy, BadSampleCounter):
+        if not policy.shares_with_workers:
+            raise ValueError("a counter shared with a torch dataset needs share_with_workers=True")
+        return policy
+    return BadSampleCounter(policy, share_with_workers=True)
+
+
 class EncodedDataset(torch.utils.data.Dataset):
     """Torch view of an encoded Arrow dataset (what training iterates).
 
@@ -233,10 +243,10 @@ class EncodedDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, data: datasets.Dataset, template: Template | None = None,
-                 policy: str = "error", max_retries: int = 100):
+                 policy: str | BadSampleCounter = "error", max_retries: int = 100):
         self.data = data.with_format("numpy")
         self.template = template
-        self.counter = BadSampleCounter(policy, share_with_workers=True)
+        self.counter = _counter(policy)
         self.max_retries = max_retries
 
     def __len__(self) -> int:
@@ -272,11 +282,11 @@ class EncodedDataset(torch.utils.data.Dataset):
 class LazyDataset(torch.utils.data.Dataset):
     """Encode on access (``--lazy_tokenize``). A bad row is replaced by the next good row."""
 
-    def __init__(self, raws: list[RawDataset], template: Template, policy: str = "error",
-                 max_retries: int = 100):
+    def __init__(self, raws: list[RawDataset], template: Template,
+                 policy: str | BadSampleCounter = "error", max_retries: int = 100):
         self.raws = raws
         self.template = template
-        self.counter = BadSampleCounter(policy, share_with_workers=True)
+        self.counter = _counter(policy)
         self.max_retries = max_retries
         self.offsets = np.cumsum([0] + [len(r.data) for r in raws])
 
@@ -349,10 +359,11 @@ def iter_encoded(raws: list[RawDataset], template: Template, counter: BadSampleC
 class StreamingDataset(torch.utils.data.IterableDataset):
     """Iterable over encoded samples (or packed rows), sharded over DP ranks round-robin."""
 
-    def __init__(self, raws: list[RawDataset], template: Template, policy: str = "error",
-                 packing_length: int | None = None, dp_rank: int = 0, dp_size: int = 1):
+    def __init__(self, raws: list[RawDataset], template: Template,
+                 policy: str | BadSampleCounter = "error", packing_length: int | None = None,
+                 dp_rank: int = 0, dp_size: int = 1):
         self.raws, self.template = raws, template
-        self.counter = BadSampleCounter(policy, share_with_workers=True)
+        self.counter = _counter(policy)
         self.packing_length = packing_length
         self.dp_rank, self.dp_size = dp_rank, dp_size
 

@@ -169,7 +169,9 @@ def build_train_dataset(args: Any, processor_dir: str, *, dp_rank: int = 0,
     from mvlm.data.textrows import load_datasets  # text files read line by line
 
     template = build_template(args, processor_dir)
-    counter = BadSampleCounter(_get(args, "on_bad_sample", "error"))
+    # one counter for encoding and the torch datasets (their loader workers' skips included):
+    # TrainData.bad_samples is the whole report
+    counter = BadSampleCounter(_get(args, "on_bad_sample", "error"), share_with_workers=True)
     packing = bool(_get(args, "packing", False))
     pad_id = template.pad_token_id
     cached = _get(args, "cached_dataset")
@@ -194,8 +196,8 @@ def build_train_dataset(args: Any, processor_dir: str, *, dp_rank: int = 0,
                                            streaming=True, seed=_get(args, "seed", 42),
                                            options=load_options(args))
         plen = packing_length(args) if packing else None
-        tr = StreamingDataset(train_raw, template, counter.policy, plen, dp_rank, dp_size)
-        va = StreamingDataset(val_raw, template, counter.policy, plen) if val_raw else None
+        tr = StreamingDataset(train_raw, template, counter, plen, dp_rank, dp_size)
+        va = StreamingDataset(val_raw, template, counter, plen) if val_raw else None
         return TrainData(tr, va, template, tr.counter, pad_id, packing)
     elif _get(args, "lazy_tokenize", False):
         if packing:
@@ -206,16 +208,16 @@ def build_train_dataset(args: Any, processor_dir: str, *, dp_rank: int = 0,
             args.dataset, val_specs=_get(args, "val_dataset", []),
             split_dataset_ratio=_get(args, "split_dataset_ratio", 0.0) or 0.0,
             seed=_get(args, "seed", 42), options=load_options(args))
-        tr = LazyDataset(train_raw, template, counter.policy)
-        va = LazyDataset(val_raw, template, counter.policy) if val_raw else None
+        tr = LazyDataset(train_raw, template, counter)
+        va = LazyDataset(val_raw, template, counter) if val_raw else None
         return TrainData(tr, va, template, tr.counter, pad_id, False)
     else:
         train, val = _encode_eager(args, template, counter)
         packs = _pack(args, train) if packing else None
         plen = packing_length(args) if packs is not None else _get(args, "max_length")
         stats = _stats(train, plen, packs)
-    tr_ds: Any = EncodedDataset(train, template, counter.policy)
-    va_ds: Any = EncodedDataset(val, template, counter.policy) if val is not None else None
+    tr_ds: Any = EncodedDataset(train, template, counter)
+    va_ds: Any = EncodedDataset(val, template, counter) if val is not None else None
     if packing:
         tr_ds = PackedDataset(tr_ds, packs)
         if va_ds is not None:

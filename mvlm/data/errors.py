@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import threading
+import uuid
 import weakref
 from collections import Counter
 from typing import Any
@@ -125,6 +126,7 @@ class BadSampleCounter:
             if os.getpid() != self._pid:  # first use in a loader worker: count its own skips
                 self._pid = os.getpid()
                 self._keyed, self._unkeyed, self.examples = {}, Counter(), {}
+                self._spool_file = f"{self._pid}-{uuid.uuid4().hex}.json"  # pids get reused
             first = err.reason not in self._keyed and err.reason not in self._unkeyed
             if err.row is not None:
                 keys = self._keyed.setdefault(err.reason, set())
@@ -144,7 +146,7 @@ class BadSampleCounter:
     def _write_spool(self) -> None:
         state = {"keyed": {r: sorted(k) for r, k in self._keyed.items()},
                  "unkeyed": dict(self._unkeyed), "examples": self.examples}
-        path = os.path.join(self._spool, f"{self._pid}.json")
+        path = os.path.join(self._spool, self._spool_file)
         tmp = path + ".tmp"
         with open(tmp, "w") as f:
             json.dump(state, f)
@@ -189,6 +191,10 @@ class BadSampleCounter:
         for r, keys in keyed.items():
             out[r] += len(keys)
         return +out
+
+    @property
+    def shares_with_workers(self) -> bool:
+        return self._spool is not None
 
     @property
     def total(self) -> int:

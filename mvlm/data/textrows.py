@@ -14,7 +14,13 @@ Every row is stored the way :mod:`mvlm.data.dataset_spec` stores JSON rows (``_m
 row's JSON text, ``_mvlm_row``: its 0-based index among the file's rows) plus ``_mvlm_line`` (the
 1-based line where it starts) and ``_mvlm_bad`` (``"reason\\tdetail"`` for an unreadable row,
 else empty). CSV records are type-inferred by pandas (as the `datasets` CSV loader does) and
-stored as JSON too, so one decoder serves all three formats.
+stored as JSON too, so one decoder serves all three formats. ``--columns`` renames are applied
+to each row's keys at load time. A .json array and a CSV file are read whole (also with
+``--streaming``); JSON Lines are read line by line.
+
+Only local files are read here (:func:`load_datasets` is ``dataset_spec.load_datasets`` with this
+reader for them); hub IDs, ``:SUBSET`` specs, directories and columnar files go to
+:mod:`mvlm.data.dataset_spec` unchanged.
 """
 from __future__ import annotations
 
@@ -312,14 +318,24 @@ def load_datasets(specs: Sequence[str], *, val_specs: Sequence[str] = (),
 
 def decode_example(example: dict) -> dict:
     """A stored row -> the row dict; an unreadable row raises its BadSampleError."""
-    bad = example.get(BAD_COL)
-    if bad:
-        reason, _, detail = bad.partition("\t")
-        raise BadSampleError(reason, detail)
-    if JSON_COL in example:
+    if BAD_COL not in example:  # loaded by dataset_spec (columnar files, hub datasets)
         return dataset_spec.decode_row(example)
-    return dataset_spec.decode_row({k: v for k, v in example.items()
-                                    if k not in (LINE_COL, BAD_COL)})
+    if example[BAD_COL]:
+        reason, _, detail = example[BAD_COL].partition("\t")
+        raise BadSampleError(reason, detail)
+    try:
+        row = json.loads(example[JSON_COL])
+    except json.JSONDecodeError as e:
+        raise BadSampleError("bad_json", _json_detail(e)) from None
+    if not isinstance(row, dict):
+        raise BadSampleError("bad_row", f"a row must be a JSON object, got {type(row).__name__}")
+    return row
+
+
+def _json_detail(e: json.JSONDecodeError) -> str:
+    """The parser's complaint with its column in the line (a row is one line: JSON Lines, and
+    array elements / CSV records are only stored here once they parsed)."""
+    return f"{e.msg.removesuffix(' at')} (column {e.colno})"  # "Invalid control character at"
 
 
 def location(example: dict) -> tuple[int | None, int | None]:
