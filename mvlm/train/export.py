@@ -1,21 +1,48 @@
-"""`mvlm export --model CKPT --to hf --output DIR`: a training checkpoint -> HF safetensors.
+"""`mvlm export`: a training checkpoint -> HF safetensors, or a LoRA/DoRA run -> merged HF / PEFT.
 
-``CKPT`` may be a ``checkpoint-<step>`` directory, a training ``--output_dir`` (its ``latest`` is
-used) or any mvlm torch_dist checkpoint. The work is :func:`mvlm.convert.command.run_convert`
-(sharded load at the given layout, streaming parallel export, atomic publish), so export and
-``mvlm convert --to hf`` are one code path.
+    mvlm export --model RUN_OR_CKPT --output DIR                      # full-weight checkpoint
+    mvlm export --model RUN_OR_CKPT --merge_lora true --output DIR    # adapters merged into base
+    mvlm export --adapters CKPT [--model BASE_HF_DIR] --merge_lora false --output DIR  # PEFT dir
+
+``RUN_OR_CKPT`` may be a ``checkpoint-<step>`` directory, a training ``--output_dir`` (its
+``latest`` is used) or any mvlm torch_dist checkpoint; ``--adapters`` is ms-swift's spelling of
+the checkpoint to export, and then ``--model`` names the base model (as in ``swift export``).
+Under torchrun it runs on every rank at ``--tp/--pp`` (any layout, whatever the checkpoint was
+written at); outputs appear atomically and an existing one is replaced only with --overwrite.
+
+Full checkpoints go through :func:`mvlm.convert.command.run_convert`, so export and ``mvlm
+convert --to hf`` are one code path. Adapter checkpoints hold adapters (+ modules_to_save and
+optimizer) only: the model is rebuilt from the run's base model, which the checkpoint records
+with the adapter configuration (:func:`mvlm.tuners.model.read_run_record`), the checkpoint's
+adapter tensors are loaded on top, and the trainer's own writers produce the output
+(:func:`mvlm.tuners.peft_io.export_merged_hf` / :func:`~mvlm.tuners.peft_io.export_peft_adapter`).
+
+Only the standard library is imported at module level: the CLI builds this parser for
+``mvlm --help``, which must not import torch or Megatron-Core.
 """
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("mvlm.train")
 
 
 def add_export_args(p: argparse.ArgumentParser) -> None:
     from mvlm.convert.flags import add_layout_args  # light: `mvlm export --help`
+    from mvlm.data.flags import str2bool
 
-    p.add_argument("--model", "--load", dest="model", required=True,
-                   help="checkpoint-<step> dir, a training output_dir, or an mvlm mcore dir")
+    p.add_argument("--model", "--load", dest="model", default=None,
+                   help="checkpoint-<step> dir, a training output_dir, or an mvlm mcore dir; "
+                        "with --adapters: the base HF model dir (default: the run's base)")
+    p.add_argument("--adapters", default=None,
+                   help="ms-swift spelling: the LoRA/DoRA checkpoint (checkpoint-<step> dir or "
+                        "the run's output_dir) to export")
+    p.add_argument("--merge_lora", type=str2bool, default=None,
+                   help="LoRA/DoRA checkpoints: true = adapters merged into full HF weights, "
+                        "false = a PEFT adapter dir (peft.PeftModel.from_pretrained)")
     p.add_argument("--to", default="hf", choices=["hf"])
     p.add_argument("--output", "--output_dir", dest="output", required=True)
     add_layout_args(p)
@@ -26,7 +53,7 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max_shard_size", default="5GB")
 
 
-def resolve_checkpoint(path: str | Path) -> Path:
+def resolve_checkpoint(path: str | Path, flag: str = "--model") -> Path:
     from mvlm.convert.mcore_ckpt import is_mcore_checkpoint
     from mvlm.train.checkpoint import read_latest
 
@@ -36,12 +63,194 @@ def resolve_checkpoint(path: str | Path) -> Path:
     latest = read_latest(p)
     if latest is not None:
         return latest
-    raise FileNotFoundError(f"--model {path}: neither an mvlm checkpoint (no mvlm_meta.json) nor a "
+    raise FileNotFoundError(f"{flag} {path}: neither an mvlm checkpoint (no mvlm_meta.json) nor a "
                             "training output_dir with a 'latest' checkpoint")
 
 
-def run_export(args: argparse.Namespace) -> int:
-    from mvlm.convert.command import run_convert
+def _stored_keys(model_dir: Path) -> set[str]:
+    """Keys of every tensor/object in a torch_dist directory, from its metadata only."""
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
 
-    args.model = str(resolve_checkpoint(args.model))
-    return run_convert(args)
+    return {sh.key for sh in load_sharded_metadata(str(model_dir)).values()}
+
+
+def _has_adapter_tensors(ckpt: Path) -> bool:
+    """Metadata-only look at the checkpoint's keys (for checkpoints without a run record)."""
+    from mvlm.tuners.model import ADAPTER_ATTR
+
+    return any(k.startswith(ADAPTER_ATTR + ".") for k in _stored_keys(ckpt / "model"))
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from mvlm.tuners.model import read_run_record
+
+    if args.adapters is None and args.model is None:
+        raise ValueError("mvlm export needs the checkpoint to export: --model RUN_OR_CKPT (or, "
+                         "for LoRA/DoRA runs, --adapters CKPT)")
+    flag = "--adapters" if args.adapters else "--model"
+    ckpt = resolve_checkpoint(args.adapters or args.model, flag)
+    record = read_run_record(ckpt / "model")
+    if record is None and _has_adapter_tensors(ckpt):
+        raise ValueError(f"{flag} {ckpt}: an adapter checkpoint without the run record that "
+                         "mvlm writes since adapter export exists (adapter config, base model); "
+                         "export it from its run instead (--save_safetensors true writes the "
+                         "merged model or PEFT dir at the end)")
+    if record is None:
+        if args.merge_lora is not None:
+            raise ValueError(f"--merge_lora: {ckpt} is a full-weight checkpoint, not a LoRA/DoRA "
+                             "one (it holds every weight, no adapters); export it without "
+                             "--merge_lora")
+        if args.adapters:
+            raise ValueError(f"--adapters {ckpt}: not a LoRA/DoRA checkpoint; export a full-"
+                             "weight checkpoint with --model CKPT")
+        from mvlm.convert.command import run_convert
+
+        args.model = str(ckpt)
+        return run_convert(args)
+    if args.merge_lora is None:
+        raise ValueError(f"{ckpt} is a {record['train_type']} checkpoint (adapters + optimizer "
+                         "only): pass --merge_lora true (merged HF weights) or --merge_lora "
+                         "false (a PEFT adapter dir)")
+    base = _base_model(ckpt, record, args)
+    return export_adapter_checkpoint(ckpt, record, base, args)
+
+
+def _base_model(ckpt: Path, record: dict[str, Any], args: argparse.Namespace
+                ) -> tuple[str, Path]:
+    """("hf"|"mcore", path) of the base weights: --model with --adapters, else the run's."""
+    from mvlm.convert.mcore_ckpt import is_mcore_checkpoint
+
+    if args.adapters and args.model:
+        p = Path(args.model)
+        if not p.exists():
+            raise FileNotFoundError(f"--model {p} (the base model for --adapters) does not exist")
+        return ("mcore", p) if is_mcore_checkpoint(p) else ("hf", p)
+    kind, path = (("hf", record.get("base_model")) if record.get("base_model")
+                  else ("mcore", record.get("base_mcore_model")))
+    if not path or not Path(path).exists():
+        raise FileNotFoundError(
+            f"{ckpt} holds adapters only; its run's base model {path} (recorded at training) "
+            f"is not there: pass the base HF directory, as in `mvlm export --adapters {ckpt} "
+            "--model BASE_HF_DIR --merge_lora true|false ...`")
+    return kind, Path(path)
+
+
+def export_adapter_checkpoint(ckpt: Path, record: dict[str, Any], base: tuple[str, Path],
+                              args: argparse.Namespace) -> int:
+    """Collective: rebuild the run's model at this layout (base weights + the checkpoint's
+    adapters and trained base tensors) and write merged HF weights or a PEFT adapter dir."""
+    from transformers import AutoConfig
+
+    from mvlm.convert.hf_io import prepare_output_dir
+    from mvlm.convert.mcore_ckpt import read_meta
+    from mvlm.models.gpt import validate_layout
+    from mvlm.models.registry import get_family
+    from mvlm.runtime.parallel import ParallelLayout
+
+    layout = ParallelLayout(tp=args.tp, pp=args.pp, cp=args.cp, ep=args.ep, etp=args.etp)
+    out = Path(args.output)
+    prepare_output_dir(out, args.overwrite)  # before any process group: cheap, clear
+    meta = read_meta(ckpt)
+    hf_config = AutoConfig.from_pretrained(ckpt / "hf")
+    validate_layout(get_family(meta["model_type"]).text_arch(hf_config), layout)
+    kind, base_dir = base
+    base_type = (read_meta(base_dir)["model_type"] if kind == "mcore"
+                 else AutoConfig.from_pretrained(base_dir).model_type)
+    if base_type != meta["model_type"]:
+        raise ValueError(f"--model {base_dir}: a {base_type} model, but {ckpt} adapts a "
+                         f"{meta['model_type']} model; pass the run's base model")
+    return _export_distributed(ckpt, record, meta, hf_config, (kind, base_dir), layout, args)
+
+
+def _export_distributed(ckpt, record, meta, hf_config, base, layout, args) -> int:
+    import torch.distributed as dist
+
+    from mvlm.convert.command import _hf_dtype
+    from mvlm.convert.mcore_ckpt import dtype_from_name
+    from mvlm.models.spec import choose_backend
+    from mvlm.models.vlm import build_model
+    from mvlm.runtime.compat import apply_compat_fixes
+    from mvlm.runtime.parallel import destroy_distributed, init_distributed
+    from mvlm.tuners.model import AdapterConfig, apply_adapters
+    from mvlm.tuners.peft_io import export_merged_hf, export_peft_adapter
+
+    own_pg = not dist.is_initialized()  # a caller's process group (tests, scripts) stays up
+    device = init_distributed(layout, args.device)
+    apply_compat_fixes()
+    out = Path(args.output)
+    try:
+        dtype = dtype_from_name(args.torch_dtype, dtype_from_name(meta.get("dtype")))
+        bundle = build_model(hf_config, layout, dtype=dtype, device=device,
+                             backend=choose_backend(device, args.transformer_impl),
+                             perform_initialization=False, vocab_padded=meta["vocab_padded"])
+        _load_base(bundle, base)
+        acfg = AdapterConfig(**record["adapter"])
+        apply_adapters(bundle, acfg, freeze_base=True)
+        _load_adapter_checkpoint(bundle, ckpt, meta)
+        export_dtype = _hf_dtype(bundle.hf_config) or bundle.config.params_dtype
+        if args.merge_lora:
+            export_merged_hf(bundle, ckpt / "hf", out, export_dtype, overwrite=args.overwrite)
+        else:
+            kind, base_dir = base
+            export_peft_adapter(bundle, acfg, out, base_model_dir=base_dir if kind == "hf"
+                                else None, dtype=export_dtype, overwrite=args.overwrite)
+        if dist.get_rank() == 0:
+            what = "merged HF model" if args.merge_lora else "PEFT adapter"
+            log.info("exported %s (%s) -> %s", ckpt, what, out)
+            print(f"mvlm export: wrote {out} ({what}, {record['train_type']} r="
+                  f"{acfg.rank})", flush=True)
+    finally:
+        if own_pg:
+            destroy_distributed()
+        else:
+            from megatron.core import parallel_state
+
+            parallel_state.destroy_model_parallel()
+    return 0
+
+
+def _load_base(bundle, base: tuple[str, Path]) -> None:
+    kind, path = base
+    if kind == "hf":
+        from mvlm.convert.bridge import load_hf_weights
+
+        load_hf_weights(bundle, path)
+    else:
+        from mvlm.convert.mcore_ckpt import load_model_weights
+
+        load_model_weights(bundle, path)
+
+
+def _load_adapter_checkpoint(bundle, ckpt: Path, meta: dict) -> None:
+    """Load every adapter, and the base tensors the checkpoint holds (modules_to_save, a vision
+    tower trained in full under lora_llm), into the adapted model; those base tensors become
+    the trainable ones (what the PEFT export writes as modules_to_save), the rest is frozen.
+    Entries the checkpoint lacks, or holds but the model does not use, are errors naming them."""
+    import torch
+
+    from mvlm.convert.ckpt_format import adapt_model_keys, load_module_state, load_sharded
+    from mvlm.convert.mcore_ckpt import model_keys, model_sharded_state_dict
+    from mvlm.tuners.model import ADAPTER_ATTR
+
+    model_dir = ckpt / "model"
+    sd = model_sharded_state_dict(bundle)
+    adapt_model_keys(sd, model_dir, meta)
+    stored = _stored_keys(model_dir)
+    params = {id(p): p for m in bundle.models for p in m.parameters()}
+    request: dict = {}
+    for top, chunk in sd.items():
+        kept = {}
+        for k, v in chunk.items():
+            key = getattr(v, "key", None)
+            if key is None:
+                continue  # common (non-tensor) state: nothing to request
+            adapter = k.split(".")[0] == ADAPTER_ATTR
+            p = params.get(id(getattr(v, "data", None)))
+            if not adapter and isinstance(p, torch.nn.Parameter):
+                p.requires_grad_(key in stored)
+            if adapter or key in stored:
+                kept[k] = v
+        request[top] = kept
+    loaded = load_sharded(request, model_dir, with_optimizer=False)
+    for k, m in zip(model_keys(bundle), bundle.models, strict=True):
+        load_module_state(m, loaded[k], strict=False)

@@ -82,21 +82,41 @@ class AdapterReport:
                 f"trainable%: {self.percent:.4f} ({self.n_adapters} adapted linears)")
 
 
+#: Entry of each chunk's checkpoint state that describes the adapter run (see set_run_record).
+RUN_RECORD_KEY = "run"
+#: Version of the run record; readers refuse versions they do not know.
+RUN_RECORD_VERSION = 1
+
+
 class AdapterStore(nn.Module):
-    """The adapters of one model chunk, keyed by global module name ('.' -> '-')."""
+    """The adapters of one model chunk, keyed by global module name ('.' -> '-').
+
+    Besides the tensors, the checkpoint holds ``run_record`` (a plain dict, so Megatron-Core
+    stores it in the checkpoint's common state): the adapter configuration and the base model of
+    the run. Adapter checkpoints hold no base weights, so this is what lets ``mvlm export
+    --merge_lora`` rebuild the model from the checkpoint alone."""
 
     def __init__(self) -> None:
         super().__init__()
         self.adapters = nn.ModuleDict()
         self.handles: list = []
+        self.run_record: dict | None = None
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
                            metadata: dict | None = None) -> dict:
-        """Checkpoint entries with global keys and the right TP/EP sharding per tensor."""
+        """Checkpoint entries with global keys and the right TP/EP sharding per tensor.
+
+        Rows of a gated fc1 (lora_B, DoRA magnitude: [gate_r; up_r] on each TP rank) are stored via
+        Megatron-Core's SwiGLU factory (gate and up halves sharded separately) under their own
+        ``*_gate_up`` keys, so the stored tensor is [gate; up] whatever TP wrote it and reloads
+        correctly at any TP (a plain row split would interleave the halves of each rank)."""
         from megatron.core import parallel_state as ps
         from megatron.core.dist_checkpointing import ShardedTensor
+        from megatron.core.transformer.mlp import apply_swiglu_sharded_factory
 
-        out = {}
+        out: dict = {}
+        if self.run_record is not None:
+            out[f"{prefix}{RUN_RECORD_KEY}"] = dict(self.run_record)
         for key, ad in self.adapters.items():
             spec = ad.spec
             if spec.expert:
@@ -109,7 +129,13 @@ class AdapterStore(nn.Module):
                 full_key = f"{prefix}adapters.{key}.{pname}"
                 dim = getattr(p, "partition_dim", None) if getattr(
                     p, "tensor_model_parallel", False) else None
-                if dim is None:
+                if getattr(ad, "gate_up", False) and pname in ("lora_B", "lora_magnitude"):
+                    # rows of a fused [gate; up]: at every TP (also 1) through the factory
+                    sh = ShardedTensor.from_rank_offsets(
+                        f"mvlm_adapters.{ad.global_name}.{pname}_gate_up", p,
+                        (0, spec.tp_rank, spec.tp_size), replica_id=(0, 0, dp_rank))
+                    out[full_key] = apply_swiglu_sharded_factory(sh, ())
+                elif dim is None:
                     out[full_key] = ShardedTensor.from_rank_offsets(
                         f"mvlm_adapters.{ad.global_name}.{pname}", p,
                         replica_id=(tp_rank, 0, dp_rank))
@@ -221,9 +247,13 @@ def apply_adapters(bundle: ModelBundle, cfg: AdapterConfig,
         ad = LoRAAdapter(mod, spec, gname, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout,
                          use_rslora=cfg.use_rslora, use_dora=cfg.kind == "dora", seed=cfg.seed,
                          b_init_std=cfg.b_init_std, column_to_local=to_local)
+        ad.gate_up = spec.kind == "column" and _is_gate_up(bundle, gname)
         store.adapters[key] = ad
         store.handles.append(attach(mod, ad))
         targets.append(gname)
+    for model in bundle.models:  # every chunk carries the run record, adapted or not
+        if getattr(model, ADAPTER_ATTR, None) is None:
+            _set_parent(model, AdapterStore())
     n = torch.tensor([len(targets)], dtype=torch.float64)
     if dist.is_initialized():
         dist.all_reduce(n)
@@ -267,6 +297,57 @@ def _column_splitter(bundle: ModelBundle, gname: str):
         return m.load(_DictReader(dict(m.to_hf(full, idx, one))), idx, ctx)
 
     return split
+
+
+def _is_gate_up(bundle: ModelBundle, gname: str) -> bool:
+    """True when the module's weight is a fused [gate; up] (SwiGLU fc1) in the weight table."""
+    from mvlm.convert.mapping import GatedMLP, find_mapping
+
+    try:
+        m, _ = find_mapping(bundle.family.mappings(bundle.hf_config, bundle.arch),
+                            gname + ".weight")
+    except KeyError:
+        return False
+    return isinstance(m, GatedMLP)
+
+
+def set_run_record(bundle: ModelBundle, cfg: AdapterConfig, train_type: str,
+                   base_model: str | None, base_mcore_model: str | None) -> None:
+    """Attach the run's description (adapter config, train type, base model as absolute paths)
+    to every chunk's adapter store, so its adapter checkpoints say how to rebuild the model."""
+    import os
+    from dataclasses import asdict
+
+    rec = {"version": RUN_RECORD_VERSION, "train_type": train_type, "adapter": asdict(cfg),
+           "base_model": os.path.abspath(base_model) if base_model else None,
+           "base_mcore_model": os.path.abspath(base_mcore_model) if base_mcore_model else None}
+    for m in bundle.models:
+        store = getattr(m, ADAPTER_ATTR, None)
+        if store is not None:
+            store.run_record = rec
+
+
+def read_run_record(model_dir) -> dict | None:
+    """The run record of a torch_dist checkpoint's ``model/`` dir (None if it has none).
+    Reads only the checkpoint's common state (no tensors, no process group needed)."""
+    from pathlib import Path
+
+    from megatron.core.dist_checkpointing.strategies.common import COMMON_STATE_FNAME
+
+    f = Path(model_dir) / COMMON_STATE_FNAME
+    if not f.exists():
+        return None
+    common = torch.load(f, map_location="cpu", weights_only=True)
+    for key, chunk in sorted(common.items()):
+        if key.startswith("model") and isinstance(chunk, dict):
+            rec = chunk.get(f"{ADAPTER_ATTR}.{RUN_RECORD_KEY}")
+            if rec is not None:
+                if rec.get("version") != RUN_RECORD_VERSION:
+                    raise ValueError(f"{model_dir}: adapter run record version "
+                                     f"{rec.get('version')!r}; this mvlm reads "
+                                     f"{RUN_RECORD_VERSION} (upgrade mvlm)")
+                return rec
+    return None
 
 
 def adapters(bundle: ModelBundle) -> list[LoRAAdapter]:

@@ -152,35 +152,62 @@ def _target_modules(modules: list[str]) -> list[str] | str:
 
 def export_peft_adapter(bundle: ModelBundle, cfg: AdapterConfig, out_dir: str | Path,
                         base_model_dir: str | Path | None = None,
-                        dtype: torch.dtype | None = None) -> Path | None:
-    """Collective: write a peft adapter directory (rank 0 writes). Returns the path on rank 0."""
+                        dtype: torch.dtype | None = None, overwrite: bool = True) -> Path | None:
+    """Collective: write a peft adapter directory (rank 0 writes). Returns the path on rank 0.
+
+    The directory appears atomically (written into a staging dir, renamed into place); an
+    existing one is replaced only with ``overwrite`` (the trainer's end-of-run export always
+    replaces its own ``adapter/``; ``mvlm export`` passes its --overwrite)."""
     from safetensors.torch import save_file
 
-    tensors, names = peft_tensors(bundle, dtype)
-    out = Path(out_dir)
-    if dist.get_rank() == 0:
-        out.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(out / ADAPTER_WEIGHTS),
-                  metadata={"format": "pt"})
-        conf = {
-            "peft_type": "LORA", "task_type": None, "r": cfg.rank, "lora_alpha": cfg.alpha,
-            "lora_dropout": cfg.dropout, "use_rslora": cfg.use_rslora,
-            "use_dora": cfg.kind == "dora", "bias": "none", "fan_in_fan_out": False,
-            "init_lora_weights": True, "target_modules": _target_modules(names["modules"]),
-            "modules_to_save": names["modules_to_save"] or None,
-            "base_model_name_or_path": str(base_model_dir) if base_model_dir else None,
-            "inference_mode": True,
-        }
-        try:  # let peft itself write its config (all its current fields and peft_version)
-            from peft import LoraConfig
+    from mvlm.convert.hf_io import make_staging_dir, prepare_output_dir, publish_dir
 
-            LoraConfig(**{k: v for k, v in conf.items() if k != "peft_type"}
-                       ).save_pretrained(str(out))
-        except ImportError:
-            (out / ADAPTER_CONFIG).write_text(json.dumps(conf, indent=2) + "\n")
+    out = Path(out_dir)
+    ok = [True]
+    if dist.get_rank() == 0:
+        try:
+            prepare_output_dir(out, overwrite)
+        except FileExistsError:
+            ok = [False]
+    dist.broadcast_object_list(ok, src=0)
+    if not ok[0]:
+        prepare_output_dir(out, overwrite)  # the same clear error on every rank
+    tensors, names = peft_tensors(bundle, dtype)
+    if dist.get_rank() == 0:
+        staging = make_staging_dir(out)
+        try:
+            save_file({k: v.contiguous() for k, v in tensors.items()},
+                      str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            _write_peft_config(staging, cfg, names, base_model_dir)
+            publish_dir(staging, out)
+        except BaseException:
+            import shutil
+
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
         log.info("PEFT adapter (%d tensors) written to %s", len(tensors), out)
     dist.barrier()
     return out if dist.get_rank() == 0 else None
+
+
+def _write_peft_config(d: Path, cfg: AdapterConfig, names: dict,
+                       base_model_dir: str | Path | None) -> None:
+    conf = {
+        "peft_type": "LORA", "task_type": None, "r": cfg.rank, "lora_alpha": cfg.alpha,
+        "lora_dropout": cfg.dropout, "use_rslora": cfg.use_rslora,
+        "use_dora": cfg.kind == "dora", "bias": "none", "fan_in_fan_out": False,
+        "init_lora_weights": True, "target_modules": _target_modules(names["modules"]),
+        "modules_to_save": names["modules_to_save"] or None,
+        "base_model_name_or_path": str(base_model_dir) if base_model_dir else None,
+        "inference_mode": True,
+    }
+    try:  # let peft itself write its config (all its current fields and peft_version)
+        from peft import LoraConfig
+
+        LoraConfig(**{k: v for k, v in conf.items() if k != "peft_type"}
+                   ).save_pretrained(str(d))
+    except ImportError:
+        (d / ADAPTER_CONFIG).write_text(json.dumps(conf, indent=2) + "\n")
 
 
 def adapter_config_from_peft(adapter_dir: str | Path, **overrides) -> AdapterConfig:

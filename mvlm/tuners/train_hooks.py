@@ -116,6 +116,11 @@ def setup_adapters(bundle: ModelBundle, ns: argparse.Namespace) -> AdapterReport
         n = load_peft_adapter(bundle, ns.adapters)
         log.info("loaded %d adapters from %s", n, ns.adapters)
     ns.mvlm_adapter_config = acfg
+    # [issue 9 / export] adapter checkpoints record their config and base (mvlm export)
+    from mvlm.tuners.model import set_run_record
+
+    set_run_record(bundle, acfg, ns.train_type, getattr(ns, "model", None),
+                   getattr(ns, "mcore_model", None))
     return rep
 
 
