@@ -11,6 +11,7 @@ from HF:
   fp8 ``_extra_state`` payloads on the linears, ``_extra_state`` entries for the norms TE keeps as
   TENorm (final, q/k, MoE pre-MLP) and for ``core_attention`` (older Megatron-Core + TE);
 - ``old``: format 1, i.e. ``save_mcore`` with the keys map disabled and no format fields;
+- ``te_v1``: ``te`` without the format fields (format 1 as a TE run wrote it: TE names already);
 - ``te_bad``: ``te`` plus one tensor the model does not have (``layer_norm_bias``).
 Then at another layout (TP2 for the dense VL model, EP2 for the MoE) each is loaded under the
 local spec and compared with the same model loaded straight from HF: every tensor with
@@ -247,6 +248,8 @@ def check_family(family: str, hf: Path, root: Path) -> dict:
     save_mcore(bundle, root / "new", save_layout, hf_src=hf, overwrite=True)
     save_te_sim(bundle, root / "te", root / "new", moe)
     save_te_sim(bundle, root / "te_bad", root / "new", moe, extra_tensor=True)
+    save_te_sim(bundle, root / "te_v1", root / "new", moe)  # format 1 written by TE
+    copy_meta(root / "te_v1", root / "te_v1", format_version=None, layer_spec=None)
     with keys_map_disabled(bundle):
         save_mcore(bundle, root / "old", save_layout, hf_src=hf, overwrite=True)
     copy_meta(root / "old", root / "old", format_version=None, layer_spec=None)
@@ -257,7 +260,7 @@ def check_family(family: str, hf: Path, root: Path) -> dict:
     load_layout = ParallelLayout(ep=2) if moe else ParallelLayout(tp=2)
     ref = build_from_hf(hf, load_layout)
     ref_state, ref_logits = state_of(ref), logits_of(ref, hf)
-    for name in ("new", "te", "old"):
+    for name in ("new", "te", "old", "te_v1"):
         b, _ = load_mcore(root / name, load_layout, device="cpu", dtype=None)
         res[f"load_{name}"] = compare(ref_state, ref_logits, b, hf)
         del b

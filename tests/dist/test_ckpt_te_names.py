@@ -89,7 +89,7 @@ def test_old_format_checkpoint_really_has_old_names(results, family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("ckpt", ["new", "te", "old"])
+@pytest.mark.parametrize("ckpt", ["new", "te", "old", "te_v1"])
 def test_loads_under_local_spec_bit_exact(results, family, ckpt):
     r = results[family][f"load_{ckpt}"]
     print(f"{family} {ckpt}: {r['tensors']} tensors, max|dw|={r['max_abs_weight']:.1e}, "
