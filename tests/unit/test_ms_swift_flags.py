@@ -442,3 +442,57 @@ def test_data_seed_columns_and_self_cognition(tmp_path):
     train2, val2 = load_datasets([str(f)], split_dataset_ratio=0.25, options=LoadOptions(seed=3))
     assert list(val[0].data["_mvlm_row"]) == list(val2[0].data["_mvlm_row"])
     assert len(val[0].data) == 5 and len(train[0].data) == 15
+
+
+# ----------------------------------------------------------------------------- a real run
+
+def test_guide_8_1_script_trains_two_steps(tiny_ckpt, tmp_path):
+    """The guide's 8.1 LoRA script, run by bash with `swift` -> `mvlm`: hub model ID and the
+    'AI-ModelScope/LaTeX_OCR#N' dataset ID come from an offline HF cache, its own flags stay
+    (per-device batch 2 x accumulation 4 of packed padding-free rows, --lora_target_modules ALL,
+    --deepspeed zero2, 4 loader workers, 8 encode processes); on top only sizes: 2 steps, one
+    rank, short rows, fewer #N rows."""
+    from mvlm.demo_data import write_demo_dataset
+
+    vl = tiny_ckpt("qwen2_5_vl")
+    demo = write_demo_dataset(tmp_path / "demo", n_train=24, n_val=0, image_size=56, seed=3)
+    rows = []
+    for line in demo.train.read_text().splitlines():  # absolute image paths: any base dir works
+        r = json.loads(line)
+        r["images"] = [str((demo.root / p).resolve()) for p in r["images"]]
+        rows.append(json.dumps(r))
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "custom_vqa.jsonl").write_text("\n".join(rows) + "\n")
+    cache = tmp_path / "hub"
+    hf_cache_with(cache, {"Qwen/Qwen2.5-VL-7B-Instruct": vl},
+                  {"AI-ModelScope/LaTeX_OCR": {"data/train.jsonl": "\n".join(rows[:12]) + "\n"}})
+    overrides = ("--max_steps 2 --max_length 384 --torch_dtype float32 --report_to none "
+                 "--logging_steps 1 "
+                 "--dataset 'AI-ModelScope/LaTeX_OCR#20' custom_vqa.jsonl")
+    runner = (f'swift() {{ shift; NPROC_PER_NODE=1 "{sys.executable}" -m mvlm sft "$@" '
+              f"{overrides}; }}\n")
+    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(REPO))
+    script = FIX / "guide_8_1_full_sft.sh"
+    p = subprocess.run(["bash", "-c", runner + f"source {shlex.quote(str(script))}\n"],
+                       cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    log = p.stdout + p.stderr
+    assert p.returncode == 0, log[-6000:]
+    out = work / "output" / "sft_latex_ocr"
+    recs = [json.loads(x) for x in (out / "logging.jsonl").read_text().splitlines()]
+    train = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2], train
+    assert all(0 < r["loss"] < 20 and r["grad_norm"] > 0 for r in train), train
+    # micro-batch 2 x DP 1 x accumulation 4 = 8 packed rows per step
+    assert train[-1]["consumed_samples"] == 16
+    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    for line in ("--model Qwen/Qwen2.5-VL-7B-Instruct -> ",
+                 "--per_device_train_batch_size 2 -> --micro_batch_size 2",
+                 "--gradient_accumulation_steps 4 -> --global_batch_size 8",
+                 "--deepspeed zero2 -> --use_distributed_optimizer true",
+                 "--model_type ignored", "--learning_rate -> --lr (same meaning)"):
+        assert line in log, (line, log[-4000:])
+    groups = json.loads((out / "optimizer_groups.json").read_text())
+    n = groups["trainable_numel_rank0"]
+    assert n["adapters"] > 0 and n["adapters"] < n["total"] / 2, n
