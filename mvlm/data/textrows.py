@@ -45,6 +45,9 @@ TEXT_EXTS = {".jsonl": "jsonl", ".json": "json", ".csv": "csv"}
 _BOM = b"\xef\xbb\xbf"
 _BLANK = b" \t\r\n"
 _ESCAPED = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of non-UTF-8 bytes
+# a JSON \u escape of a UTF-16 surrogate that is not half of a pair: valid JSON, not text
+_LONE_ESCAPE = re.compile(r"\\u[dD][89abAB][0-9a-fA-F]{2}(?!\\u[dD][c-fC-F][0-9a-fA-F]{2})"
+                          r"|(?<!\\u[dD][89abAB][0-9a-fA-F]{2})\\u[dD][c-fC-F][0-9a-fA-F]{2}")
 
 
 @dataclass
@@ -329,7 +332,19 @@ def decode_example(example: dict) -> dict:
         raise BadSampleError("bad_json", _json_detail(e)) from None
     if not isinstance(row, dict):
         raise BadSampleError("bad_row", f"a row must be a JSON object, got {type(row).__name__}")
+    m = _LONE_ESCAPE.search(example[JSON_COL])
+    if m is not None:
+        _check_text(row, m)
     return row
+
+
+def _check_text(row: dict, m: re.Match) -> None:
+    """Refuse a row whose strings hold a lone surrogate (tokenizers and Arrow reject them)."""
+    try:
+        json.dumps(row, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadSampleError("bad_encoding", f"the escape {m.group()} at column {m.start() + 1} "
+                             "is half of a UTF-16 surrogate pair: the string is not text") from None
 
 
 def _json_detail(e: json.JSONDecodeError) -> str:

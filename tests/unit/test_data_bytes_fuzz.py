@@ -1,12 +1,13 @@
 """Byte-level fuzz of the text dataset readers, through `mvlm encode` and the training datasets.
 
 Rows that are not text (random bytes, a lone UTF-8 surrogate, overlong encodings, a stray
-continuation byte), truncated lines and NUL bytes are inserted as extra lines (seeded) into files
-that otherwise hold the same good rows as a clean file; blank lines, a UTF-8 BOM, CRLF endings
-and a last line without a newline are mixed in (all valid). What must hold:
+continuation byte, a JSON escape of half a surrogate pair), truncated lines and NUL bytes are
+inserted as extra lines (seeded) into files that otherwise hold the same good rows as a clean
+file; blank lines, a UTF-8 BOM, CRLF endings and a last line without a newline are mixed in (all
+valid). What must hold:
 
 * skip: exit 0, no traceback, skipped rows == corrupted lines (per reason: bad_encoding when
-  the line is not UTF-8, else bad_json), and every file's good rows encode to exactly the
+  the line is not text, else bad_json), and every file's good rows encode to exactly the
   token ids and labels of the clean file;
 * error: exit 2, no traceback, the message names the file and ``line N`` of its first bad line;
 * the same counts in lazy mode (loader workers), streaming mode and ``--dataset_num_proc 2``.
@@ -30,7 +31,7 @@ TEXTS = [("Hello there", "General Kenobi"), ("Un café, s'il vous plaît ☕", "
          ("日本語で答えて", "はい、わかりました"), ("emoji? 🙂", "🙃 sure, \"quoted\" too"),
          ("a, b and c", "three letters\nover two lines"), ("What is 2+2?", "four"),
          ("tab\there", "back\\slash"), ("Ünïcödé", "ÄÖÜ ß"), ("last one", "done")]
-KINDS = ("random", "truncated", "nul", "surrogate", "overlong", "continuation")
+KINDS = ("random", "truncated", "nul", "surrogate", "overlong", "continuation", "escaped")
 
 
 def _row(q, a):
@@ -53,6 +54,9 @@ def _corrupt(kind, good, rng):
         return good[:pos] + b"\x00" + good[pos:]
     if kind == "surrogate":  # U+D800 encoded as if it were a scalar value
         return good[:pos] + b"\xed\xa0\x80" + good[pos:]
+    if kind == "escaped":  # valid JSON whose string holds half a surrogate pair: not text
+        at = good.index(b'"content": "') + len(b'"content": "')
+        return good[:at] + rng.choice([b"\\ud800", b"\\uDFFF", b"\\udbff!"]) + good[at:]
     if kind == "overlong":  # '/' as 2, 3 and 4 bytes
         return good[:pos] + rng.choice([b"\xc0\xaf", b"\xe0\x80\xaf", b"\xf0\x80\x80\xaf"]) + \
             good[pos:]
@@ -66,9 +70,21 @@ def _reason(line):
         text = line.decode("utf-8")
     except UnicodeDecodeError:
         return "bad_encoding"
-    with pytest.raises(json.JSONDecodeError):  # a corruption that parses would be no corruption
-        json.loads(text)
-    return "bad_json"
+    try:
+        row = json.loads(text)
+    except json.JSONDecodeError:
+        return "bad_json"
+    with pytest.raises(UnicodeEncodeError):  # a corruption that is a good row is no corruption
+        json.dumps(row, ensure_ascii=False).encode()
+    return "bad_encoding"
+
+
+def _is_utf8(b):
+    try:
+        b.decode("utf-8")
+        return True
+    except UnicodeDecodeError:
+        return False
 
 
 def _assemble(lines, *, bom=False, crlf=False, final_newline=True):
@@ -189,9 +205,10 @@ def test_fuzz_corpus_is_what_it_claims(corpus):
     assert {r for _, r in bad} == {"bad_encoding", "bad_json"} and len(bad) >= 20
     for name, (data, bs) in files.items():
         rows = list(iter_rows(str(d / name)))
-        assert [(r.line, r.reason) for r in rows if r.reason] == \
-            [(n, r) for n, r in bs if r == "bad_encoding"], name
         lines = data.split(b"\n")
+        not_utf8 = [(n, r) for n, r in bs if not _is_utf8(lines[n - 1])]
+        assert all(r == "bad_encoding" for _, r in not_utf8)
+        assert [(r.line, r.reason) for r in rows if r.reason] == not_utf8, name
         for r in rows:  # the line number points at the row's bytes, as `sed -n Np` shows it
             if name.endswith(".jsonl") and not r.reason:
                 assert r.text.encode() in lines[r.line - 1], (name, r.line)
@@ -258,16 +275,10 @@ def test_num_proc_2_counts(corpus, clean, capsys):
     assert shown in {n for n, _ in bad}  # the first bad line of one worker's shard
 
 
-def _good_flags(d, name):
-    return [not r.reason and _parses(r.text) for r in iter_rows(str(d / name))]
-
-
-def _parses(text):
-    try:
-        json.loads(text)
-        return True
-    except json.JSONDecodeError:
-        return False
+def _good_flags(d, files, name):
+    """Per row of the file (as the loader numbers them): is it one of the good rows?"""
+    bad_lines = {n for n, _ in files[name][1]}
+    return [r.line not in bad_lines for r in iter_rows(str(d / name))]
 
 
 @pytest.mark.parametrize("mode", ["lazy_tokenize", "streaming"])
@@ -283,7 +294,7 @@ def test_lazy_and_streaming_with_workers(corpus, clean, mode):
     if mode == "streaming":
         assert got == clean[0] * len(names)
     else:  # a bad row is replaced by the next good one
-        good = [g for n in names for g in _good_flags(d, n)]
+        good = [g for n in names for g in _good_flags(d, files, n)]
         order = []
         for i in range(len(good)):
             j = i
