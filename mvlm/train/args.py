@@ -214,7 +214,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "warning where it cannot run), sdpa (torch SDPA only), eager (explicit "
                         "matmul-softmax), auto (default: flash-attn where it runs, else SDPA). "
                         "Megatron names: flash, fused (=sdpa), unfused (=eager), local (=eager "
-                        "on the local spec). The TE spec maps them onto its attention backend.")
+                        "on the local spec). The TE spec maps them onto its attention backend. "
+                        "Applies to the LLM decoder; the HF vision tower picks its own.")
     g.add_argument("--transformer_impl", default="auto", choices=["auto", "te", "local"])
     g.add_argument("--device", default=None, choices=["cpu", "cuda"])
 

@@ -157,6 +157,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     if rank == 0:
         for n in cfg.notes:
             log.info("flag mapping: %s", n)
+        if cfg.attn_impl not in (None, "auto") and family.is_vlm:
+            from mvlm.models.vision import vision_attn_impl
+
+            log.info("--attn_impl %s applies to the LLM decoder; the HF vision tower uses its "
+                     "own %s attention", cfg.attn_impl, vision_attn_impl(device))
     try:
         default_dtype = (dtype_from_name(meta.get("dtype")) if meta else None) or \
             _hf_dtype(hf_config) or torch.float32
