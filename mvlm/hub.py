@@ -144,7 +144,15 @@ def resolve_model(model: str, *, use_hf: bool | None = None, revision: str | Non
 _DATA_FILES = (".jsonl", ".json", ".parquet", ".arrow", ".csv")
 
 
-def dataset_files(root: str, subset: str | None) -> list[str]:
+def _in_subset(rel: str, subset: str) -> bool:
+    """``validation/x.jsonl``, ``validation.jsonl``, ``data/validation-00000-of-1.parquet``."""
+    parts = rel.replace("\\", "/").split("/")
+    name = parts[-1]
+    return subset in parts[:-1] or name.split(".")[0] == subset or \
+        re.match(re.escape(subset) + r"[-_.]", name) is not None
+
+
+def dataset_files(root: str, subset: str | None, label: str | None = None) -> list[str]:
     """In a downloaded dataset repo, the data files (jsonl/json/parquet/csv/arrow) that hold
     the rows; with a subset, those whose path has it as a directory or name part
     (``validation/x.jsonl``, ``data/validation-00000.parquet``)."""
@@ -154,11 +162,10 @@ def dataset_files(root: str, subset: str | None) -> list[str]:
         files += [os.path.join(d, n) for n in sorted(names)
                   if n.lower().endswith(_DATA_FILES) and not n.startswith(".")]
     if subset:
-        files = [f for f in files
-                 if subset in re.split(r"[/\\._\-]", os.path.relpath(f, root))]
+        files = [f for f in files if _in_subset(os.path.relpath(f, root), subset)]
     if not files:
         raise HubResolutionError(
-            f"--dataset {root}{':' + subset if subset else ''}: no data file "
+            f"--dataset {label or root}{':' + subset if subset else ''}: no data file "
             f"({', '.join(_DATA_FILES)}){' for subset ' + repr(subset) if subset else ''} in "
-            "the downloaded dataset")
+            f"the downloaded dataset {root}")
     return files

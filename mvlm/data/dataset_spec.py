@@ -218,7 +218,7 @@ def _resolve_files(spec: DatasetSpec, opts: LoadOptions) -> tuple[list[str], str
         import logging
 
         logging.getLogger("mvlm.data").info("--dataset %s -> %s", path, root)
-        return dataset_files(root, spec.subset), root
+        return dataset_files(root, spec.subset, label=path), root
     base_dir = os.path.dirname(os.path.abspath(path)) if os.path.isfile(path) \
         else os.path.abspath(path)
     return [path], base_dir

@@ -115,6 +115,16 @@ def test_dataset_id_with_sampling_and_subset(offline_cache):
     val = load_one("org/vqa:validation#2")
     got = [decode_row(val.data[i])["messages"][0]["content"] for i in range(len(val.data))]
     assert len(got) == 2 and all(c.startswith("val q") for c in got), got
+    # ms-swift subset names with underscores (LaTeX_OCR:human_handwrite) and split-style files
+    put_in_cache(offline_cache, "dataset", "org/ocr", {
+        "human_handwrite/train.jsonl": rows(4, "hw"), "full/train.jsonl": rows(2, "full"),
+        "data/validation-00000-of-00001.jsonl": rows(1, "v")})
+    hw = load_one("org/ocr:human_handwrite")
+    assert [decode_row(hw.data[i])["messages"][0]["content"] for i in range(4)] == \
+        [f"hw q{i}" for i in range(4)]
+    assert len(load_one("org/ocr:validation").data) == 1
+    with pytest.raises(FileNotFoundError, match="--dataset org/ocr:nope: no data file"):
+        load_one("org/ocr:nope")
     # no subset: every data file of the repo (5 train + 3 validation rows)
     every = load_one("org/vqa")
     texts = sorted(decode_row(every.data[i])["messages"][0]["content"]

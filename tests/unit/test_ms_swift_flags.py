@@ -496,3 +496,63 @@ def test_guide_8_1_script_trains_two_steps(tiny_ckpt, tmp_path):
     groups = json.loads((out / "optimizer_groups.json").read_text())
     n = groups["trainable_numel_rank0"]
     assert n["adapters"] > 0 and n["adapters"] < n["total"] / 2, n
+
+
+def test_megatron_full_script_with_epoch_saves_tb_dir_and_name_freezing(tiny_ckpt, tmp_path):
+    """ms-swift's examples/megatron/multimodal/dense/full.sh (NPROC_PER_NODE=2 -> torchrun, TP2 +
+    sequence parallel, full recompute, frozen ViT/aligner) plus the trainer-level ms-swift flags
+    this issue added: --save_strategy epoch (checkpoint + eval at each epoch's last step),
+    --tensorboard_dir, --freeze_parameters (layer 0 of the LLM stays bit-identical)."""
+    from safetensors.torch import load_file
+
+    from mvlm.demo_data import write_demo_dataset
+    from mvlm.train.args import epoch_end_steps
+
+    vl = tiny_ckpt("qwen2_5_vl")
+    demo = write_demo_dataset(tmp_path / "demo", n_train=12, n_val=0, image_size=56, seed=4)
+    rows = []
+    for line in demo.train.read_text().splitlines():
+        r = json.loads(line)
+        r["images"] = [str((demo.root / p).resolve()) for p in r["images"]]
+        rows.append(json.dumps(r))
+    work = tmp_path / "work"
+    work.mkdir()
+    cache = tmp_path / "hub"
+    hf_cache_with(cache, {"Qwen/Qwen2.5-VL-7B-Instruct": vl}, {
+        "AI-ModelScope/LaTeX_OCR": {"human_handwrite/train.jsonl": "\n".join(rows) + "\n",
+                                    "full/train.jsonl": rows[0] + "\n"}})
+    overrides = ("--dataset 'AI-ModelScope/LaTeX_OCR:human_handwrite#6' --packing false "
+                 "--max_length 384 --num_train_epochs 2 --save_strategy epoch "
+                 "--tensorboard_dir tb --freeze_parameters language_model.decoder.layers.0. "
+                 "--torch_dtype float32 --logging_steps 1 --dataset_num_proc 1 "
+                 "--dataloader_num_workers 0")
+    runner = (f'megatron() {{ shift; "{sys.executable}" -m mvlm sft "$@" {overrides}; }}\n')
+    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(REPO),
+               PATH=str(Path(sys.executable).parent) + os.pathsep + os.environ["PATH"])
+    script = FIX / "swift_megatron_multimodal_dense_full.sh"
+    p = subprocess.run(["bash", "-c", runner + f"source {shlex.quote(str(script))}\n"],
+                       cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    log = p.stdout + p.stderr
+    assert p.returncode == 0, log[-6000:]
+    assert "NPROC_PER_NODE=2 -> torchrun" in log
+    out = work / "megatron_output" / "Qwen2.5-VL-7B-Instruct"
+    recs = [json.loads(x) for x in (out / "logging.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in recs if "loss" in r]
+    # 6 rows, 1% validation split -> 5 train rows; global batch 4; 2 epochs -> 3 steps, the
+    # epochs end inside steps 2 (rows 5) and 3 (rows 10)
+    assert steps == [1, 2, 3], recs
+    ends = epoch_end_steps(5, 4, 3)
+    assert ends == {2, 3}
+    assert sorted(r["step"] for r in recs if "eval_loss" in r) == [2, 3]
+    saved = sorted(int(d.name.split("-")[1]) for d in out.glob("checkpoint-*"))
+    assert saved == [2, 3], saved
+    assert list((work / "tb").glob("events.out.tfevents.*")) and not (out / "runs").exists()
+    before = load_file(str(vl / "model.safetensors"))
+    after = load_file(str(out / "hf" / "model.safetensors"))
+    layer0 = [k for k in before if ".layers.0." in k and "visual" not in k]
+    layer1 = [k for k in before if ".layers.1." in k and "visual" not in k]
+    assert layer0 and layer1
+    assert all(before[k].equal(after[k]) for k in layer0)
+    assert sum(not before[k].equal(after[k]) for k in layer1) >= len(layer1) - 2
+    assert all(before[k].equal(after[k]) for k in before if "visual" in k)  # ViT + aligner frozen
