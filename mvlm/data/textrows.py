@@ -137,9 +137,9 @@ def _iter_json_array(path: str, text: str, start: int) -> Iterator[TextRow]:
             break
         else:
             raise _array_error(path, json.JSONDecodeError("expected ',' or ']'", text, pos))
-    if text[pos + 1:].strip(" \t\r\n"):
-        raise _array_error(path, json.JSONDecodeError("extra data after the array", text,
-                                                      pos + 1))
+    rest = ws.match(text, pos + 1).end()
+    if rest < len(text):
+        raise _array_error(path, json.JSONDecodeError("extra data after the array", text, rest))
 
 
 def _array_error(path: str, e: json.JSONDecodeError) -> DatasetFileError:
