@@ -92,9 +92,9 @@ IGNORED: dict[str, str] = {
     "--eval_strategy": "evaluation runs every --eval_interval steps",
     "--evaluation_strategy": "evaluation runs every --eval_interval steps",
     "--logging_strategy": "logging happens every --log_interval steps",
-    "--load_from_cache_file": "mvlm encodes the dataset in memory at every start (the same "
-                              "result each run, no cache files read or written); to skip "
-                              "re-encoding, run `mvlm encode` once and train with "
+    "--load_from_cache_file": "mvlm re-encodes the dataset at every start (its encode step "
+                              "never reuses a cache file; the result is the same each run); "
+                              "to skip re-encoding, run `mvlm encode` once and train with "
                               "--cached_dataset",
     "--vit_gradient_checkpointing": "memory only, same numerics: mvlm keeps the ViT's "
                                     "activations (lower MAX_PIXELS if the ViT runs out of memory)",
@@ -392,8 +392,8 @@ def add_swift_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--neftune_noise_alpha", type=float, default=0.0,
                    help="0 only (NEFTune noise is not implemented)")
     g.add_argument("--recompute_modules", nargs="+", default=None,
-                   help="selective recompute submodules (core_attn mlp layernorm moe moe_act); "
-                        "needs --recompute_granularity selective")
+                   help="selective recompute submodules (core_attn mlp layernorm moe "
+                        "shared_experts); needs --recompute_granularity selective")
     g.add_argument("--optimizer", default="adam",
                    help="adam (Megatron's Adam with decoupled weight decay = AdamW) only")
     g.add_argument("--optim", default=None,
@@ -1011,6 +1011,18 @@ def _validate(ns: argparse.Namespace, task: str, notes: list[str]) -> TrainConfi
         notes=notes, recompute_method=ns.recompute_method,
         recompute_num_layers=ns.recompute_num_layers, recompute_modules=recompute_modules,
         check_for_nan_in_loss_and_grad=bool(ns.check_for_nan_in_loss_and_grad), **swift)
+
+
+def apply_hf_overrides(cfg: TrainConfig, hf_config: Any) -> None:
+    """Flags that override values mvlm otherwise reads from the checkpoint's config.json (the
+    in-memory config the model is built from; the exported config.json stays the original):
+    --moe_aux_loss_coeff -> ``router_aux_loss_coef`` (the families' MoE arch reads it; > 0 turns
+    Megatron's aux-loss load balancing on)."""
+    if cfg.moe_aux_loss_coeff is None:
+        return
+    for c in (hf_config, getattr(hf_config, "text_config", None)):
+        if c is not None:
+            c.router_aux_loss_coef = cfg.moe_aux_loss_coeff
 
 
 def epoch_end_steps(n_items: int, global_batch_size: int, train_iters: int) -> set[int]:

@@ -22,7 +22,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mvlm.train.args import TrainConfig, iterations_for_epochs, parse_train_args
+from mvlm.train.args import (
+    TrainConfig,
+    apply_hf_overrides,
+    iterations_for_epochs,
+    parse_train_args,
+)
 
 log = logging.getLogger("mvlm.train")
 
@@ -135,10 +140,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     src_dir = Path(cfg.model) if cfg.model else Path(cfg.mcore_model) / "hf"
     meta = read_meta(Path(cfg.mcore_model)) if cfg.mcore_model else None
     hf_config = AutoConfig.from_pretrained(src_dir)
-    if cfg.moe_aux_loss_coeff is not None:  # [issue 9 / ms-swift flags] --moe_aux_loss_coeff
-        for c in (hf_config, getattr(hf_config, "text_config", None)):
-            if c is not None:
-                c.router_aux_loss_coef = cfg.moe_aux_loss_coeff
+    apply_hf_overrides(cfg, hf_config)  # [issue 9 / ms-swift flags] --moe_aux_loss_coeff
     family = get_family(hf_config.model_type)
     validate_layout(family.text_arch(hf_config), layout)
     cfg.recompute.megatron_kwargs(family.text_arch(hf_config), layout)  # layer-count checks

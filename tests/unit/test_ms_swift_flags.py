@@ -556,3 +556,23 @@ def test_megatron_full_script_with_epoch_saves_tb_dir_and_name_freezing(tiny_ckp
     assert all(before[k].equal(after[k]) for k in layer0)
     assert sum(not before[k].equal(after[k]) for k in layer1) >= len(layer1) - 2
     assert all(before[k].equal(after[k]) for k in before if "visual" in k)  # ViT + aligner frozen
+
+
+def test_moe_aux_loss_coeff_reaches_the_megatron_arch(tiny_ckpt, base):
+    """--moe_aux_loss_coeff overrides the checkpoint's router_aux_loss_coef in the config the
+    model is built from (the tiny Qwen3-MoE has 0.001); the arch then carries it, and the MoE
+    layer turns aux-loss load balancing on for any value > 0 (mvlm.models.gpt)."""
+    from transformers import AutoConfig
+
+    from mvlm.models.registry import get_family
+    from mvlm.train.args import apply_hf_overrides
+
+    hf = AutoConfig.from_pretrained(tiny_ckpt("qwen3_moe"))
+    fam = get_family(hf.model_type)
+    assert fam.text_arch(hf).moe_aux_loss_coeff == pytest.approx(0.001)
+    apply_hf_overrides(parse(base), hf)  # not given: the checkpoint's value stays
+    assert fam.text_arch(hf).moe_aux_loss_coeff == pytest.approx(0.001)
+    apply_hf_overrides(parse(base, "--moe_aux_loss_coeff", "0.02"), hf)
+    assert fam.text_arch(hf).moe_aux_loss_coeff == 0.02
+    apply_hf_overrides(parse(base, "--moe_aux_loss_coeff", "0"), hf)
+    assert fam.text_arch(hf).moe_aux_loss_coeff == 0.0
