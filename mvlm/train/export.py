@@ -29,6 +29,9 @@ from typing import Any
 
 log = logging.getLogger("mvlm.train")
 
+# peft's adapter directory: what `mvlm sft --merge_lora false` (and ms-swift, peft) write
+PEFT_CONFIG = "adapter_config.json"
+
 
 def add_export_args(p: argparse.ArgumentParser) -> None:
     from mvlm.convert.flags import add_layout_args  # light: `mvlm export --help`
@@ -88,7 +91,10 @@ def run_export(args: argparse.Namespace) -> int:
         raise ValueError("mvlm export needs the checkpoint to export: --model RUN_OR_CKPT (or, "
                          "for LoRA/DoRA runs, --adapters CKPT)")
     flag = "--adapters" if args.adapters else "--model"
-    ckpt = resolve_checkpoint(args.adapters or args.model, flag)
+    src = Path(args.adapters or args.model)
+    if (src / PEFT_CONFIG).exists():
+        return export_peft_dir(src, args)
+    ckpt = resolve_checkpoint(src, flag)
     record = read_run_record(ckpt / "model")
     if record is None and _has_adapter_tensors(ckpt):
         raise ValueError(f"{flag} {ckpt}: an adapter checkpoint without the run record that "
@@ -111,8 +117,7 @@ def run_export(args: argparse.Namespace) -> int:
         raise ValueError(f"{ckpt} is a {record['train_type']} checkpoint (adapters + optimizer "
                          "only): pass --merge_lora true (merged HF weights) or --merge_lora "
                          "false (a PEFT adapter dir)")
-    base = _base_model(ckpt, record, args)
-    return export_adapter_checkpoint(ckpt, record, base, args)
+    return export_adapter_checkpoint(ckpt, record, _base_model(ckpt, record, args), args)
 
 
 def _base_model(ckpt: Path, record: dict[str, Any], args: argparse.Namespace
@@ -135,43 +140,105 @@ def _base_model(ckpt: Path, record: dict[str, Any], args: argparse.Namespace
     return kind, Path(path)
 
 
+def _check_common(args: argparse.Namespace, model_type: str, base_dir: Path, base_type: str,
+                  hf_config) -> Any:
+    """Cheap checks before any process group: output, layout, base model type, --verify."""
+    from mvlm.convert.hf_io import prepare_output_dir
+    from mvlm.models.gpt import validate_layout
+    from mvlm.models.registry import get_family
+    from mvlm.runtime.parallel import ParallelLayout
+
+    layout = ParallelLayout(tp=args.tp, pp=args.pp, cp=args.cp, ep=args.ep, etp=args.etp)
+    prepare_output_dir(Path(args.output), args.overwrite)
+    validate_layout(get_family(model_type).text_arch(hf_config), layout)
+    if base_type != model_type:
+        raise ValueError(f"--model {base_dir}: a {base_type} model, but the adapters are for a "
+                         f"{model_type} model; pass the run's base model")
+    if args.verify and not args.merge_lora:
+        raise ValueError("--verify checks merged exports against the adapted model: use it with "
+                         "--merge_lora true (a PEFT dir is checked by loading it with peft)")
+    return layout
+
+
 def export_adapter_checkpoint(ckpt: Path, record: dict[str, Any], base: tuple[str, Path],
                               args: argparse.Namespace) -> int:
     """Collective: rebuild the run's model at this layout (base weights + the checkpoint's
     adapters and trained base tensors) and write merged HF weights or a PEFT adapter dir."""
     from transformers import AutoConfig
 
-    from mvlm.convert.hf_io import prepare_output_dir
     from mvlm.convert.mcore_ckpt import read_meta
-    from mvlm.models.gpt import validate_layout
-    from mvlm.models.registry import get_family
-    from mvlm.runtime.parallel import ParallelLayout
+    from mvlm.tuners.model import AdapterConfig
 
-    layout = ParallelLayout(tp=args.tp, pp=args.pp, cp=args.cp, ep=args.ep, etp=args.etp)
-    out = Path(args.output)
-    prepare_output_dir(out, args.overwrite)  # before any process group: cheap, clear
     meta = read_meta(ckpt)
     hf_config = AutoConfig.from_pretrained(ckpt / "hf")
-    validate_layout(get_family(meta["model_type"]).text_arch(hf_config), layout)
     kind, base_dir = base
     base_type = (read_meta(base_dir)["model_type"] if kind == "mcore"
                  else AutoConfig.from_pretrained(base_dir).model_type)
-    if base_type != meta["model_type"]:
-        raise ValueError(f"--model {base_dir}: a {base_type} model, but {ckpt} adapts a "
-                         f"{meta['model_type']} model; pass the run's base model")
-    return _export_distributed(ckpt, record, meta, hf_config, (kind, base_dir), layout, args)
+    layout = _check_common(args, meta["model_type"], base_dir, base_type, hf_config)
+    acfg = AdapterConfig(**record["adapter"])
+
+    def prepare(bundle) -> None:
+        from mvlm.tuners.model import apply_adapters
+
+        _load_base(bundle, base)
+        apply_adapters(bundle, acfg, freeze_base=True)
+        _load_adapter_checkpoint(bundle, ckpt, meta)
+
+    return _export(hf_config, layout, args, meta["vocab_padded"], meta.get("dtype"), prepare,
+                   acfg, aux_dir=ckpt / "hf", peft_base=base_dir if kind == "hf" else None,
+                   what=f"{ckpt} ({record['train_type']})")
 
 
-def _export_distributed(ckpt, record, meta, hf_config, base, layout, args) -> int:
+def export_peft_dir(adapter_dir: Path, args: argparse.Namespace) -> int:
+    """`--adapters PEFT_DIR --merge_lora true`: merge a peft adapter directory (mvlm's
+    ``<output_dir>/adapter``) into its base model, at any layout."""
+    import json
+
+    from transformers import AutoConfig
+
+    from mvlm.tuners.peft_io import adapter_config_from_peft
+
+    if args.merge_lora is not True:
+        raise ValueError(f"--adapters {adapter_dir} is a PEFT adapter dir already: pass "
+                         "--merge_lora true to merge it into its base model")
+    recorded = json.loads((adapter_dir / PEFT_CONFIG).read_text()).get("base_model_name_or_path")
+    base = Path(args.model) if args.model else (Path(recorded) if recorded else None)
+    if base is None or not base.is_dir():
+        raise FileNotFoundError(
+            f"--adapters {adapter_dir}: its base model ({base or 'not recorded'}) is not a "
+            f"directory here: pass the base HF directory, as in `mvlm export --adapters "
+            f"{adapter_dir} --model BASE_HF_DIR --merge_lora true ...`")
+    hf_config = AutoConfig.from_pretrained(base)
+    layout = _check_common(args, hf_config.model_type, base, hf_config.model_type, hf_config)
+    acfg = adapter_config_from_peft(adapter_dir)
+
+    def prepare(bundle) -> None:
+        from mvlm.convert.bridge import load_hf_weights
+        from mvlm.tuners.model import apply_adapters
+        from mvlm.tuners.peft_io import load_peft_adapter
+
+        load_hf_weights(bundle, base)
+        apply_adapters(bundle, acfg, freeze_base=True)
+        load_peft_adapter(bundle, adapter_dir)
+
+    return _export(hf_config, layout, args, None, None, prepare, acfg, aux_dir=base,
+                   peft_base=base, what=f"{adapter_dir} (PEFT)")
+
+
+def _export(hf_config, layout, args: argparse.Namespace, vocab_padded: int | None,
+            dtype_name: str | None, prepare, acfg, *, aux_dir: Path, peft_base: Path | None,
+            what: str) -> int:
+    """Collective: build the model at ``layout``, ``prepare`` it (base weights + adapters), then
+    write merged HF weights or a PEFT adapter directory, atomically."""
+    import torch
     import torch.distributed as dist
 
-    from mvlm.convert.command import _hf_dtype
+    from mvlm.convert.command import _hf_dtype, _verify, parse_size
     from mvlm.convert.mcore_ckpt import dtype_from_name
     from mvlm.models.spec import choose_backend
     from mvlm.models.vlm import build_model
     from mvlm.runtime.compat import apply_compat_fixes
     from mvlm.runtime.parallel import destroy_distributed, init_distributed
-    from mvlm.tuners.model import AdapterConfig, apply_adapters
     from mvlm.tuners.peft_io import export_merged_hf, export_peft_adapter
 
     own_pg = not dist.is_initialized()  # a caller's process group (tests, scripts) stays up
@@ -179,26 +246,29 @@ def _export_distributed(ckpt, record, meta, hf_config, base, layout, args) -> in
     apply_compat_fixes()
     out = Path(args.output)
     try:
-        dtype = dtype_from_name(args.torch_dtype, dtype_from_name(meta.get("dtype")))
+        default = (dtype_from_name(dtype_name) if dtype_name else None) or \
+            _hf_dtype(hf_config) or torch.float32
+        dtype = dtype_from_name(args.torch_dtype, default)
         bundle = build_model(hf_config, layout, dtype=dtype, device=device,
                              backend=choose_backend(device, args.transformer_impl),
-                             perform_initialization=False, vocab_padded=meta["vocab_padded"])
-        _load_base(bundle, base)
-        acfg = AdapterConfig(**record["adapter"])
-        apply_adapters(bundle, acfg, freeze_base=True)
-        _load_adapter_checkpoint(bundle, ckpt, meta)
+                             perform_initialization=False, vocab_padded=vocab_padded)
+        prepare(bundle)
         export_dtype = _hf_dtype(bundle.hf_config) or bundle.config.params_dtype
         if args.merge_lora:
-            export_merged_hf(bundle, ckpt / "hf", out, export_dtype, overwrite=args.overwrite)
+            check = None
+            if args.verify:
+                def check(staged: Path) -> None:
+                    _verify(bundle, staged, args.verify_tol, device)
+            export_merged_hf(bundle, aux_dir, out, export_dtype, overwrite=args.overwrite,
+                             max_shard_bytes=parse_size(args.max_shard_size),
+                             before_publish=check)
         else:
-            kind, base_dir = base
-            export_peft_adapter(bundle, acfg, out, base_model_dir=base_dir if kind == "hf"
-                                else None, dtype=export_dtype, overwrite=args.overwrite)
+            export_peft_adapter(bundle, acfg, out, base_model_dir=peft_base, dtype=export_dtype,
+                                overwrite=args.overwrite)
         if dist.get_rank() == 0:
-            what = "merged HF model" if args.merge_lora else "PEFT adapter"
-            log.info("exported %s (%s) -> %s", ckpt, what, out)
-            print(f"mvlm export: wrote {out} ({what}, {record['train_type']} r="
-                  f"{acfg.rank})", flush=True)
+            kind = "merged HF model" if args.merge_lora else "PEFT adapter"
+            log.info("exported %s -> %s (%s)", what, out, kind)
+            print(f"mvlm export: wrote {out} ({kind}, {acfg.kind} r={acfg.rank})", flush=True)
     finally:
         if own_pg:
             destroy_distributed()

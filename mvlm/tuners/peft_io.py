@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -335,13 +336,26 @@ def load_peft_adapter(bundle: ModelBundle, adapter_dir: str | Path) -> int:
 
 
 def export_merged_hf(bundle: ModelBundle, aux_src: str | Path, out: str | Path,
-                     dtype: torch.dtype | None, overwrite: bool = False) -> None:
+                     dtype: torch.dtype | None, overwrite: bool = False,
+                     max_shard_bytes: int = 5 * 2**30,
+                     before_publish: Callable[[Path], None] | None = None) -> None:
     """Collective: merge adapters into the base weights (fp32 math, cast back), stream the HF
-    export, then restore the exact base weights so training can go on."""
+    export, then restore the exact base weights so training can go on.
+
+    ``before_publish(staging_dir)`` runs with the adapters already unmerged again (so the model
+    it sees is the adapted one, not the merged weights it just wrote): a check of the written
+    files against the real adapted model; if it raises, nothing is published."""
     from mvlm.convert.command import export_to_hf
+
+    check = None
+    if before_publish is not None:
+        def check(staged: Path) -> None:
+            unmerge_adapters(bundle)
+            before_publish(staged)
 
     merge_adapters(bundle)
     try:
-        export_to_hf(bundle, Path(aux_src), Path(out), dtype, overwrite=overwrite)
+        export_to_hf(bundle, Path(aux_src), Path(out), dtype, overwrite=overwrite,
+                     max_shard_bytes=max_shard_bytes, before_publish=check)
     finally:
         unmerge_adapters(bundle)

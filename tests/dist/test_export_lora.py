@@ -14,7 +14,9 @@ transformers on the merged dir, and peft.PeftModel.from_pretrained on the base H
 PEFT dir, on text / one-image / two-image inputs; max |dlogits| <= 1e-5 (fp32). The base model is
 moved away before the TP1 exports, so they must name --model BASE_HF_DIR; also checked: a
 missing --merge_lora on an adapter checkpoint, --merge_lora on a full-weight checkpoint, an
-existing output without --overwrite (left untouched) and with it (replaced).
+existing output without --overwrite (left untouched) and with it (replaced, with --verify:
+the written files against the adapted model), --verify refused for PEFT output. Finally the PEFT
+dirs themselves (``--adapters PEFT_DIR --merge_lora true``) merge into the same model.
 """
 from __future__ import annotations
 
@@ -56,7 +58,8 @@ def test_export_lora_dora_tp2_runs(tiny_ckpt, tmp_path):
     data, _ = write_data(tmp_path / "data")
     runs = {k: tmp_path / f"run_{k}" for k in ("lora", "dora")}
     out = {k: tmp_path / k for k in ("peft_lora_tp2", "merged_lora_tp1", "merged_dora_tp2",
-                                     "peft_dora_tp1")}
+                                     "peft_dora_tp1", "merged_from_peft_lora",
+                                     "merged_from_peft_dora")}
 
     def argv(kind: str) -> list[str]:
         extra = ["--modules_to_save", "lm_head"] if kind == "dora" else []
@@ -109,8 +112,17 @@ def test_export_lora_dora_tp2_runs(tiny_ckpt, tmp_path):
         "full_with_merge": ["export", "--model", str(full), "--merge_lora", "true",
                             "--output", str(tmp_path / "never")],
         "overwrite": ["export", "--adapters", lora_ck, "--model", str(moved), "--merge_lora",
-                      "true", "--device", "cpu", "--overwrite",
+                      "true", "--device", "cpu", "--overwrite", "--verify",
                       "--output", str(out["merged_lora_tp1"])],
+        "peft_verify": ["export", "--adapters", lora_ck, "--model", str(moved), "--merge_lora",
+                        "false", "--verify", "--output", str(tmp_path / "never")],
+        # a PEFT dir (what `mvlm sft --merge_lora false` writes) merged into its base
+        "merged_from_peft_lora": ["export", "--adapters", str(out["peft_lora_tp2"]), "--model",
+                                  str(moved), "--merge_lora", "true", "--device", "cpu",
+                                  "--verify", "--output", str(out["merged_from_peft_lora"])],
+        "merged_from_peft_dora": ["export", "--adapters", str(out["peft_dora_tp1"]), "--model",
+                                  str(moved), "--merge_lora", "true", "--device", "cpu",
+                                  "--output", str(out["merged_from_peft_dora"])],
     }
     compare = {
         "peft_lora_tp2": {"kind": "peft", "dir": str(out["peft_lora_tp2"]), "ref": ref["lora"],
@@ -120,15 +132,21 @@ def test_export_lora_dora_tp2_runs(tiny_ckpt, tmp_path):
         "merged_dora_tp2": {"kind": "merged", "dir": str(out["merged_dora_tp2"]),
                             "ref": ref["dora"], "base_delta": True},
         "peft_dora_tp1": {"kind": "peft", "dir": str(out["peft_dora_tp1"]), "ref": ref["dora"]},
+        "merged_from_peft_lora": {"kind": "merged", "dir": str(out["merged_from_peft_lora"]),
+                                  "ref": ref["lora"]},
+        "merged_from_peft_dora": {"kind": "merged", "dir": str(out["merged_from_peft_dora"]),
+                                  "ref": ref["dora"]},
     }
     res = _run({"phase": "check", "base": str(moved), "out": str(tmp_path / "check.json"),
                 "exports": exports, "compare": compare}, tmp_path / "spec_check.json", 1)
     cli = res["cli"]
-    for name in ("merged_lora_tp1", "peft_dora_tp1", "convert_full", "overwrite"):
+    for name in ("merged_lora_tp1", "peft_dora_tp1", "convert_full", "overwrite",
+                 "merged_from_peft_lora", "merged_from_peft_dora"):
         assert cli[name][0] == 0, (name, cli[name])
     for name, needle in (("no_base", "--model BASE_HF_DIR"), ("exists", "--overwrite"),
                          ("no_merge_flag", "--merge_lora true"),
-                         ("full_with_merge", "not a LoRA/DoRA")):
+                         ("full_with_merge", "not a LoRA/DoRA"),
+                         ("peft_verify", "--verify")):
         rc, err = cli[name]
         assert rc != 0 and needle in err, (name, rc, err)
     assert not (tmp_path / "never").exists()
