@@ -151,3 +151,27 @@ def test_pt_and_sft_label_masks(tiny_ckpt, tmp_path):
     assert n_pt > n_sft + 3, (n_pt, n_sft)
     pt_text = tok.decode([t for t in got["pt"]["labels"] if t != -100])
     assert "What" in pt_text and answer in pt_text, pt_text
+
+
+def test_demo_passes_the_freeze_flags_it_needs(tmp_path):
+    """ms-swift's defaults freeze the ViT and aligner; the demo must keep training them (its
+    task needs the vision tower to learn shapes/colours), so its command line says so
+    explicitly and its accuracy does not depend on mvlm's defaults."""
+    import argparse
+
+    from mvlm.demo import add_demo_args, sft_args
+
+    p = argparse.ArgumentParser()
+    add_demo_args(p)
+    args = p.parse_args([])
+    model = tmp_path / "hf"
+    model.mkdir()
+    data = tmp_path / "train.jsonl"
+    data.write_text("{}\n")
+    for tt in ("full", "lora", "lora_llm"):
+        args.train_type = tt
+        argv = sft_args(model, data, tmp_path / "out", 1, args)
+        assert argv[0] == "sft"
+        cfg = parse_train_args(argv[1:], "sft")
+        assert not cfg.freeze_vit and not cfg.freeze_aligner and not cfg.freeze_llm, tt
+        assert cfg.lr == args.lr, tt
