@@ -78,17 +78,15 @@ def _hf(repo_id: str, repo_type: str, *, local_only: bool, revision: str | None,
 
 
 def _modelscope(repo_id: str, repo_type: str, revision: str | None, token: str | None) -> str:
+    """ModelScope's own downloaders (modelscope 1.x: both take revision and token)."""
+    kw = {"revision": revision, **({"token": token} if token else {})}
     if repo_type == "dataset":
         from modelscope.hub.snapshot_download import dataset_snapshot_download
 
-        return dataset_snapshot_download(repo_id, revision=revision)
-    from modelscope import snapshot_download
+        return dataset_snapshot_download(repo_id, **kw)
+    from modelscope.hub.snapshot_download import snapshot_download
 
-    if token:
-        from modelscope.hub.api import HubApi
-
-        HubApi().login(token)
-    return snapshot_download(repo_id, revision=revision)
+    return snapshot_download(repo_id, **kw)
 
 
 def resolve(repo_or_path: str, *, repo_type: str = "model", use_hf: bool | None = None,

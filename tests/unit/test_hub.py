@@ -142,3 +142,44 @@ def test_dataset_id_missing_offline(offline_cache):
 
     with pytest.raises(HubResolutionError, match="--dataset org/none"):
         load_one("org/none#3")
+
+
+def test_modelscope_is_used_for_use_hf_false(tmp_path, monkeypatch):
+    """--use_hf false (ms-swift's default): a cache miss goes to ModelScope's downloaders
+    (a stand-in module here: no network); --use_hf true never asks ModelScope."""
+    import sys
+    import types
+
+    import mvlm.hub as hub
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    calls = []
+
+    def model_dl(repo_id, **kw):
+        calls.append(("model", repo_id, kw))
+        return str(tmp_path / "ms_model")
+
+    def data_dl(repo_id, **kw):
+        calls.append(("dataset", repo_id, kw))
+        return str(tmp_path / "ms_data")
+
+    mod = types.ModuleType("modelscope.hub.snapshot_download")
+    mod.snapshot_download, mod.dataset_snapshot_download = model_dl, data_dl
+    for name in ("modelscope", "modelscope.hub"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    monkeypatch.setitem(sys.modules, "modelscope.hub.snapshot_download", mod)
+    r = hub.resolve("AI-ModelScope/m", use_hf=False, revision="v1", token="tok")
+    assert (r.path, r.source) == (str(tmp_path / "ms_model"), "modelscope")
+    r = hub.resolve("AI-ModelScope/d", repo_type="dataset")
+    assert (r.path, r.source) == (str(tmp_path / "ms_data"), "modelscope")
+    assert calls == [("model", "AI-ModelScope/m", {"revision": "v1", "token": "tok"}),
+                     ("dataset", "AI-ModelScope/d", {"revision": None})]
+
+    def hf_only(repo_id, repo_type, *, local_only, revision, token):
+        if local_only:
+            raise OSError("cache miss")
+        return str(tmp_path / "hf_model")
+
+    monkeypatch.setattr(hub, "_hf", hf_only)
+    assert hub.resolve("Qwen/x", use_hf=True).source == "hf" and len(calls) == 2
