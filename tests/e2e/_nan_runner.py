@@ -4,7 +4,8 @@ The injection lives here, in the test, not in mvlm: this script patches mvlm in-
 runs the real CLI entry point (so exit codes and messages are the user's). Environment:
 
 * ``NAN_KIND`` = ``loss`` (the step's loss sum becomes NaN) or ``grad`` (the gradient of the one
-  parameter ``NAN_PARAM`` becomes NaN; the loss stays finite), ``NAN_STEP`` = the 1-based step;
+  parameter ``NAN_PARAM`` becomes NaN; the loss stays finite), ``NAN_STEP`` = the 1-based step,
+  ``NAN_RANK`` = the only global rank that injects (default: all);
 * ``NAN_RECORD`` = a JSON file that receives what the run built and did: the TransformerConfig's
   recompute fields and core_attn_impl, the kernels the attention layers ran, and a checksum of
   ``NAN_PARAM`` after every optimizer call (so a skipped update is visible as an unchanged sum).
@@ -22,7 +23,12 @@ KIND, STEP = os.environ.get("NAN_KIND"), int(os.environ.get("NAN_STEP", "0"))
 PARAM = os.environ.get("NAN_PARAM", "language_model.decoder.layers.1.mlp.linear_fc2.weight")
 
 
+RANK = os.environ.get("NAN_RANK")  # poison only this global rank (default: every rank)
+
+
 def _poisoned_now() -> bool:
+    if RANK is not None and os.environ.get("RANK", "0") != RANK:
+        return False
     return STATE["done_steps"] + 1 == STEP
 
 

@@ -13,6 +13,8 @@ NaN at a known step from the test side (mvlm has no injection hook) and records 
    the model the trainer builds (Megatron config fields, the kernel the attention layers ran).
 3. The same gradient NaN with ``--check_for_nan_in_loss_and_grad false``: no check, the run
    finishes with exit code 0 and the NaN is in the weights (the next loss is NaN).
+4. Two ranks (torchrun, DP=2, distributed optimizer), the NaN gradient on rank 1 only: both ranks
+   stop at the same step with the same message (no rank left waiting in a collective).
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import REPO
+from helpers import REPO, free_port
 
 HERE = Path(__file__).resolve().parent
 PARAM = "language_model.decoder.layers.1.mlp.linear_fc2.weight"
@@ -49,16 +51,22 @@ def argv(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
             "--report_to", "none", "--disable_tqdm", "true", *extra]
 
 
-def run(args: list[str], record: Path | None = None, kind: str | None = None, step: int = 0
-        ) -> subprocess.CompletedProcess:
+def run(args: list[str], record: Path | None = None, kind: str | None = None, step: int = 0,
+        nproc: int = 1, only_rank: int | None = None) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", NAN_PARAM=PARAM,
                NAN_STEP=str(step))
-    env.pop("NAN_KIND", None)
+    for k in ("NAN_KIND", "NAN_RANK", "NAN_RECORD"):
+        env.pop(k, None)
     if kind:
         env["NAN_KIND"] = kind
     if record:
         env["NAN_RECORD"] = str(record)
-    return subprocess.run([sys.executable, str(HERE / "_nan_runner.py"), *args],
+    if only_rank is not None:
+        env["NAN_RANK"] = str(only_rank)
+    launch = [sys.executable] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+        "--master-addr=127.0.0.1", f"--master-port={free_port()}"]
+    return subprocess.run([*launch, str(HERE / "_nan_runner.py"), *args],
                           capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
 
 
@@ -129,6 +137,19 @@ def test_check_false_lets_the_nan_through(setup):
     assert math.isfinite(lines[1]["loss"]) and math.isnan(lines[1]["grad_norm"])
     assert math.isnan(lines[2]["loss"]), lines  # the NaN update reached the weights
     assert "not finite" not in p.stderr
+
+
+def test_nan_on_one_rank_stops_every_rank_at_the_same_step(setup):
+    tmp, model, data = setup
+    out = tmp / "dp2"
+    p = run(argv(model, data, out, "--use_distributed_optimizer", "true"), kind="grad", step=2,
+            nproc=2, only_rank=1)
+    assert p.returncode != 0, p.stderr[-6000:]
+    err = [x for x in p.stderr.splitlines() if "mvlm sft: error: step 2: the grad norm" in x]
+    print(err[:1])
+    assert len(err) == 2, p.stderr[-6000:]  # one line per rank: both decided, neither hung
+    assert all(PARAM in e for e in err), err  # whichever rank holds it after the reduce
+    assert [r["step"] for r in log_lines(out) if "loss" in r] == [1]
 
 
 def test_flag_combinations_are_refused_up_front(setup):
