@@ -86,7 +86,8 @@ ALIAS_WHY: dict[str, str] = {
 # flag of the parser) or REFUSED.
 IGNORED: dict[str, str] = {
     "--model_type": "the family is read from the checkpoint's config.json",
-    "--template": "the chat template comes from the checkpoint's tokenizer/processor",
+    "--template": "mvlm always uses the checkpoint family's own chat template (ms-swift's "
+                  "default for the model); a different template name is not applied",
     "--per_device_eval_batch_size": "eval uses --micro_batch_size (the eval loss is a token "
                                     "mean over the whole validation set either way)",
     "--eval_strategy": "evaluation runs every --eval_interval steps",
@@ -126,11 +127,16 @@ IGNORED: dict[str, str] = {
     "--dataloader_drop_last": "the sampler always yields full global batches",
     "--remove_unused_columns": "the collator keeps exactly the batch contract",
     "--gradient_checkpointing_kwargs": "see --recompute_granularity",
-    "--bf16": "handled through --torch_dtype",
-    "--fp16": "handled through --torch_dtype",
     "--finetune": "a fresh --model/--mcore_model always starts at step 0 (resume uses --resume)",
     "--no_load_optim": "--mcore_model loads weights only; --resume restores the optimizer",
     "--no_load_rng": "--mcore_model loads weights only",
+}
+
+# Mapped onto another flag's value (one info line each).
+MAPPED: dict[str, str] = {
+    "--bf16": "--torch_dtype bfloat16 (when --torch_dtype is not given)",
+    "--fp16": "--torch_dtype float16 (when --torch_dtype is not given; float16 training is "
+              "refused: use bfloat16)",
 }
 
 # Cannot apply: refused with the reason and the mvlm alternative.
@@ -331,7 +337,7 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
     # Accepted-and-ignored / refused flags get their own entries so argparse knows them.
     g = p.add_argument_group("compatibility (accepted for ms-swift scripts)")
-    for flag in list(IGNORED) + list(REFUSED):
+    for flag in list(IGNORED) + list(MAPPED) + list(REFUSED):
         if flag in ("--bf16", "--fp16", "--finetune", "--no_load_optim", "--no_load_rng",
                     "--no_save_rng", "--cross_entropy_loss_fusion",
                     "--moe_grouped_gemm", "--moe_shared_expert_overlap", "--moe_permute_fusion",
@@ -600,6 +606,8 @@ def parse_train_args(argv: list[str], task: str) -> TrainConfig:
             notes.append(f"{flag} -> {SAME_MEANING[flag]} ({why})")
         if flag in IGNORED:
             notes.append(f"{flag} ignored: {IGNORED[flag]}")
+        if flag in MAPPED:
+            notes.append(f"{flag} -> {MAPPED[flag]}")
     _check_spellings(argv)
     ns = build_parser(task).parse_args(argv)
     ns.task = task
@@ -735,6 +743,12 @@ def _validate_swift(ns: argparse.Namespace, task: str, notes: list[str]) -> dict
                          f"{'every text token' if want == 'pt' else 'the assistant turns'} "
                          f"(the labels of mvlm {want})")
         ns.task = want
+    if ns.lazy_tokenize and ns.packing:
+        raise bad("--lazy_tokenize", "incompatible with --packing"
+                  + (" (--padding_free packs in mvlm)" if ns.padding_free else "")
+                  + ", as in ms-swift: packing needs every sample's length up front. Drop "
+                  "--lazy_tokenize, or pre-encode once (mvlm encode --packing true) and train "
+                  "with --cached_dataset")
     if ns.strict is not None:
         ns.on_bad_sample = "error" if ns.strict else "skip"
         notes.append(f"--strict {str(ns.strict).lower()} -> --on_bad_sample {ns.on_bad_sample}")
@@ -1053,9 +1067,9 @@ Megatron-SWIFT (`megatron sft/pt`) scripts run with the command name changed; ea
 and ignored flag prints one info line at start-up, refused flags stop before anything starts.
 
 Kinds: **native** (mvlm implements the flag under this name), **alias** (another spelling of a
-native flag), **ignored** (accepted; it cannot change what is trained, the reason says why),
-**refused** (stops with the reason and the alternative), **refused value** (the flag works, that
-value does not).
+native flag), **mapped** (sets another flag's value), **ignored** (accepted; it cannot change
+what is trained, the reason says why), **refused** (stops with the reason and the alternative),
+**refused value** (the flag works, that value does not).
 
 Defaults follow ms-swift: `--freeze_vit`/`--freeze_aligner` true (false with `--train_type
 lora_llm`), `--lr` 1e-5 for full training and 1e-4 with adapters. Hub IDs in `--model` and
@@ -1082,6 +1096,8 @@ def flag_table(task: str = "sft") -> list[tuple[str, str, str]]:
                 continue
             if opt in IGNORED:
                 rows[opt] = (opt, "ignored", IGNORED[opt])
+            elif opt in MAPPED:
+                rows[opt] = (opt, "mapped", "-> " + MAPPED[opt])
             elif opt in REFUSED:
                 rows[opt] = (opt, "refused", REFUSED[opt])
             elif SAME_MEANING.get(opt, opt) != opt:
