@@ -79,6 +79,19 @@ def test_load_datasets_columns_sampling_and_errors(tmp_path):
                                                        enumerate([1, 2, 4, 5, 6])]
 
 
+def test_fast_path_equals_line_by_line(tmp_path):
+    """A clean UTF-8 .jsonl is read in one go; the result equals the line-by-line reader's."""
+    rows = [json.dumps({"text": t}, ensure_ascii=False) for t in ("a", "ü 🙂", " b ", "\\r")]
+    data = b"\xef\xbb\xbf" + b"\r\n".join(r.encode() for r in rows[:2]) + b"\r\n\r\n \t\n" + \
+        b"\n".join(r.encode() for r in rows[2:])
+    (tmp_path / "c.jsonl").write_bytes(data)
+    (eager,), _ = load_datasets([str(tmp_path / "c.jsonl")])
+    (streamed,), _ = load_datasets([str(tmp_path / "c.jsonl")], streaming=True)
+    assert eager.data.to_list() == list(streamed.data)
+    assert [location(ex) for ex in eager.data] == [(0, 1), (1, 2), (2, 5), (3, 6)]
+    assert [decode_example(ex)["text"] for ex in eager.data] == ["a", "ü 🙂", " b ", "\\r"]
+
+
 def test_error_message_says_line_or_row():
     e = BadSampleError("bad_json", "x").with_location("a.jsonl", 3, 7)
     assert "bad sample (a.jsonl, line 7): bad_json: x." in str(e)
