@@ -6,7 +6,9 @@
 
 ``RUN_OR_CKPT`` may be a ``checkpoint-<step>`` directory, a training ``--output_dir`` (its
 ``latest`` is used) or any mvlm torch_dist checkpoint; ``--adapters`` is ms-swift's spelling of
-the checkpoint to export, and then ``--model`` names the base model (as in ``swift export``).
+the checkpoint to export (``--mcore_adapters``: Megatron-SWIFT's), and then ``--model`` names the
+base model (as in ``swift export``); a PEFT adapter dir given as ``--adapters`` is merged into
+its base with ``--merge_lora true``.
 Under torchrun it runs on every rank at ``--tp/--pp`` (any layout, whatever the checkpoint was
 written at); outputs appear atomically and an existing one is replaced only with --overwrite.
 
@@ -40,14 +42,16 @@ def add_export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", "--load", dest="model", default=None,
                    help="checkpoint-<step> dir, a training output_dir, or an mvlm mcore dir; "
                         "with --adapters: the base HF model dir (default: the run's base)")
-    p.add_argument("--adapters", default=None,
+    p.add_argument("--adapters", "--mcore_adapters", dest="adapters", default=None,
                    help="ms-swift spelling: the LoRA/DoRA checkpoint (checkpoint-<step> dir or "
-                        "the run's output_dir) to export")
+                        "the run's output_dir) to export, or a PEFT adapter dir to merge")
     p.add_argument("--merge_lora", type=str2bool, default=None,
                    help="LoRA/DoRA checkpoints: true = adapters merged into full HF weights, "
                         "false = a PEFT adapter dir (peft.PeftModel.from_pretrained)")
     p.add_argument("--to", default="hf", choices=["hf"])
-    p.add_argument("--output", "--output_dir", dest="output", required=True)
+    p.add_argument("--to_hf", type=str2bool, default=True,
+                   help="Megatron-SWIFT spelling; export always writes Hugging Face outputs")
+    p.add_argument("--output", "--output_dir", "--save", dest="output", required=True)
     add_layout_args(p)
     p.add_argument("--torch_dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--verify", action="store_true")
@@ -90,6 +94,9 @@ def run_export(args: argparse.Namespace) -> int:
     if args.adapters is None and args.model is None:
         raise ValueError("mvlm export needs the checkpoint to export: --model RUN_OR_CKPT (or, "
                          "for LoRA/DoRA runs, --adapters CKPT)")
+    if not args.to_hf:
+        raise ValueError("--to_hf false: mvlm export writes Hugging Face outputs only; for a "
+                         "Megatron checkpoint use `mvlm convert --to mcore`")
     flag = "--adapters" if args.adapters else "--model"
     src = Path(args.adapters or args.model)
     if (src / PEFT_CONFIG).exists():

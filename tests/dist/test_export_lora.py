@@ -102,9 +102,10 @@ def test_export_lora_dora_tp2_runs(tiny_ckpt, tmp_path):
                             "--output", str(out["merged_lora_tp1"])],
         "exists": ["export", "--adapters", lora_ck, "--model", str(moved), "--merge_lora",
                    "true", "--device", "cpu", "--output", str(out["merged_lora_tp1"])],
-        "peft_dora_tp1": ["export", "--adapters", str(runs["dora"]), "--model", str(moved),
-                          "--merge_lora", "false", "--device", "cpu",
-                          "--output", str(out["peft_dora_tp1"])],
+        # Megatron-SWIFT's spelling
+        "peft_dora_tp1": ["export", "--mcore_adapters", str(runs["dora"]), "--model", str(moved),
+                          "--to_hf", "true", "--merge_lora", "false", "--device", "cpu",
+                          "--save", str(out["peft_dora_tp1"])],
         "no_merge_flag": ["export", "--adapters", lora_ck, "--model", str(moved),
                           "--output", str(tmp_path / "never")],
         "convert_full": ["convert", "--to", "mcore", "--model", str(moved), "--output",
