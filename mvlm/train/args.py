@@ -743,6 +743,10 @@ def _validate_swift(ns: argparse.Namespace, task: str, notes: list[str]) -> dict
                          f"{'every text token' if want == 'pt' else 'the assistant turns'} "
                          f"(the labels of mvlm {want})")
         ns.task = want
+    if ns.streaming and ns.train_iters is None and not ns.cached_dataset:
+        raise bad("--streaming", "needs --max_steps/--train_iters: a streamed dataset has no "
+                  "length to derive the steps of --num_train_epochs from (ms-swift requires "
+                  "max_steps with streaming too)")
     if ns.lazy_tokenize and ns.packing:
         raise bad("--lazy_tokenize", "incompatible with --packing"
                   + (" (--padding_free packs in mvlm)" if ns.padding_free else "")

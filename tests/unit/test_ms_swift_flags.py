@@ -34,6 +34,8 @@ EXPECTED_REFUSALS = {
     # --packing true with --lazy_tokenize true: ms-swift refuses it as well ("Packing and
     # lazy_tokenize are incompatible"), so the guide's 6.3 block fails there too
     "guide_6_3_mixed_modality.sh": {"--lazy_tokenize"},
+    # --streaming true with epochs but no step count: ms-swift needs max_steps/train_iters too
+    "guide_3_3_cpt.sh": {"--streaming"},
     "swift_train_multimodal_lora_llm_full_vit_seq_cls.sh": {"--num_labels", "--task_type"},
     "swift_megatron_multimodal_lora_llm_vit_full_sft.sh": {"--add_non_thinking_prefix",
                                                            "--loss_scale"},
@@ -351,6 +353,11 @@ def test_loss_scale_strict_and_refused_values(base):
         parse(base, "--truncation_strategy", "split")
     with pytest.raises(ValueError, match="--add_non_thinking_prefix"):
         parse(base, "--add_non_thinking_prefix", "true")
+    with pytest.raises(ValueError, match="--streaming: needs --max_steps"):
+        parse(base, "--streaming", "true", "--num_train_epochs", "3")
+    assert parse(base, "--streaming", "true", "--max_steps", "5").train_iters == 5
+    with pytest.raises(ValueError, match="--lazy_tokenize: incompatible with --packing"):
+        parse(base, "--lazy_tokenize", "true", "--packing", "true", "--max_length", "64")
     assert parse(base, "--add_non_thinking_prefix", "false").ns.add_non_thinking_prefix is False
 
 
