@@ -130,6 +130,15 @@ def test_transformer_config_fields():
                            recompute=RecomputeConfig("selective", modules=["mlp", "layernorm"]))
     assert c.recompute_granularity == "selective" and c.recompute_modules == ["mlp", "layernorm"]
     assert c.core_attn_impl == "auto"
+    # on GPUs the TE spec's attention obeys Megatron's attention_backend; CPU runs keep auto
+    from megatron.core.transformer.enums import AttnBackend
+
+    for impl, backend in (("flash", AttnBackend.flash), ("sdpa", AttnBackend.fused),
+                          ("eager", AttnBackend.unfused), ("auto", AttnBackend.auto)):
+        for device, want in (("cuda", backend), ("cpu", AttnBackend.auto)):
+            c = transformer_config(_text_arch(), ParallelLayout(), dtype=torch.float32,
+                                   device=device, attn_impl=impl)
+            assert c.attention_backend == want and c.core_attn_impl == impl, (impl, device)
     with pytest.raises(ValueError, match="--attn_impl 'xla'"):
         transformer_config(_text_arch(), ParallelLayout(), dtype=torch.float32, device="cpu",
                            attn_impl="xla")
