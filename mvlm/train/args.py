@@ -608,8 +608,9 @@ def parse_train_args(argv: list[str], task: str) -> TrainConfig:
             notes.append(f"{flag} ignored: {IGNORED[flag]}")
         if flag in MAPPED:
             notes.append(f"{flag} -> {MAPPED[flag]}")
-    _check_spellings(argv)
-    ns = build_parser(task).parse_args(argv)
+    parser = build_parser(task)
+    _check_spellings(argv, parser)
+    ns = parser.parse_args(argv)
     ns.task = task
     return _validate(ns, task, notes)
 
@@ -633,7 +634,7 @@ def _flag_values(argv: list[str]) -> list[tuple[str, list[str]]]:
     return out
 
 
-def _check_spellings(argv: list[str]) -> None:
+def _check_spellings(argv: list[str], parser: argparse.ArgumentParser | None = None) -> None:
     """Refused values, and two spellings of one flag with different values (argparse would keep
     the last one silently: ``--tuner_type lora ... --train_type full`` must not train in full)."""
     seen: dict[str, tuple[str, list[str]]] = {}
@@ -641,7 +642,8 @@ def _check_spellings(argv: list[str]) -> None:
         for v in vals:
             if (flag, v) in REFUSED_VALUES:
                 raise ValueError(f"{flag} {v}: {REFUSED_VALUES[(flag, v)]}")
-        canon = SAME_MEANING.get(flag, flag)
+        action = parser._option_string_actions.get(flag) if parser is not None else None
+        canon = action.option_strings[0] if action is not None else SAME_MEANING.get(flag, flag)
         if canon in seen and seen[canon][0] != flag and seen[canon][1] != vals:
             other, ov = seen[canon]
             raise ValueError(f"{flag} {' '.join(vals)} contradicts {other} {' '.join(ov)} (the "

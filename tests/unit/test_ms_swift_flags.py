@@ -297,6 +297,9 @@ def test_conflicting_spellings_are_refused(base):
     assert cfg.ns.train_type == "lora"
     with pytest.raises(ValueError, match="contradicts"):
         parse(base, "--cp", "2", "--sequence_parallel_size", "4")
+    with pytest.raises(ValueError, match="--lora_target_modules q_proj contradicts"):
+        parse(base, "--target_modules", "all-linear", "--lora_target_modules", "q_proj")
+    assert parse(base, "--lr", "1e-4", "--lr", "2e-4").lr == 2e-4  # one spelling: last wins
 
 
 def test_aliases_and_mapped_values(base):
