@@ -16,6 +16,7 @@ the stage output: every rank produces gradients (zeros) for the same parameter s
 """
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from functools import partial
@@ -217,8 +218,6 @@ def checked_optimizer_step(optimizer: Any, models: list[Any], step: int, loss: f
             "was not applied and no checkpoint of this step was written: the last good "
             "checkpoint in --output_dir is intact. Lower --lr, check the data, or raise "
             "--max_skipped_steps to skip such steps.")
-    import logging
-
     logging.getLogger("mvlm.train").warning(
         "%s: update skipped (%d of --max_skipped_steps %d)", detail, skipped, max_skipped)
     return UpdateOutcome(False, norm, bad)

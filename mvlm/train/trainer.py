@@ -8,8 +8,10 @@ Entry points: :func:`run_training` (argv list -> exit code; what the CLI and the
 One step = ``num_microbatches`` micro-batches per DP rank through Megatron-Core's
 ``get_forward_backward_func`` (1F1B or interleaved when PP > 1), gradients reduced by Megatron DDP
 and divided by the global number of loss tokens (``calculate_per_token_loss``), one optimizer step
-(clipping inside), one scheduler step. Every ``--save_interval`` steps a checkpoint; every
-``--eval_interval`` steps an eval loss; at the end a final checkpoint and an HF export.
+(clipping inside; a NaN/inf loss or grad norm is caught before it, see
+``steps.checked_optimizer_step``), one scheduler step. Every ``--save_interval`` steps a
+checkpoint; every ``--eval_interval`` steps an eval loss; at the end a final checkpoint and an HF
+export.
 """
 from __future__ import annotations
 
