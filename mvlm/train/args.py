@@ -255,10 +255,11 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
           help="default true, as in ms-swift (false with --train_type lora_llm)")
     _bool(g, "--freeze_llm", default=False)
     g.add_argument("--freeze_parameters", nargs="*", default=[],
-                   help="freeze parameters whose name starts with one of these prefixes "
-                        "(Megatron names as in optimizer_groups.json, e.g. "
-                        "language_model.decoder.layers.0 vision_model.blocks; applied after "
-                        "the --freeze_* part flags)")
+                   help="freeze parameters whose name starts with one of these prefixes: "
+                        "Megatron-Core names as Megatron-SWIFT uses them (e.g. "
+                        "language_model.decoder.layers.0. or vision_model.blocks.; layer "
+                        "numbers are those of each pipeline stage's chunk with --pp > 1); "
+                        "applied after the --freeze_vit/aligner/llm part flags")
     g.add_argument("--freeze_parameters_regex", default=None,
                    help="freeze parameters whose name matches this regex (re.search)")
     g.add_argument("--freeze_parameters_ratio", type=float, default=0.0,
