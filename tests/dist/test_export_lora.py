@@ -7,7 +7,8 @@ hold adapters + optimizer only; the base weights come from the run's base model,
 checkpoint records. Exports at both layouts, under torchrun and on one plain rank:
 
 * LoRA -> PEFT dir at TP2 (torchrun, ``--adapters CKPT``), LoRA -> merged HF at TP1;
-* DoRA -> merged HF at TP2 (torchrun), DoRA -> PEFT dir at TP1.
+* DoRA -> merged HF at TP2 (torchrun), DoRA -> PEFT dir at TP1;
+* LoRA -> merged HF at PP2 (torchrun; the run's latest checkpoint via its output_dir).
 
 Each export is compared with the trained model (restored by the trainer's own resume code at TP2):
 transformers on the merged dir, and peft.PeftModel.from_pretrained on the base HF model for the
@@ -58,7 +59,7 @@ def test_export_lora_dora_tp2_runs(tiny_ckpt, tmp_path):
     data, _ = write_data(tmp_path / "data")
     runs = {k: tmp_path / f"run_{k}" for k in ("lora", "dora")}
     out = {k: tmp_path / k for k in ("peft_lora_tp2", "merged_lora_tp1", "merged_dora_tp2",
-                                     "peft_dora_tp1", "merged_from_peft_lora",
+                                     "peft_dora_tp1", "merged_lora_pp2", "merged_from_peft_lora",
                                      "merged_from_peft_dora")}
 
     def argv(kind: str) -> list[str]:
@@ -81,6 +82,9 @@ def test_export_lora_dora_tp2_runs(tiny_ckpt, tmp_path):
             "merged_dora_tp2": ["export", "--model", str(runs["dora"]), "--merge_lora", "true",
                                 "--tp", "2", "--device", "cpu",
                                 "--output", str(out["merged_dora_tp2"])],
+            "merged_lora_pp2": ["export", "--model", str(runs["lora"]), "--merge_lora", "true",
+                                "--pp", "2", "--device", "cpu",
+                                "--output", str(out["merged_lora_pp2"])],
         }}, tmp_path / "spec_train.json", 2)
     for name, (rc, err) in train.items():
         assert rc == 0, (name, err)
@@ -133,6 +137,8 @@ def test_export_lora_dora_tp2_runs(tiny_ckpt, tmp_path):
         "merged_dora_tp2": {"kind": "merged", "dir": str(out["merged_dora_tp2"]),
                             "ref": ref["dora"], "base_delta": True},
         "peft_dora_tp1": {"kind": "peft", "dir": str(out["peft_dora_tp1"]), "ref": ref["dora"]},
+        "merged_lora_pp2": {"kind": "merged", "dir": str(out["merged_lora_pp2"]),
+                            "ref": ref["lora"]},
         "merged_from_peft_lora": {"kind": "merged", "dir": str(out["merged_from_peft_lora"]),
                                   "ref": ref["lora"]},
         "merged_from_peft_dora": {"kind": "merged", "dir": str(out["merged_from_peft_dora"]),
