@@ -229,12 +229,12 @@ def first_nonfinite_grad(models: list[Any]) -> str | None:
     import torch.distributed as dist
 
     local = None
-    for i, m in enumerate(models):
+    for m in models:
         for name, p in unwrap(m).named_parameters():
             g = getattr(p, "main_grad", None)
             g = p.grad if g is None else g
             if g is not None and not bool(torch.isfinite(g).all()):
-                local = (f"chunk{i}." if len(models) > 1 else "") + name
+                local = _global_layer_name(unwrap(m), name)
                 break
         if local:
             break
@@ -243,3 +243,20 @@ def first_nonfinite_grad(models: list[Any]) -> str | None:
     found: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(found, local)
     return next((f"{n} (rank {r})" for r, n in enumerate(found) if n), None)
+
+
+def _global_layer_name(model: Any, name: str) -> str:
+    """``name`` with the stage-local decoder layer index replaced by the global one (Megatron's
+    1-based ``layer_number`` - 1), so a name reported from a later pipeline stage or VPP chunk
+    points at the layer the user's checkpoint calls by that number."""
+    marker = ".layers."
+    at = name.find(marker)
+    if at < 0:
+        return name
+    prefix, rest = name[:at + len(marker)], name[at + len(marker):]
+    idx, _, tail = rest.partition(".")
+    if not idx.isdigit():
+        return name
+    layer = dict(model.named_modules()).get(prefix + idx)
+    number = getattr(layer, "layer_number", None)
+    return name if number is None else f"{prefix}{int(number) - 1}.{tail}"

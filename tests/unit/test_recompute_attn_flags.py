@@ -213,3 +213,25 @@ def test_flash_falls_back_once_per_reason_on_cpu(caplog):
     a = _attn("auto")
     a(*qkv, attention_mask=None)
     assert a.kernel_used == "sdpa"
+
+
+def test_nonfinite_grad_report_uses_global_layer_numbers():
+    """A NaN reported from pipeline stage 2 names the layer by its global index."""
+    from torch import nn
+
+    from mvlm.train.steps import first_nonfinite_grad
+
+    class Stage(nn.Module):
+        def __init__(self, offset: int) -> None:
+            super().__init__()
+            self.decoder = nn.Module()
+            self.decoder.layers = nn.ModuleList(nn.Linear(2, 2) for _ in range(2))
+            for i, layer in enumerate(self.decoder.layers):
+                layer.layer_number = offset + i + 1  # Megatron's 1-based global number
+
+    stage = Stage(offset=2)  # the second of two PP stages of a 4-layer model
+    for p in stage.parameters():
+        p.grad = torch.zeros_like(p)
+    assert first_nonfinite_grad([stage]) is None
+    stage.decoder.layers[1].bias.grad[0] = float("inf")
+    assert first_nonfinite_grad([stage]) == "decoder.layers.3.bias"
