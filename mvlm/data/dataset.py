@@ -37,7 +37,7 @@ from mvlm.data.template import SkipSample, Template
 from mvlm.data.textrows import LINE_COL, decode_example, location
 
 logger = logging.getLogger(__name__)
-ERROR_COL = "_mvlm_error"  # "reason\tmessage" of a bad row, "" for a good one
+ERROR_COL = "_mvlm_error"  # "reason\tFILE, line N: reason: detail" of a bad row, "" if good
 SRC_COL = "_mvlm_source"  # the dataset file a row came from (error messages name it)
 _VISION_FLAT = ("pixel_values", "pixel_values_videos")
 _VISION_GRID = ("image_grid_thw", "video_grid_thw")
@@ -96,7 +96,7 @@ def _empty_row(template: Template, err: BadSampleError) -> dict[str, Any]:
     # typed empties: Arrow cannot concatenate an int32 list with an untyped (double) one
     i32, f32 = np.zeros(0, np.int32), np.zeros(0, np.float32)
     row = {"input_ids": i32, "labels": i32, "length": 0, "extra": "",
-           ERROR_COL: f"{err.reason}\t{err}"}
+           ERROR_COL: f"{err.reason}\t{err.short()}"}
     if template.is_multimodal:
         row.update(position_ids=np.zeros((3, 0), np.int32), pixel_values=f32,
                    pixel_values_videos=f32, image_grid_thw=np.zeros((0, 3), np.int32),

@@ -53,6 +53,10 @@ class BadSampleError(ValueError):
             where += f", row {self.row} (0-based)"
         return where
 
+    def short(self) -> str:
+        """``FILE, line N: reason: detail`` (what a skip warning shows)."""
+        return f"{self.where()}: {self.reason}" + (f": {self.detail}" if self.detail else "")
+
     def _message(self) -> str:
         msg = f"bad sample ({self.where()}): {self.reason}"
         if self.detail:
@@ -137,11 +141,12 @@ class BadSampleCounter:
             else:
                 self._unkeyed[err.reason] += 1
             if first:
-                self.examples[err.reason] = str(err)
+                self.examples[err.reason] = err.short()
             if self._pid != self._owner and self._spool:
                 self._write_spool()
         if first:
-            logger.warning("skipping bad samples with reason %r (first: %s)", err.reason, err)
+            logger.warning("skipping bad samples with reason %r (first: %s)", err.reason,
+                           err.short())
 
     def _write_spool(self) -> None:
         state = {"keyed": {r: sorted(k) for r, k in self._keyed.items()},
