@@ -30,7 +30,9 @@ def str2bool(v: Any) -> bool:
 
 
 _DATA_FLAGS: list[tuple[str, dict]] = [
-    ("--dataset", {"nargs": "+", "default": [], "help": "files/dirs, 'path#N' samples N rows"}),
+    ("--dataset", {"nargs": "+", "default": [],
+                   "help": "files, dirs or hub IDs (ORG/NAME[:SUBSET], mvlm.hub); "
+                           "'SPEC#N' samples N rows"}),
     ("--val_dataset", {"nargs": "*", "default": []}),
     ("--split_dataset_ratio", {"type": float, "default": 0.0}),
     ("--cached_dataset", {"default": None, "help": "directory written by mvlm encode"}),

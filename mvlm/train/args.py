@@ -88,8 +88,8 @@ IGNORED: dict[str, str] = {
     "--model_type": "the family is read from the checkpoint's config.json",
     "--template": "mvlm always uses the checkpoint family's own chat template (ms-swift's "
                   "default for the model); a different template name is not applied",
-    "--per_device_eval_batch_size": "eval uses --micro_batch_size (the eval loss is a token "
-                                    "mean over the whole validation set either way)",
+    "--per_device_eval_batch_size": "eval batches use --micro_batch_size (the eval loss is a "
+                                    "token mean over the evaluated rows either way)",
     "--eval_strategy": "evaluation runs every --eval_interval steps",
     "--evaluation_strategy": "evaluation runs every --eval_interval steps",
     "--logging_strategy": "logging happens every --log_interval steps",
@@ -1123,8 +1123,8 @@ def flag_table(task: str = "sft") -> list[tuple[str, str, str]]:
 
 
 def render_flag_doc(task: str = "sft") -> str:
-    def cell(t: str) -> str:
-        return t.replace("|", "\\|")
+    def cell(t: str) -> str:  # a table cell: no column breaks, no HTML tags
+        return t.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
 
     return _DOC_HEAD + "".join(f"| `{f}` | {k} | {cell(b)} |\n" for f, k, b in flag_table(task))
 
