@@ -590,3 +590,15 @@ def test_moe_aux_loss_coeff_reaches_the_megatron_arch(tiny_ckpt, base):
     assert fam.text_arch(hf).moe_aux_loss_coeff == 0.02
     apply_hf_overrides(parse(base, "--moe_aux_loss_coeff", "0"), hf)
     assert fam.text_arch(hf).moe_aux_loss_coeff == 0.0
+
+
+def test_recompute_modules_flag(base):
+    """--recompute_modules reaches the recompute config (checked by mvlm.models.recompute)."""
+    cfg = parse(base, "--recompute_granularity", "selective", "--recompute_modules",
+                "core_attn", "mlp")
+    assert cfg.recompute_modules == ["core_attn", "mlp"]
+    assert parse(base).recompute_modules is None
+    with pytest.raises(ValueError, match="--recompute_modules"):
+        parse(base, "--recompute_granularity", "selective", "--recompute_modules", "moe_act")
+    with pytest.raises(ValueError, match="--recompute_modules"):
+        parse(base, "--recompute_modules", "core_attn")  # no selective recompute: no effect
