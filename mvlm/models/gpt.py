@@ -18,6 +18,7 @@ from megatron.core.models.gpt import GPTModel
 from megatron.core.transformer.enums import AttnBackend
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from mvlm.models.attention import ATTN_KERNELS
 from mvlm.models.recompute import RecomputeConfig, RecomputeError  # noqa: F401 - re-exported
 from mvlm.models.spec import decoder_block_spec
 from mvlm.runtime.parallel import ParallelLayout
@@ -98,7 +99,7 @@ def validate_layout(arch: TextArch, layout: ParallelLayout) -> None:
 
 # ---- core attention kernel (the --attn_impl flag) ---------------------------------------------
 # mvlm's own names; SDPACoreAttention reads ``MvlmTransformerConfig.core_attn_impl``.
-ATTN_IMPLS = ("auto", "flash", "sdpa", "eager")
+ATTN_IMPLS = ATTN_KERNELS
 
 
 @dataclass
