@@ -18,7 +18,8 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mvlm.models.positions import batch_position_ids
-from mvlm.models.vlm import ModelBundle, cp_split
+from mvlm.models.vlm import ModelBundle
+from mvlm.runtime.cp import split_for_cp
 
 log = logging.getLogger(__name__)
 
@@ -152,9 +153,9 @@ def verify_against_hf(bundle: ModelBundle, hf_dir: str | Path, tol: float = 1e-4
         if last:
             with torch.no_grad():
                 ref, ref_loss = _hf_forward(hf_model, b)
-            ref_local = cp_split(ref, 1, cp, cp_rank)
+            ref_local = split_for_cp(ref, 1, cp, cp_rank)
             diff = (logits.float() - ref_local).abs().max().double().cpu()
-            lab_local = cp_split(b["labels"], 1, cp, cp_rank)
+            lab_local = split_for_cp(b["labels"], 1, cp, cp_rank)
             sums = torch.stack([tok_loss.double().sum(), (lab_local >= 0).double().sum()]).cpu()
         dist.all_reduce(diff, op=dist.ReduceOp.MAX)
         # Loss: sum over CP chunks of the last stage (other ranks contribute zeros); the DP/TP

@@ -180,9 +180,10 @@ class Collator:
     items of one micro-batch become one row, see :func:`collate_packed_rows`).
 
     ``cp_size > 1`` with packing pads every sample to a multiple of 2*CP (pads carry no loss and
-    position 0), so ``cp_packed_indices(batch["cu_seqlens"], cp, rank, seq_len)`` can split each
-    sample into 2*CP load-balanced chunks; ``cu_seqlens`` then holds the padded boundaries (right
-    for causal attention: a real token never attends to its sample's trailing pads) and
+    position 0), so ``mvlm.runtime.cp.cp_packed_indices(batch["cu_seqlens"], cp, rank, seq_len)``
+    can split each sample into 2*CP load-balanced chunks; ``cu_seqlens`` then holds the padded
+    boundaries (right for causal attention: a real token never attends to its sample's trailing
+    pads) and
     ``cu_seqlens_unpadded`` the real ones (Megatron-Core's ``cu_seqlens_q`` vs ``_q_padded``).
     """
 
@@ -206,41 +207,7 @@ class Collator:
 
 
 # ----------------------------------------------------------------------------- context parallel
-
-def cp_chunk_indices(seq_len: int, cp_size: int, cp_rank: int) -> torch.Tensor:
-    """Token indices rank ``cp_rank`` keeps of a [.., seq_len] sequence under CP.
-
-    The sequence is cut into 2*CP equal chunks and rank r keeps chunks r and 2*CP-1-r, so every
-    rank holds the same amount of causal-attention work (early chunks attend to little, late
-    chunks to a lot). ``seq_len`` must be a multiple of 2*CP (collate with pad_to_multiple_of).
-    """
-    if cp_size == 1:
-        return torch.arange(seq_len)
-    n = 2 * cp_size
-    if seq_len % n:
-        raise ValueError(f"sequence length {seq_len} is not a multiple of 2*CP={n}; collate with "
-                         f"pad_to_multiple_of a multiple of {n}")
-    c = seq_len // n
-    return torch.cat([torch.arange(cp_rank * c, (cp_rank + 1) * c),
-                      torch.arange((n - 1 - cp_rank) * c, (n - cp_rank) * c)])
-
-
-def cp_packed_indices(cu_seqlens_padded: torch.Tensor, cp_size: int, cp_rank: int,
-                      seq_len: int | None = None) -> torch.Tensor:
-    """THD variant: the 2*CP split applied to every packed sample separately.
-
-    Needs per-sample lengths that are multiples of 2*CP (``Collator(cp_size=...)`` pads them);
-    returns the token indices of this rank in the packed row. ``seq_len`` (the row length) makes
-    the pad tail after the last sample a segment of its own, so the whole row is covered.
-    """
-    idx = []
-    bounds = cu_seqlens_padded.tolist()
-    if seq_len is not None and seq_len > bounds[-1]:
-        bounds.append(seq_len)
-    for s, e in itertools.pairwise(bounds):
-        idx.append(cp_chunk_indices(e - s, cp_size, cp_rank) + s)
-    return torch.cat(idx) if idx else torch.zeros(0, dtype=torch.long)
-
+# The split itself (cp_chunk_indices / cp_packed_indices) lives in mvlm.runtime.cp.
 
 def pad_samples_for_cp(batch_samples: Sequence[dict], cp_size: int,
                        pad_token_id: int) -> tuple[list[dict], torch.Tensor]:

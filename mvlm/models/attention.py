@@ -12,19 +12,19 @@ Layout conventions shared with the data and model code (use the helpers, don't r
 * Sequences are split for CP the load-balanced way Megatron-Core uses for RoPE
   (``get_pos_emb_on_this_cp_rank``): the length-``S`` sequence is cut into ``2*CP`` equal chunks
   and CP rank ``r`` holds chunks ``r`` and ``2*CP-1-r``, concatenated in that order. See
-  :func:`cp_chunk_indices` and :func:`split_for_cp`.
+  :func:`mvlm.runtime.cp.cp_chunk_indices` and :func:`mvlm.runtime.cp.split_for_cp`.
 * Packed batches arrive as sbhd with ``b == 1`` plus ``PackedSeqParams(qkv_format="sbhd")``;
   ``cu_seqlens`` describe the FULL (pre-CP-split) sequence. Positions at or after
   ``cu_seqlens[-1]`` (tail padding) form one extra segment of their own.
 * ``qkv_format="thd"`` (Megatron squeezes the batch dim) is accepted too. Under CP it follows
   Transformer Engine's layout instead: each sample (``cu_seqlens_*_padded`` when set) is split
-  2*CP-ways on its own (:func:`cp_thd_indices`), so a TE-prepared THD batch works unchanged.
+  2*CP-ways on its own (:func:`mvlm.runtime.cp.cp_packed_indices`), so a TE-prepared THD
+  batch works unchanged.
 """
 from __future__ import annotations
 
 import contextlib
 import importlib.util
-import itertools
 import logging
 import math
 from typing import Any
@@ -41,7 +41,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention
 from torch import Tensor
 
-__all__ = ["SDPACoreAttention", "cp_chunk_indices", "cp_thd_indices", "split_for_cp"]
+from mvlm.runtime.cp import cp_chunk_indices, cp_packed_indices
+
+__all__ = ["SDPACoreAttention"]
 
 _MODEL_PARALLEL_RNG = "model-parallel-rng"
 log = logging.getLogger(__name__)
@@ -75,60 +77,6 @@ def eager_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, d
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
     return torch.matmul(probs, v)
-
-
-# --------------------------------------------------------------------------------------------
-# CP layout helpers
-# --------------------------------------------------------------------------------------------
-def cp_chunk_indices(
-    seq_len: int, cp_size: int, cp_rank: int, device: torch.device | None = None
-) -> torch.LongTensor:
-    """Global positions held by ``cp_rank``, in that rank's local order.
-
-    Chunks ``r`` and ``2*cp_size-1-r`` pair an early (cheap, few keys) and a late (expensive)
-    chunk, so every rank does the same causal-attention work.
-    """
-    if cp_size < 1 or not 0 <= cp_rank < cp_size:
-        raise ValueError(f"cp_rank={cp_rank} must be in [0, cp_size={cp_size})")
-    if cp_size == 1:
-        return torch.arange(seq_len, device=device)
-    if seq_len % (2 * cp_size):
-        raise ValueError(
-            f"sequence length {seq_len} is not divisible by 2*CP={2 * cp_size}: pad the "
-            f"(packed) sequence to a multiple of {2 * cp_size} before splitting for CP"
-        )
-    chunk = seq_len // (2 * cp_size)
-    first = torch.arange(cp_rank * chunk, (cp_rank + 1) * chunk, device=device)
-    second_start = (2 * cp_size - 1 - cp_rank) * chunk
-    second = torch.arange(second_start, second_start + chunk, device=device)
-    return torch.cat([first, second])
-
-
-def split_for_cp(tensor: Tensor, seq_dim: int, cp_size: int, cp_rank: int) -> Tensor:
-    """The slice of ``tensor`` along ``seq_dim`` that CP rank ``cp_rank`` holds (see module doc)."""
-    if cp_size == 1:
-        return tensor
-    idx = cp_chunk_indices(tensor.size(seq_dim), cp_size, cp_rank, device=tensor.device)
-    return tensor.index_select(seq_dim, idx)
-
-
-def cp_thd_indices(
-    cu_seqlens_padded: Tensor, seq_len: int, cp_size: int, cp_rank: int
-) -> torch.LongTensor:
-    """THD + CP layout (Transformer Engine's): the 2*CP split applied to every sample separately.
-
-    ``cu_seqlens_padded`` covers the full packed row; a tail past its last entry counts as one
-    more sample. Every sample length must be a multiple of 2*CP.
-    """
-    bounds = [int(b) for b in cu_seqlens_padded.tolist()]
-    if bounds[-1] < seq_len:
-        bounds.append(seq_len)
-    parts = [
-        cp_chunk_indices(end - start, cp_size, cp_rank, device=cu_seqlens_padded.device) + start
-        for start, end in itertools.pairwise(bounds)
-        if end > start
-    ]
-    return torch.cat(parts)
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,7 +117,7 @@ def _held_positions(
     """Global positions of a CP rank's rows: whole-row split (sbhd) or per-sample split (THD)."""
     if thd_bounds is None:
         return cp_chunk_indices(total, cp_size, cp_rank, device=device)
-    return cp_thd_indices(thd_bounds, total, cp_size, cp_rank).to(device)
+    return cp_packed_indices(thd_bounds, cp_size, cp_rank, total).to(device)
 
 
 def _gather_seq_global_order(

@@ -33,20 +33,8 @@ from mvlm.models.gpt import (
     transformer_config,
 )
 from mvlm.models.registry import Family, get_family
+from mvlm.runtime.cp import split_for_cp
 from mvlm.runtime.parallel import ParallelLayout
-
-
-def cp_split(t: torch.Tensor, dim: int, cp_size: int, cp_rank: int) -> torch.Tensor:
-    """This CP rank's load-balanced chunks (r and 2CP-1-r) of ``t`` along ``dim``."""
-    if cp_size == 1:
-        return t
-    n = t.shape[dim]
-    if n % (2 * cp_size):
-        raise ValueError(f"sequence length {n} must be divisible by 2*CP={2 * cp_size}: pad "
-                         "batches to a multiple of 2*CP (the data pipeline does this when "
-                         "given the layout)")
-    chunks = t.chunk(2 * cp_size, dim=dim)
-    return torch.cat([chunks[cp_rank], chunks[2 * cp_size - 1 - cp_rank]], dim=dim)
 
 
 class VLMModel(MegatronModule):
@@ -124,7 +112,7 @@ class VLMModel(MegatronModule):
         if self.pre_process:
             emb = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos,
                              video_grid_thw)
-            emb = cp_split(emb, 0, cp_size, cp_rank)
+            emb = split_for_cp(emb, 0, cp_size, cp_rank)
             if cfg.sequence_parallel:
                 emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
             decoder_input = emb
@@ -145,7 +133,7 @@ class VLMModel(MegatronModule):
                 logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
                 logits = logits[..., : self.arch.vocab_size]
             return logits
-        labels = cp_split(labels, 1, cp_size, cp_rank)
+        labels = split_for_cp(labels, 1, cp_size, cp_rank)
         safe = labels.clamp(min=0)
         loss = tensor_parallel.vocab_parallel_cross_entropy(
             logits.float().transpose(0, 1).contiguous(), safe.transpose(0, 1).contiguous())

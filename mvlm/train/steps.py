@@ -107,12 +107,12 @@ def local_loss_mask(batch: dict) -> torch.Tensor:
     """This CP rank's chunk of the loss mask (the model splits labels the same way)."""
     from megatron.core import parallel_state
 
-    from mvlm.models.vlm import cp_split
+    from mvlm.runtime.cp import split_for_cp
 
     mask = (batch["labels"] >= 0).float()
     cp = parallel_state.get_context_parallel_world_size()
     if cp > 1:
-        mask = cp_split(mask, 1, cp, parallel_state.get_context_parallel_rank())
+        mask = split_for_cp(mask, 1, cp, parallel_state.get_context_parallel_rank())
     return mask
 
 

@@ -23,7 +23,8 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mvlm.models.attention import SDPACoreAttention, cp_thd_indices, split_for_cp
+from mvlm.models.attention import SDPACoreAttention
+from mvlm.runtime.cp import cp_packed_indices, split_for_cp
 
 TOL = 1e-6
 HEADS, GROUPS, HEAD_DIM = 4, 2, 8
@@ -94,7 +95,7 @@ def _thd_case(attn_cp: SDPACoreAttention, attn_ref: SDPACoreAttention, cp: int) 
     full = [t.clone().requires_grad_() for t in (q, k, v)]
     ref = attn_ref(*full, None, packed_seq_params=params)
     ref_grads = torch.autograd.grad((ref * g).sum(), full)
-    idx = cp_thd_indices(cu, s, cp, rank)
+    idx = cp_packed_indices(cu, cp, rank, s)
     local = [t[idx].clone().requires_grad_() for t in (q, k, v)]
     out = attn_cp(*local, None, packed_seq_params=params)
     grads = torch.autograd.grad((out * g[idx]).sum(), local)

@@ -10,12 +10,8 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from mvlm.models.attention import (
-    SDPACoreAttention,
-    cp_chunk_indices,
-    cp_thd_indices,
-    split_for_cp,
-)
+from mvlm.models.attention import SDPACoreAttention
+from mvlm.runtime.cp import cp_chunk_indices, cp_packed_indices, split_for_cp
 
 TOL = 1e-6
 HEADS, GROUPS, HEAD_DIM = 4, 2, 8
@@ -203,5 +199,5 @@ def test_cp_chunk_layout() -> None:
         cp_chunk_indices(10, 2, 0)
     # THD: each sample (here lengths 4 and 8) split 2*CP ways on its own.
     cu = torch.tensor([0, 4, 12], dtype=torch.int32)
-    assert cp_thd_indices(cu, 12, 2, 0).tolist() == [0, 3, 4, 5, 10, 11]
-    assert cp_thd_indices(cu, 12, 2, 1).tolist() == [1, 2, 6, 7, 8, 9]
+    assert cp_packed_indices(cu, 2, 0, 12).tolist() == [0, 3, 4, 5, 10, 11]
+    assert cp_packed_indices(cu, 2, 1, 12).tolist() == [1, 2, 6, 7, 8, 9]

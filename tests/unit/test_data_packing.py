@@ -8,14 +8,13 @@ from mvlm.data.collate import (
     collate_packed,
     collate_packed_rows,
     collate_padded,
-    cp_chunk_indices,
-    cp_packed_indices,
     pad_samples_for_cp,
     shift_labels,
     unpack,
 )
 from mvlm.data.loader import ResumableDistributedSampler, build_dataloader
 from mvlm.data.packing import PackedDataset, pack_lengths, pack_stream, packing_efficiency
+from mvlm.runtime.cp import cp_chunk_indices, cp_packed_indices
 
 
 def _sample(n, seed, prompt=3, vision=None):
