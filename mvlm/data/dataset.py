@@ -357,24 +357,64 @@ def iter_encoded(raws: list[RawDataset], template: Template, counter: BadSampleC
 
 
 class StreamingDataset(torch.utils.data.IterableDataset):
-    """Iterable over encoded samples (or packed rows), sharded over DP ranks round-robin."""
+    """Iterable over encoded samples (or packed rows), sharded over DP ranks round-robin.
+
+    ``epochs`` passes over the files (None: endless, what training uses). Pass e+1 starts
+    again from the files' beginning (each raw stream gets ``set_epoch(e)``, which reseeds a
+    shuffled `datasets` stream with seed + e; the rows are otherwise read in file order), so a
+    run whose step count assumed more samples than a pass yields (bad rows skipped,
+    ``--max_steps`` past the end) goes on into the next epoch instead of stopping.
+
+    ``num_rows`` is the files' row count (:func:`textrows.count_rows`), given only for
+    ``--num_train_epochs``: ``len()`` returns it so the steps are ceil(epochs x rows / global
+    batch); without it ``len()`` raises TypeError (unsized).
+    """
 
     def __init__(self, raws: list[RawDataset], template: Template,
                  policy: str | BadSampleCounter = "error", packing_length: int | None = None,
-                 dp_rank: int = 0, dp_size: int = 1):
+                 dp_rank: int = 0, dp_size: int = 1, num_rows: int | None = None,
+                 epochs: int | None = 1):
         self.raws, self.template = raws, template
         self.counter = _counter(policy)
         self.packing_length = packing_length
         self.dp_rank, self.dp_size = dp_rank, dp_size
+        self.num_rows = num_rows
+        self.epochs = epochs
 
-    def __iter__(self) -> Iterator[Any]:
+    def __len__(self) -> int:
+        if self.num_rows is None:
+            raise TypeError("a streamed dataset has no length (its rows were not counted)")
+        return self.num_rows
+
+    def _epoch(self, epoch: int) -> Iterator[Any]:
         from mvlm.data.packing import pack_stream
 
+        for raw in self.raws:
+            if hasattr(raw.data, "set_epoch"):
+                raw.data.set_epoch(epoch)
         # Loader workers: `datasets` hands each worker its own file shards when iterated inside
         # a worker (a single-file dataset goes to worker 0), so nothing is duplicated here.
         items: Iterator[Any] = iter_encoded(self.raws, self.template, self.counter)
         if self.packing_length:
             items = pack_stream(items, self.packing_length)
-        for k, item in enumerate(items):
-            if k % self.dp_size == self.dp_rank:
-                yield item
+        return items
+
+    def __iter__(self) -> Iterator[Any]:
+        in_worker = torch.utils.data.get_worker_info() is not None
+        epoch = 0
+        while self.epochs is None or epoch < self.epochs:
+            seen = mine = 0
+            for k, item in enumerate(self._epoch(epoch)):
+                seen = k + 1
+                if k % self.dp_size == self.dp_rank:
+                    mine += 1
+                    yield item
+            if seen == 0 and in_worker:
+                return  # a loader worker without file shards: the other workers stream
+            if mine == 0:  # cycling would spin forever without yielding
+                raise BadSampleError(
+                    "too_many_bad_samples",
+                    f"one pass over the streamed dataset yielded {seen} samples, none for DP "
+                    f"rank {self.dp_rank} of {self.dp_size} (every row bad, or fewer samples "
+                    "than data-parallel ranks?)")
+            epoch += 1

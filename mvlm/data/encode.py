@@ -36,6 +36,7 @@ mismatch with the training flags is reported), and ``D/dump.jsonl`` for ``--dump
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import logging
 import os
@@ -158,6 +159,18 @@ def _read_json(path: str) -> Any:
         return json.load(f)
 
 
+def _stream_rows(args: Any, packing: bool) -> int | None:
+    """The streamed files' row count when the steps come from --num_train_epochs (None with
+    --max_steps, with packing, or when a spec's rows cannot be counted cheaply)."""
+    from mvlm.data.textrows import count_rows
+
+    if _get(args, "train_iters") is not None or _get(args, "num_train_epochs") is None \
+            or packing:
+        return None
+    counts = [count_rows(s) for s in _get(args, "dataset") or []]
+    return None if not counts or None in counts else sum(counts)
+
+
 def build_train_dataset(args: Any, processor_dir: str, *, dp_rank: int = 0,
                         dp_size: int = 1) -> TrainData:
     """Datasets for training from the data flags (see the module docstring)."""
@@ -196,14 +209,17 @@ def build_train_dataset(args: Any, processor_dir: str, *, dp_rank: int = 0,
                                            streaming=True, seed=_get(args, "seed", 42),
                                            options=load_options(args))
         plen = packing_length(args) if packing else None
-        tr = StreamingDataset(train_raw, template, counter, plen, dp_rank, dp_size)
+        # a training run (a step budget) streams endlessly: the step count decides the end
+        budget = _get(args, "train_iters") is not None or \
+            _get(args, "num_train_epochs") is not None
+        tr = StreamingDataset(train_raw, template, counter, plen, dp_rank, dp_size,
+                              num_rows=_stream_rows(args, packing),
+                              epochs=None if budget else 1)
         va = StreamingDataset(val_raw, template, counter, plen) if val_raw else None
         return TrainData(tr, va, template, tr.counter, pad_id, packing)
-    elif _get(args, "lazy_tokenize", False):
-        if packing:
-            raise ValueError("--packing needs every sample's length up front: drop "
-                             "--lazy_tokenize, or pre-encode with mvlm encode --packing and "
-                             "train with --cached_dataset")
+    elif _get(args, "lazy_tokenize", False) and not packing:
+        # with --packing, lazy falls through to the eager encode below: packing needs every
+        # sample's length up front (the parser says so in one info line)
         train_raw, val_raw = load_datasets(
             args.dataset, val_specs=_get(args, "val_dataset", []),
             split_dataset_ratio=_get(args, "split_dataset_ratio", 0.0) or 0.0,
@@ -242,6 +258,9 @@ def build_dataloader(data: TrainData, *, split: str = "train", micro_batch_size:
     collator = Collator(data.pad_token_id, packing=data.packing,
                         pad_to_multiple_of=pad_to_multiple_of, cp_size=cp_size)
     if isinstance(ds, torch.utils.data.IterableDataset):
+        if num_epochs is not None and hasattr(ds, "epochs"):
+            ds = copy.copy(ds)  # the caller's dataset keeps its own number of passes
+            ds.epochs = num_epochs
         if consumed_samples:
             logger.warning("streaming datasets resume by skipping %d items", consumed_samples)
         return _SkipLoader(torch.utils.data.DataLoader(

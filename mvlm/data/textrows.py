@@ -236,6 +236,33 @@ def iter_rows(path: str) -> Iterator[TextRow]:
     return {"jsonl": iter_jsonl, "json": iter_json, "csv": iter_csv}[kind](path)
 
 
+def count_rows(spec: DatasetSpec | str) -> int | None:
+    """Rows of a local dataset spec without encoding them (``--streaming`` with epochs), or None
+    when that needs more than reading the file: hub IDs, ``:SUBSET`` specs, directories and
+    .arrow files. JSON Lines count non-blank lines, a .json its array elements, a CSV its
+    records (csv module, no type inference), a parquet file the row count in its footer;
+    ``#N`` caps the count at N (a streamed spec takes its first N rows). Unreadable rows are
+    counted: they are rows, not samples."""
+    spec = DatasetSpec.parse(spec) if isinstance(spec, str) else spec
+    path = spec.path
+    if getattr(spec, "subset", None) or not os.path.isfile(path):
+        return None
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".jsonl":
+        n = sum(1 for _, raw in _physical_lines(path) if raw.strip(_BLANK))
+    elif ext == ".json":
+        n = sum(1 for _ in iter_json(path))
+    elif ext == ".csv":
+        n = max(0, sum(1 for _ in _csv_records(path)) - 1)  # the header is no row
+    elif ext == ".parquet":
+        import pyarrow.parquet as pq
+
+        n = pq.ParquetFile(path).metadata.num_rows
+    else:
+        return None
+    return n if spec.num_samples is None else min(n, spec.num_samples)
+
+
 def _rename(text: str, columns: dict[str, str] | None) -> str:
     """``--columns`` renames of a row's top-level keys (rows that are no JSON object stay as
     they are: decoding reports them)."""

@@ -746,16 +746,6 @@ def _validate_swift(ns: argparse.Namespace, task: str, notes: list[str]) -> dict
                          f"{'every text token' if want == 'pt' else 'the assistant turns'} "
                          f"(the labels of mvlm {want})")
         ns.task = want
-    if ns.streaming and ns.train_iters is None and not ns.cached_dataset:
-        raise bad("--streaming", "needs --max_steps/--train_iters: a streamed dataset has no "
-                  "length to derive the steps of --num_train_epochs from (ms-swift requires "
-                  "max_steps with streaming too)")
-    if ns.lazy_tokenize and ns.packing:
-        raise bad("--lazy_tokenize", "incompatible with --packing"
-                  + (" (--padding_free packs in mvlm)" if ns.padding_free else "")
-                  + ", as in ms-swift: packing needs every sample's length up front. Drop "
-                  "--lazy_tokenize, or pre-encode once (mvlm encode --packing true) and train "
-                  "with --cached_dataset")
     if ns.strict is not None:
         ns.on_bad_sample = "error" if ns.strict else "skip"
         notes.append(f"--strict {str(ns.strict).lower()} -> --on_bad_sample {ns.on_bad_sample}")
@@ -805,6 +795,57 @@ def _validate_swift(ns: argparse.Namespace, task: str, notes: list[str]) -> dict
             "trainable_parameters_regex": ns.trainable_parameters_regex}
 
 
+def _check_streaming_and_lazy(ns: argparse.Namespace, notes: list[str]) -> None:
+    """--lazy_tokenize with --packing, and --streaming with --num_train_epochs (issue 9: the
+    guide's 6.3 and 3.3 blocks).
+
+    Packing plans rows from every sample's length, so with --packing the samples are encoded up
+    front whatever --lazy_tokenize says: the flag then only trades memory for start-up time and
+    does not change what is trained. A streamed dataset has no length; the epochs' step count is
+    derived from the rows of local files, counted without encoding them. Where that count says
+    nothing about the batches (hub datasets, columnar directories; packed rows, whose number
+    depends on the encoded lengths) the epochs are refused."""
+    if ns.lazy_tokenize and ns.packing:
+        notes.append("--lazy_tokenize true with --packing: samples are encoded up front (as "
+                     "--lazy_tokenize false), since packing needs every sample's length; this "
+                     "changes memory use and start-up time, not what is trained")
+        ns.lazy_tokenize = False
+    if not ns.streaming or ns.cached_dataset:
+        return
+    if ns.save_strategy == "epoch":
+        raise ValueError("--save_strategy epoch: a streamed dataset has no exact epoch "
+                         "boundary (skipped rows shorten an epoch): use --save_steps, or drop "
+                         "--streaming")
+    if ns.train_iters is not None:
+        return
+    why = ""
+    if ns.packing:
+        why = ("with --packing the stream's rows become packed rows whose number depends on "
+               "the encoded lengths")
+    else:
+        from mvlm.data.textrows import count_rows
+
+        n_rows, uncountable = 0, None
+        for spec in ns.dataset or []:
+            n = count_rows(spec)
+            if n is None:
+                uncountable = spec
+                break
+            n_rows += n
+        if uncountable is not None:
+            why = (f"the rows of {uncountable!r} cannot be counted without reading it (only "
+                   "local .jsonl/.json/.csv/.parquet files are counted)")
+    if why:
+        raise ValueError(f"--streaming: --num_train_epochs needs the number of steps per epoch, "
+                         f"and {why}: pass --max_steps/--train_iters (ms-swift requires "
+                         "max_steps with streaming too)")
+    epochs = ns.num_train_epochs if ns.num_train_epochs is not None else 1.0
+    notes.append(f"--streaming with --num_train_epochs {epochs:g}: steps = ceil({epochs:g} x "
+                 f"{n_rows} rows / global batch size); {n_rows} counts the files' rows, not "
+                 "encodable samples, so skipped bad rows make an epoch shorter and the stream "
+                 "then continues into the next epoch")
+
+
 def _validate(ns: argparse.Namespace, task: str, notes: list[str]) -> TrainConfig:
     def bad(flag: str, msg: str) -> ValueError:
         return ValueError(f"{flag}: {msg}")
@@ -852,6 +893,7 @@ def _validate(ns: argparse.Namespace, task: str, notes: list[str]) -> TrainConfi
         ns.packing = True
     if ns.packing and not ns.max_length:
         raise bad("--packing", "needs --max_length (the packed row length)")
+    _check_streaming_and_lazy(ns, notes)  # [issue 9] guide 3.3 / 6.3
 
     # Iterations.
     if ns.train_iters is None and ns.num_train_epochs is None:

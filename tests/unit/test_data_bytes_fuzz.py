@@ -315,3 +315,50 @@ def test_lazy_error_names_line(corpus):
     idx = [r.line for r in iter_rows(str(d / "fuzz2.jsonl"))].index(first[0])
     with pytest.raises(BadSampleError, match=rf"fuzz2\.jsonl, line {first[0]}\): {first[1]}"):
         data.train[idx]
+
+
+def test_streaming_epochs_cycle_and_count_rows(corpus, clean, tmp_path):
+    """--streaming with --num_train_epochs: len() is the files' row count (bad rows included),
+    the stream goes on into the next epoch in the same order (bad rows skipped again, counted
+    once), each DP rank cycles its own share, and a pass without a sample raises, not hangs."""
+    d, ckpt, files = corpus
+    name = "fuzz0.jsonl"
+    args = _parse(_args(d, ckpt, [name], "skip", "unused", "--streaming", "true"))
+    args.num_train_epochs = 2.0  # what `mvlm sft` sets (the encode parser has no step flags)
+    n_rows = len(GOOD) + len(files[name][1])
+    for dp_rank, dp_size in ((0, 1), (0, 2), (1, 2)):
+        data = build_train_dataset(args, str(ckpt), dp_rank=dp_rank, dp_size=dp_size)
+        assert len(data.train) == n_rows  # rows, not encodable samples
+        it = iter(build_dataloader(data, micro_batch_size=1, dp_rank=dp_rank, dp_size=dp_size))
+        mine = clean[0][dp_rank::dp_size]
+        got = [next(it)["input_ids"][0].tolist() for _ in range(3 * len(mine) + 1)]
+        assert got == mine * 3 + mine[:1]  # three passes and into the fourth, same order
+        assert dict(data.bad_samples.counts) == _expected_counts(files, [name])
+    # one pass only when a loader asks for it (num_epochs), as evaluation does
+    data = build_train_dataset(args, str(ckpt))
+    one = list(build_dataloader(data, micro_batch_size=1, num_epochs=1))
+    assert len(one) == len(GOOD)
+    (tmp_path / "allbad.jsonl").write_bytes(b"{bad\n\xff\xfe\n")
+    args = _parse(_args(tmp_path, ckpt, ["allbad.jsonl"], "skip", "unused", "--streaming",
+                        "true"))
+    args.num_train_epochs = 1.0
+    data = build_train_dataset(args, str(ckpt))
+    assert len(data.train) == 2
+    with pytest.raises(BadSampleError, match="one pass over the streamed dataset yielded 0"):
+        next(iter(build_dataloader(data, micro_batch_size=1)))
+
+
+def test_lazy_tokenize_with_packing_encodes_up_front(corpus, clean):
+    """--lazy_tokenize true --packing true builds the same packed rows as the eager encode."""
+    d, ckpt, _ = corpus
+    base = _args(d, ckpt, ["clean.jsonl", "crlf.jsonl"], "error", "unused", "--packing",
+                 "true")
+    eager = build_train_dataset(_parse(base), str(ckpt))
+    lazy = build_train_dataset(_parse(base + ["--lazy_tokenize", "true"]), str(ckpt))
+    assert lazy.packing and len(lazy.train) == len(eager.train) >= 2
+    assert lazy.train.packs == eager.train.packs
+    for i in range(len(eager.train)):
+        a, b = eager.train[i], lazy.train[i]
+        assert [x["input_ids"].tolist() for x in a] == [x["input_ids"].tolist() for x in b]
+    flat = [x["input_ids"].tolist() for i in range(len(lazy.train)) for x in lazy.train[i]]
+    assert sorted(flat) == sorted(clean[0] * 2)

@@ -31,11 +31,9 @@ REV = "fedcba9876543210fedcba9876543210fedcba98"
 
 # Scripts with flags mvlm refuses (each must be named by the refusal) -> those flags.
 EXPECTED_REFUSALS = {
-    # --packing true with --lazy_tokenize true: ms-swift refuses it as well ("Packing and
-    # lazy_tokenize are incompatible"), so the guide's 6.3 block fails there too
-    "guide_6_3_mixed_modality.sh": {"--lazy_tokenize"},
-    # --streaming true with epochs but no step count: ms-swift needs max_steps/train_iters too
-    "guide_3_3_cpt.sh": {"--streaming"},
+    # (issue 9) the guide's 6.3 block (--packing with --lazy_tokenize: encoded up front) and 3.3
+    # block (--streaming with epochs: the local file's rows are counted) parse: see
+    # test_guide_3_3_and_6_3_data_flags
     "swift_train_multimodal_lora_llm_full_vit_seq_cls.sh": {"--num_labels", "--task_type"},
     "swift_megatron_multimodal_lora_llm_vit_full_sft.sh": {"--add_non_thinking_prefix",
                                                            "--loss_scale"},
@@ -118,6 +116,11 @@ def recorded(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("ms_swift")
     work = tmp / "work"
     (work / "output" / "stage1_aligner").mkdir(parents=True)  # guide 7.1 stage 2's --model
+    # guide 3.3 streams it for 3 epochs: its rows are counted (a blank line is no row, a bad
+    # line is one)
+    (work / "medical_image_corpus.jsonl").write_text(
+        "".join(json.dumps({"messages": [{"role": "assistant", "content": f"t{i}"}]}) + "\n"
+                for i in range(6)) + "\n{broken\n")
     model_dir = tmp / "model"
     model_dir.mkdir()
     cmds = {s.name: record_commands(s, work) for s in SCRIPTS}
@@ -602,3 +605,46 @@ def test_recompute_modules_flag(base):
         parse(base, "--recompute_granularity", "selective", "--recompute_modules", "moe_act")
     with pytest.raises(ValueError, match="--recompute_modules"):
         parse(base, "--recompute_modules", "core_attn")  # no selective recompute: no effect
+
+
+def test_guide_3_3_and_6_3_data_flags(offline, base, tmp_path):
+    """Issue 9: --packing with --lazy_tokenize encodes up front (one info line); --streaming
+    with --num_train_epochs counts the local files' rows; where rows cannot be counted (hub
+    IDs, packed rows) or an epoch has no exact end (--save_strategy epoch) it is refused."""
+    c = offline["cmds"]["guide_6_3_mixed_modality.sh"][0]
+    cfg = parse_train_args(c["argv"], _task(c["cmd"]))
+    assert cfg.ns.packing and cfg.ns.lazy_tokenize is False
+    lazy = [n for n in cfg.notes if n.startswith("--lazy_tokenize")]
+    assert lazy == ["--lazy_tokenize true with --packing: samples are encoded up front (as "
+                    "--lazy_tokenize false), since packing needs every sample's length; this "
+                    "changes memory use and start-up time, not what is trained"]
+    c = offline["cmds"]["guide_3_3_cpt.sh"][0]
+    cfg = parse_train_args(c["argv"], _task(c["cmd"]))
+    assert cfg.ns.streaming and cfg.train_iters is None and cfg.num_train_epochs == 3.0
+    stream = [n for n in cfg.notes if n.startswith("--streaming")]
+    assert len(stream) == 1 and "steps = ceil(3 x 7 rows / global batch size)" in stream[0]
+    assert "not encodable samples" in stream[0]
+    # #N caps the streamed rows; .json elements, CSV records and parquet footers are counted
+    from mvlm.data.textrows import count_rows
+
+    d = tmp_path
+    (d / "a.json").write_text(json.dumps([{"q": i} for i in range(5)]))
+    (d / "b.csv").write_text('q,a\n1,"x\ny"\n\n2,z\n')
+    import datasets
+
+    datasets.Dataset.from_dict({"q": list(range(9))}).to_parquet(str(d / "c.parquet"))
+    assert [count_rows(str(d / n)) for n in ("a.json", "b.csv", "c.parquet")] == [5, 2, 9]
+    assert count_rows(f"{d / 'c.parquet'}#4") == 4 and count_rows(f"{d / 'a.json'}#50") == 5
+    assert count_rows(str(d)) is None and count_rows("org/name") is None
+    cfg = parse(base, "--streaming", "true", "--dataset", f"{d / 'a.json'}", f"{d / 'b.csv'}#1")
+    assert any("ceil(1 x 6 rows" in n for n in cfg.notes)
+    with pytest.raises(ValueError, match=r"--streaming: .*'org/name' cannot be counted.*"
+                                         r"--max_steps"):
+        parse(base, "--streaming", "true", "--dataset", "org/name")
+    with pytest.raises(ValueError, match="--streaming: .*packed rows.*--max_steps"):
+        parse(base, "--streaming", "true", "--packing", "true", "--max_length", "64")
+    with pytest.raises(ValueError, match="--save_strategy epoch: a streamed dataset"):
+        parse(base, "--streaming", "true", "--max_steps", "4", "--save_strategy", "epoch")
+    cfg = parse(base, "--streaming", "true", "--packing", "true", "--max_length", "64",
+                "--max_steps", "3")
+    assert cfg.train_iters == 3
