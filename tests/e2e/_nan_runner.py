@@ -61,6 +61,9 @@ def patch() -> None:
         return out, nan_loss
 
     def checked_spy(*a, **k):
+        p = STATE["param"]
+        if p is not None and "param_sum_before_step_1" not in STATE["record"]:
+            STATE["record"]["param_sum_before_step_1"] = float(p.detach().sum())
         try:
             return checked(*a, **k)
         finally:

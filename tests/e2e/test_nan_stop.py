@@ -119,6 +119,7 @@ def test_nan_loss_is_skipped_within_max_skipped_steps(setup):
     rec = json.loads((tmp / "skip.json").read_text())
     sums = rec["param_sums"]
     print("param sums", sums)
+    assert rec["param_sum_before_step_1"] != sums[0], rec  # step 1 updated it
     assert sums[1] == sums[0] and sums[2] != sums[1], sums  # step 2 changed nothing
     # the trainer wired --recompute_* and --attn_impl into the model it built
     assert (rec["recompute_granularity"], rec["recompute_method"],
