@@ -2,8 +2,10 @@
 
 ``<output_dir>/logging.jsonl`` gets one JSON object per logged step with at least ``step``,
 ``loss``, ``lr``, ``grad_norm``, ``consumed_samples`` and ``tokens_per_sec`` (eval lines carry
-``eval_loss`` instead of ``loss``). On resume, lines after the resumed step are dropped first, so
-the file of an interrupted-and-resumed run equals the uninterrupted run's, line for line.
+``eval_loss`` instead of ``loss``). The final step's record also carries
+``bad_samples_skipped`` (and ``bad_samples_by_reason`` when rows were skipped): see
+:func:`bad_samples_fields`. On resume, lines after the resumed step are dropped first, so the
+file of an interrupted-and-resumed run equals the uninterrupted run's, line for line.
 """
 from __future__ import annotations
 
@@ -103,6 +105,15 @@ class TrainLogger:
             self.tb.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def bad_samples_fields(counter: Any) -> dict[str, Any]:
+    """What the final step's record says about skipped rows (issue 16): the total of a
+    :class:`mvlm.data.errors.BadSampleCounter` (encode time and loader workers) and its count
+    per reason, so a run that dropped data says so in the log it leaves, not only in warnings."""
+    counts = dict(sorted(counter.counts.items()))
+    return {"bad_samples_skipped": sum(counts.values()),
+            **({"bad_samples_by_reason": counts} if counts else {})}
 
 
 def truncate_after(path: Path, step: int) -> None:

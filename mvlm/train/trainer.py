@@ -121,7 +121,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     from mvlm.runtime.env import read_dist_env
     from mvlm.runtime.parallel import ParallelLayout, init_distributed, set_seed
     from mvlm.train import checkpoint as ckpt
-    from mvlm.train.logging import TrainLogger
+    from mvlm.train.logging import TrainLogger, bad_samples_fields
     from mvlm.train.optim import apply_freeze, build_optimizer, wrap_ddp
     from mvlm.train.schedule import build_scheduler, current_lr
     from mvlm.train.signals import EXIT_PREEMPTED, PreemptionHandler
@@ -374,7 +374,10 @@ def train(cfg: TrainConfig) -> TrainResult:
                           "consumed_samples": consumed, "loss_tokens": stats.tokens,
                           "tokens_per_sec": round(float(tok[0]) / max(dt, 1e-9), 1),
                           "step_time_s": round(dt, 4),
-                          **({"skipped": upd.skipped_because} if not upd.applied else {})})
+                          **({"skipped": upd.skipped_because} if not upd.applied else {}),
+                          # [issue 16 / data: mvlm/train/logging.py] rows skipped, in the record
+                          **(bad_samples_fields(data.bad_samples) if step == train_iters
+                             else {})})
             tlog.advance(step)
             if (cfg.eval_interval and step % cfg.eval_interval == 0) or step in epoch_ends:
                 ev = evaluate()
@@ -397,6 +400,9 @@ def train(cfg: TrainConfig) -> TrainResult:
                 tlog.close()
                 return result
         tlog.close()
+        if rank == 0:  # [issue 16 / data] the skip count, once, at the end of training
+            log.info("bad samples: %s (rank 0's data pipeline; --on_bad_sample %s)",
+                     data.bad_samples.summary(), getattr(cfg.ns, "on_bad_sample", "error"))
         if cfg.eval_interval and (step % cfg.eval_interval):
             ev = evaluate()
             if ev is not None and rank == 0:

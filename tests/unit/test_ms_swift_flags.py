@@ -648,3 +648,47 @@ def test_guide_3_3_and_6_3_data_flags(offline, base, tmp_path):
     cfg = parse(base, "--streaming", "true", "--packing", "true", "--max_length", "64",
                 "--max_steps", "3")
     assert cfg.train_iters == 3
+
+
+def test_guide_3_3_streams_epochs_and_logs_skipped_rows(tiny_ckpt, tmp_path):
+    """The guide's 3.3 CPT script (--streaming true --num_train_epochs 3, no step count), run
+    by bash with `swift` -> `mvlm`, on a local file of 8 rows of which 2 are bad (one not UTF-8,
+    one not JSON), with --on_bad_sample skip; on top only sizes (one rank, float32, gradient
+    accumulation 1 -> global batch 2, short rows). Steps = ceil(3 x 8 rows / 2) = 12, while a
+    pass yields 6 samples (3 steps): the stream must go on into a 4th pass. The 2 skipped rows
+    are counted once and reported in the final record of logging.jsonl and in one log line."""
+    vl = tiny_ckpt("qwen2_5_vl")
+    work = tmp_path / "work"
+    work.mkdir()
+    good = [json.dumps({"messages": [{"role": "user", "content": f"note {i}"},
+                                     {"role": "assistant", "content": "text " * (i + 1)}]})
+            .encode() for i in range(6)]
+    lines = good[:2] + [b'{"messages": [\xff\xfe]}'] + good[2:4] + [b"{broken"] + good[4:]
+    (work / "medical_image_corpus.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    cache = tmp_path / "hub"
+    hf_cache_with(cache, {"Qwen/Qwen2.5-VL-7B-Instruct": vl}, {})
+    overrides = ("--torch_dtype float32 --gradient_accumulation_steps 1 --max_length 128 "
+                 "--report_to none --logging_steps 1 --on_bad_sample skip "
+                 "--save_strategy no --save_safetensors false")
+    runner = (f'swift() {{ shift; NPROC_PER_NODE=1 "{sys.executable}" -m mvlm pt "$@" '
+              f"{overrides}; }}\n")
+    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(REPO))
+    env.pop("MAX_PIXELS", None)
+    script = FIX / "guide_3_3_cpt.sh"
+    p = subprocess.run(["bash", "-c", runner + f"source {shlex.quote(str(script))}\n"],
+                       cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    log = p.stdout + p.stderr
+    assert p.returncode == 0, log[-6000:]
+    recs = [json.loads(x) for x in (work / "output" / "cpt_vlm" / "logging.jsonl")
+            .read_text().splitlines()]
+    train = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in train] == list(range(1, 13)), train
+    assert all(0 < r["loss"] < 20 for r in train), train
+    assert train[-1]["consumed_samples"] == 24
+    assert train[-1]["bad_samples_skipped"] == 2
+    assert train[-1]["bad_samples_by_reason"] == {"bad_encoding": 1, "bad_json": 1}
+    assert all("bad_samples_skipped" not in r for r in train[:-1])
+    assert "steps = ceil(3 x 8 rows / global batch size)" in log, log[-4000:]
+    assert log.count("bad samples: skipped samples: 2 (bad_encoding=1, bad_json=1)") == 1, \
+        log[-4000:]
