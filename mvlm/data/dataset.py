@@ -34,7 +34,7 @@ import torch.utils.data
 from mvlm.data.dataset_spec import ROW_COL, RawDataset
 from mvlm.data.errors import BadSampleCounter, BadSampleError
 from mvlm.data.template import SkipSample, Template
-from mvlm.data.textrows import LINE_COL, decode_example, location
+from mvlm.data.textrows import LINE_COL, decode_example, location, row_source
 
 logger = logging.getLogger(__name__)
 ERROR_COL = "_mvlm_error"  # "reason\tFILE, line N: reason: detail" of a bad row, "" if good
@@ -161,8 +161,9 @@ def _encode_map_fn(batch: dict, template: Template, source: str, base_dir: str |
     out: dict[str, list] = {k: [] for k in _features(template)}
     for ex, r in zip(examples, results):
         row_idx, line = location(ex)
+        src = row_source(ex, source)
         if isinstance(r, BadSampleError):
-            r.with_location(source, row_idx, line)
+            r.with_location(src, row_idx, line)
             if policy == "error" and not isinstance(r, SkipSample):
                 raise r
             row = _empty_row(template, r)
@@ -170,7 +171,7 @@ def _encode_map_fn(batch: dict, template: Template, source: str, base_dir: str |
             row = to_storage(r, template)
         row[ROW_COL] = row_idx
         row[LINE_COL] = line or 0
-        row[SRC_COL] = source
+        row[SRC_COL] = src
         for k, col in out.items():
             col.append(row[k])
     return out
@@ -300,7 +301,7 @@ class LazyDataset(torch.utils.data.Dataset):
         try:
             return self.template.encode(decode_example(ex), raw.base_dir)
         except BadSampleError as e:
-            raise e.with_location(raw.source, *location(ex)) from None
+            raise e.with_location(row_source(ex, raw.source), *location(ex)) from None
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         for attempt in range(self.max_retries):
@@ -339,7 +340,7 @@ def iter_encoded(raws: list[RawDataset], template: Template, counter: BadSampleC
             for ex, d in zip(buf, decoded):
                 r = d if isinstance(d, BaseException) else next(res)
                 if isinstance(r, BadSampleError):
-                    r.with_location(raw.source, *location(ex))
+                    r.with_location(row_source(ex, raw.source), *location(ex))
                     if isinstance(r, SkipSample):
                         counter.count(r)
                         continue

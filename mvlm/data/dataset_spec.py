@@ -5,9 +5,11 @@ files of different formats have different column types (a parquet with binary im
 whose ``content`` is sometimes a string and sometimes a list), which Arrow cannot concatenate
 before rows are normalised; after encoding every part has the same columns and is concatenated.
 
-JSON/JSONL rows are stored as their raw JSON text (one string column) and parsed at encode time.
-That way one malformed line becomes one BadSampleError with its line number instead of making
-Arrow's schema inference fail for the whole file. Every row carries ``_mvlm_row`` (its row index
+JSON/JSONL/CSV rows (of local files, hub datasets, ``:SUBSET`` specs and dataset directories
+alike) are read by :mod:`mvlm.data.textrows` line by line and stored as their raw JSON text (one
+string column), parsed at encode time. That way one malformed line (bad JSON, or bytes that are
+not UTF-8) becomes one BadSampleError naming its file and line instead of making the load fail
+for the whole file. Every row carries ``_mvlm_row`` (its row index
 in the source file) so errors can name the file and row after sampling and shuffling.
 
 ``#N`` samples N rows (seeded); if N exceeds the dataset size, the dataset is repeated and the
@@ -35,6 +37,7 @@ from mvlm.hub import _REPO_ID
 
 ROW_COL = "_mvlm_row"
 JSON_COL = "_mvlm_json"
+FILE_COL = "_mvlm_file"  # the file a row of a multi-file spec came from (errors name it)
 _DATA_EXTS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow",
               ".csv": "csv"}
 
@@ -173,33 +176,52 @@ class RawDataset:
         return isinstance(self.data, datasets.IterableDataset)
 
 
-def _json_lines(path: str) -> Iterator[str]:
-    if path.endswith(".jsonl"):
-        with open(path, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    yield line
-        return
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    try:
-        rows = json.loads(text)
-    except json.JSONDecodeError:  # a .json that is really JSON lines
-        yield from (ln for ln in text.splitlines() if ln.strip())
-        return
-    if isinstance(rows, dict):
-        rows = [rows]
-    for r in rows:
-        yield json.dumps(r, ensure_ascii=False)
+def _text_gen(paths: list[str], opts: LoadOptions | None = None) -> Iterator[dict]:
+    """Rows of the text files of one spec (a hub ID's or a directory's files) in
+    :mod:`mvlm.data.textrows`' layout, each with its file (``_mvlm_file``) and ``line N``.
 
+    Read line by line like local files, so one line that is not UTF-8 or not JSON is one bad
+    row (counted under --on_bad_sample skip, named by file and line otherwise) instead of an
+    exception that aborts the whole load. ``_mvlm_row`` runs over all the spec's files: it
+    keys the count of distinct skipped rows."""
+    from mvlm.data.textrows import BAD_COL, LINE_COL, iter_rows
 
-def _json_gen(paths: list[str], opts: LoadOptions | None = None) -> Iterator[dict]:
     i = 0
     rewrite = opts is not None and opts.rewrites_rows
     for path in paths:
-        for line in _json_lines(path):
-            yield {JSON_COL: _transform_json_line(line, opts) if rewrite else line, ROW_COL: i}
+        for r in iter_rows(path):
+            text = r.text if not r.reason else ""
+            yield {JSON_COL: _transform_json_line(text, opts) if rewrite and text else text,
+                   ROW_COL: i, LINE_COL: r.line,
+                   BAD_COL: f"{r.reason}\t{r.detail}" if r.reason else "", FILE_COL: path}
             i += 1
+
+
+def _text_features() -> datasets.Features:
+    from mvlm.data.textrows import BAD_COL, LINE_COL
+
+    return datasets.Features({JSON_COL: datasets.Value("string"),
+                              ROW_COL: datasets.Value("int64"),
+                              LINE_COL: datasets.Value("int64"),
+                              BAD_COL: datasets.Value("string"),
+                              FILE_COL: datasets.Value("string")})
+
+
+def _dir_data_files(path: str) -> list[str] | None:
+    """The text data files of a local dataset directory, as `datasets` picks its train split
+    (``train.jsonl`` next to ``test.jsonl`` keeps the test file out); None when the directory
+    holds columnar files (parquet/arrow: read by `datasets`) or no text file."""
+    from datasets.data_files import DataFilesDict, get_data_patterns
+
+    try:
+        found = DataFilesDict.from_patterns(get_data_patterns(path), base_path=path)
+    except FileNotFoundError:  # datasets' EmptyDatasetError
+        return None
+    files = [str(f) for f in found.get("train", [])]
+    kinds = {_DATA_EXTS.get(os.path.splitext(f)[1].lower()) for f in files} - {None}
+    if not kinds or not kinds <= {"json", "csv"}:
+        return None
+    return [f for f in files if _DATA_EXTS.get(os.path.splitext(f)[1].lower())]
 
 
 def _resolve_files(spec: DatasetSpec, opts: LoadOptions) -> tuple[list[str], str]:
@@ -231,14 +253,21 @@ def load_one(spec: DatasetSpec | str, *, streaming: bool = False, seed: int = 42
     opts = options or LoadOptions(seed=seed)
     files, base_dir = _resolve_files(spec, opts)
     path = files[0]
+    if len(files) == 1 and os.path.isdir(path) and not _saved_by_datasets(path):
+        files = _dir_data_files(path) or files
     exts = {os.path.splitext(f)[1].lower() for f in files}
-    if all(os.path.isfile(f) for f in files) and {_DATA_EXTS.get(e) for e in exts} == {"json"}:
+    if all(os.path.isfile(f) for f in files) and \
+            {_DATA_EXTS.get(e) for e in exts} <= {"json", "csv"}:
+        features = _text_features()
         if streaming:
             ds = datasets.IterableDataset.from_generator(
-                _json_gen, gen_kwargs={"paths": files, "opts": opts})
+                _text_gen, gen_kwargs={"paths": files, "opts": opts}, features=features)
         else:
-            lines = [r[JSON_COL] for r in _json_gen(files, opts)]
-            ds = datasets.Dataset.from_dict({JSON_COL: lines, ROW_COL: list(range(len(lines)))})
+            cols: dict[str, list] = {k: [] for k in features}
+            for row in _text_gen(files, opts):
+                for k, v in row.items():
+                    cols[k].append(v)
+            ds = datasets.Dataset.from_dict(cols, features=features)
         return _finish(RawDataset(spec.path, ds, base_dir), spec, opts, rename=False)
     if all(os.path.isfile(f) for f in files):
         kinds = {_DATA_EXTS.get(e) for e in exts}
@@ -248,8 +277,7 @@ def load_one(spec: DatasetSpec | str, *, streaming: bool = False, seed: int = 42
                              "by datasets")
         ds = datasets.load_dataset(kinds.pop(), data_files=files, split="train",
                                    streaming=streaming)
-    elif os.path.exists(os.path.join(path, "dataset_info.json")) or \
-            os.path.exists(os.path.join(path, "state.json")):
+    elif _saved_by_datasets(path):
         ds = datasets.load_from_disk(path)
         if isinstance(ds, datasets.DatasetDict):
             ds = ds["train"]
@@ -258,6 +286,11 @@ def load_one(spec: DatasetSpec | str, *, streaming: bool = False, seed: int = 42
     else:
         ds = datasets.load_dataset(path, split="train", streaming=streaming)
     return _finish(RawDataset(spec.path, ds, base_dir), spec, opts, rename=True)
+
+
+def _saved_by_datasets(path: str) -> bool:
+    return os.path.exists(os.path.join(path, "dataset_info.json")) or \
+        os.path.exists(os.path.join(path, "state.json"))
 
 
 def _finish(raw: RawDataset, spec: DatasetSpec, opts: LoadOptions, rename: bool) -> RawDataset:
@@ -335,6 +368,10 @@ def decode_row(example: dict) -> dict:
     """A stored row back to a dict (JSON text is parsed here; errors become BadSampleError)."""
     from mvlm.data.errors import BadSampleError
 
+    bad = example.get("_mvlm_bad")  # textrows.BAD_COL: a row that is not text
+    if bad:
+        reason, _, detail = bad.partition("\t")
+        raise BadSampleError(reason, detail)
     if JSON_COL in example:
         try:
             row = json.loads(example[JSON_COL])

@@ -18,9 +18,10 @@ stored as JSON too, so one decoder serves all three formats. ``--columns`` renam
 to each row's keys at load time. A .json array and a CSV file are read whole (also with
 ``--streaming``); JSON Lines are read line by line.
 
-Only local files are read here (:func:`load_datasets` is ``dataset_spec.load_datasets`` with this
-reader for them); hub IDs, ``:SUBSET`` specs, directories and columnar files go to
-:mod:`mvlm.data.dataset_spec` unchanged.
+Local files are loaded here (:func:`load_datasets` is ``dataset_spec.load_datasets`` with this
+reader for them); hub IDs, ``:SUBSET`` specs and directories go to :mod:`mvlm.data.dataset_spec`,
+which reads their text files with :func:`iter_rows` too (each row then also carries
+``_mvlm_file``, its file: :func:`row_source`); columnar files are read by `datasets`.
 """
 from __future__ import annotations
 
@@ -407,6 +408,12 @@ def _json_detail(e: json.JSONDecodeError) -> str:
     """The parser's complaint with its column in the line (a row is one line: JSON Lines, and
     array elements / CSV records are only stored here once they parsed)."""
     return f"{e.msg.removesuffix(' at')} (column {e.colno})"  # "Invalid control character at"
+
+
+def row_source(example: dict, default: str) -> str:
+    """The file a stored row came from: its ``_mvlm_file`` (a spec of several files), else the
+    spec's ``default``."""
+    return example.get(dataset_spec.FILE_COL) or default
 
 
 def location(example: dict) -> tuple[int | None, int | None]:

@@ -362,3 +362,52 @@ def test_lazy_tokenize_with_packing_encodes_up_front(corpus, clean):
         assert [x["input_ids"].tolist() for x in a] == [x["input_ids"].tolist() for x in b]
     flat = [x["input_ids"].tolist() for i in range(len(lazy.train)) for x in lazy.train[i]]
     assert sorted(flat) == sorted(clean[0] * 2)
+
+
+@pytest.mark.parametrize("kind", ["directory", "hub_subset"])
+def test_directory_and_hub_rows_read_line_by_line(corpus, clean, tmp_path, monkeypatch,
+                                                  capsys, kind):
+    """A dataset directory, and a hub dataset ID with :SUBSET (offline HF cache), whose second
+    file holds a line that is not UTF-8 and a line that is not JSON: skip counts both and keeps
+    every good row (the clean file's tokens, in file order); error mode names the file and
+    line; lazy mode names them too."""
+    d, ckpt, _ = corpus
+    rev = "0123456789abcdef0123456789abcdef01234567"
+    if kind == "directory":
+        root = tmp_path / "dirset"
+        spec = str(root)
+    else:
+        repo = tmp_path / "hub" / "datasets--org--data"
+        root = repo / "snapshots" / rev / "sub"
+        (repo / "refs").mkdir(parents=True)
+        (repo / "refs" / "main").write_text(rev)
+        (repo / "snapshots" / rev / "other").mkdir(parents=True)
+        (repo / "snapshots" / rev / "other" / "x.jsonl").write_bytes(GOOD[0] + b"\n")
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        spec = "org/data:sub"
+    (root / "part").mkdir(parents=True)
+    (root / "a.jsonl").write_bytes(b"\n".join(GOOD[:3]) + b"\n")
+    second = root / "part" / "b.jsonl"
+    second.write_bytes(b"\n".join(GOOD[3:5] + [b'{"messages": "\xff\xfe"}', GOOD[5],
+                                               b"{broken", GOOD[6]]) + b"\n")
+
+    def args(policy, *extra):
+        a = _parse(_args(d, ckpt, ["clean.jsonl"], policy, "dirset_out", *extra))
+        a.dataset = [spec]
+        return a
+
+    data = build_train_dataset(args("skip"), str(ckpt))
+    got = [data.train[i]["input_ids"].tolist() for i in range(len(data.train))]
+    assert got == clean[0][:7]
+    assert dict(data.bad_samples.counts) == {"bad_encoding": 1, "bad_json": 1}
+    assert run_encode(args("error")) == 2
+    err = capsys.readouterr().err
+    assert f"{second}, line 3): bad_encoding" in err, err
+    lazy = build_train_dataset(args("error", "--lazy_tokenize", "true"), str(ckpt))
+    with pytest.raises(BadSampleError, match=rf"{second}, line 5\): bad_json"):
+        lazy.train[7]  # rows 0-2 in a.jsonl, 3-8 in part/b.jsonl
+    stream = build_train_dataset(args("skip", "--streaming", "true"), str(ckpt))
+    loader = build_dataloader(stream, micro_batch_size=1, shuffle=False, num_epochs=1)
+    assert [b["input_ids"][0].tolist() for b in loader] == clean[0][:7]
+    assert dict(stream.bad_samples.counts) == {"bad_encoding": 1, "bad_json": 1}
