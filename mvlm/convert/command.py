@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -22,22 +21,17 @@ import torch.distributed as dist
 
 from mvlm.convert.bridge import export_hf_weights, load_hf_weights
 from mvlm.convert.flags import add_convert_args, add_layout_args  # noqa: F401 - re-exported
-from mvlm.convert.hf_io import (
-    SafetensorsReader,
-    copy_aux_files,
-    make_staging_dir,
-    prepare_output_dir,
-    publish_dir,
-)
+from mvlm.convert.hf_io import SafetensorsReader, copy_aux_files
 from mvlm.convert.mcore_ckpt import (
-    broadcast_path,
     dtype_from_name,
     is_mcore_checkpoint,
     load_mcore,
     read_meta,
     save_mcore,
 )
-from mvlm.runtime.parallel import ParallelLayout, destroy_distributed, init_distributed, set_seed
+from mvlm.convert.publish import staged_publish
+from mvlm.runtime.parallel import ParallelLayout, destroy_distributed
+from mvlm.runtime.startup import startup
 
 log = logging.getLogger("mvlm.convert")
 
@@ -64,7 +58,6 @@ def run_convert(args: argparse.Namespace) -> int:
     from mvlm.models.registry import get_family
     from mvlm.models.spec import choose_backend
     from mvlm.models.vlm import build_model
-    from mvlm.runtime.compat import apply_compat_fixes
 
     layout = ParallelLayout(tp=args.tp, pp=args.pp, cp=args.cp, ep=args.ep, etp=args.etp)
     src = Path(args.model)
@@ -86,9 +79,7 @@ def run_convert(args: argparse.Namespace) -> int:
         meta = read_meta(src)
         validate_layout(get_family(meta["model_type"]).text_arch(
             AutoConfig.from_pretrained(src / "hf")), layout)
-    device = init_distributed(layout, args.device)
-    apply_compat_fixes()
-    set_seed(1234)
+    device = startup(layout, seed=1234, device=args.device).device
     t0 = time.time()
     rss_start = _rss_mb()
     backend = choose_backend(device, args.transformer_impl)
@@ -142,12 +133,7 @@ def export_to_hf(bundle, aux_src: Path, out: Path, dtype: torch.dtype | None,
 
     ``before_publish(staging_dir)`` runs on every rank after the files are complete and before
     the rename (e.g. a logits check); if it raises, nothing is published."""
-    staging = None
-    if dist.get_rank() == 0:
-        prepare_output_dir(out, overwrite)
-        staging = make_staging_dir(out)
-    staging = broadcast_path(staging)
-    try:
+    with staged_publish(out, overwrite=overwrite, before_publish=before_publish) as staging:
         export_hf_weights(bundle, staging, dtype=dtype, max_shard_bytes=max_shard_bytes)
         if dist.get_rank() == 0:
             copy_aux_files(Path(aux_src), staging)
@@ -155,16 +141,6 @@ def export_to_hf(bundle, aux_src: Path, out: Path, dtype: torch.dtype | None,
             if dtype is not None:
                 cfg.dtype = dtype
             cfg.save_pretrained(staging)
-        dist.barrier()
-        if before_publish is not None:
-            before_publish(staging)
-        if dist.get_rank() == 0:
-            publish_dir(staging, out)
-        dist.barrier()
-    except BaseException:
-        if dist.get_rank() == 0:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def _rss_mb() -> float:

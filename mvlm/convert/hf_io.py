@@ -12,15 +12,20 @@ import json
 import os
 import shutil
 import struct
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
 from mvlm.convert.mapping import hub_name
+from mvlm.convert.publish import (  # noqa: F401 - re-exported (older import path)
+    fault_point,
+    make_staging_dir,
+    prepare_output_dir,
+    publish_dir,
+    staged_publish,
+)
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -197,6 +202,7 @@ class StreamingSafetensorsWriter:
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
+        fault_point("mid_write", self.path)  # tests: a kill lands with one shard complete
 
 
 def write_index(out_dir: Path, weight_map: dict[str, str], total_size: int) -> None:
@@ -215,38 +221,7 @@ def copy_aux_files(src: Path, dst: Path, skip: tuple[str, ...] = (INDEX_NAME,)) 
     return copied
 
 
-def prepare_output_dir(out: Path, overwrite: bool) -> None:
-    """Refuse to clobber a finished output unless asked; the real write goes to a temp dir."""
-    if out.exists() and not overwrite:
-        raise FileExistsError(
-            f"output directory {out} already exists: pass --overwrite to replace it, or choose "
-            "another --output")
-
-
-def make_staging_dir(out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-
-
-def publish_dir(staging: Path, out: Path) -> None:
-    """Atomically make ``staging`` appear as ``out`` (rename within one filesystem)."""
-    if out.exists():
-        trash = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, trash)
-        os.replace(staging, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(staging, out)
-
-
-@contextmanager
-def staged_output(out: Path, overwrite: bool) -> Iterator[Path]:
-    """Single-process helper: yield a staging dir, publish on success, delete on failure."""
-    prepare_output_dir(out, overwrite)
-    staging = make_staging_dir(out)
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    publish_dir(staging, out)
+def staged_output(out: Path, overwrite: bool) -> AbstractContextManager[Path]:
+    """Yield a staging dir, publish it as ``out`` on success, delete it on failure: the one
+    protocol of :func:`mvlm.convert.publish.staged_publish` (collective when distributed)."""
+    return staged_publish(out, overwrite=overwrite)

@@ -19,7 +19,6 @@ complete.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
@@ -35,7 +34,8 @@ from mvlm.convert.ckpt_format import (
     load_module_state,
     load_sharded,
 )
-from mvlm.convert.hf_io import copy_aux_files, make_staging_dir, prepare_output_dir, publish_dir
+from mvlm.convert.hf_io import copy_aux_files
+from mvlm.convert.publish import fault_point, staged_publish
 from mvlm.models.vlm import ModelBundle, build_model
 from mvlm.runtime.parallel import ParallelLayout
 
@@ -61,12 +61,6 @@ def model_sharded_state_dict(bundle: ModelBundle) -> dict:
     return {f"model{i}": m.sharded_state_dict() for i, m in enumerate(bundle.models)}
 
 
-def broadcast_path(path: Path | None) -> Path:
-    obj = [str(path) if path is not None else None]
-    dist.broadcast_object_list(obj, src=0)
-    return Path(obj[0])
-
-
 def is_mcore_checkpoint(path: str | Path) -> bool:
     return (Path(path) / META).exists()
 
@@ -74,16 +68,11 @@ def is_mcore_checkpoint(path: str | Path) -> bool:
 def save_mcore(bundle: ModelBundle, out: Path, layout: ParallelLayout, hf_src: Path | None,
                overwrite: bool = False, extra_meta: dict | None = None) -> None:
     """Collective. Writes MCORE_DIR atomically (staging dir + rename by rank 0)."""
-    out = Path(out)
-    staging = None
-    if dist.get_rank() == 0:
-        prepare_output_dir(out, overwrite)
-        staging = make_staging_dir(out)
-    staging = broadcast_path(staging)
-    try:
+    with staged_publish(out, overwrite=overwrite) as staging:
         (staging / "model").mkdir(exist_ok=True)
         dist.barrier()
         dist_checkpointing.save(model_sharded_state_dict(bundle), str(staging / "model"))
+        fault_point("mid_write", staging)  # tests: weights on disk, metadata not yet
         if dist.get_rank() == 0:
             meta = {
                 "format": "mvlm-mcore-v1",
@@ -101,14 +90,6 @@ def save_mcore(bundle: ModelBundle, out: Path, layout: ParallelLayout, hf_src: P
             if hf_src is not None:
                 copy_aux_files(Path(hf_src), hf_dir)
             bundle.hf_config.save_pretrained(hf_dir)
-        dist.barrier()
-        if dist.get_rank() == 0:
-            publish_dir(staging, out)
-        dist.barrier()
-    except BaseException:
-        if dist.get_rank() == 0:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def read_meta(path: Path) -> dict:

@@ -47,16 +47,17 @@ from mvlm.convert.ckpt_format import (
     load_module_state,
     load_sharded,
 )
-from mvlm.convert.hf_io import copy_aux_files, make_staging_dir, publish_dir
+from mvlm.convert.hf_io import copy_aux_files
 from mvlm.convert.mcore_ckpt import (
     META,
-    broadcast_path,
     dtype_name,
     model_keys,
     model_sharded_state_dict,
     read_meta,
 )
+from mvlm.convert.publish import fault_point, staged_publish
 from mvlm.models.vlm import ModelBundle
+from mvlm.runtime.compat import prime_optimizer_state, unshare_adam_steps
 from mvlm.runtime.parallel import ParallelLayout
 
 log = logging.getLogger("mvlm.train")
@@ -121,37 +122,8 @@ def _sharded_state(bundle: ModelBundle, optimizer, is_loading: bool,
     return sd
 
 
-def _ensure_optimizer_state(optimizer) -> None:
-    """Give a never-stepped distributed optimizer its Adam state before loading into it.
-
-    Without Apex/TE, Megatron-Core's DistributedOptimizer.state_dict() reads the ``step`` of
-    existing states, so loading into a fresh optimizer needs states to exist first. Megatron's own
-    helper takes one zero-gradient step; it runs at lr 0 here so no parameter moves even for a
-    moment (the loaded state replaces everything afterwards anyway)."""
-    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(o, "optimizer", None)
-        init = getattr(o, "_init_optimizer_states_with_dummy_values", None)
-        if inner is None or init is None or any(len(s) for s in inner.state.values()):
-            continue
-        lrs = [g["lr"] for g in inner.param_groups]
-        for g in inner.param_groups:
-            g["lr"] = 0.0
-        init()
-        for g, lr in zip(inner.param_groups, lrs, strict=True):
-            g["lr"] = lr
-
-
-def _unshare_adam_steps(optimizer) -> None:
-    """megatron-core 0.16.1 without Apex/TE restores torch Adam's per-parameter ``step`` as ONE
-    tensor shared by every parameter's state; torch Adam increments it in place per parameter,
-    so after one step the bias correction would use step+N_params. Give each state its own."""
-    for o in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(o, "optimizer", None)
-        if inner is None:
-            continue
-        for st in inner.state.values():
-            if torch.is_tensor(st.get("step")):
-                st["step"] = st["step"].clone()
+# _ensure_optimizer_state / _unshare_adam_steps (megatron-core workarounds) live in
+# mvlm.runtime.compat as prime_optimizer_state / unshare_adam_steps.
 
 
 def save_checkpoint(out_dir: Path, step: int, bundle: ModelBundle, optimizer, scheduler,
@@ -162,14 +134,19 @@ def save_checkpoint(out_dir: Path, step: int, bundle: ModelBundle, optimizer, sc
 
     out_dir = Path(out_dir)
     final = out_dir / checkpoint_name(step)
-    staging = make_staging_dir(final) if dist.get_rank() == 0 else None
-    staging = broadcast_path(staging)
-    try:
+
+    def point_latest(published: Path) -> None:  # rank 0, after the rename
+        write_latest(out_dir, published.name)
+        if save_total_limit:
+            prune(out_dir, save_total_limit)
+
+    with staged_publish(final, overwrite=True, after_publish=point_latest) as staging:
         (staging / "model").mkdir(exist_ok=True)
         (staging / "rng").mkdir(exist_ok=True)
         dist.barrier()
         dist_checkpointing.save(_sharded_state(bundle, optimizer if save_optim else None, False),
                                 str(staging / "model"))
+        fault_point("mid_write", staging)  # tests: torch_dist written, the rest not yet
         torch.save(_rng_state(), staging / "rng" / f"rank_{dist.get_rank():05d}.pt")
         if dist.get_rank() == 0:
             full_state = {**state, "step": step, "layout": asdict(layout),
@@ -186,17 +163,6 @@ def save_checkpoint(out_dir: Path, step: int, bundle: ModelBundle, optimizer, sc
             hf.mkdir()
             copy_aux_files(Path(hf_src), hf)
             bundle.hf_config.save_pretrained(hf)
-        dist.barrier()
-        if dist.get_rank() == 0:
-            publish_dir(staging, final)
-            write_latest(out_dir, final.name)
-            if save_total_limit:
-                prune(out_dir, save_total_limit)
-        dist.barrier()
-    except BaseException:
-        if dist.get_rank() == 0:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
     return final
 
 
@@ -261,7 +227,7 @@ def load_checkpoint(path: Path, bundle: ModelBundle, optimizer, scheduler,
     meta = read_meta(path)
     with_opt = optimizer is not None and state.get("has_optimizer", True)
     if with_opt:
-        _ensure_optimizer_state(optimizer)
+        prime_optimizer_state(optimizer)  # megatron-core workaround (runtime.compat)
     sd = _sharded_state(bundle, optimizer if with_opt else None, True,
                         ckpt=(path / "model", meta))
     loaded = load_sharded(sd, path / "model", with_optimizer=with_opt)
@@ -269,7 +235,7 @@ def load_checkpoint(path: Path, bundle: ModelBundle, optimizer, scheduler,
         load_module_state(m, loaded[k], strict=not _adapters_only(bundle))
     if with_opt:
         optimizer.load_state_dict(loaded["optimizer"])
-        _unshare_adam_steps(optimizer)
+        unshare_adam_steps(optimizer)  # megatron-core 0.16.1 workaround (runtime.compat)
     elif optimizer is not None:
         log.warning("%s has no optimizer state (saved with --save_only_model): the optimizer "
                     "starts fresh", path)

@@ -150,7 +150,7 @@ def _base_model(ckpt: Path, record: dict[str, Any], args: argparse.Namespace
 def _check_common(args: argparse.Namespace, model_type: str, base_dir: Path, base_type: str,
                   hf_config) -> Any:
     """Cheap checks before any process group: output, layout, base model type, --verify."""
-    from mvlm.convert.hf_io import prepare_output_dir
+    from mvlm.convert.publish import prepare_output_dir
     from mvlm.models.gpt import validate_layout
     from mvlm.models.registry import get_family
     from mvlm.runtime.parallel import ParallelLayout
@@ -244,13 +244,12 @@ def _export(hf_config, layout, args: argparse.Namespace, vocab_padded: int | Non
     from mvlm.convert.mcore_ckpt import dtype_from_name
     from mvlm.models.spec import choose_backend
     from mvlm.models.vlm import build_model
-    from mvlm.runtime.compat import apply_compat_fixes
-    from mvlm.runtime.parallel import destroy_distributed, init_distributed
+    from mvlm.runtime.parallel import destroy_distributed
+    from mvlm.runtime.startup import startup
     from mvlm.tuners.peft_io import export_merged_hf, export_peft_adapter
 
     own_pg = not dist.is_initialized()  # a caller's process group (tests, scripts) stays up
-    device = init_distributed(layout, args.device)
-    apply_compat_fixes()
+    device = startup(layout, device=args.device).device
     out = Path(args.output)
     try:
         default = (dtype_from_name(dtype_name) if dtype_name else None) or \

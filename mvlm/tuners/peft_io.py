@@ -161,33 +161,20 @@ def export_peft_adapter(bundle: ModelBundle, cfg: AdapterConfig, out_dir: str | 
     replaces its own ``adapter/``; ``mvlm export`` passes its --overwrite)."""
     from safetensors.torch import save_file
 
-    from mvlm.convert.hf_io import make_staging_dir, prepare_output_dir, publish_dir
+    from mvlm.convert.publish import fault_point, staged_publish
 
     out = Path(out_dir)
-    ok = [True]
-    if dist.get_rank() == 0:
-        try:
-            prepare_output_dir(out, overwrite)
-        except FileExistsError:
-            ok = [False]
-    dist.broadcast_object_list(ok, src=0)
-    if not ok[0]:
-        prepare_output_dir(out, overwrite)  # the same clear error on every rank
-    tensors, names = peft_tensors(bundle, dtype)
-    if dist.get_rank() == 0:
-        staging = make_staging_dir(out)
-        try:
+    # Every rank gets the same clear error for an existing dir without overwrite (the helper
+    # broadcasts rank 0's check), before any tensor is gathered.
+    with staged_publish(out, overwrite=overwrite) as staging:
+        tensors, names = peft_tensors(bundle, dtype)
+        if dist.get_rank() == 0:
             save_file({k: v.contiguous() for k, v in tensors.items()},
                       str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            fault_point("mid_write", staging)  # tests: weights written, config not yet
             _write_peft_config(staging, cfg, names, base_model_dir)
-            publish_dir(staging, out)
-        except BaseException:
-            import shutil
-
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+    if dist.get_rank() == 0:
         log.info("PEFT adapter (%d tensors) written to %s", len(tensors), out)
-    dist.barrier()
     return out if dist.get_rank() == 0 else None
 
 

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
-from helpers import REPO, run_mvlm
+from helpers import REPO, assert_same_tensors, run_mvlm
+from safetensors.torch import load_file
 
 
 def _no_output(out):
@@ -125,24 +128,71 @@ def test_failed_verification_leaves_nothing(tiny_ckpt, tmp_path):
     assert not list(tmp_path.glob(".out.tmp-*"))
 
 
-def test_interrupted_conversion_never_publishes(tiny_ckpt, tmp_path):
-    """SIGKILL in the middle of writing: the final directory must not appear; rerunning the
-    same command then succeeds."""
-    out = tmp_path / "out"
-    args = [sys.executable, "-m", "mvlm", "convert", "--to", "mcore", "--model",
-            str(tiny_ckpt("qwen2_vl")), "--output", str(out)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 240
+def _kill_at_pause(args: list[str], marker, point: str) -> dict:
+    """Run `mvlm ARGS` with the save told to pause at ``point`` (mvlm.convert.publish), wait for
+    the marker it writes there, then SIGKILL the whole process group: the kill provably lands
+    at that point of the save. Returns the marker (point, rank, pid, where)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MVLM_FAULT_PAUSE_AT=point,
+               MVLM_FAULT_MARKER=str(marker))
+    proc = subprocess.Popen([sys.executable, "-m", "mvlm", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
-        while time.time() < deadline and not list(tmp_path.glob(".out.tmp-*")):
-            assert proc.poll() is None, "conversion ended before it could be interrupted"
-            time.sleep(0.05)
-        assert list(tmp_path.glob(".out.tmp-*")), "staging directory never appeared"
+        deadline = time.time() + 300
+        while not marker.exists():
+            if proc.poll() is not None:
+                raise AssertionError(f"conversion ended (rc {proc.returncode}) before pausing "
+                                     f"at {point}:\n{proc.stderr.read()[-4000:]}")
+            assert time.time() < deadline, f"no pause at {point} within 300 s"
+            time.sleep(0.05)  # only how soon we notice; the process waits at the point
+        info = json.loads(marker.read_text())
+        assert proc.poll() is None, "the paused process must still be alive when it is killed"
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+        proc.stderr.close()
+    assert info["point"] == point
+    return info
+
+
+def test_interrupted_conversion_to_mcore_never_publishes(tiny_ckpt, tmp_path):
+    """SIGKILL after the torch_dist weights are on disk but before the metadata: the final
+    directory must not appear; rerunning the same command then succeeds."""
+    out = tmp_path / "out"
+    args = ["convert", "--to", "mcore", "--model", str(tiny_ckpt("qwen2_vl")), "--output",
+            str(out)]
+    info = _kill_at_pause(args, tmp_path / "paused.json", "mid_write")
+    staging = Path(info["where"])
+    assert staging.parent == tmp_path and staging.name.startswith(".out.tmp-"), staging
+    assert (staging / "model" / ".metadata").exists()  # the weights were written ...
+    assert not (staging / "mvlm_meta.json").exists()  # ... the rest was not
     assert not out.exists()
-    run_mvlm(args[3:])
-    assert (out / "mvlm_meta.json").exists()
+    run_mvlm(args)
+    assert (out / "mvlm_meta.json").exists() and (out / "model" / ".metadata").exists()
+
+
+def test_interrupted_conversion_to_hf_never_publishes(tiny_ckpt, tmp_path):
+    """SIGKILL with the first safetensors shard complete and the others not written: no
+    output directory; the rerun succeeds and writes the same tensors as an uninterrupted run."""
+    mcore = tmp_path / "mcore"
+    run_mvlm(["convert", "--to", "mcore", "--model", str(tiny_ckpt("qwen2_vl")), "--output",
+              str(mcore)])
+    out = tmp_path / "out"
+    args = ["convert", "--to", "hf", "--model", str(mcore), "--output", str(out),
+            "--max_shard_size", "150KB"]
+    info = _kill_at_pause(args, tmp_path / "paused.json", "mid_write")
+    shard = Path(info["where"])
+    staging = shard.parent
+    assert staging.parent == tmp_path and staging.name.startswith(".out.tmp-"), staging
+    assert re.fullmatch(r"model-00001-of-(\d{5})\.safetensors", shard.name), shard.name
+    n_shards = int(shard.name[-17:-12])
+    assert n_shards > 2, "the export must span several shards for the kill to be mid-write"
+    assert sorted(p.name for p in staging.iterdir()) == [shard.name]  # one shard, no config
+    assert len(load_file(shard)) > 0  # the complete shard is readable
+    assert not out.exists()
+    run_mvlm(args)
+    assert len(list(out.glob("model-*-of-*.safetensors"))) == n_shards
+    assert (out / "config.json").exists() and (out / "model.safetensors.index.json").exists()
+    ref = tmp_path / "ref"
+    run_mvlm(["convert", "--to", "hf", "--model", str(mcore), "--output", str(ref)])
+    assert assert_same_tensors(ref, out) > 0

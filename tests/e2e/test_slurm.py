@@ -35,11 +35,26 @@ pytestmark = pytest.mark.skipif(
            "slurmctld slurmd slurm-client munge)")
 
 
+def _tail(text: str, n: int = 1500) -> str:
+    return text.strip()[-n:] or "(no output)"
+
+
 @pytest.fixture(scope="module")
 def slurm():
-    p = subprocess.run(["bash", str(REPO / "scripts" / "ci" / "start_local_slurm.sh")],
-                       capture_output=True, text=True, timeout=120)
-    assert p.returncode == 0, f"local Slurm did not start:\n{p.stdout}\n{p.stderr}"
+    """Start the local Slurm daemons; where this machine cannot (no root, no munge key, slurmd
+    refused: common in containers), skip with the script's own explanation instead of erroring
+    every test. Slurm not being installed at all is the module-level skip above."""
+    script = REPO / "scripts" / "ci" / "start_local_slurm.sh"
+    try:
+        p = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=120)
+    except subprocess.TimeoutExpired as e:
+        out = (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) \
+            else (e.stdout or "")
+        pytest.skip(f"local Slurm did not start: {script.name} still running after 120 s; "
+                    f"output: {_tail(out)}")
+    if p.returncode != 0:
+        pytest.skip(f"local Slurm could not start its daemons ({script.name} exited "
+                    f"{p.returncode}): {_tail(p.stderr + p.stdout)}")
     return True
 
 
