@@ -359,11 +359,14 @@ def test_loss_scale_strict_and_refused_values(base):
         parse(base, "--truncation_strategy", "split")
     with pytest.raises(ValueError, match="--add_non_thinking_prefix"):
         parse(base, "--add_non_thinking_prefix", "true")
-    with pytest.raises(ValueError, match="--streaming: needs --max_steps"):
-        parse(base, "--streaming", "true", "--num_train_epochs", "3")
+    # (issue 9) a local file's rows give the epochs' steps; hub IDs are refused (see
+    # test_guide_3_3_and_6_3_data_flags); --packing with --lazy_tokenize encodes up front
+    cfg = parse(base, "--streaming", "true", "--num_train_epochs", "3")
+    assert any("steps = ceil(3 x 1 rows / global batch size)" in n for n in cfg.notes)
     assert parse(base, "--streaming", "true", "--max_steps", "5").train_iters == 5
-    with pytest.raises(ValueError, match="--lazy_tokenize: incompatible with --packing"):
-        parse(base, "--lazy_tokenize", "true", "--packing", "true", "--max_length", "64")
+    cfg = parse(base, "--lazy_tokenize", "true", "--padding_free", "true", "--max_length", "64")
+    assert cfg.ns.packing and cfg.ns.lazy_tokenize is False
+    assert sum(n.startswith("--lazy_tokenize true with --packing") for n in cfg.notes) == 1
     assert parse(base, "--add_non_thinking_prefix", "false").ns.add_non_thinking_prefix is False
 
 
