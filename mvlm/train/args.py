@@ -833,8 +833,9 @@ def _check_streaming_and_lazy(ns: argparse.Namespace, notes: list[str]) -> None:
                 break
             n_rows += n
         if uncountable is not None:
-            why = (f"the rows of {uncountable!r} cannot be counted without reading it (only "
-                   "local .jsonl/.json/.csv/.parquet files are counted)")
+            why = (f"the rows of {uncountable!r} cannot be counted cheaply (it is not an "
+                   "existing local .jsonl/.json/.csv/.parquet file: hub IDs, :SUBSET specs "
+                   "and directories are not counted)")
     if why:
         raise ValueError(f"--streaming: --num_train_epochs needs the number of steps per epoch, "
                          f"and {why}: pass --max_steps/--train_iters (ms-swift requires "
