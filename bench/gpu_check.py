@@ -372,16 +372,14 @@ def run_mcore_side(args: argparse.Namespace, s: Shape, hf_dir: Path) -> dict[str
 
     from mvlm.convert.bridge import load_hf_weights
     from mvlm.models.vlm import build_model
-    from mvlm.runtime.compat import apply_compat_fixes
-    from mvlm.runtime.parallel import ParallelLayout, init_distributed, set_seed
+    from mvlm.runtime.parallel import ParallelLayout
+    from mvlm.runtime.startup import startup
     from mvlm.train.optim import build_optimizer, wrap_ddp
     from mvlm.train.schedule import build_scheduler
     from mvlm.train.steps import forward_step, reduce_stats
 
     layout = ParallelLayout(tp=1)
-    device = init_distributed(layout, args.device)
-    apply_compat_fixes()
-    set_seed(1234)
+    device = startup(layout, seed=1234, device=args.device).device
     hf_config = AutoConfig.from_pretrained(hf_dir)
     t = time.perf_counter()
     bundle = build_model(hf_config, layout, dtype=_dtype(args), device=device,

@@ -45,13 +45,11 @@ def child(args: argparse.Namespace) -> dict:
     from mvlm.convert.bridge import load_hf_weights
     from mvlm.models.positions import batch_position_ids
     from mvlm.models.vlm import build_model
-    from mvlm.runtime.compat import apply_compat_fixes
-    from mvlm.runtime.parallel import ParallelLayout, init_distributed, set_seed
+    from mvlm.runtime.parallel import ParallelLayout
+    from mvlm.runtime.startup import startup
 
     torch.set_num_threads(args.threads)
-    init_distributed(ParallelLayout(), "cpu")
-    apply_compat_fixes()
-    set_seed(0)
+    startup(ParallelLayout(), seed=0, device="cpu")
     cfg = AutoConfig.from_pretrained(args.hf)
     bundle = build_model(cfg, ParallelLayout(), dtype=torch.float32, device="cpu",
                          perform_initialization=False)

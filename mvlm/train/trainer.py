@@ -117,9 +117,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     from mvlm.models.registry import get_family
     from mvlm.models.spec import choose_backend
     from mvlm.models.vlm import build_model
-    from mvlm.runtime.compat import apply_compat_fixes
     from mvlm.runtime.env import read_dist_env
-    from mvlm.runtime.parallel import ParallelLayout, init_distributed, set_seed
+    from mvlm.runtime.parallel import ParallelLayout
+    from mvlm.runtime.startup import startup
     from mvlm.train import checkpoint as ckpt
     from mvlm.train.logging import TrainLogger, bad_samples_fields
     from mvlm.train.optim import apply_freeze, build_optimizer, wrap_ddp
@@ -154,10 +154,8 @@ def train(cfg: TrainConfig) -> TrainResult:
                          f"{hf_config.model_type} has no vision tower; drop those flags")
 
     own_pg = not dist.is_initialized()
-    device = init_distributed(layout, cfg.device)
-    apply_compat_fixes()
-    set_seed(cfg.seed)
-    rank = dist.get_rank()
+    runtime = startup(layout, seed=cfg.seed, device=cfg.device)
+    device, rank = runtime.device, runtime.rank
     if rank == 0:
         for n in cfg.notes:
             log.info("flag mapping: %s", n)

@@ -124,12 +124,9 @@ def build_from_hf(hf: Path, layout):
 
     from mvlm.convert.bridge import load_hf_weights
     from mvlm.models.vlm import build_model
-    from mvlm.runtime.compat import apply_compat_fixes
-    from mvlm.runtime.parallel import init_distributed, set_seed
+    from mvlm.runtime.startup import startup
 
-    init_distributed(layout, "cpu")
-    apply_compat_fixes()
-    set_seed(1234)
+    startup(layout, seed=1234, device="cpu")
     bundle = build_model(AutoConfig.from_pretrained(hf), layout, dtype=torch.float32,
                          device="cpu", backend="local", perform_initialization=False)
     load_hf_weights(bundle, hf)

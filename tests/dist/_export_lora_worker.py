@@ -39,14 +39,15 @@ def reference_logits(run: dict, tp: int) -> tuple[list, list[torch.Tensor]]:
     from mvlm.convert.bridge import load_hf_weights
     from mvlm.convert.verify import make_inputs, mcore_forward
     from mvlm.models.vlm import build_model
-    from mvlm.runtime.parallel import ParallelLayout, init_distributed
+    from mvlm.runtime.parallel import ParallelLayout
+    from mvlm.runtime.startup import startup
     from mvlm.train import checkpoint as ckpt
     from mvlm.train.args import parse_train_args
     from mvlm.tuners.train_hooks import setup_adapters
 
     cfg = parse_train_args(run["argv"], "sft")
     layout = ParallelLayout(tp=tp)
-    init_distributed(layout, "cpu")
+    startup(layout, device="cpu")
     hf = Path(cfg.model)
     bundle = build_model(AutoConfig.from_pretrained(hf), layout, dtype=torch.float32,
                          device="cpu", perform_initialization=False)

@@ -37,8 +37,8 @@ def model_case(spec: dict, case: dict) -> dict:
     from mvlm.convert.bridge import load_hf_weights
     from mvlm.data.encode import build_dataloader, build_train_dataset
     from mvlm.models.vlm import build_model
-    from mvlm.runtime.compat import apply_compat_fixes
-    from mvlm.runtime.parallel import ParallelLayout, init_distributed, set_seed
+    from mvlm.runtime.parallel import ParallelLayout
+    from mvlm.runtime.startup import startup
     from mvlm.train.args import parse_train_args
     from mvlm.train.optim import wrap_ddp
     from mvlm.train.steps import forward_step, microbatch_dims, reduce_stats, to_device
@@ -46,9 +46,7 @@ def model_case(spec: dict, case: dict) -> dict:
 
     tp, pp, cp, sp = case.get("tp", 1), case.get("pp", 1), case.get("cp", 1), case.get("sp", False)
     layout = ParallelLayout(tp=tp, pp=pp, cp=cp)
-    init_distributed(layout, "cpu")
-    apply_compat_fixes()
-    set_seed(0)
+    startup(layout, seed=0, device="cpu")
     # A plain (not distributed) optimizer's DDP all-reduces: every rank then holds the whole
     # reduced gradient (the distributed one reduce-scatters, leaving partial sums elsewhere).
     argv = spec["argv"] + ["--tp", str(tp), "--pp", str(pp), "--cp", str(cp),

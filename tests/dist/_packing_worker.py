@@ -23,8 +23,8 @@ def main(workdir: str) -> int:
     from mvlm.data.collate import collate_packed
     from mvlm.data.template import get_template
     from mvlm.models.vlm import build_model
-    from mvlm.runtime.compat import apply_compat_fixes
-    from mvlm.runtime.parallel import ParallelLayout, init_distributed, set_seed
+    from mvlm.runtime.parallel import ParallelLayout
+    from mvlm.runtime.startup import startup
     from mvlm.testing.tiny_models import build_tiny_checkpoint
 
     wd = Path(workdir)
@@ -42,9 +42,7 @@ def main(workdir: str) -> int:
          "images": ["b.png", "c.png"]},
     ]
     layout = ParallelLayout()
-    init_distributed(layout, "cpu")
-    apply_compat_fixes()
-    set_seed(0)
+    startup(layout, seed=0, device="cpu")
     tmpl = get_template(hf)
     samples = [tmpl.encode(r, base_dir=str(wd)) for r in rows]
     cfg = __import__("transformers").AutoConfig.from_pretrained(hf)

@@ -54,13 +54,11 @@ def build(hf: Path, tp: int, pp: int, recompute=None, attn_impl: str = "auto",
 
     from mvlm.convert.bridge import load_hf_weights
     from mvlm.models.vlm import build_model
-    from mvlm.runtime.compat import apply_compat_fixes
-    from mvlm.runtime.parallel import ParallelLayout, init_distributed, set_seed
+    from mvlm.runtime.parallel import ParallelLayout
+    from mvlm.runtime.startup import startup
 
     layout = ParallelLayout(tp=tp, pp=pp)
-    init_distributed(layout, "cpu")
-    apply_compat_fixes()
-    set_seed(SEED)
+    startup(layout, seed=SEED, device="cpu")
     bundle = build_model(AutoConfig.from_pretrained(hf), layout, dtype=torch.float32,
                          device="cpu", perform_initialization=False, recompute=recompute,
                          attn_impl=attn_impl, dropout=dropout)

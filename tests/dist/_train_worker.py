@@ -44,14 +44,15 @@ def verify(run: dict) -> None:
 
     from mvlm.convert.mcore_ckpt import load_mcore
     from mvlm.convert.verify import verify_against_hf
-    from mvlm.runtime.parallel import ParallelLayout, init_distributed
+    from mvlm.runtime.parallel import ParallelLayout
+    from mvlm.runtime.startup import startup
     from mvlm.train.checkpoint import read_latest
 
     argv = run["argv"]
     tp = int(argv[argv.index("--tp") + 1]) if "--tp" in argv else 1
     out = Path(argv[argv.index("--output_dir") + 1])
     layout = ParallelLayout(tp=tp)
-    init_distributed(layout, "cpu")
+    startup(layout, device="cpu")
     bundle, _ = load_mcore(read_latest(out), layout, device="cpu", dtype=None)
     res = verify_against_hf(bundle, out / "hf", tol=1e-4)
     if dist.get_rank() == 0:

@@ -27,14 +27,12 @@ def build(hf_dir: Path, tp: int = 1, pp: int = 1, kind: str = "lora", include_vi
 
     from mvlm.convert.bridge import load_hf_weights
     from mvlm.models.vlm import build_model
-    from mvlm.runtime.compat import apply_compat_fixes
-    from mvlm.runtime.parallel import ParallelLayout, init_distributed, set_seed
+    from mvlm.runtime.parallel import ParallelLayout
+    from mvlm.runtime.startup import startup
     from mvlm.tuners import AdapterConfig, apply_adapters
 
     layout = ParallelLayout(tp=tp, pp=pp)
-    init_distributed(layout, "cpu")
-    apply_compat_fixes()
-    set_seed(1)
+    startup(layout, seed=1, device="cpu")
     cfg = AutoConfig.from_pretrained(hf_dir)
     bundle = build_model(cfg, layout, dtype=torch.float32, device="cpu",
                          perform_initialization=False)
