@@ -33,6 +33,7 @@ from mvlm.models.gpt import (
     transformer_config,
 )
 from mvlm.models.registry import Family, get_family
+from mvlm.runtime.compat import mark_tp_weights
 from mvlm.runtime.cp import split_for_cp
 from mvlm.runtime.parallel import ParallelLayout
 
@@ -195,29 +196,5 @@ def build_model(hf_config: PretrainedConfig, layout: ParallelLayout, *, dtype: t
         models.append(m)
     if not perform_initialization:
         for m in models:
-            _mark_tp_weights(m)
+            mark_tp_weights(m)  # megatron-core 0.16.1 workaround, see mvlm.runtime.compat
     return ModelBundle(family, hf_config, arch, config, backend, vpad, models)
-
-
-def _mark_tp_weights(model: torch.nn.Module) -> None:
-    """megatron-core 0.16.1 sets ``tensor_model_parallel``/``partition_dim`` on the weights of its
-    parallel layers only inside their initialisers; with ``perform_initialization=False`` (weights
-    loaded from a checkpoint) they are missing, and the optimizer's grad norm then counts every
-    TP-split weight on TP rank 0 only (a too-small norm and wrong clipping under TP). Set them."""
-    from megatron.core.tensor_parallel.layers import (
-        ColumnParallelLinear,
-        RowParallelLinear,
-        VocabParallelEmbedding,
-        set_tensor_model_parallel_attributes,
-    )
-
-    for mod in model.modules():
-        if isinstance(mod, (ColumnParallelLinear, VocabParallelEmbedding)):
-            dim = 0
-        elif isinstance(mod, RowParallelLinear):
-            dim = 1
-        else:
-            continue
-        w = getattr(mod, "weight", None)
-        if w is not None and not hasattr(w, "tensor_model_parallel"):
-            set_tensor_model_parallel_attributes(w, True, dim, 1)

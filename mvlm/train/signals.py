@@ -36,6 +36,8 @@ import threading
 import time
 from collections.abc import Iterable
 
+from mvlm.runtime.compat import shield_checkpoint_writer
+
 # 128 + SIGTERM: what a shell reports for a process ended by SIGTERM, so wrappers that already treat
 # "killed by TERM" as "preempted, requeue" keep working. Scripts test `rc -eq 143`.
 EXIT_PREEMPTED = 143
@@ -82,39 +84,13 @@ class PreemptionHandler:
         if threading.current_thread() is not threading.main_thread():
             raise RuntimeError("PreemptionHandler.install() must be called from the main thread "
                                "(Python delivers signals only there)")
-        self._shield_checkpoint_writer()
+        # megatron-core's lazily spawned checkpoint-writer helper must not die of our stop
+        # signals: workaround in mvlm.runtime.compat
+        shield_checkpoint_writer(self.signals)
         for sig in self.signals:
             if sig not in self._previous:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
         return self
-
-    def _shield_checkpoint_writer(self) -> None:
-        """Start Megatron-Core's torch_dist writer helper with the stop signals ignored.
-
-        dist_checkpointing's filesystem writer keeps one *spawned* multiprocessing Manager per rank
-        (``filesystem_async._get_write_results_queue``), created at the first save, in the rank's
-        process group. torchrun stops ranks with ``killpg`` and Slurm signals whole process trees,
-        so SIGUSR1/SIGTERM would reach that helper too; with default dispositions it dies and the
-        very save the signal asked for fails (BrokenPipeError). Started here with SIG_IGN (which
-        survives exec), it ignores them. Only when Megatron-Core is already imported.
-        """
-        import sys
-
-        if "megatron.core" not in sys.modules:
-            return
-        try:
-            from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
-        except Exception:  # noqa: BLE001 - a Megatron-Core without this writer needs nothing
-            return
-        if getattr(fa, "_results_queue", True) is not None or \
-                not hasattr(fa, "_get_write_results_queue"):
-            return
-        prev = {sig: signal.signal(sig, signal.SIG_IGN) for sig in self.signals}
-        try:
-            fa._get_write_results_queue()
-        finally:
-            for sig, handler in prev.items():
-                signal.signal(sig, handler)
 
     def uninstall(self) -> None:
         """Put back the handlers that were there before :meth:`install`."""
