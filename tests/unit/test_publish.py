@@ -103,3 +103,44 @@ def test_pause_writes_marker_and_resumes_when_it_is_deleted(tmp_path, monkeypatc
     with staged_publish(tmp_path / "out2", overwrite=False):
         pass
     assert (tmp_path / "out2").is_dir() and not marker.exists()
+
+
+@pytest.mark.parametrize("point", ["mid_write", "before_latest"])
+def test_pause_points_mid_write_and_before_latest(tmp_path, monkeypatch, point):
+    """mid_write: the writer's first complete file is there, the rest is not (the HF shard
+    writer calls it); before_latest: renamed into place, after_publish (`latest`) not run."""
+    import torch
+
+    from mvlm.convert.hf_io import StreamingSafetensorsWriter
+
+    marker = tmp_path / "paused.json"
+    monkeypatch.setenv(PAUSE_ENV, point)
+    monkeypatch.setenv(MARKER_ENV, str(marker))
+    out = tmp_path / "out"
+    latest = []
+
+    def save():
+        with staged_publish(out, overwrite=False, after_publish=latest.append) as st:
+            for i in range(2):
+                w = StreamingSafetensorsWriter(st / f"s{i}.safetensors",
+                                               [("t", torch.float32, [2])])
+                w.write("t", torch.zeros(2))
+                w.close()
+
+    t = threading.Thread(target=save, daemon=True)
+    t.start()
+    deadline = time.time() + 30
+    while not marker.exists():
+        assert time.time() < deadline, "no marker"
+        time.sleep(0.01)
+    where = tmp_path / json.loads(marker.read_text())["where"]
+    if point == "mid_write":
+        assert where.name == "s0.safetensors" and sorted(p.name for p in where.parent.iterdir()) \
+            == ["s0.safetensors"] and not out.exists()
+    else:
+        assert where == out and sorted(p.name for p in out.iterdir()) == \
+            ["s0.safetensors", "s1.safetensors"] and latest == []
+    marker.unlink()
+    t.join(30)
+    assert latest == [out] and sorted(p.name for p in out.iterdir()) == \
+        ["s0.safetensors", "s1.safetensors"]
