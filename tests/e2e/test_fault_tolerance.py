@@ -7,9 +7,10 @@ grad norm, lr and consumed samples equal, bit for bit.
 
 * kill -9 of one rank mid-training: torchrun ends the job; `latest` names the last complete
   checkpoint; the rerun resumes from it.
-* kill -9 of every process during a checkpoint save: the partial `.checkpoint-N.tmp-*` is never
-  named by `latest`, the previous checkpoint stays valid, the rerun resumes from it and removes the
-  partial directory.
+* kill -9 of every process inside a checkpoint save, made deterministic by the save's pause
+  point (MVLM_FAULT_PAUSE_AT=staged: all ranks wrote, nothing published): the partial
+  `.checkpoint-N.tmp-*` is never named by `latest`, the previous checkpoint stays valid, the rerun
+  resumes from it and removes the partial directory.
 * SIGTERM to torchrun, then SIGUSR1 to torchrun launched through scripts/torchrun_multinode.sh:
   the ranks finish the current step, save a checkpoint of *that* step within the grace time, and
   exit 143; the rerun resumes from it.
@@ -57,7 +58,8 @@ def _env(**kw) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=str(REPO),
                MVLM_PYTHON=sys.executable)
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "NNODES",
-              "NODE_RANK", "MVLM_STOP_FILE", "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS"):
+              "NODE_RANK", "MVLM_STOP_FILE", "SLURM_JOB_ID", "SLURM_PROCID", "SLURM_NTASKS",
+              "MVLM_FAULT_PAUSE_AT", "MVLM_FAULT_MARKER"):
         env.pop(k, None)
     env.update({k: str(v) for k, v in kw.items()})
     return env
@@ -66,16 +68,16 @@ def _env(**kw) -> dict:
 class Job:
     """`torchrun -m mvlm ARGS` (or the launcher script) in the background, output to a file."""
 
-    def __init__(self, args: list[str], log: Path, launcher: bool = False):
+    def __init__(self, args: list[str], log: Path, launcher: bool = False, **env_kw):
         self.log = log
         if launcher:
             cmd = ["bash", str(REPO / "scripts" / "torchrun_multinode.sh"), *args]
-            env = _env(NPROC_PER_NODE=2, MASTER_PORT=free_port())
+            env = _env(NPROC_PER_NODE=2, MASTER_PORT=free_port(), **env_kw)
         else:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
                    "--master-addr", "127.0.0.1", "--master-port", str(free_port()),
                    "-m", "mvlm", *args]
-            env = _env()
+            env = _env(**env_kw)
         self._f = open(log, "w")
         self.p = subprocess.Popen(cmd, stdout=self._f, stderr=subprocess.STDOUT, env=env,
                                   cwd=log.parent, start_new_session=True)
@@ -159,28 +161,31 @@ def test_kill9_rank_and_kill9_during_save(inputs, reference, tmp_path):
     latest_a = _latest(out)
     assert latest_a is not None and (out / latest_a / "trainer_state.json").exists()
 
-    # 2. the same command resumes; kill -9 everything while it writes its next checkpoint.
-    job = Job(args, tmp_path / "b.log")
-    staging = []
-
-    def saving():
-        staging[:] = [p for p in out.glob(".checkpoint-*.tmp-*")
-                      if int(p.name.split("-")[1].split(".")[0]) > int(latest_a.split("-")[1])]
-        return bool(staging)
-
-    _wait_for(saving, job, poll=0.01, what="the next checkpoint save to start")
-    time.sleep(0.05)  # inside the save: staging made, nothing published yet
+    # 2. the same command resumes; kill -9 everything inside its next checkpoint save, at the
+    #    named pause point "staged" (mvlm.convert.publish): every rank has written its files,
+    #    nothing is published. The save waits there for us, so the kill cannot miss it.
+    marker = tmp_path / "paused.json"
+    job = Job(args, tmp_path / "b.log", MVLM_FAULT_PAUSE_AT="staged", MVLM_FAULT_MARKER=marker)
+    _wait_for(marker.exists, job, what="the next checkpoint save to pause at 'staged'")
+    partial = Path(json.loads(marker.read_text())["where"])
+    m = re.fullmatch(r"\.checkpoint-(\d+)\.tmp-\w+", partial.name)
+    assert partial.parent == out and m, partial
+    partial_step = int(m.group(1))
+    assert partial_step > int(latest_a.split("-")[1])
+    assert (partial / "trainer_state.json").exists() and (partial / "mvlm_meta.json").exists()
+    assert sorted(p.name for p in (partial / "rng").iterdir()) == \
+        ["rank_00000.pt", "rank_00001.pt"]  # every rank has written ...
+    assert not (out / f"checkpoint-{partial_step}").exists()  # ... nothing is published
+    assert _latest(out) == latest_a
     for pid in job.workers():
         os.kill(pid, signal.SIGKILL)
     os.killpg(job.p.pid, signal.SIGKILL)
     job.wait(60)
     assert _resumed_from(job.text()) == latest_a
-    partial = staging[0]
+    assert partial.is_dir(), "the kill left the staging dir behind (the rerun must remove it)"
+    assert not (out / f"checkpoint-{partial_step}").exists()
     assert _latest(out) == latest_a, "latest must still name the previous complete checkpoint"
     assert (out / latest_a / "trainer_state.json").exists()
-    partial_step = int(partial.name.split("-")[1].split(".")[0])
-    assert not (out / f"checkpoint-{partial_step}").exists() or \
-        _latest(out) != f"checkpoint-{partial_step}"
 
     # 3. the rerun resumes from the previous checkpoint, removes the partial one, finishes.
     text = _run_to_end(args, tmp_path / "c.log")
