@@ -151,7 +151,6 @@ def _kill_at_pause(args: list[str], marker, point: str) -> dict:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         proc.stderr.close()
-    assert info["point"] == point
     return info
 
 
