@@ -87,7 +87,9 @@ def template_config(args: Any) -> TemplateConfig:
     return TemplateConfig(max_length=_get(args, "max_length"),
                           truncation_strategy=_get(args, "truncation_strategy", "delete"),
                           task=_get(args, "task", "sft"), system=_get(args, "system"),
-                          template_backend=_get(args, "template_backend", "native"))
+                          template_backend=_get(args, "template_backend", "native"),
+                          add_non_thinking_prefix=bool(_get(args, "add_non_thinking_prefix")),
+                          ignore_empty_think=bool(_get(args, "ignore_empty_think")))
 
 
 def build_template(args: Any, model_dir: str) -> Template:

@@ -62,6 +62,10 @@ def _raw_size(data: bytes) -> tuple[int, int]:
     with Image.open(io.BytesIO(data)) as im:
         return im.height, im.width
 _TAG_RE = re.compile(r"(<image>|<video>|<audio>)")
+# ms-swift's ignore_empty_think patterns that fit ChatML families: an empty think block, or a
+# lone close tag when the prompt already opened the block; each only at a response's start.
+_EMPTY_THINK_RE = re.compile(r"<think>\s*</think>\s*|</think>\s*")
+_THINK_OPEN = "<think>"
 
 
 class SkipSample(BadSampleError):
@@ -80,6 +84,15 @@ class TemplateConfig:
     task: str = "sft"  # pt | sft | preference | rl
     system: str | None = None  # None: the family's default system prompt; "" for none
     template_backend: str = "native"  # native | jinja
+    # ms-swift's --add_non_thinking_prefix: every assistant turn that does not open with a think
+    # block gets the family's empty one, so a hybrid-thinking model learns "answer without
+    # thinking" from data written without think blocks (ms-swift applies it to every turn under
+    # loss_scale default, the only chat strategy mvlm has).
+    add_non_thinking_prefix: bool = False
+    # ms-swift's --loss_scale ignore_empty_think: an empty think block at the start of an
+    # assistant turn carries no loss (the rest of the turn keeps it), so the model is not trained
+    # to skip thinking -- only to answer after a skipped one.
+    ignore_empty_think: bool = False
 
     def __post_init__(self):
         if self.truncation_strategy not in TRUNCATION_STRATEGIES:
@@ -87,6 +100,12 @@ class TemplateConfig:
                              f"got {self.truncation_strategy!r}")
         if self.template_backend not in ("native", "jinja"):
             raise ValueError("--template_backend must be native or jinja")
+        if self.task not in ("sft", "preference"):
+            for on, flag in ((self.add_non_thinking_prefix, "--add_non_thinking_prefix true"),
+                             (self.ignore_empty_think, "--loss_scale ignore_empty_think")):
+                if on:
+                    raise ValueError(f"{flag} acts on chat-rendered assistant turns (task sft "
+                                     f"or preference), not on task {self.task!r}: drop the flag")
 
 
 @dataclass
@@ -112,6 +131,9 @@ class Template:
     image_placeholder: ClassVar[str] = "<|vision_start|><|image_pad|><|vision_end|>"
     video_placeholder: ClassVar[str] = "<|vision_start|><|video_pad|><|vision_end|>"
     is_multimodal: ClassVar[bool] = False
+    # The empty think block of a hybrid-thinking family (what its chat template writes for
+    # enable_thinking=false); "" = the family has no thinking switch.
+    non_thinking_prefix: ClassVar[str] = ""
 
     def __init__(self, tokenizer: Any, processor: Any = None, model_config: Any = None,
                  cfg: TemplateConfig | None = None, media: MediaConfig | None = None):
@@ -127,6 +149,9 @@ class Template:
             else tokenizer.eos_token_id
         self.eos_token = tokenizer.eos_token
         self.backend = self.cfg.template_backend
+        if self.cfg.add_non_thinking_prefix and not self.non_thinking_prefix:
+            raise ValueError(f"--add_non_thinking_prefix true: the {self.family} family has no "
+                             "thinking mode (no empty think block to add); pass false")
         if self.backend == "native" and getattr(tokenizer, "chat_template", None) \
                 and self.cfg.task != "pt":
             self._check_native_against_jinja()
@@ -212,6 +237,26 @@ class Template:
             text += self.eos_token
         return text, [(0, len(text))]
 
+    def add_think_prefix(self, messages: list[dict]) -> list[dict]:
+        """A copy of ``messages`` whose assistant turns all open with a think block: the family's
+        empty one is prepended where a turn starts with neither ``<think>`` nor that block."""
+        pre = self.non_thinking_prefix
+        return [{**m, "content": pre + m["content"]}
+                if m["role"] == "assistant" and not m["content"].startswith((_THINK_OPEN, pre))
+                else m for m in messages]
+
+    @staticmethod
+    def drop_empty_think(text: str, spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Loss spans without the empty think block that opens a response (ignore_empty_think).
+
+        Each span starts where an assistant turn's content starts (both renderers), so the
+        pattern is matched there only; a think block with content keeps its loss."""
+        out = []
+        for s, e in spans:
+            m = _EMPTY_THINK_RE.match(text, s, e)
+            out.append((m.end(), e) if m else (s, e))
+        return [(s, e) for s, e in out if e > s]
+
     def render(self, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
         if self.cfg.task == "pt":
             return self.render_pretrain(messages)
@@ -221,9 +266,13 @@ class Template:
                     messages = [{"role": "system", "content": self.cfg.system}, *messages]
                 return self._apply(messages, gen=True), []
             return self.render_native(messages)[0] + f"{self.im_start}assistant\n", []
-        if self.backend == "jinja":
-            return self.render_jinja(messages)
-        return self.render_native(messages)
+        if self.cfg.add_non_thinking_prefix:
+            messages = self.add_think_prefix(messages)
+        text, spans = (self.render_jinja if self.backend == "jinja" else
+                       self.render_native)(messages)
+        if self.cfg.ignore_empty_think:
+            spans = self.drop_empty_think(text, spans)
+        return text, spans
 
     def _check_native_against_jinja(self) -> None:
         img = "<image>" if self.is_multimodal else ""
@@ -426,6 +475,7 @@ class Qwen2Template(Template):
 class Qwen3MoeTemplate(Template):
     family = "qwen3_moe"
     default_system = None  # Qwen3 adds no default system prompt
+    non_thinking_prefix = "<think>\n\n</think>\n\n"  # Qwen3 hybrid thinking (ms-swift's qwen3)
 
 
 class Qwen2VLTemplate(Template):

@@ -381,10 +381,12 @@ def add_swift_args(p: argparse.ArgumentParser) -> None:
                    help="packed row length (default --max_length, which stays the per-sample "
                         "limit)")
     g.add_argument("--loss_scale", default=None,
-                   help="default (sft: every assistant turn) | all (every text token, as "
-                        "mvlm pt); default: 'default' for sft, 'all' for pt")
+                   help="default (sft: every assistant turn) | ignore_empty_think (as default, "
+                        "but an empty think block opening a turn carries no loss) | all (every "
+                        "text token, as mvlm pt); default: 'default' for sft, 'all' for pt")
     _bool(g, "--add_non_thinking_prefix", default=None,
-          help="false only: mvlm does not insert empty <think> blocks")
+          help="true: assistant turns that do not open with <think> get the family's empty "
+               "think block (Qwen3: <think>\\n\\n</think>\\n\\n), every turn; default false")
     g.add_argument("--model_name", nargs="+", default=None,
                    help="self-cognition data: replaces {{NAME}} (zh name, en name)")
     g.add_argument("--model_author", nargs="+", default=None,
@@ -691,7 +693,9 @@ def _json_arg(flag: str, value: str | None) -> dict[str, Any]:
     return out
 
 
-_LOSS_SCALE_TASK = {"default": "sft", "all": "pt"}
+_LOSS_SCALE_TASK = {"default": "sft", "all": "pt", "ignore_empty_think": "sft",
+                    "default+ignore_empty_think": "sft"}
+_IGNORE_EMPTY_THINK = ("ignore_empty_think", "default+ignore_empty_think")
 _ADAMW_NAMES = ("adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw", "adam",
                 "adamw_apex_fused")
 
@@ -722,9 +726,13 @@ def _validate_swift(ns: argparse.Namespace, task: str, notes: list[str]) -> dict
     if ns.neftune_noise_alpha:
         raise bad("--neftune_noise_alpha", "NEFTune embedding noise is not implemented: "
                                            "drop the flag (or pass 0)")
-    if ns.add_non_thinking_prefix:
-        raise bad("--add_non_thinking_prefix", "mvlm does not insert empty <think></think> "
-                  "blocks into answers: add them to the data's assistant turns, or pass false")
+    # Thinking flags change the encoding: a cache written by mvlm encode has neither applied.
+    ns.ignore_empty_think = ns.loss_scale in _IGNORE_EMPTY_THINK
+    for on, flag in ((ns.add_non_thinking_prefix, "--add_non_thinking_prefix true"),
+                     (ns.ignore_empty_think, f"--loss_scale {ns.loss_scale}")):
+        if on and ns.cached_dataset:
+            raise bad(flag.split()[0], f"{flag} changes the encoding, but --cached_dataset was "
+                      "encoded without it: train from --dataset instead")
     if getattr(ns, "_compat_finetune", None) is False:
         raise bad("--finetune", "false means resuming a Megatron-SWIFT run: mvlm resumes with "
                                 "--resume CHECKPOINT_DIR (weights, optimizer, RNG, data position)")
@@ -737,15 +745,18 @@ def _validate_swift(ns: argparse.Namespace, task: str, notes: list[str]) -> dict
     if ns.loss_scale is not None:
         if ns.loss_scale not in _LOSS_SCALE_TASK:
             raise bad("--loss_scale", f"{ns.loss_scale}: mvlm trains every assistant turn "
-                      "('default') or every text token ('all'); other strategies (last_round, "
-                      "ignore_empty_think, agent weights) are not implemented: keep only the "
-                      "turns to learn in the data")
+                      "('default', or 'ignore_empty_think' without loss on empty think blocks) "
+                      "or every text token ('all'); other strategies (last_round, agent "
+                      "weights) are not implemented: keep only the turns to learn in the data")
         want = _LOSS_SCALE_TASK[ns.loss_scale]
         if want != task:
             notes.append(f"--loss_scale {ns.loss_scale} -> loss on "
                          f"{'every text token' if want == 'pt' else 'the assistant turns'} "
                          f"(the labels of mvlm {want})")
         ns.task = want
+    if ns.add_non_thinking_prefix and ns.task not in ("sft", "preference"):
+        raise bad("--add_non_thinking_prefix", f"true acts on chat-rendered assistant turns "
+                  f"(sft, preference), not on task {ns.task}: drop the flag")
     if ns.strict is not None:
         ns.on_bad_sample = "error" if ns.strict else "skip"
         notes.append(f"--strict {str(ns.strict).lower()} -> --on_bad_sample {ns.on_bad_sample}")

@@ -31,12 +31,12 @@ REV = "fedcba9876543210fedcba9876543210fedcba98"
 
 # Scripts with flags mvlm refuses (each must be named by the refusal) -> those flags.
 EXPECTED_REFUSALS = {
+    # (issue 9) Megatron-SWIFT's lora_llm_vit_full/sft.sh (--add_non_thinking_prefix true,
+    # --loss_scale ignore_empty_think) parses: tests/unit/test_think_prefix.py
     # (issue 9) the guide's 6.3 block (--packing with --lazy_tokenize: encoded up front) and 3.3
     # block (--streaming with epochs: the local file's rows are counted) parse: see
     # test_guide_3_3_and_6_3_data_flags
     "swift_train_multimodal_lora_llm_full_vit_seq_cls.sh": {"--num_labels", "--task_type"},
-    "swift_megatron_multimodal_lora_llm_vit_full_sft.sh": {"--add_non_thinking_prefix",
-                                                           "--loss_scale"},
 }
 
 _RECORDER = r"""
@@ -350,15 +350,18 @@ def test_loss_scale_strict_and_refused_values(base):
     assert parse(base, "--loss_scale", "default").ns.task == "sft"
     assert parse(base, task="pt").ns.task == "pt"
     assert parse(base, "--loss_scale", "default", task="pt").ns.task == "sft"
-    for v in ("last_round", "ignore_empty_think", "last_round+hermes"):
+    for v in ("last_round", "all+ignore_empty_think", "last_round+hermes"):
         with pytest.raises(ValueError, match="--loss_scale: .*not implemented"):
             parse(base, "--loss_scale", v)
+    for v in ("ignore_empty_think", "default+ignore_empty_think"):
+        ns = parse(base, "--loss_scale", v).ns
+        assert ns.task == "sft" and ns.ignore_empty_think is True
+    assert parse(base, "--loss_scale", "default").ns.ignore_empty_think is False
     assert parse(base, "--strict", "false").ns.on_bad_sample == "skip"
     assert parse(base, "--strict", "true").ns.on_bad_sample == "error"
     with pytest.raises(ValueError, match="--truncation_strategy split: splitting"):
         parse(base, "--truncation_strategy", "split")
-    with pytest.raises(ValueError, match="--add_non_thinking_prefix"):
-        parse(base, "--add_non_thinking_prefix", "true")
+    assert parse(base, "--add_non_thinking_prefix", "true").ns.add_non_thinking_prefix is True
     # (issue 9) a local file's rows give the epochs' steps; hub IDs are refused (see
     # test_guide_3_3_and_6_3_data_flags); --packing with --lazy_tokenize encodes up front
     cfg = parse(base, "--streaming", "true", "--num_train_epochs", "3")
