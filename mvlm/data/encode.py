@@ -24,7 +24,7 @@ Public API (what ``mvlm/cli.py`` and the trainer use)::
         micro-batch holds micro_batch_size packed rows, concatenated padding-free into one
         row (per-sample cu_seqlens); pass pad_to_multiple_of=2*CP*TP
         when CP/SP are on, and cp_size=CP with packing so every sample is padded to a multiple
-        of 2*CP (``collate.cp_packed_indices`` then gives each CP rank its token indices).
+        of 2*CP (``mvlm.runtime.cp.cp_packed_indices`` then gives each CP rank its token indices).
         ``consumed_samples`` (items, i.e. packed rows when packing) resumes
         the exact order.
 
