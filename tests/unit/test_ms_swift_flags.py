@@ -469,12 +469,14 @@ def test_data_seed_columns_and_self_cognition(tmp_path):
 
 # ----------------------------------------------------------------------------- a real run
 
-def test_guide_8_1_script_trains_two_steps(tiny_ckpt, tmp_path):
+@pytest.mark.parametrize("variant", ["lora", "full"])
+def test_guide_8_1_script_trains_two_steps(tiny_ckpt, tmp_path, variant):
     """The guide's 8.1 LoRA script, run by bash with `swift` -> `mvlm`: hub model ID and the
     'AI-ModelScope/LaTeX_OCR#N' dataset ID come from an offline HF cache, its own flags stay
     (per-device batch 2 x accumulation 4 of packed padding-free rows, --lora_target_modules ALL,
     --deepspeed zero2, 4 loader workers, 8 encode processes); on top only sizes: 2 steps, one
-    rank, short rows, fewer #N rows."""
+    rank, short rows, fewer #N rows. ``full`` is its full-parameter variant (--train_type full,
+    the --lora_* lines deleted): the HF model is exported instead of an adapter."""
     from mvlm.demo_data import write_demo_dataset
 
     vl = tiny_ckpt("qwen2_5_vl")
@@ -498,6 +500,12 @@ def test_guide_8_1_script_trains_two_steps(tiny_ckpt, tmp_path):
     env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
                PYTHONPATH=str(REPO))
     script = FIX / "guide_8_1_full_sft.sh"
+    if variant == "full":
+        text = script.read_text().replace("--train_type lora", "--train_type full")
+        text = "\n".join(x for x in text.splitlines() if "--lora_" not in x)
+        assert "--train_type full" in text and "--lora" not in text
+        script = tmp_path / "guide_8_1_full_parameter.sh"
+        script.write_text(text + "\n")
     p = subprocess.run(["bash", "-c", runner + f"source {shlex.quote(str(script))}\n"],
                        cwd=work, env=env, capture_output=True, text=True, timeout=900)
     log = p.stdout + p.stderr
@@ -509,7 +517,11 @@ def test_guide_8_1_script_trains_two_steps(tiny_ckpt, tmp_path):
     assert all(0 < r["loss"] < 20 and r["grad_norm"] > 0 for r in train), train
     # micro-batch 2 x DP 1 x accumulation 4 = 8 packed rows per step
     assert train[-1]["consumed_samples"] == 16
-    assert (out / "adapter" / "adapter_model.safetensors").exists()
+    if variant == "full":
+        assert not (out / "adapter").exists()
+        assert (out / "hf" / "config.json").exists() and list((out / "hf").glob("*.safetensors"))
+    else:
+        assert (out / "adapter" / "adapter_model.safetensors").exists()
     for line in ("--model Qwen/Qwen2.5-VL-7B-Instruct -> ",
                  "--per_device_train_batch_size 2 -> --micro_batch_size 2",
                  "--gradient_accumulation_steps 4 -> --global_batch_size 8",
@@ -518,7 +530,10 @@ def test_guide_8_1_script_trains_two_steps(tiny_ckpt, tmp_path):
         assert line in log, (line, log[-4000:])
     groups = json.loads((out / "optimizer_groups.json").read_text())
     n = groups["trainable_numel_rank0"]
-    assert n["adapters"] > 0 and n["adapters"] < n["total"] / 2, n
+    if variant == "full":  # ms-swift's defaults: ViT and aligner frozen, the LLM trained in full
+        assert "adapters" not in n and n["vit"] == n["aligner"] == 0 and n["llm"] > 0, n
+    else:
+        assert n["adapters"] > 0 and n["adapters"] < n["total"] / 2, n
 
 
 def test_megatron_full_script_with_epoch_saves_tb_dir_and_name_freezing(tiny_ckpt, tmp_path):
