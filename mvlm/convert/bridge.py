@@ -6,9 +6,10 @@ the ranks and peak memory per rank is about one tensor slice.
 
 Export: every rank computes, without data, the list of HF tensors it will write (names, shapes,
 dtypes); the lists are exchanged as metadata so that file names and the index are known before
-any tensor moves. Then each (TP or expert-TP) group gathers one parameter at a time and its
-rank 0 converts it and appends it to its own safetensors file. Writers on different pipeline
-stages and expert ranks work in parallel; nothing is funnelled through rank 0.
+any tensor moves. Then ``mvlm.convert.stream.iter_hf_tensors`` gathers one parameter at a time
+over its (TP or expert-TP) group and the group's first rank appends the converted tensors to its
+own safetensors file. Writers on different pipeline stages and expert ranks work in parallel;
+nothing is funnelled through rank 0.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+from mvlm.convert import stream as _stream
 from mvlm.convert.hf_io import (
     CheckpointError,
     SafetensorsReader,
@@ -139,29 +141,11 @@ def load_hf_weights(bundle: ModelBundle, hf_dir: str | Path,
                 f"{sorted(unused)[:5]}): the family mapping does not cover this checkpoint")
 
 
-def _participates(m: Mapping) -> bool:
-    """Ranks whose copy is gathered and written: one data-parallel (and CP) replica."""
-    if m.expert:
-        return parallel_state.get_expert_data_parallel_rank() == 0
-    return (parallel_state.get_data_parallel_rank() == 0
-            and parallel_state.get_context_parallel_rank() == 0)
-
-
-def _group(m: Mapping):
-    return (parallel_state.get_expert_tensor_parallel_group() if m.expert
-            else parallel_state.get_tensor_model_parallel_group())
-
-
-def _skip_on_export(bundle: ModelBundle, e: ParamEntry) -> bool:
-    # Tied embeddings: HF stores only embed_tokens; the last stage's output copy is dropped.
-    return bundle.arch.tie_word_embeddings and e.global_name == "output_layer.weight"
-
-
-def _full_shape(e: ParamEntry, ctx: ShardCtx) -> list[int]:
-    shape = list(e.param.shape)
-    if e.mapping.split_dim is not None:
-        shape[e.mapping.split_dim] *= ctx.tp_size
-    return shape
+# The gather / replica / tied-embedding rules live in mvlm.convert.stream (one copy).
+_participates = _stream._participates
+_group = _stream._group
+_skip_on_export = _stream.skip_on_export
+_full_shape = _stream.full_shape
 
 
 @torch.no_grad()
@@ -206,33 +190,19 @@ def export_hf_weights(bundle: ModelBundle, out_dir: Path, dtype: torch.dtype | N
     weight_map = {spec[0]: fname[i] for i, (_, specs) in enumerate(files) for spec in specs}
     my_files = [(fname[i], specs) for i, (r, specs) in enumerate(files)
                 if r == dist.get_rank()]
-    # 2. Stream.
+    # 2. Stream: this rank writes exactly what it leads (group_first), in its plan's order.
     writer = None
     file_iter = iter(my_files)
     remaining = 0
-    for e in entries:
-        if not _participates(e.mapping):
-            continue
-        ctx = shard_ctx(bundle, e.mapping)
-        t = e.param.detach()
-        if e.mapping.split_dim is not None and ctx.tp_size > 1:
-            parts = [torch.empty_like(t) for _ in range(ctx.tp_size)]
-            dist.all_gather(parts, t.contiguous(), group=_group(e.mapping))
-            if ctx.tp_rank != 0:
-                continue
-            t = torch.cat(parts, dim=e.mapping.split_dim)
-            del parts
-        elif ctx.tp_rank != 0:
-            continue
-        for name, tensor in e.mapping.to_hf(t, e.idx, ctx):
-            if remaining == 0:
-                if writer is not None:
-                    writer.close()
-                f, specs = next(file_iter)
-                writer = StreamingSafetensorsWriter(out_dir / f, specs)
-                remaining = len(specs)
-            writer.write(name, tensor.to(dtype or tensor.dtype))
-            remaining -= 1
+    for name, tensor in _stream.iter_hf_tensors(bundle, entries=entries, dtype=dtype):
+        if remaining == 0:
+            if writer is not None:
+                writer.close()
+            f, specs = next(file_iter)
+            writer = StreamingSafetensorsWriter(out_dir / f, specs)
+            remaining = len(specs)
+        writer.write(name, tensor)
+        remaining -= 1
     if writer is not None:
         writer.close()
     if dist.get_rank() == 0:

@@ -54,12 +54,10 @@ def _mapping_for(bundle: ModelBundle, ad: LoRAAdapter):
 
 
 def _gather(t: torch.Tensor, dim: int, ad: LoRAAdapter) -> torch.Tensor:
-    spec = ad.spec
-    if spec.tp_size == 1:
-        return t.detach()
-    parts = [torch.empty_like(t) for _ in range(spec.tp_size)]
-    dist.all_gather(parts, t.detach().contiguous(), group=spec.tp_group)
-    return torch.cat(parts, dim=dim)
+    """The whole adapter matrix from its TP shards (the converter's one TP gather)."""
+    from mvlm.convert.stream import gather_tp
+
+    return gather_tp(t, dim, ad.spec.tp_size, ad.spec.tp_group)[0]
 
 
 def _writer(ad: LoRAAdapter) -> bool:
@@ -80,7 +78,7 @@ def peft_tensors(bundle: ModelBundle, dtype: torch.dtype | None = None
                  ) -> tuple[dict[str, torch.Tensor], dict]:
     """Collective: every adapter (and trainable base tensor = modules_to_save) in peft keys,
     gathered on global rank 0 (empty elsewhere); also the names needed for the config."""
-    from mvlm.convert.bridge import param_entries, shard_ctx
+    from mvlm.convert.stream import iter_hf_tensors
 
     local: dict[str, torch.Tensor] = {}
     modules: set[str] = set()
@@ -104,25 +102,12 @@ def peft_tensors(bundle: ModelBundle, dtype: torch.dtype | None = None
             if mp is not None:
                 local[f"{PEFT_PREFIX}{path}.lora_magnitude_vector"] = mp.clone()
     saved: set[str] = set()
-    for e in param_entries(bundle):
-        if not e.param.requires_grad:
-            continue
-        ctx = shard_ctx(bundle, e.mapping)
-        t = e.param.detach()
-        if e.mapping.split_dim is not None and ctx.tp_size > 1:
-            from mvlm.convert.bridge import _group
-
-            parts = [torch.empty_like(t) for _ in range(ctx.tp_size)]
-            dist.all_gather(parts, t.contiguous(), group=_group(e.mapping))
-            t = torch.cat(parts, dim=e.mapping.split_dim)
-        from mvlm.convert.bridge import _participates, _skip_on_export
-
-        if not _participates(e.mapping) or ctx.tp_rank != 0 or _skip_on_export(bundle, e):
-            continue
-        for name, tensor in e.mapping.to_hf(t, e.idx, ctx):
-            path = hf_module_path(bundle, name)
-            local[PEFT_PREFIX + path] = tensor.clone()
-            saved.add(path.rsplit(".", 2)[-2])
+    # modules_to_save: the trainable base tensors, streamed like the HF export (same gather,
+    # same replica and tied-embedding rules); what this rank leads arrives here.
+    for name, tensor in iter_hf_tensors(bundle, select=lambda e: e.param.requires_grad):
+        path = hf_module_path(bundle, name)
+        local[PEFT_PREFIX + path] = tensor.clone()
+        saved.add(path.rsplit(".", 2)[-2])
     if dtype is not None:
         local = {k: v.to(dtype) for k, v in local.items()}
     gathered: list = [None] * dist.get_world_size()
