@@ -4,6 +4,7 @@ Checks, on a tiny Qwen2-VL with two image samples and a text-only one packed in 
 1. each sample's logits in the packed row equal its logits run alone;
 2. perturbing one sample's tokens leaves the other samples' logits untouched;
 3. the packed token-summed loss equals the sum of the per-sample losses.
+Bars (fp32): 1. max |dlogits| <= 2e-6; 3. |dloss| <= 5e-7 relative to the loss (floor 1).
 Prints the measured differences; exits non-zero on failure.
 """
 from __future__ import annotations
@@ -73,7 +74,7 @@ def main(workdir: str) -> int:
         d = (logits[cu[i]:cu[i + 1]] - alone[: cu[i + 1] - cu[i]]).abs().max().item()
         worst = max(worst, d)
     print(f"packed vs alone: max|dlogits| = {worst:.3e}")
-    ok &= worst <= 1e-5
+    ok &= worst <= 2e-6  # measured 3.6e-7
 
     # Perturb the text sample's prompt tokens (leave its last token alone).
     pert = dict(packed)
@@ -91,7 +92,8 @@ def main(workdir: str) -> int:
     loss_packed = run(packed, labels=True).sum().item()
     loss_sep = sum(run(collate_packed([s], 0), labels=True).sum().item() for s in samples)
     print(f"token-summed loss packed {loss_packed:.6f} vs per-sample {loss_sep:.6f}")
-    ok &= abs(loss_packed - loss_sep) <= 1e-5 * max(1.0, abs(loss_sep))
+    # relative, floor 1 (a sum over ~150 tokens); measured 5e-8 (8e-6 on 151.43)
+    ok &= abs(loss_packed - loss_sep) <= 5e-7 * max(1.0, abs(loss_sep))
     pos = packed["position_ids"][0, 0]
     ok &= all(int(pos[c]) == 0 for c in cu[:-1])
     print("OK" if ok else "FAILED")

@@ -1,7 +1,8 @@
 """HF -> Megatron-Core (sharded) -> HF through the real CLI under torchrun (gloo, CPU, fp32).
 
 Every conversion into Megatron runs `--verify`: logits of the sharded model against the HF model
-on text-only, one-image and two-image inputs (VL families), max |dlogits| <= 1e-4 and equal loss.
+on text-only, one-image and two-image inputs (VL families), max |dlogits| <= LOGITS_TOL and
+|dloss| <= LOSS_TOL (relative, see below).
 Every export is compared tensor by tensor with the original checkpoint (torch.equal, same key
 set, dtypes and shapes), and exports at a layout different from the saved one check resharding.
 """
@@ -14,6 +15,12 @@ from helpers import assert_same_tensors, run_mvlm
 
 pytestmark = pytest.mark.dist
 
+# fp32 CPU bars, tighter than `--verify`'s default --verify_tol (1e-4, kept loose for bf16 users):
+# measured maxima 2026-12-02 over all cases below: max |dlogits| 5.4e-7 (Qwen2.5-VL at TP2 x PP2);
+# |dloss| 1e-6 as printed (6 decimals) on a loss of 6.9, i.e. 1.5e-7 relative
+LOGITS_TOL = 5e-6  # absolute on logits
+LOSS_TOL = 1e-6  # relative to the loss with a floor of 1: |dloss| <= LOSS_TOL * max(1, |loss|)
+
 VERIFY_RX = re.compile(r"verify (\S+)\s+max\|dlogits\| = (\S+)\s+loss mcore (\S+) hf (\S+)")
 
 
@@ -23,8 +30,8 @@ def _check_verify_output(stdout: str, expect: set[str]) -> None:
     assert set(found) == expect, stdout[-3000:]
     for name, (d, lm, lh) in found.items():
         print(f"  {name}: max|dlogits|={d:.3e} loss mcore={lm:.6f} hf={lh:.6f}")
-        assert d <= 1e-4, (name, d)
-        assert abs(lm - lh) <= 1e-4, (name, lm, lh)
+        assert d <= LOGITS_TOL, (name, d)
+        assert abs(lm - lh) <= LOSS_TOL * max(1.0, abs(lh)), (name, lm, lh)
 
 
 VL_CHECKS = {"text", "image+text", "two-images"}

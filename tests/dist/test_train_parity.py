@@ -11,7 +11,8 @@ process group, see ``_train_worker.py``):
    logits check of transformers (loading the export) against the trained Megatron model;
 3. four ranks: TP2 x PP2.
 
-Tolerances (fp32, CPU): losses 1e-5, grad norms 1e-4 (the issue's bar); the resumed run's
+Tolerances (fp32, CPU), relative to the one-rank value with a floor of 1: losses 5e-7, grad
+norms 1e-5; the exported model's logits within 5e-6 (absolute) of Megatron's; the resumed run's
 logging.jsonl must equal the uninterrupted run's bit for bit.
 """
 from __future__ import annotations
@@ -26,8 +27,15 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 STEPS = 3
-LOSS_TOL = 1e-5
-GNORM_TOL = 1e-4
+# Bars, relative to the single-rank value with a floor of 1 (see _rel); measured maxima 2026-12-02:
+LOSS_TOL = 5e-7  # measured 7.0e-8 (TP2, TP2xPP2); resume at TP2: 0
+GNORM_TOL = 1e-5  # measured 2.2e-6 (TP2; PP2/CP2/DP2/EP2 <= 1e-7)
+LOGITS_TOL = 5e-6  # absolute, export vs trained model; measured 7.2e-7
+
+
+def _rel(a: float, b: float) -> float:
+    """|a - b| relative to |a| with a floor of 1: fp32 rounding scales with the value."""
+    return abs(a - b) / max(1.0, abs(a))
 
 
 def _launch(spec: dict, nproc: int, tmp: Path, name: str, timeout: int = 900) -> str:
@@ -132,9 +140,9 @@ def runs(tmp_path_factory, tiny_ckpt):
 def _compare(ref: Path, other: Path, name: str) -> tuple[float, float]:
     a, b = _train_lines(ref), _train_lines(other)
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, STEPS + 1)), name
-    dl = max(abs(x["loss"] - y["loss"]) for x, y in zip(a, b, strict=True))
-    dg = max(abs(x["grad_norm"] - y["grad_norm"]) for x, y in zip(a, b, strict=True))
-    print(f"{name}: max |dloss| {dl:.2e}  max |dgrad_norm| {dg:.2e}")
+    dl = max(_rel(x["loss"], y["loss"]) for x, y in zip(a, b, strict=True))
+    dg = max(_rel(x["grad_norm"], y["grad_norm"]) for x, y in zip(a, b, strict=True))
+    print(f"{name}: max rel |dloss| {dl:.2e}  max rel |dgrad_norm| {dg:.2e}")
     assert dl <= LOSS_TOL, f"{name}: loss differs by {dl} (> {LOSS_TOL}): {a} vs {b}"
     assert dg <= GNORM_TOL, f"{name}: grad norm differs by {dg} (> {GNORM_TOL})"
     # the loss must actually move, or parity would be vacuous
@@ -168,13 +176,15 @@ def test_resume_at_other_tp(runs):
     # a fresh output_dir: only the steps after the checkpoint are logged
     assert [r["step"] for r in c] == [3, 4]
     for x, y in zip(a[2:], c, strict=True):
-        assert abs(x["loss"] - y["loss"]) <= LOSS_TOL and x["consumed_samples"] == \
+        print(f"resume_tp2 step {y['step']}: rel |dloss| {_rel(x['loss'], y['loss']):.2e}")
+        assert _rel(x["loss"], y["loss"]) <= LOSS_TOL and x["consumed_samples"] == \
             y["consumed_samples"], (x, y)
 
 
 def test_export_logits_match_trained_model(runs):
     v = json.loads((runs["tmp"] / "verify.json").read_text())
-    assert v["max_abs_logits"] <= 1e-4
+    print(f"export vs trained model: max |dlogits| {v['max_abs_logits']:.2e}")
+    assert v["max_abs_logits"] <= LOGITS_TOL
 
 
 def _tensors(d: Path):

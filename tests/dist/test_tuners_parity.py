@@ -4,7 +4,8 @@ Cases, all in one torchrun launch (``import megatron`` is ~8 s per rank): TP1 (b
 same full computation without gradient sync = the single-rank reference), TP2, PP2, for LoRA and
 DoRA, on the tiny Qwen2-VL with the LLM's linears and the vision tower adapted and B initialised
 non-zero (so every adapter path carries signal from step 0). Three steps of Adam on the adapters.
-Bars (fp32 CPU): losses within 1e-5 of the reference; no base tensor changes on any rank.
+Bars (fp32 CPU): losses within 2e-7 of the reference (relative, floor 1); no base tensor changes
+on any rank.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
-LOSS_TOL = 1e-5
+LOSS_TOL = 2e-7  # relative to the reference loss, floor 1; measured 3.7e-8 (TP2), 0 (PP2)
 
 
 @pytest.mark.timeout(1200)
@@ -43,8 +44,9 @@ def test_lora_dora_tp2_pp2_parity(tiny_ckpt, tmp_path):
         assert ref["losses"][-1] < ref["losses"][0], ref  # it trains
         for lay in ("tp2", "pp2"):
             got = res[f"{kind}_{lay}"]
-            diffs = [abs(a - b) for a, b in zip(got["losses"], ref["losses"], strict=True)]
-            print(f"{kind} {lay}: max |dloss| {max(diffs):.2e} over {len(diffs)} steps")
+            diffs = [abs(a - b) / max(1.0, abs(b))
+                     for a, b in zip(got["losses"], ref["losses"], strict=True)]
+            print(f"{kind} {lay}: max rel |dloss| {max(diffs):.2e} over {len(diffs)} steps")
             assert max(diffs) <= LOSS_TOL, (kind, lay, got["losses"], ref["losses"])
             assert got["base_changed"] == 0, got
             assert got["trainable"] == ref["trainable"] and got["total"] == ref["total"], got

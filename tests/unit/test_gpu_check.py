@@ -170,4 +170,5 @@ def test_cpu_smoke_run_both_sides_agree(tmp_path):
     r = json.loads((tmp_path / "r.json").read_text())
     mcore, hf = (s["losses"] for s in r["sides"])
     assert len(mcore) == len(hf) == 3
-    assert mcore == pytest.approx(hf, abs=1e-4)
+    print("max |dloss|", max(abs(a - b) for a, b in zip(mcore, hf, strict=True)))
+    assert mcore == pytest.approx(hf, abs=5e-6)  # measured max |dloss| 8.5e-7

@@ -4,7 +4,7 @@ The numeric checks run in one torchrun rank (``tests/dist/_tuners_worker.py``, `
 megatron`` paid once for LoRA and DoRA): after 3 training steps on the tiny Qwen2-VL (LLM
 all-linear + vision tower adapted, lm_head in modules_to_save), the mvlm logits must equal
 (1) transformers + ``peft.PeftModel.from_pretrained`` on the exported adapter directory and
-(2) transformers on the merged export, within 1e-4 (fp32); (3) reloading the adapter directory
+(2) transformers on the merged export, within 1e-5 (fp32); (3) reloading the adapter directory
 into a fresh mvlm model gives the same logits; base weights stay bit-identical throughout.
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 
 HERE = Path(__file__).resolve().parent
 WORKER = HERE.parent / "dist" / "_tuners_worker.py"
-TOL = 1e-4
+TOL = 1e-5  # absolute on logits; measured 1.7e-6 (LoRA merged, DoRA peft and merged)
 
 
 def test_target_resolution():
@@ -65,9 +65,10 @@ def test_peft_and_merged_exports_match_mvlm(tiny_ckpt, tmp_path):
     for k in ("lora", "dora"):
         c = res[k]
         assert c["base_vs_mvlm"] > 1e-2, c  # the adapters change the model
+        print(k, {x: c[x] for x in ("peft_vs_mvlm", "merged_vs_mvlm", "reload_vs_mvlm")})
         assert c["peft_vs_mvlm"] <= TOL, c
         assert c["merged_vs_mvlm"] <= TOL, c
-        assert c["reload_vs_mvlm"] <= 1e-6, c
+        assert c["reload_vs_mvlm"] <= 1e-6, c  # measured 0
         assert c["base_changed_after_export"] == 0, c
         cfg = json.loads((tmp_path / k / "adapter" / "adapter_config.json").read_text())
         assert cfg["use_dora"] == (k == "dora") and cfg["peft_type"] == "LORA"
