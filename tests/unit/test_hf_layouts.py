@@ -131,7 +131,7 @@ def test_convert_from_module_tree_layout(tiny_ckpt, tmp_path):
     for c in cases:
         print(f"{c['name']}: module-tree layout -> mcore verify max|dlogits| "
               f"{res[c['name']]:.3e}")
-        assert res[c["name"]] <= 1e-4
+        assert res[c["name"]] <= 5e-6  # measured 0.0 (fp32, TP1); the README states 5e-6
         n = assert_same_tensors(tiny_ckpt(c["name"]), Path(c["back"]))  # hub keys, bit-equal
         assert n > 0
     for e in errors:
