@@ -713,3 +713,50 @@ def test_guide_3_3_streams_epochs_and_logs_skipped_rows(tiny_ckpt, tmp_path):
     assert "steps = ceil(3 x 8 rows / global batch size)" in log, log[-4000:]
     assert log.count("bad samples: skipped samples: 2 (bad_encoding=1, bad_json=1)") == 1, \
         log[-4000:]
+
+
+@pytest.mark.parametrize("name,out,part", [
+    ("guide_4_3_sft_lora.sh", "sft_qwen2_5_vl", "adapters"),
+    ("guide_7_1_stage1_aligner.sh", "stage1_aligner", "aligner"),
+])
+def test_more_guide_scripts_train_two_steps(tiny_ckpt, tmp_path, name, out, part):
+    """The guide's 4.3 (LoRA, packing, micro-batch 2 x accumulation 4, flash_attn asked for on a
+    CPU) and 7.1 stage-1 (only the aligner trains) scripts, run by bash with `swift` -> `mvlm`, the
+    hub model ID from an offline HF cache; on top only sizes: 2 steps, one rank, short rows."""
+    from mvlm.demo_data import write_demo_dataset
+
+    vl = tiny_ckpt("qwen2_5_vl")
+    demo = write_demo_dataset(tmp_path / "demo", n_train=16, n_val=0, image_size=56, seed=5)
+    rows = []
+    for line in demo.train.read_text().splitlines():
+        r = json.loads(line)
+        r["images"] = [str((demo.root / p).resolve()) for p in r["images"]]
+        rows.append(json.dumps(r))
+    work = tmp_path / "work"
+    work.mkdir()
+    for f in ("custom_vqa_dataset.jsonl", "stage1_data.jsonl"):
+        (work / f).write_text("\n".join(rows) + "\n")
+    cache = tmp_path / "hub"
+    hf_cache_with(cache, {"Qwen/Qwen2.5-VL-7B-Instruct": vl}, {})
+    overrides = ("--max_steps 2 --max_length 384 --torch_dtype float32 --report_to none "
+                 "--logging_steps 1")
+    runner = (f'swift() {{ shift; NPROC_PER_NODE=1 "{sys.executable}" -m mvlm sft "$@" '
+              f"{overrides}; }}\n")
+    env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
+               PYTHONPATH=str(REPO))
+    p = subprocess.run(["bash", "-c", runner + f"source {shlex.quote(str(FIX / name))}\n"],
+                       cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    log = p.stdout + p.stderr
+    assert p.returncode == 0, log[-6000:]
+    run = work / "output" / out
+    recs = [json.loads(x) for x in (run / "logging.jsonl").read_text().splitlines()]
+    train = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in train] == [1, 2], train
+    assert all(0 < r["loss"] < 20 and r["grad_norm"] > 0 for r in train), train
+    n = json.loads((run / "optimizer_groups.json").read_text())["trainable_numel_rank0"]
+    if part == "adapters":  # LoRA on the LLM; ms-swift's default freezes ViT and aligner
+        assert n["adapters"] > 0 and n["adapters"] < n["total"] / 2, n
+        assert (run / "adapter" / "adapter_model.safetensors").exists()
+    else:  # --freeze_vit true --freeze_llm true --freeze_aligner false: the aligner alone
+        assert n["aligner"] > 0 and n["vit"] == n["llm"] == 0, n
+        assert (run / "hf" / "config.json").exists()
