@@ -858,6 +858,28 @@ def _check_streaming_and_lazy(ns: argparse.Namespace, notes: list[str]) -> None:
                  "then continues into the next epoch")
 
 
+def _model_from_run_dir(path: str, notes: list[str]) -> str:
+    """``--model OUTPUT_DIR`` of an earlier mvlm run (the guide's stage-2 script starts from
+    stage 1's --output_dir): the run's HF export (``<dir>/hf``, written at the end of training)
+    is the model it trained. A run dir without one (stopped early, or an adapter run) is
+    refused with what to pass instead, rather than failing later on a missing config.json."""
+    if not os.path.isdir(path) or os.path.exists(os.path.join(path, "config.json")):
+        return path
+    hf = os.path.join(path, "hf")
+    if os.path.exists(os.path.join(hf, "config.json")):
+        notes.append(f"--model {path} is an mvlm training run -> its HF export {hf}")
+        return hf
+    if os.path.exists(os.path.join(path, "latest")):
+        what = ("an adapter run: pass its base as --model and the adapters with --adapters "
+                f"{os.path.join(path, 'adapter')}, or merge them first (mvlm export --model "
+                f"{path} --merge_lora true --output DIR)"
+                if os.path.isdir(os.path.join(path, "adapter")) else
+                "a run without an HF export (stopped early?): pass its checkpoint with "
+                f"--mcore_model {path}/checkpoint-N, or finish the run")
+        raise ValueError(f"--model {path}: is {what}")
+    return path
+
+
 def _validate(ns: argparse.Namespace, task: str, notes: list[str]) -> TrainConfig:
     def bad(flag: str, msg: str) -> ValueError:
         return ValueError(f"{flag}: {msg}")
@@ -874,6 +896,8 @@ def _validate(ns: argparse.Namespace, task: str, notes: list[str]) -> TrainConfi
     if ns.model and os.path.exists(os.path.join(ns.model, "mvlm_meta.json")):
         notes.append(f"--model {ns.model} is an mvlm Megatron checkpoint -> --mcore_model")
         ns.mcore_model, ns.model = ns.model, None
+    if ns.model:
+        ns.model = _model_from_run_dir(ns.model, notes)
     for flag in ("model", "mcore_model"):
         v = getattr(ns, flag)
         if v and not os.path.isdir(v):

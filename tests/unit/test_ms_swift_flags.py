@@ -718,11 +718,13 @@ def test_guide_3_3_streams_epochs_and_logs_skipped_rows(tiny_ckpt, tmp_path):
 @pytest.mark.parametrize("name,out,part", [
     ("guide_4_3_sft_lora.sh", "sft_qwen2_5_vl", "adapters"),
     ("guide_7_1_stage1_aligner.sh", "stage1_aligner", "aligner"),
+    ("guide_7_1_stage2_full.sh", "stage2_full", "all"),
 ])
 def test_more_guide_scripts_train_two_steps(tiny_ckpt, tmp_path, name, out, part):
     """The guide's 4.3 (LoRA, packing, micro-batch 2 x accumulation 4, flash_attn asked for on a
-    CPU) and 7.1 stage-1 (only the aligner trains) scripts, run by bash with `swift` -> `mvlm`, the
-    hub model ID from an offline HF cache; on top only sizes: 2 steps, one rank, short rows."""
+    CPU) and 7.1 scripts (stage 1: only the aligner trains; stage 2: everything trains, starting
+    from stage 1's --output_dir, i.e. its HF export), run by bash with `swift` -> `mvlm`, the hub
+    model ID from an offline HF cache; on top only sizes: 2 steps, one rank, short rows."""
     from mvlm.demo_data import write_demo_dataset
 
     vl = tiny_ckpt("qwen2_5_vl")
@@ -734,7 +736,7 @@ def test_more_guide_scripts_train_two_steps(tiny_ckpt, tmp_path, name, out, part
         rows.append(json.dumps(r))
     work = tmp_path / "work"
     work.mkdir()
-    for f in ("custom_vqa_dataset.jsonl", "stage1_data.jsonl"):
+    for f in ("custom_vqa_dataset.jsonl", "stage1_data.jsonl", "stage2_data.jsonl"):
         (work / f).write_text("\n".join(rows) + "\n")
     cache = tmp_path / "hub"
     hf_cache_with(cache, {"Qwen/Qwen2.5-VL-7B-Instruct": vl}, {})
@@ -744,7 +746,11 @@ def test_more_guide_scripts_train_two_steps(tiny_ckpt, tmp_path, name, out, part
               f"{overrides}; }}\n")
     env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1",
                PYTHONPATH=str(REPO))
-    p = subprocess.run(["bash", "-c", runner + f"source {shlex.quote(str(FIX / name))}\n"],
+    scripts = [FIX / name]
+    if name == "guide_7_1_stage2_full.sh":  # the guide runs stage 1 first, in the same dir
+        scripts.insert(0, FIX / "guide_7_1_stage1_aligner.sh")
+    src = "".join(f"source {shlex.quote(str(s))} || exit 1\n" for s in scripts)
+    p = subprocess.run(["bash", "-c", runner + src],
                        cwd=work, env=env, capture_output=True, text=True, timeout=900)
     log = p.stdout + p.stderr
     assert p.returncode == 0, log[-6000:]
@@ -757,6 +763,12 @@ def test_more_guide_scripts_train_two_steps(tiny_ckpt, tmp_path, name, out, part
     if part == "adapters":  # LoRA on the LLM; ms-swift's default freezes ViT and aligner
         assert n["adapters"] > 0 and n["adapters"] < n["total"] / 2, n
         assert (run / "adapter" / "adapter_model.safetensors").exists()
-    else:  # --freeze_vit true --freeze_llm true --freeze_aligner false: the aligner alone
+    elif part == "aligner":  # --freeze_vit true --freeze_llm true --freeze_aligner false
         assert n["aligner"] > 0 and n["vit"] == n["llm"] == 0, n
         assert (run / "hf" / "config.json").exists()
+    else:  # stage 2: every part unfrozen, weights from stage 1's export
+        assert n["aligner"] > 0 and n["vit"] > 0 and n["llm"] > 0, n
+        stage1 = work / "output" / "stage1_aligner" / "hf"
+        assert "--model output/stage1_aligner is an mvlm training run -> its HF export " \
+               "output/stage1_aligner/hf" in log, log[-4000:]
+        assert (stage1 / "config.json").exists() and (run / "hf" / "config.json").exists()
