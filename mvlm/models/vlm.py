@@ -99,12 +99,17 @@ class VLMModel(MegatronModule):
                 pixel_values_videos: torch.Tensor | None = None,
                 video_grid_thw: torch.Tensor | None = None,
                 packed_seq_params: PackedSeqParams | None = None,
-                gather_logits: bool = False) -> torch.Tensor:
+                gather_logits: bool = False, inference_context=None) -> torch.Tensor:
         """Returns per-token loss [b, s_local] when ``labels`` is given (last stage), logits
         [b, s_local, vocab(/TP unless gathered)] otherwise, hidden states on inner stages.
 
         ``labels`` are next-token targets aligned with positions (Megatron style), -100 = none;
         ``input_ids``/``labels``/``position_ids`` cover the full sequence on every CP rank.
+
+        ``inference_context`` (a Megatron-Core ``StaticInferenceContext``, used by
+        :mod:`mvlm.rl.rollout.builtin`): decode with the KV cache it holds; ``input_ids`` are then
+        only the new tokens while ``position_ids`` cover the whole sequence so far, and the last
+        stage returns the TP-gathered logits of the last position, [b, 1, vocab].
         """
         cfg = self.config
         cp_size = parallel_state.get_context_parallel_world_size()
@@ -121,6 +126,12 @@ class VLMModel(MegatronModule):
                 attention_mask.dim() == 2:
             # [b, s] keep-mask -> Megatron's [b, 1, 1, s] masked-out convention (key padding)
             attention_mask = (~attention_mask)[:, None, None, :]
+        if inference_context is not None:
+            out = self.language_model(
+                input_ids=None, position_ids=position_ids, attention_mask=attention_mask,
+                decoder_input=decoder_input, labels=None, inference_context=inference_context,
+                runtime_gather_output=True)
+            return out[..., : self.arch.vocab_size] if self.post_process else out
         out = self.language_model(
             input_ids=None, position_ids=position_ids, attention_mask=attention_mask,
             decoder_input=decoder_input, labels=None, packed_seq_params=packed_seq_params,
