@@ -251,11 +251,12 @@ def te_aliases(table: list[Mapping]) -> list[Mapping]:
     for m in table:
         name = m.mcore
         alias = None
-        if name.endswith("input_layernorm.weight"):
-            alias = name.replace("input_layernorm.weight",
-                                 "self_attention.linear_qkv.layer_norm_weight")
-        elif name.endswith("pre_mlp_layernorm.weight"):
-            alias = name.replace("pre_mlp_layernorm.weight", "mlp.linear_fc1.layer_norm_weight")
+        kind = name.rsplit(".", 1)[-1]  # LayerNorm has a bias too: layer_norm_bias
+        if name.endswith(("input_layernorm.weight", "input_layernorm.bias")):
+            alias = name.replace(f"input_layernorm.{kind}",
+                                 f"self_attention.linear_qkv.layer_norm_{kind}")
+        elif name.endswith(("pre_mlp_layernorm.weight", "pre_mlp_layernorm.bias")):
+            alias = name.replace(f"pre_mlp_layernorm.{kind}", f"mlp.linear_fc1.layer_norm_{kind}")
         elif ".mlp.experts.local_experts.{E}." in name:
             base = name.replace("local_experts.{E}.", "")
             alias = base[: -len(".weight")] + ".weight{E}" if base.endswith(".weight") else None

@@ -3,12 +3,19 @@
 Everything a family needs to say about its language model is in ``TextArch`` (read off the HF
 config by the family file); this module turns it into Megatron-Core objects for one parallel
 layout. Numerics-relevant choices are explicit: no fused kernels that would change rounding on
-CPU, HF's RMSNorm, explicit 3-row position ids for every family (``mrope``), so packed samples
-restart their positions and CP slices them the same way for text-only and multimodal models.
+CPU, HF's norms (``mvlm.models.norm``), explicit 3-row position ids for every family (``mrope``),
+so packed samples restart their positions and CP slices them the same way for text-only and
+multimodal models.
+
+The architecture options cover Llama/Mistral/Qwen/Gemma/StarCoder2/Nemotron-style decoders: norm
+type (RMSNorm or LayerNorm, optionally zero-centred ``(1 + w)``), MLP activation (gated or not),
+biases on QKV / the attention output / the MLP as separate switches, q/k-norm, and RoPE with a
+base, a rotary fraction and default / linear / llama3 / YaRN frequencies (``mvlm.models.rope``).
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -20,6 +27,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from mvlm.models.attention import ATTN_KERNELS
 from mvlm.models.recompute import RecomputeConfig, RecomputeError  # noqa: F401 - re-exported
+from mvlm.models.rope import RopeScaling, rope_inv_freq
 from mvlm.models.spec import decoder_block_spec
 from mvlm.runtime.parallel import ParallelLayout
 
@@ -28,6 +36,35 @@ VOCAB_PAD_MULTIPLE = 128
 
 class LayoutError(ValueError):
     """A parallel layout that this model cannot be split into; the message names the fix."""
+
+
+class ArchError(ValueError):
+    """An architecture option mvlm cannot build; the message names the HF field and the fix."""
+
+
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation: HF's ``gelu_pytorch_tanh`` (Gemma, StarCoder2)."""
+    return F.gelu(x, approximate="tanh")
+
+
+def squared_relu(x: torch.Tensor) -> torch.Tensor:
+    """``relu(x)^2``: HF's ``relu2`` (Nemotron); same arithmetic as Megatron-Core's
+    ``megatron.core.activations.squared_relu`` without its TorchScript wrapper."""
+    return torch.square(F.relu(x))
+
+
+# HF ``hidden_act`` name -> the elementwise function Megatron-Core's MLP applies (to the gate half
+# when the MLP is gated). Names whose HF arithmetic differs from these (``gelu_new``,
+# ``gelu_fast``, ``quick_gelu``...) are refused rather than approximated.
+ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
+    "silu": F.silu,
+    "swish": F.silu,
+    "gelu": F.gelu,
+    "gelu_pytorch_tanh": gelu_tanh,
+    "relu": F.relu,
+    "relu2": squared_relu,
+}
+NORMS = ("RMSNorm", "LayerNorm")
 
 
 @dataclass
@@ -48,6 +85,21 @@ class TextArch:
     qkv_bias: bool = False
     qk_layernorm: bool = False
     mrope_section: list[int] | None = None
+    # Norms: "RMSNorm" | "LayerNorm" (with bias); zero-centred weights are applied as (1 + w)
+    # (Gemma's RMSNorm, Nemotron's LayerNorm1P). q/k-norms use the same type.
+    normalization: str = "RMSNorm"
+    norm_zero_centered_gamma: bool = False
+    # MLP: HF's hidden_act name (see ACTIVATIONS) and whether it gates an up projection
+    # (SwiGLU/GeGLU: gate_proj + up_proj) or is applied to one projection (c_fc / up_proj).
+    activation: str = "silu"
+    gated_mlp: bool = True
+    # Biases beyond qkv_bias: the attention output projection (o_proj) and every MLP linear.
+    attn_out_bias: bool = False
+    mlp_bias: bool = False
+    # RoPE: fraction of head_dim that rotates (HF partial_rotary_factor) and the frequency
+    # variant (HF rope_parameters.rope_type and its fields).
+    rotary_percent: float = 1.0
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
     # MoE
     num_experts: int | None = None
     moe_topk: int = 2
@@ -63,6 +115,29 @@ def padded_vocab_size(vocab_size: int, tp: int, multiple: int = VOCAB_PAD_MULTIP
     checkpoint written at one TP loads at another without reshaping the embedding."""
     m = multiple if multiple % tp == 0 else math.lcm(multiple, tp)
     return int(math.ceil(vocab_size / m) * m)
+
+
+def rotary_dim(arch: TextArch) -> int:
+    """Channels of a head that rotate (Megatron-Core's and HF's ``int(head_dim * fraction)``)."""
+    return int(arch.head_dim * arch.rotary_percent) if arch.rotary_percent < 1.0 \
+        else arch.head_dim
+
+
+def validate_arch(arch: TextArch) -> None:
+    """Refuse options with no exact Megatron-Core equivalent, naming the HF config field."""
+    if arch.normalization not in NORMS:
+        raise ArchError(f"normalization {arch.normalization!r}: mvlm builds {' / '.join(NORMS)}")
+    if arch.activation not in ACTIVATIONS:
+        raise ArchError(
+            f"hidden_act={arch.activation!r} is not supported: use one of "
+            f"{', '.join(ACTIVATIONS)} (others round differently from Megatron-Core's MLP)")
+    if not 0.0 < arch.rotary_percent <= 1.0 or rotary_dim(arch) % 2:
+        raise ArchError(
+            f"partial_rotary_factor={arch.rotary_percent} gives {rotary_dim(arch)} rotary "
+            f"channels of head_dim={arch.head_dim}: it must be in (0, 1] and give an even count")
+    if arch.num_experts and (arch.mlp_bias or not arch.gated_mlp or arch.activation != "silu"):
+        raise ArchError("MoE layers are built as bias-free SwiGLU experts: mlp_bias / hidden_act "
+                        f"{arch.activation!r} on an MoE config is not supported")
 
 
 def validate_layout(arch: TextArch, layout: ParallelLayout) -> None:
@@ -113,6 +188,16 @@ class MvlmTransformerConfig(TransformerConfig):
     core_attn_impl: str = "auto"
     """Kernel of mvlm's ``SDPACoreAttention`` (see mvlm.models.attention): auto | flash | sdpa
     | eager."""
+    attn_out_bias: bool = False
+    """Bias on ``linear_proj`` (HF o_proj). Megatron-Core ties it to ``add_bias_linear`` (with the
+    MLP's); the local spec honours the two separately (Llama's attention_bias without mlp_bias)."""
+    mlp_bias: bool = False
+    """Bias on ``linear_fc1`` / ``linear_fc2``; see ``attn_out_bias``."""
+    # Read by Megatron-Core's attention (``_yarn_get_concentration_factor_from_config``) as the
+    # factor on cos/sin; 1.0 (no YaRN) gives a factor of exactly 1.
+    yarn_rotary_scaling_factor: float = 1.0
+    yarn_mscale: float | None = None
+    yarn_mscale_all_dim: float | None = None
 
 
 def transformer_config(arch: TextArch, layout: ParallelLayout, *, dtype: torch.dtype,
@@ -123,6 +208,7 @@ def transformer_config(arch: TextArch, layout: ParallelLayout, *, dtype: torch.d
                        moe_dispatcher: str | None = None) -> TransformerConfig:
     """The Megatron-Core config of ``arch`` at ``layout``. ``recompute_granularity`` alone is a
     shorthand for ``RecomputeConfig(granularity)`` (full -> uniform, 1 layer per checkpoint)."""
+    validate_arch(arch)
     validate_layout(arch, layout)
     if recompute is not None and recompute_granularity is not None:
         raise TypeError("pass recompute=RecomputeConfig(...) or recompute_granularity, not both")
@@ -162,16 +248,21 @@ def transformer_config(arch: TextArch, layout: ParallelLayout, *, dtype: torch.d
         num_query_groups=arch.num_kv_heads,
         kv_channels=arch.head_dim,
         ffn_hidden_size=arch.ffn_hidden_size,
-        normalization="RMSNorm",
+        normalization=arch.normalization,
+        layernorm_zero_centered_gamma=arch.norm_zero_centered_gamma,
         layernorm_epsilon=arch.norm_eps,
-        gated_linear_unit=True,
-        activation_func=F.silu,
-        add_bias_linear=False,
+        gated_linear_unit=arch.gated_mlp,
+        activation_func=ACTIVATIONS[arch.activation],
+        # Megatron-Core's one switch for o_proj + MLP biases; the spec handles them apart.
+        add_bias_linear=arch.attn_out_bias and arch.mlp_bias,
         add_qkv_bias=arch.qkv_bias,
+        attn_out_bias=arch.attn_out_bias,
+        mlp_bias=arch.mlp_bias,
         qk_layernorm=arch.qk_layernorm,
+        **_yarn_fields(arch.rope_scaling),
         hidden_dropout=dropout,
         attention_dropout=dropout,
-        mrope_section=arch.mrope_section or default_mrope_section(arch.head_dim),
+        mrope_section=arch.mrope_section or default_mrope_section(rotary_dim(arch)),
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp,
@@ -198,10 +289,18 @@ def transformer_config(arch: TextArch, layout: ParallelLayout, *, dtype: torch.d
     )
 
 
-def default_mrope_section(head_dim: int) -> list[int]:
+def _yarn_fields(scaling: RopeScaling) -> dict:
+    if scaling.rope_type != "yarn":
+        return {}
+    return dict(yarn_rotary_scaling_factor=scaling.factor, yarn_mscale=scaling.mscale,
+                yarn_mscale_all_dim=scaling.mscale_all_dim)
+
+
+def default_mrope_section(rot_dim: int) -> list[int]:
     """For text-only models all three position rows are equal, so any split of the rotary
-    frequencies gives plain RoPE; this one just has to sum to head_dim/2."""
-    half = head_dim // 2
+    frequencies gives plain RoPE; this one just has to sum to rot_dim/2 (rot_dim = head_dim
+    unless only part of each head rotates)."""
+    half = rot_dim // 2
     return [half - 2 * (half // 3), half // 3, half // 3]
 
 
@@ -217,7 +316,7 @@ def build_gpt(arch: TextArch, config: TransformerConfig, backend: str, *,
         post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False,
                                                              vp_stage=vp_stage)
     n_here = get_num_layers_to_build(config, vp_stage=vp_stage)
-    return GPTModel(
+    model = GPTModel(
         config=config,
         transformer_layer_spec=decoder_block_spec(config, backend, n_here),
         vocab_size=vocab_padded or padded_vocab_size(arch.vocab_size,
@@ -232,5 +331,13 @@ def build_gpt(arch: TextArch, config: TransformerConfig, backend: str, *,
         scatter_embedding_sequence_parallel=False,
         rotary_base=int(arch.rope_theta) if float(arch.rope_theta).is_integer()
         else arch.rope_theta,
+        rotary_percent=arch.rotary_percent,
         vp_stage=vp_stage,
     )
+    if arch.rope_scaling.rope_type != "default":
+        # The multimodal rotary module computes only default frequencies; the scaled variants
+        # differ in nothing else, so give it theirs (see mvlm.models.rope).
+        rope = model.rotary_pos_emb
+        rope.inv_freq = rope_inv_freq(arch.rope_theta, rotary_dim(arch), arch.rope_scaling).to(
+            rope.inv_freq.device)
+    return model

@@ -1,5 +1,5 @@
 """Layer specs: Transformer Engine's when it is importable on a GPU, otherwise Megatron-Core's local
-modules with mvlm's SDPA core attention and HF-exact RMSNorm.
+modules with mvlm's SDPA core attention and HF-exact norms (RMSNorm / LayerNorm, see norm.py).
 
 The two specs name their parameters differently (TE fuses the pre-attention norm into
 ``linear_qkv`` and, in dense layers, the pre-MLP norm into ``linear_fc1``, as
@@ -26,9 +26,34 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from mvlm.models.norm import RMSNorm
+from mvlm.models.norm import norm_class
 
 log = logging.getLogger(__name__)
+
+
+def _with_bias(linear: type, bias: bool) -> type:
+    """``linear`` with its ``bias`` argument fixed.
+
+    Megatron-Core decides biases from two switches (``add_qkv_bias``; ``add_bias_linear`` for
+    o_proj and the whole MLP at once), but HF families set them per projection (Llama's
+    ``attention_bias`` covers q/k/v/o and ``mlp_bias`` the MLP). The local spec therefore builds
+    each projection with the bias its HF counterpart has; the class is still a
+    Column/RowParallelLinear, so TP, LoRA and checkpoints treat it as one."""
+    class FixedBias(linear):
+        def __init__(self, *args, **kwargs) -> None:
+            kwargs["bias"] = bias
+            super().__init__(*args, **kwargs)
+
+    FixedBias.__name__ = FixedBias.__qualname__ = linear.__name__
+    return FixedBias
+
+
+def _biases(config: TransformerConfig) -> tuple[bool, bool, bool]:
+    """(qkv, attention output, MLP) biases; a plain TransformerConfig has Megatron's meaning."""
+    if not hasattr(config, "attn_out_bias"):  # Megatron-Core's own TransformerConfig
+        both = config.add_bias_linear
+        return config.add_qkv_bias or both, both, both
+    return config.add_qkv_bias, config.attn_out_bias, config.mlp_bias
 
 
 def te_available() -> bool:
@@ -67,6 +92,9 @@ def local_layer_spec(config: TransformerConfig) -> ModuleSpec:
 
     backend = LocalSpecProvider()
     num_experts = config.num_moe_experts
+    qkv_bias, out_bias, mlp_bias = _biases(config)
+    col, row = backend.column_parallel_linear(), backend.row_parallel_linear()
+    norm = norm_class(config)
     if num_experts:
         mlp = get_moe_module_spec_for_backend(
             backend=backend, num_experts=num_experts, moe_grouped_gemm=False,
@@ -75,27 +103,27 @@ def local_layer_spec(config: TransformerConfig) -> ModuleSpec:
         mlp = ModuleSpec(
             module=MLP,
             submodules=MLPSubmodules(
-                linear_fc1=backend.column_parallel_linear(),
-                linear_fc2=backend.row_parallel_linear(),
+                linear_fc1=_with_bias(col, mlp_bias),
+                linear_fc2=_with_bias(row, mlp_bias),
             ),
         )
     return ModuleSpec(
         module=TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=RMSNorm,
+            input_layernorm=norm,
             self_attention=ModuleSpec(
                 module=SelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
-                    linear_qkv=backend.column_parallel_linear(),
+                    linear_qkv=_with_bias(col, qkv_bias),
                     core_attention=SDPACoreAttention,
-                    linear_proj=backend.row_parallel_linear(),
-                    q_layernorm=RMSNorm if config.qk_layernorm else IdentityOp,
-                    k_layernorm=RMSNorm if config.qk_layernorm else IdentityOp,
+                    linear_proj=_with_bias(row, out_bias),
+                    q_layernorm=norm if config.qk_layernorm else IdentityOp,
+                    k_layernorm=norm if config.qk_layernorm else IdentityOp,
                 ),
             ),
             self_attn_bda=get_bias_dropout_add,
-            pre_mlp_layernorm=RMSNorm,
+            pre_mlp_layernorm=norm,
             mlp=mlp,
             mlp_bda=get_bias_dropout_add,
             sharded_state_dict_keys_map=te_checkpoint_keys_map(is_moe=bool(num_experts)),
@@ -105,6 +133,13 @@ def local_layer_spec(config: TransformerConfig) -> ModuleSpec:
 
 def te_layer_spec(config: TransformerConfig) -> ModuleSpec:
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_with_transformer_engine_spec
+
+    qkv_bias, out_bias, mlp_bias = _biases(config)
+    if out_bias != mlp_bias or (out_bias and not qkv_bias):
+        raise ValueError(
+            f"biases qkv={qkv_bias} o_proj={out_bias} mlp={mlp_bias} (HF attention_bias / "
+            "mlp_bias) cannot be built by the Transformer Engine spec, which ties o_proj and MLP "
+            "biases together: run with --transformer_impl local")
 
     return get_gpt_layer_with_transformer_engine_spec(
         num_experts=config.num_moe_experts,
@@ -120,9 +155,9 @@ def decoder_block_spec(config: TransformerConfig, backend: str, num_layers_here:
         from megatron.core.extensions.transformer_engine_spec_provider import TESpecProvider
 
         layer = te_layer_spec(config)
-        final_norm = TESpecProvider().layer_norm(rms_norm=True)
+        final_norm = TESpecProvider().layer_norm(rms_norm=config.normalization == "RMSNorm")
     else:
         layer = local_layer_spec(config)
-        final_norm = RMSNorm
+        final_norm = norm_class(config)
     return TransformerBlockSubmodules(layer_specs=[layer] * num_layers_here,
                                       layer_norm=final_norm)
