@@ -18,6 +18,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mvlm.models.positions import batch_position_ids
+from mvlm.models.registry import FamilySpec
 from mvlm.models.vlm import ModelBundle
 from mvlm.runtime.cp import split_for_cp
 
@@ -51,11 +52,10 @@ def mcore_forward(bundle: ModelBundle, batch: dict, with_loss: bool = False
 
     def step(data_iter, model):
         b = next(data_iter)
+        media = {k: b[k] for k in bundle.family.batch_keys if k in b}
         out = model(b["input_ids"], b["position_ids"],
                     labels=b.get("labels") if with_loss else None,
-                    pixel_values=b.get("pixel_values"), image_grid_thw=b.get("image_grid_thw"),
-                    pixel_values_videos=b.get("pixel_values_videos"),
-                    video_grid_thw=b.get("video_grid_thw"), gather_logits=not with_loss)
+                    gather_logits=not with_loss, **media)
         return out, None
 
     store = fb(forward_step_func=step, data_iterator=iter([batch]), model=bundle.models,
@@ -67,15 +67,18 @@ def mcore_forward(bundle: ModelBundle, batch: dict, with_loss: bool = False
 
 
 def make_inputs(bundle: ModelBundle, hf_dir: Path, seq_pad: int) -> list[tuple[str, dict]]:
-    """Deterministic test inputs: text-only, one image, two images of different sizes."""
+    """Deterministic test inputs: text-only, and for a family that takes images one image and
+    two images of different sizes (rendered and processed by the checkpoint's own processor)."""
     cfg = bundle.hf_config
+    family = bundle.family
     rng = np.random.default_rng(1234)
     out = []
     vocab = bundle.arch.vocab_size
     n = 24 if seq_pad <= 1 else ((24 + seq_pad - 1) // seq_pad) * seq_pad
     ids = torch.as_tensor(rng.integers(0, min(vocab, 500), (2, n)), dtype=torch.long)
     out.append(("text", {"input_ids": ids}))
-    if bundle.family.is_vlm:
+    image = next((k for k in family.media if k.name == "image"), None)
+    if image is not None:
         from PIL import Image
         from transformers import AutoProcessor
 
@@ -94,29 +97,26 @@ def make_inputs(bundle: ModelBundle, hf_dir: Path, seq_pad: int) -> list[tuple[s
             enc = proc(text=[text], images=images, return_tensors="pt")
             L = enc["input_ids"].shape[1]
             pad = (-L) % seq_pad if seq_pad > 1 else 0
-            batch = {k: enc[k] for k in ("input_ids", "pixel_values", "image_grid_thw")}
+            batch = {k: enc[k] for k in ("input_ids", *image.batch_keys) if k in enc}
             if pad:
                 # Extra text at the end keeps HF and mcore on identical (unpadded) inputs.
                 extra = torch.full((1, pad), int(enc["input_ids"][0, -1]), dtype=torch.long)
                 batch["input_ids"] = torch.cat([enc["input_ids"], extra], dim=1)
             out.append((name, batch))
     for _, b in out:
-        b["position_ids"] = batch_position_ids(cfg, b["input_ids"], b.get("image_grid_thw"))
+        media = {k: b[k] for k in family.batch_keys if k in b}
+        b["position_ids"] = batch_position_ids(cfg, b["input_ids"], media)
         labels = torch.full_like(b["input_ids"], -100)
         labels[:, :-1] = b["input_ids"][:, 1:]
         labels[:, : b["input_ids"].shape[1] // 3] = -100  # a masked prompt, like SFT
-        if cfg.model_type in ("qwen2_vl", "qwen2_5_vl"):
-            labels[b["input_ids"] == cfg.image_token_id] = -100
+        if image is not None:
+            labels[b["input_ids"] == family.token_ids(cfg)["image"]] = -100
         b["labels"] = labels
     return out
 
 
-def _hf_forward(hf_model, b: dict) -> tuple[torch.Tensor, float]:
-    kwargs = {"input_ids": b["input_ids"]}
-    if "pixel_values" in b:
-        kwargs.update(pixel_values=b["pixel_values"], image_grid_thw=b["image_grid_thw"],
-                      position_ids=b["position_ids"])
-        kwargs["mm_token_type_ids"] = (b["input_ids"] == hf_model.config.image_token_id).int()
+def _hf_forward(hf_model, family: FamilySpec, b: dict) -> tuple[torch.Tensor, float]:
+    kwargs = family.hf_forward_inputs(hf_model.config, b)
     logits = hf_model(**kwargs).logits.float()
     lab = b["labels"]
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
@@ -152,7 +152,7 @@ def verify_against_hf(bundle: ModelBundle, hf_dir: str | Path, tol: float = 1e-4
         ref_loss = 0.0
         if last:
             with torch.no_grad():
-                ref, ref_loss = _hf_forward(hf_model, b)
+                ref, ref_loss = _hf_forward(hf_model, bundle.family, b)
             ref_local = split_for_cp(ref, 1, cp, cp_rank)
             diff = (logits.float() - ref_local).abs().max().double().cpu()
             lab_local = split_for_cp(b["labels"], 1, cp, cp_rank)

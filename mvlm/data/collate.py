@@ -11,9 +11,11 @@ The batch contract (names are fixed; the model and trainer read exactly these ke
   sample) and ``max_seqlen`` int; no attention_mask. A micro-batch of N packed rows (the
   sampler's items) is ONE row: the rows' samples concatenated in order (see
   :func:`collate_packed_rows`); ``num_rows`` = N.
-* vision: ``pixel_values`` [N_patches, D], ``image_grid_thw`` [N_images, 3] (all images of the
-  micro-batch in sample order); ``pixel_values_videos``, ``video_grid_thw``,
-  ``second_per_grid_ts`` likewise. Keys are absent when the micro-batch has no such media.
+* media: the keys the model's family declares (``FamilySpec.batch_keys`` in
+  mvlm.models.registry), each concatenated over the micro-batch in sample order -- for Qwen-VL
+  ``pixel_values`` [N_patches, D], ``image_grid_thw`` [N_images, 3]; ``pixel_values_videos``,
+  ``video_grid_thw``, ``second_per_grid_ts`` likewise. Keys are absent when the micro-batch has no
+  such media.
 * ``num_samples`` int.
 
 Labels are shifted per sample *before* concatenation, which is why packing can never make one
@@ -26,12 +28,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-
-VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
-               "second_per_grid_ts")
-_VISION_DTYPES = {"pixel_values": torch.float32, "pixel_values_videos": torch.float32,
-                  "image_grid_thw": torch.long, "video_grid_thw": torch.long,
-                  "second_per_grid_ts": torch.float32}
 
 
 def shift_labels(labels: torch.Tensor) -> torch.Tensor:
@@ -59,9 +55,13 @@ def _round_up(n: int, m: int) -> int:
 
 
 def _vision(samples: Sequence[dict]) -> dict[str, torch.Tensor]:
+    """Every media key of the registry's families (``FamilySpec.batch_keys``), concatenated in
+    sample order with the dtype the family declares."""
+    from mvlm.models.registry import media_keys
+
     out = {}
-    for key in VISION_KEYS:
-        parts = [torch.as_tensor(s[key], dtype=_VISION_DTYPES[key]) for s in samples
+    for key, dtype in media_keys().items():
+        parts = [torch.as_tensor(s[key], dtype=getattr(torch, dtype)) for s in samples
                  if s.get(key) is not None and len(s[key]) > 0]
         if parts:
             out[key] = torch.cat(parts)

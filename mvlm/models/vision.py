@@ -9,10 +9,13 @@ later step. Keeping HF's module makes the vision weights map 1:1 and its numeric
 from __future__ import annotations
 
 import importlib
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import nn
 from transformers import PretrainedConfig
+
+from mvlm.models.registry import MediaKind
 
 
 def vision_attn_impl(device: str) -> str:
@@ -41,3 +44,30 @@ def build_hf_vision(module_path: str, class_name: str, vision_config: Pretrained
     with torch.device("cpu" if device == "cpu" else device):
         module = cls._from_config(vision_config, dtype=dtype)
     return HFVisionTower(module)
+
+
+def merge_at_placeholders(tower: nn.Module, emb: torch.Tensor, input_ids: torch.Tensor,
+                          media: Mapping[str, torch.Tensor], kinds: Sequence[MediaKind],
+                          token_ids: Mapping[str, int]) -> torch.Tensor:
+    """Embeddings [s, b, h] with each media kind's tower features written, in order, into the
+    positions of its placeholder token (the default ``VisionSpec.merge``).
+
+    Kinds are merged in the family's order (images, then videos for Qwen-VL); a kind whose
+    features key is absent from ``media`` is skipped. The placeholder count must equal the
+    number of feature rows, or the sample was expanded for another geometry."""
+    for kind in kinds:
+        feats_in = media.get(kind.features_key)
+        if feats_in is None:
+            continue
+        grid = media.get(kind.grid_key) if kind.grid_key else None
+        feats = tower(feats_in, grid).to(emb.dtype)
+        mask = (input_ids == token_ids[kind.name]).transpose(0, 1)  # [s, b]
+        n = int(mask.sum())
+        if n != feats.shape[0]:
+            raise ValueError(
+                f"{n} {kind.name} placeholder tokens but the vision tower produced "
+                f"{feats.shape[0]} embeddings: the {kind.grid_key or kind.features_key} does not "
+                "match the expanded prompt (re-encode the sample with the model's processor)")
+        emb = emb.transpose(0, 1).masked_scatter(mask.transpose(0, 1)[..., None],
+                                                 feats).transpose(0, 1)
+    return emb

@@ -15,6 +15,7 @@ not either.
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +33,8 @@ from mvlm.models.gpt import (
     padded_vocab_size,
     transformer_config,
 )
-from mvlm.models.registry import Family, get_family
+from mvlm.models.registry import FamilySpec, get_family
+from mvlm.models.vision import merge_at_placeholders
 from mvlm.runtime.compat import mark_tp_weights
 from mvlm.runtime.cp import split_for_cp
 from mvlm.runtime.parallel import ParallelLayout
@@ -41,7 +43,7 @@ from mvlm.runtime.parallel import ParallelLayout
 class VLMModel(MegatronModule):
     """One pipeline stage (or one virtual chunk) of an mvlm model."""
 
-    def __init__(self, family: Family, hf_config: PretrainedConfig, arch: TextArch,
+    def __init__(self, family: FamilySpec, hf_config: PretrainedConfig, arch: TextArch,
                  config: TransformerConfig, backend: str, vocab_padded: int, device: str,
                  pre_process: bool, post_process: bool, vp_stage: int | None = None) -> None:
         super().__init__(config=config)
@@ -55,9 +57,10 @@ class VLMModel(MegatronModule):
                                         post_process=post_process, vocab_padded=vocab_padded,
                                         vp_stage=vp_stage)
         self.vision_model = None
+        self.hf_config = hf_config
         self.token_ids = family.token_ids(hf_config)
         if family.is_vlm and pre_process:
-            self.vision_model = family.build_vision(hf_config, config.params_dtype, device)
+            self.vision_model = family.vision.build(hf_config, config.params_dtype, device)
         self.share_embeddings_and_output_weights = arch.tie_word_embeddings
 
     # Pipeline plumbing -------------------------------------------------------------------
@@ -68,43 +71,42 @@ class VLMModel(MegatronModule):
         return self.language_model.shared_embedding_or_output_weight()
 
     # Forward -----------------------------------------------------------------------------
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-              image_grid_thw: torch.Tensor | None = None,
-              pixel_values_videos: torch.Tensor | None = None,
-              video_grid_thw: torch.Tensor | None = None) -> torch.Tensor:
-        """Full-sequence embeddings [s, b, h] with vision features merged in."""
+    def embed(self, input_ids: torch.Tensor,
+              media: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Full-sequence embeddings [s, b, h] with the media features merged in (the family's
+        ``VisionSpec.merge``; by default scattered into the placeholder tokens)."""
         emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)
-        if self.vision_model is None:
+        if self.vision_model is None or not media:
             return emb
-        for kind, pix, grid in (("image", pixel_values, image_grid_thw),
-                                ("video", pixel_values_videos, video_grid_thw)):
-            if pix is None:
-                continue
-            feats = self.vision_model(pix, grid).to(emb.dtype)
-            mask = (input_ids == self.token_ids[kind]).transpose(0, 1)  # [s, b]
-            n = int(mask.sum())
-            if n != feats.shape[0]:
-                raise ValueError(
-                    f"{n} {kind} placeholder tokens but the vision tower produced "
-                    f"{feats.shape[0]} embeddings: the {kind}_grid_thw does not match the "
-                    "expanded prompt (re-encode the sample with the model's processor)")
-            emb = emb.transpose(0, 1).masked_scatter(mask.transpose(0, 1)[..., None],
-                                                     feats).transpose(0, 1)
-        return emb
+        vision = self.family.vision
+        if vision.merge is not None:
+            return vision.merge(self.vision_model, emb, input_ids, media, self.hf_config)
+        return merge_at_placeholders(self.vision_model, emb, input_ids, media, vision.media,
+                                     self.token_ids)
+
+    def media_inputs(self, media: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
+        """The family's media tensors out of ``media`` (None values dropped); a tensor under a
+        key this family does not know is an error, not silently ignored."""
+        out = {k: v for k, v in media.items() if v is not None}
+        unknown = sorted(set(out) - set(self.family.batch_keys))
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)} given to a {self.family.name} model, whose "
+                             f"media keys are {list(self.family.batch_keys) or 'none'}: the "
+                             "batch was encoded for another model")
+        return out
 
     def forward(self, input_ids: torch.Tensor | None, position_ids: torch.Tensor,
                 attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None,
-                image_grid_thw: torch.Tensor | None = None,
-                pixel_values_videos: torch.Tensor | None = None,
-                video_grid_thw: torch.Tensor | None = None,
                 packed_seq_params: PackedSeqParams | None = None,
-                gather_logits: bool = False, inference_context=None) -> torch.Tensor:
+                gather_logits: bool = False, inference_context=None,
+                **media: torch.Tensor | None) -> torch.Tensor:
         """Returns per-token loss [b, s_local] when ``labels`` is given (last stage), logits
         [b, s_local, vocab(/TP unless gathered)] otherwise, hidden states on inner stages.
 
         ``labels`` are next-token targets aligned with positions (Megatron style), -100 = none;
         ``input_ids``/``labels``/``position_ids`` cover the full sequence on every CP rank.
+        ``media``: the family's media batch keys (``FamilySpec.batch_keys``, e.g.
+        ``pixel_values=..., image_grid_thw=...``); None values are ignored.
 
         ``inference_context`` (a Megatron-Core ``StaticInferenceContext``, used by
         :mod:`mvlm.rl.rollout.builtin`): decode with the KV cache it holds; ``input_ids`` are then
@@ -116,8 +118,7 @@ class VLMModel(MegatronModule):
         cp_rank = parallel_state.get_context_parallel_rank()
         decoder_input = None
         if self.pre_process:
-            emb = self.embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos,
-                             video_grid_thw)
+            emb = self.embed(input_ids, self.media_inputs(media))
             emb = split_for_cp(emb, 0, cp_size, cp_rank)
             if cfg.sequence_parallel:
                 emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
@@ -168,7 +169,7 @@ class VLMModel(MegatronModule):
 class ModelBundle:
     """What a caller needs alongside the module list: the family, architecture and configs."""
 
-    family: Family
+    family: FamilySpec
     hf_config: PretrainedConfig
     arch: TextArch
     config: TransformerConfig

@@ -7,6 +7,11 @@ byte-level BPE tokenizer trained here in a few milliseconds with the family's sp
 Qwen-style chat template, and (for VL families) a processor; everything is written with
 ``save_pretrained`` exactly like a real download.
 
+What a family's tiny model looks like is the family's own business: ``mvlm/models/<name>/tiny.py``
+holds a :class:`TinySpec` (config builder, special tokens, HF Auto class, processor), found through
+the model registry. This module is the generic part: tokenizer training, sizes per variant,
+random weights, the atomic ``save_pretrained`` of a whole checkpoint.
+
 Weights are random and *non-trivial* everywhere (norm weights are ``1 + 0.1 * randn``, biases are
 random) so a conversion that swaps or drops a tensor changes the logits and gets caught.
 """
@@ -19,6 +24,8 @@ import os
 import pathlib
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -28,19 +35,17 @@ from transformers import GenerationConfig, PreTrainedTokenizerFast
 __all__ = [
     "CHAT_TEMPLATE",
     "DEFAULT_SYSTEM_PROMPT",
-    "FAMILIES",
     "MAX_PIXELS",
     "MIN_PIXELS",
     "VARIANTS",
+    "TinySpec",
     "build_tiny_checkpoint",
     "build_tokenizer",
     "mrope_section_for",
     "tiny_config",
 ]
 
-FAMILIES = ("qwen2", "qwen3_moe", "qwen2_vl", "qwen2_5_vl")
 VARIANTS = ("default", "indivisible", "bench")
-VL_FAMILIES = ("qwen2_vl", "qwen2_5_vl")
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -53,14 +58,48 @@ TINY_VOCAB_SIZE = 1000
 # Target size of the trained byte-level BPE (256 byte symbols + merges), before special tokens.
 _BPE_VOCAB_SIZE = 640
 
-_QWEN_TEXT_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-_QWEN_VL_SPECIALS = (
-    "<|vision_start|>",
-    "<|vision_end|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-)
+# The ChatML specials every tiny tokenizer has (eos = <|im_end|>, pad = bos id = <|endoftext|>);
+# a family's TinySpec adds its own (vision tokens, ...) after these.
+TEXT_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """A family's tiny test model (``mvlm/models/<name>/tiny.py`` defines one as ``TINY``).
+
+    ``config(variant, token_ids, overrides)`` returns the HF config; ``token_ids`` maps every
+    special token string of the tokenizer to its id, plus ``bos_token_id`` / ``eos_token_id`` /
+    ``pad_token_id`` and ``len`` (tokenizer size). ``processor(tokenizer, config)`` builds the
+    checkpoint's processor (None: the tokenizer is saved alone).
+    """
+
+    config: Callable[[str, dict[str, int], dict[str, Any]], transformers.PretrainedConfig]
+    # specials beyond TEXT_SPECIALS, in vocabulary order
+    special_tokens: tuple[str, ...] = ()
+    # transformers Auto class that builds the model from the config
+    auto_class: str = "AutoModelForCausalLM"
+    processor: Callable[[PreTrainedTokenizerFast, transformers.PretrainedConfig], Any] | None = \
+        None
+
+
+def _spec(family: str) -> TinySpec:
+    from mvlm.models.registry import get_family
+
+    _check_family(family)
+    return get_family(family).tiny_spec()
+
+
+def _families() -> tuple[str, ...]:
+    from mvlm.models.registry import families
+
+    return tuple(f.name for f in families())
+
+
+def __getattr__(name: str) -> Any:
+    # FAMILIES is read off the registry on first use (every registered family has a tiny spec).
+    if name == "FAMILIES":
+        return _families()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 # A Qwen2-VL style chat template, written for this project. Content is a string or a list of
 # parts; image parts become <|vision_start|><|image_pad|><|vision_end|> (the processor expands the
@@ -119,10 +158,7 @@ def add(a, b):\n    return a + b\n\nprint(add(1, 2))\n
 
 
 def _special_tokens(family: str) -> tuple[str, ...]:
-    _check_family(family)
-    if family in VL_FAMILIES:
-        return _QWEN_TEXT_SPECIALS + _QWEN_VL_SPECIALS
-    return _QWEN_TEXT_SPECIALS
+    return TEXT_SPECIALS + _spec(family).special_tokens
 
 
 @functools.cache
@@ -174,22 +210,16 @@ def build_tokenizer(family: str) -> PreTrainedTokenizerFast:
 
 
 def _token_ids(family: str) -> dict[str, int]:
-    """Special token ids the configs must carry (they must match the tokenizer)."""
+    """Special token ids the configs must carry (they must match the tokenizer): every special
+    token string -> id, plus bos/eos/pad ids and the tokenizer length."""
     tok = build_tokenizer(family)
-    ids = {t: tok.convert_tokens_to_ids(t) for t in _special_tokens(family)}
-    out = {
-        "bos_token_id": ids["<|endoftext|>"],
-        "eos_token_id": ids["<|im_end|>"],
-        "pad_token_id": ids["<|endoftext|>"],
-        "len": len(tok),
-    }
-    if family in VL_FAMILIES:
-        out.update(
-            image_token_id=ids["<|image_pad|>"],
-            video_token_id=ids["<|video_pad|>"],
-            vision_start_token_id=ids["<|vision_start|>"],
-            vision_end_token_id=ids["<|vision_end|>"],
-        )
+    out = {t: tok.convert_tokens_to_ids(t) for t in _special_tokens(family)}
+    out.update(
+        bos_token_id=out["<|endoftext|>"],
+        eos_token_id=out["<|im_end|>"],
+        pad_token_id=out["<|endoftext|>"],
+        len=len(tok),
+    )
     return out
 
 
@@ -230,8 +260,8 @@ _TEXT_SIZES: dict[str, dict[str, Any]] = {
     },
 }
 
-# Vision tower sizes. Qwen2-VL names the width `embed_dim` (its `hidden_size` is the merger's
-# output = text hidden size); Qwen2.5-VL names it `hidden_size` and the output `out_hidden_size`.
+# Vision tower sizes per variant, in neutral names (width = the ViT's hidden size); each family's
+# tiny.py writes them under its own config field names.
 _VISION_SIZES: dict[str, dict[str, Any]] = {
     "default": {"depth": 2, "width": 64, "num_heads": 4, "intermediate": 128, "fullatt": [1]},
     "indivisible": {"depth": 2, "width": 48, "num_heads": 3, "intermediate": 96, "fullatt": [1]},
@@ -250,8 +280,9 @@ def mrope_section_for(head_dim: int) -> list[int]:
 
 
 def _check_family(family: str) -> None:
-    if family not in FAMILIES:
-        raise ValueError(f"unknown tiny-model family {family!r}; choose one of {FAMILIES}")
+    names = _families()
+    if family not in names:
+        raise ValueError(f"unknown tiny-model family {family!r}; choose one of {names}")
 
 
 def _check_variant(variant: str) -> None:
@@ -262,22 +293,26 @@ def _check_variant(variant: str) -> None:
 def tiny_config(
     family: str, *, variant: str = "default", **overrides: Any
 ) -> transformers.PretrainedConfig:
-    """The config of a tiny ``family`` model.
+    """The config of a tiny ``family`` model (built by the family's ``tiny.py``).
 
     ``overrides`` go to the text config (for VL families: keys that are fields of the top-level
     config, such as ``tie_word_embeddings`` or ``image_token_id``, go there, and a
     ``vision_config={...}`` dict is merged into the vision config). The mRoPE section is derived
     from the final head_dim unless ``rope_parameters`` is overridden.
     """
-    _check_family(family)
+    spec = _spec(family)
     _check_variant(variant)
-    overrides = dict(overrides)
-    ids = _token_ids(family)
+    return spec.config(variant, _token_ids(family), dict(overrides))
+
+
+def text_fields(variant: str, ids: dict[str, int], *, moe: bool = False) -> dict[str, Any]:
+    """The text-config fields every tiny family shares at ``variant`` (sizes, vocabulary, token
+    ids); ``moe`` keeps the expert sizes."""
     sizes = dict(_TEXT_SIZES[variant])
-    if family != "qwen3_moe":
+    if not moe:
         for key in _MOE_ONLY_KEYS:
             sizes.pop(key)
-    text: dict[str, Any] = dict(
+    return dict(
         vocab_size=TINY_VOCAB_SIZE,
         max_position_embeddings=4096,
         rms_norm_eps=1e-6,
@@ -286,98 +321,15 @@ def tiny_config(
         pad_token_id=ids["pad_token_id"],
         **sizes,
     )
-    vision_overrides = overrides.pop("vision_config", None) or {}
-
-    if family in ("qwen2", "qwen3_moe"):
-        text.update(rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0})
-        if family == "qwen2":
-            # Like the small Qwen2 models (0.5B/1.5B): embeddings tied to the LM head.
-            text.update(tie_word_embeddings=True, use_sliding_window=False)
-            text.update(overrides)
-            _check_vocab(text, ids)
-            return transformers.Qwen2Config(**text)
-        text.update(
-            tie_word_embeddings=False,
-            num_experts_per_tok=2,
-            norm_topk_prob=True,
-            decoder_sparse_step=1,
-            mlp_only_layers=[],
-            router_aux_loss_coef=0.001,
-        )
-        text.update(overrides)
-        # Qwen3 has an explicit head_dim (default 128 in HF): derive it from the final sizes.
-        text.setdefault("head_dim", text["hidden_size"] // text["num_attention_heads"])
-        _check_vocab(text, ids)
-        return transformers.Qwen3MoeConfig(**text)
-
-    # VL families.
-    config_cls = (
-        transformers.Qwen2VLConfig if family == "qwen2_vl" else transformers.Qwen2_5_VLConfig
-    )
-    top_fields = {
-        "tie_word_embeddings",
-        "image_token_id",
-        "video_token_id",
-        "vision_start_token_id",
-        "vision_end_token_id",
-    }
-    top: dict[str, Any] = {k: overrides.pop(k) for k in list(overrides) if k in top_fields}
-    text.update(overrides)
-    head_dim = text["hidden_size"] // text["num_attention_heads"]
-    if "rope_parameters" not in overrides:
-        text["rope_parameters"] = {
-            "rope_type": "default",
-            "rope_theta": 1_000_000.0,
-            "mrope_section": mrope_section_for(head_dim),
-        }
-    _check_vocab(text, ids)
-    v = _VISION_SIZES[variant]
-    if family == "qwen2_vl":
-        vision: dict[str, Any] = {
-            "depth": v["depth"],
-            "embed_dim": v["width"],
-            "num_heads": v["num_heads"],
-            "mlp_ratio": v["intermediate"] // v["width"],
-            "hidden_size": text["hidden_size"],
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "in_channels": 3,
-        }
-    else:
-        vision = {
-            "depth": v["depth"],
-            "hidden_size": v["width"],
-            "num_heads": v["num_heads"],
-            "intermediate_size": v["intermediate"],
-            "out_hidden_size": text["hidden_size"],
-            "patch_size": 14,
-            "spatial_merge_size": 2,
-            "temporal_patch_size": 2,
-            "in_channels": 3,
-            # 56 px = 2 merged units per window side: small images still split into windows.
-            "window_size": 56,
-            "fullatt_block_indexes": list(v["fullatt"]),
-            "tokens_per_second": 2,
-        }
-    vision.update(vision_overrides)
-    cfg = {
-        "text_config": text,
-        "vision_config": vision,
-        "image_token_id": ids["image_token_id"],
-        "video_token_id": ids["video_token_id"],
-        "vision_start_token_id": ids["vision_start_token_id"],
-        "vision_end_token_id": ids["vision_end_token_id"],
-        "tie_word_embeddings": False,
-        "bos_token_id": ids["bos_token_id"],
-        "eos_token_id": ids["eos_token_id"],
-        "pad_token_id": ids["pad_token_id"],
-    }
-    cfg.update(top)
-    return config_cls(**cfg)
 
 
-def _check_vocab(text: dict[str, Any], ids: dict[str, int]) -> None:
+def vision_sizes(variant: str) -> dict[str, Any]:
+    """Vision tower sizes at ``variant`` (depth, width, num_heads, intermediate, fullatt); each
+    family writes them under its own config field names."""
+    return dict(_VISION_SIZES[variant])
+
+
+def check_vocab(text: dict[str, Any], ids: dict[str, int]) -> None:
     if text["vocab_size"] < ids["len"]:
         raise ValueError(
             f"vocab_size={text['vocab_size']} is smaller than the tokenizer ({ids['len']} tokens);"
@@ -395,9 +347,7 @@ def _text_config(config: transformers.PretrainedConfig) -> transformers.Pretrain
 
 
 def _model_class(family: str) -> type:
-    if family in VL_FAMILIES:
-        return transformers.AutoModelForImageTextToText
-    return transformers.AutoModelForCausalLM
+    return getattr(transformers, _spec(family).auto_class)
 
 
 @torch.no_grad()
@@ -442,44 +392,16 @@ def _generation_config(config: transformers.PretrainedConfig) -> GenerationConfi
     )
 
 
-def _build_processor(
-    family: str, tokenizer: PreTrainedTokenizerFast, config: transformers.PretrainedConfig
-) -> Any:
-    """The family's processor with a small pixel budget so test images give tiny grids."""
+def processor_sizes(config: transformers.PretrainedConfig) -> dict[str, Any]:
+    """Patch geometry of a Qwen-style vision config with the small pixel budget, so test images
+    give tiny grids (the keyword arguments HF's Qwen-VL image/video processors take)."""
     vc = config.vision_config
-    common = {
+    return {
         "patch_size": vc.patch_size,
         "temporal_patch_size": vc.temporal_patch_size,
         "merge_size": vc.spatial_merge_size,
         "size": {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS},
     }
-    from transformers.models.qwen2_vl.video_processing_qwen2_vl import Qwen2VLVideoProcessor
-
-    image_processor = _image_processor(common)
-    # cap_pixels_per_frame=True: the qwen-vl-utils behaviour (and HF's announced default); being
-    # explicit also silences transformers' per-call deprecation warning.
-    video_processor = Qwen2VLVideoProcessor(**common, cap_pixels_per_frame=True)
-    cls = (
-        transformers.Qwen2VLProcessor if family == "qwen2_vl" else transformers.Qwen2_5_VLProcessor
-    )
-    return cls(
-        image_processor=image_processor,
-        tokenizer=tokenizer,
-        video_processor=video_processor,
-        chat_template=CHAT_TEMPLATE,
-    )
-
-
-def _image_processor(kwargs: dict[str, Any]) -> Any:
-    """The torchvision ("fast") image processor; the PIL one if the fast one cannot be built."""
-    try:
-        return transformers.Qwen2VLImageProcessor(**kwargs)
-    except (ImportError, RuntimeError, ValueError):  # pragma: no cover - depends on torchvision
-        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
-            Qwen2VLImageProcessorPil,
-        )
-
-        return Qwen2VLImageProcessorPil(**kwargs)
 
 
 def build_tiny_checkpoint(
@@ -502,6 +424,7 @@ def build_tiny_checkpoint(
     saved in ~500 MB shards, so peak RAM stays well under 2x the model size.
     """
     config = tiny_config(family, variant=variant, **config_overrides)
+    spec = _spec(family)
     out = pathlib.Path(out_dir).absolute()
     out.parent.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tokenizer(family)
@@ -520,8 +443,8 @@ def build_tiny_checkpoint(
     try:
         model.save_pretrained(tmp, max_shard_size="500MB")
         del model
-        if family in VL_FAMILIES:
-            _build_processor(family, tokenizer, config).save_pretrained(tmp)
+        if spec.processor is not None:
+            spec.processor(tokenizer, config).save_pretrained(tmp)
         else:
             tokenizer.save_pretrained(tmp)
         if out.exists():

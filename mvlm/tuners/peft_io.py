@@ -38,10 +38,9 @@ PEFT_PREFIX = "base_model.model."
 
 def hf_module_path(bundle: ModelBundle, disk_name: str) -> str:
     """HF hub-layout tensor/module name -> module path in the transformers model (peft keys follow
-    the module tree: Qwen-VL's decoder is model.language_model, its ViT model.visual)."""
-    from mvlm.convert.mapping import module_tree_name
-
-    return module_tree_name(disk_name) if bundle.family.is_vlm else disk_name
+    the module tree, e.g. Qwen-VL's decoder is model.language_model): the family's
+    ``peft_module_path``."""
+    return bundle.family.peft_module_path(disk_name)
 
 
 def _mapping_for(bundle: ModelBundle, ad: LoRAAdapter):
@@ -125,11 +124,32 @@ def peft_tensors(bundle: ModelBundle, dtype: torch.dtype | None = None
     return out, {"modules": sorted(mods), "modules_to_save": sorted(to_save)}
 
 
-def _target_modules(modules: list[str]) -> list[str] | str:
+def _tower_prefixes(bundle: ModelBundle | None = None) -> tuple[str, ...]:
+    """HF module-path prefixes of the media tower: the bundle's family's, or (reading an adapter
+    directory without a model) those of every registered family."""
+    if bundle is not None:
+        return bundle.family.vision.peft_tower_prefixes if bundle.family.vision else ()
+    from mvlm.models.registry import families
+
+    return tuple(sorted({p for f in families() if f.vision for p in f.vision.peft_tower_prefixes}))
+
+
+def _tower_part(module: str, prefixes: tuple[str, ...]) -> str | None:
+    """The path of ``module`` inside the tower, or None for a decoder module."""
+    for p in prefixes:
+        if module.startswith(p):
+            return module[len(p):]
+    return None
+
+
+def _target_modules(modules: list[str], tower_prefixes: tuple[str, ...] | None = None
+                    ) -> list[str] | str:
     """peft matches target names as module-path suffixes. Decoder-only targets -> the usual
     short names (q_proj, ...); once the vision tower is involved its short names (qkv, proj, fc1)
-    could also hit unadapted modules, so an exact full-match regex is written instead."""
-    if all(".visual." not in m and not m.startswith("visual.") for m in modules):
+    could also hit unadapted modules, so an exact full-match regex is written instead.
+    ``tower_prefixes``: the family's (None: every registered family's)."""
+    prefixes = _tower_prefixes() if tower_prefixes is None else tower_prefixes
+    if all(_tower_part(m, prefixes) is None for m in modules):
         return sorted({m.rsplit(".", 1)[-1] for m in modules})
     import re
 
@@ -157,19 +177,21 @@ def export_peft_adapter(bundle: ModelBundle, cfg: AdapterConfig, out_dir: str | 
             save_file({k: v.contiguous() for k, v in tensors.items()},
                       str(staging / ADAPTER_WEIGHTS), metadata={"format": "pt"})
             fault_point("mid_write", staging)  # tests: weights written, config not yet
-            _write_peft_config(staging, cfg, names, base_model_dir)
+            _write_peft_config(staging, cfg, names, base_model_dir, _tower_prefixes(bundle))
     if dist.get_rank() == 0:
         log.info("PEFT adapter (%d tensors) written to %s", len(tensors), out)
     return out if dist.get_rank() == 0 else None
 
 
 def _write_peft_config(d: Path, cfg: AdapterConfig, names: dict,
-                       base_model_dir: str | Path | None) -> None:
+                       base_model_dir: str | Path | None, tower_prefixes: tuple[str, ...]
+                       ) -> None:
     conf = {
         "peft_type": "LORA", "task_type": None, "r": cfg.rank, "lora_alpha": cfg.alpha,
         "lora_dropout": cfg.dropout, "use_rslora": cfg.use_rslora,
         "use_dora": cfg.kind == "dora", "bias": "none", "fan_in_fan_out": False,
-        "init_lora_weights": True, "target_modules": _target_modules(names["modules"]),
+        "init_lora_weights": True,
+        "target_modules": _target_modules(names["modules"], tower_prefixes),
         "modules_to_save": names["modules_to_save"] or None,
         "base_model_name_or_path": str(base_model_dir) if base_model_dir else None,
         "inference_mode": True,
@@ -195,11 +217,12 @@ def adapter_config_from_peft(adapter_dir: str | Path, **overrides) -> AdapterCon
         keys = list(f.keys())
     mods = sorted({k[len(PEFT_PREFIX):].rsplit(".lora_", 1)[0] for k in keys if ".lora_" in k})
     last = {m.rsplit(".", 1)[-1] for m in mods}
-    vision = any(".visual." in m for m in mods)
+    prefixes = _tower_prefixes()
+    tower = [t for t in (_tower_part(m, prefixes) for m in mods) if t is not None]
+    vision = bool(tower)
     targets = sorted(x for x in last if x in ("q_proj", "k_proj", "v_proj", "o_proj",
                                                "gate_proj", "up_proj", "down_proj"))
-    vis_names = sorted({m.split(".visual.", 1)[1].split(".", 2)[-1] for m in mods
-                        if ".visual." in m})
+    vis_names = sorted({t.split(".", 2)[-1] for t in tower})
     save = [k[len(PEFT_PREFIX):].rsplit(".", 2)[-2] for k in keys if ".lora_" not in k]
     kw = dict(kind="dora" if conf.get("use_dora") else "lora", rank=int(conf["r"]),
               alpha=float(conf["lora_alpha"]), dropout=float(conf.get("lora_dropout") or 0.0),

@@ -16,7 +16,8 @@ from transformers import AutoTokenizer
 
 from mvlm.data.collate import collate_packed, shift_labels
 from mvlm.data.encode import add_encode_args, build_train_dataset, template_config
-from mvlm.data.template import Qwen3MoeTemplate, TemplateConfig, get_template
+from mvlm.data.template import TemplateConfig, get_template
+from mvlm.models.qwen3_moe.template import Qwen3MoeTemplate
 from mvlm.testing.tiny_models import build_tiny_checkpoint
 
 PRE = "<think>\n\n</think>\n\n"

@@ -1,13 +1,18 @@
 """Qwen3-MoE text models: QK-norm, no QKV bias, routed experts (softmax, top-k, optional
-renormalisation), no shared expert."""
+renormalisation), no shared expert; ChatML template without a default system prompt and with
+Qwen3's hybrid-thinking empty think block. Files: ``weights.py``, ``template.py``, ``tiny.py``.
+"""
 from __future__ import annotations
 
-from transformers import PretrainedConfig
+from typing import TYPE_CHECKING
 
-from mvlm.models.decoder_table import decoder_table
-from mvlm.models.gpt import TextArch
 from mvlm.models.qwen2 import qwen2_text_arch
-from mvlm.models.registry import Family, register
+from mvlm.models.registry import FamilySpec, register
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from mvlm.models.gpt import TextArch
 
 
 def _arch(cfg: PretrainedConfig) -> TextArch:
@@ -27,10 +32,12 @@ def _arch(cfg: PretrainedConfig) -> TextArch:
     return arch
 
 
-QWEN3_MOE = register(Family(
+QWEN3_MOE = register(FamilySpec(
     name="qwen3_moe",
     model_types=("qwen3_moe",),
     hf_model_class="Qwen3MoeForCausalLM",
     text_arch=_arch,
-    mappings=lambda cfg, arch: decoder_table(arch),
+    weights="mvlm.models.qwen3_moe.weights:mappings",
+    template="mvlm.models.qwen3_moe.template:Qwen3MoeTemplate",
+    tiny="mvlm.models.qwen3_moe.tiny:TINY",
 ))

@@ -1,14 +1,23 @@
-"""Qwen2 / Qwen2.5 text models (also the language model of Qwen2-VL and Qwen2.5-VL)."""
+"""Qwen2 / Qwen2.5 text models (also the language model of Qwen2-VL and Qwen2.5-VL).
+
+Dense Llama-style decoder with QKV bias, RMSNorm, SwiGLU, plain RoPE; ChatML template with a
+default system prompt. Files: ``weights.py`` (mapping table), ``template.py`` (ChatML),
+``tiny.py`` (test config).
+"""
 from __future__ import annotations
 
-from transformers import PretrainedConfig
+from typing import TYPE_CHECKING
 
-from mvlm.models.decoder_table import decoder_table
-from mvlm.models.gpt import TextArch
-from mvlm.models.registry import Family, register
+from mvlm.models.registry import FamilySpec, register
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
+
+    from mvlm.models.gpt import TextArch
 
 
-def _rope(cfg: PretrainedConfig) -> tuple[float, list[int] | None]:
+def rope(cfg: PretrainedConfig) -> tuple[float, list[int] | None]:
+    """(rope theta, mRoPE section or None) from either spelling transformers has used."""
     rp = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
     theta = rp.get("rope_theta", getattr(cfg, "rope_theta", 10000.0))
     rtype = rp.get("rope_type", rp.get("type", "default"))
@@ -18,7 +27,10 @@ def _rope(cfg: PretrainedConfig) -> tuple[float, list[int] | None]:
 
 
 def qwen2_text_arch(cfg: PretrainedConfig) -> TextArch:
-    theta, mrope = _rope(cfg)
+    """The Qwen2 decoder read off a text config (shared by the Qwen-VL and Qwen3-MoE families)."""
+    from mvlm.models.gpt import TextArch
+
+    theta, mrope = rope(cfg)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return TextArch(
         vocab_size=cfg.vocab_size,
@@ -37,21 +49,19 @@ def qwen2_text_arch(cfg: PretrainedConfig) -> TextArch:
     )
 
 
-def _check_text_only(cfg: PretrainedConfig) -> None:
+def _arch(cfg: PretrainedConfig) -> TextArch:
     if getattr(cfg, "use_sliding_window", False):
         raise ValueError("Qwen2 sliding-window attention is not supported: set "
                          "use_sliding_window=false in config.json")
-
-
-def _arch(cfg: PretrainedConfig) -> TextArch:
-    _check_text_only(cfg)
     return qwen2_text_arch(cfg)
 
 
-QWEN2 = register(Family(
+QWEN2 = register(FamilySpec(
     name="qwen2",
     model_types=("qwen2",),
     hf_model_class="Qwen2ForCausalLM",
     text_arch=_arch,
-    mappings=lambda cfg, arch: decoder_table(arch),
+    weights="mvlm.models.qwen2.weights:mappings",
+    template="mvlm.models.qwen2.template:Qwen2Template",
+    tiny="mvlm.models.qwen2.tiny:TINY",
 ))
