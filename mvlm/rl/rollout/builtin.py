@@ -51,8 +51,9 @@ from mvlm.rl.rollout.base import (
     RolloutPrompt,
     SamplingParams,
 )
+from mvlm.rl.rollout.sampling import sample_next
 
-__all__ = ["BuiltinRolloutEngine", "TPSamplingMismatch", "eos_token_ids_from_hf_dir", "sample_next",
+__all__ = ["BuiltinRolloutEngine", "TPSamplingMismatch", "eos_token_ids_from_hf_dir",
            "sequence_positions"]
 
 
@@ -367,41 +368,3 @@ class BuiltinRolloutEngine(RolloutEngine):
             dist.broadcast(packed, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                            group=parallel_state.get_pipeline_model_parallel_group())
         return packed[0].long(), packed[1], packed[2]
-
-
-def sample_next(logits: torch.Tensor, params: SamplingParams, gen: torch.Generator,
-                seen: torch.Tensor | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Next tokens [b] from fp32 logits [b, V], with (trainer-view log-prob, sampling log-prob)
-    per token; see :mod:`mvlm.rl.rollout.base` for the two log-probabilities."""
-    logits = logits.float()
-    scaled = logits if params.greedy else logits / params.temperature
-    full_lp = torch.log_softmax(scaled, dim=-1)
-    proc = logits
-    if seen is not None:
-        pen = params.repetition_penalty
-        proc = torch.where(seen, torch.where(proc > 0, proc / pen, proc * pen), proc)
-    if params.suppress_token_ids:
-        proc = proc.clone()
-        proc[:, list(params.suppress_token_ids)] = float("-inf")
-    if params.greedy:
-        tok = proc.argmax(dim=-1)
-        slp = torch.zeros(tok.shape, dtype=torch.float64, device=logits.device)
-    else:
-        proc = proc / params.temperature
-        if params.top_k > 0 and params.top_k < proc.shape[-1]:
-            kth = torch.topk(proc, params.top_k, dim=-1).values[:, -1:]
-            proc = proc.masked_fill(proc < kth, float("-inf"))
-        if params.top_p < 1.0:
-            sorted_, idx = torch.sort(proc, dim=-1, descending=True)
-            probs = torch.softmax(sorted_, dim=-1)
-            before = torch.cumsum(probs, dim=-1) - probs  # mass of strictly more likely tokens
-            drop_sorted = before >= params.top_p
-            drop_sorted[:, 0] = False
-            drop = torch.zeros_like(drop_sorted).scatter(-1, idx, drop_sorted)
-            proc = proc.masked_fill(drop, float("-inf"))
-        probs = torch.softmax(proc, dim=-1)
-        tok = torch.multinomial(probs, 1, generator=gen).squeeze(-1)
-        slp = torch.log_softmax(proc, dim=-1).gather(-1, tok[:, None]).squeeze(-1).double()
-    lp = full_lp.gather(-1, tok[:, None]).squeeze(-1).double()
-    return tok, lp, slp
