@@ -38,12 +38,14 @@ def llama_style_arch(cfg: PretrainedConfig, *, qk_layernorm: bool = False,
                      normalization: str = "RMSNorm", norm_eps_field: str = "rms_norm_eps",
                      norm_zero_centered_gamma: bool = False, gated_mlp: bool = True,
                      act_field: str = "hidden_act", qkv_bias: bool | None = None,
-                     attn_out_bias: bool | None = None, mlp_bias: bool | None = None
-                     ) -> TextArch:
+                     attn_out_bias: bool | None = None, mlp_bias: bool | None = None,
+                     partial_rotary: bool = False) -> TextArch:
     """``TextArch`` of a Llama-style text config.
 
     Biases default to Llama's fields: ``attention_bias`` covers q/k/v and o_proj, ``mlp_bias``
-    every MLP projection; a family whose HF code decides otherwise passes them explicitly."""
+    every MLP projection; a family whose HF code decides otherwise passes them explicitly.
+    ``partial_rotary``: the family's HF code honours ``partial_rotary_factor`` (Nemotron,
+    StableLM); Llama's rotates whole heads whatever the config says, and so does mvlm then."""
     refuse_sliding_window(cfg)
     theta, scaling, partial, mrope = rope_from_hf(cfg)
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -69,6 +71,6 @@ def llama_style_arch(cfg: PretrainedConfig, *, qk_layernorm: bool = False,
         norm_zero_centered_gamma=norm_zero_centered_gamma,
         activation=getattr(cfg, act_field),
         gated_mlp=gated_mlp,
-        rotary_percent=partial,
+        rotary_percent=partial if partial_rotary else 1.0,
         rope_scaling=scaling,
     )
