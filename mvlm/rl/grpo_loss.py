@@ -7,8 +7,13 @@ context-parallel chunks first) plus a ``[B, T]`` completion mask:
 * ``old_logps``: the same under the policy that generated the rollout, computed by the TRAINER
   (``None`` = on-policy, ``--num_iterations 1``: then ``old = logps.detach()``);
 * ``ref_logps``: under the reference model (needed only for ``--beta`` != 0);
-* ``rollout_logps``: what the rollout ENGINE reported while sampling (optional): it drives the
-  mismatch metrics and ``--rollout_importance_sampling_mode``.
+* ``rollout_logps``: what the rollout ENGINE reports for the sampled tokens under the same
+  tempered distribution the trainer computes (``log_softmax(logits / temperature)``; the engine's
+  ``logprobs``), optional: the rollout/trainer mismatch metrics compare it with ``old``;
+* ``sampling_logps``: the engine's log-prob under the distribution it actually drew from (after
+  repetition penalty / top-k / top-p; ``sampling_logprobs``), optional: the importance weights of
+  ``--rollout_importance_sampling_mode`` correct for THAT distribution (``rollout_logps`` is used
+  when it is not given, i.e. when no such processor is active).
 
 Why global denominators: GRPO's losses are means (over sequences, or over tokens, or over
 ``N * max_completion_length``). Taking the mean inside each micro-batch and averaging the
@@ -191,6 +196,7 @@ def rollout_is_weights(old_logps: torch.Tensor, rollout_logps: torch.Tensor, mas
 def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_logps: torch.Tensor | None,
               advantages: torch.Tensor, completion_mask: torch.Tensor, cfg: GRPOLossConfig,
               denoms: LossDenominators, *, rollout_logps: torch.Tensor | None = None,
+              sampling_logps: torch.Tensor | None = None,
               entropies: torch.Tensor | None = None) -> GRPOLossOutput:
     """This micro-batch's share of the step's GRPO-family loss (see the module docstring).
 
@@ -267,22 +273,23 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_logps: to
         diff = _masked((old - rollout_logps.to(logps.dtype)).detach(), m).abs()
         add_mean("token_mult_prob_error", diff.exp())
         maxes["logp_abs_diff_max"] = diff.max().to(torch.float64)
-        mode = cfg.rollout_importance_sampling_mode
-        if mode is not None:
-            is_w = rollout_is_weights(old, rollout_logps, m, mode,
-                                      cfg.rollout_importance_sampling_threshold)
-            per = per * is_w
-            add_mean("rollout_is/weight_mean", is_w)
-            # fraction of tokens (token modes) or completions (sequence modes) over the threshold
-            lr = _masked(old - rollout_logps.to(logps.dtype).detach(), m).clamp(
-                -_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
-            if not mode.startswith("token"):
-                lr = (lr * m).sum(-1, keepdim=True) / n_seq_tok.clamp(min=1.0)
-            over = lr.exp() > cfg.rollout_importance_sampling_threshold
-            add_mean("rollout_is/clipped_frac", over.to(lp.dtype))
-    elif cfg.rollout_importance_sampling_mode is not None:
-        raise ValueError("--rollout_importance_sampling_mode needs the rollout engine's per-token "
-                         "log-probs (rollout_logps) for every completion")
+    mode = cfg.rollout_importance_sampling_mode
+    if mode is not None:
+        q = sampling_logps if sampling_logps is not None else rollout_logps
+        if q is None:
+            raise ValueError("--rollout_importance_sampling_mode needs the rollout engine's "
+                             "per-token log-probs (rollout_logps / sampling_logps) for every "
+                             "completion")
+        q = q.to(logps.dtype).detach()
+        is_w = rollout_is_weights(old, q, m, mode, cfg.rollout_importance_sampling_threshold)
+        per = per * is_w
+        add_mean("rollout_is/weight_mean", is_w)
+        # fraction of tokens (token modes) or completions (sequence modes) over the threshold
+        lr = _masked(old - q, m).clamp(-_LOG_RATIO_BOUND, _LOG_RATIO_BOUND)
+        if not mode.startswith("token"):
+            lr = (lr * m).sum(-1, keepdim=True) / n_seq_tok.clamp(min=1.0)
+        over = lr.exp() > cfg.rollout_importance_sampling_threshold
+        add_mean("rollout_is/clipped_frac", over.to(lp.dtype))
 
     if entropies is not None:
         add_mean("entropy", entropies)

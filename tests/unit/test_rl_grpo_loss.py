@@ -185,6 +185,17 @@ def test_rollout_importance_sampling(mode):
     d = (ref - logps).masked_fill(mask == 0, 0)
     kl = (d.exp() - d - 1) * mask
     assert abs(float(got_kl - got) - float(0.1 * (kl * want_w).sum() / mask.sum())) <= TOL
+    # the weights correct for the distribution the engine drew from when it is given
+    # (sampling_logps); the mismatch metric keeps comparing the tempered log-probs
+    sampled = rollout + 0.2
+    lp = logps.clone().requires_grad_(True)
+    out = grpo_loss(lp, old, ref, adv, mask, cfg, LossDenominators.from_masks([mask]),
+                    rollout_logps=rollout, sampling_logps=sampled)
+    want_s = _is_formula(old, sampled, mask, mode, thr)
+    assert abs(float(out.loss) - float(_trl(cfg, logps, old, ref, adv, mask, ent,
+                                            is_ratio=want_s)[0])) <= TOL
+    assert abs(reduce_metrics([out])["token_mult_prob_error"]
+               - float((old - rollout).abs()[mask.bool()].exp().mean())) <= TOL
 
 
 def test_mismatch_metrics_and_stop():
@@ -284,7 +295,7 @@ def test_bad_input_names_the_flag():
     with pytest.raises(ValueError, match="pass ref_logps .or --beta 0"):
         grpo_loss(logps, old, None, adv, mask, GRPOLossConfig(beta=0.1), d)
     grpo_loss(logps, old, None, adv, mask, GRPOLossConfig(beta=0.1, kl_in_reward=True), d)
-    with pytest.raises(ValueError, match="rollout_logps"):
+    with pytest.raises(ValueError, match="rollout_logps / sampling_logps"):
         grpo_loss(logps, old, None, adv, mask,
                   GRPOLossConfig(beta=0.0, rollout_importance_sampling_mode="token_mask"), d)
     with pytest.raises(ValueError, match="3 advantages for 8 completions"):
