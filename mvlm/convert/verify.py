@@ -18,7 +18,7 @@ from megatron.core import parallel_state
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from mvlm.models.positions import batch_position_ids
-from mvlm.models.registry import FamilySpec
+from mvlm.models.registry import get_family
 from mvlm.models.vlm import ModelBundle
 from mvlm.runtime.cp import split_for_cp
 
@@ -115,8 +115,9 @@ def make_inputs(bundle: ModelBundle, hf_dir: Path, seq_pad: int) -> list[tuple[s
     return out
 
 
-def _hf_forward(hf_model, family: FamilySpec, b: dict) -> tuple[torch.Tensor, float]:
-    kwargs = family.hf_forward_inputs(hf_model.config, b)
+def _hf_forward(hf_model, b: dict) -> tuple[torch.Tensor, float]:
+    """HF logits and mean loss on a check batch; the family says which inputs its forward takes."""
+    kwargs = get_family(hf_model.config.model_type).hf_forward_inputs(hf_model.config, b)
     logits = hf_model(**kwargs).logits.float()
     lab = b["labels"]
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
@@ -152,7 +153,7 @@ def verify_against_hf(bundle: ModelBundle, hf_dir: str | Path, tol: float = 1e-4
         ref_loss = 0.0
         if last:
             with torch.no_grad():
-                ref, ref_loss = _hf_forward(hf_model, bundle.family, b)
+                ref, ref_loss = _hf_forward(hf_model, b)
             ref_local = split_for_cp(ref, 1, cp, cp_rank)
             diff = (logits.float() - ref_local).abs().max().double().cpu()
             lab_local = split_for_cp(b["labels"], 1, cp, cp_rank)
