@@ -4,8 +4,9 @@ Modules (import what you need; this package imports nothing heavy on its own):
 
 * ``formats``       row shapes (messages, query/response, pretraining, preference, RL) -> Sample
 * ``media``         images (EXIF, header probe), video frames, audio; pixel/frame budgets; DALI
-* ``template``      family -> Template registry; chat rendering, vision-token expansion, labels,
-                    truncation that never cuts an image; equal to the HF processor's output
+* ``template``      the generic Template (chat rendering, labels, truncation that never cuts an
+                    image) and get_template; each family's subclass (vision-token expansion,
+                    equal to the HF processor's output) is in mvlm/models/<family>/template.py
 * ``mrope``         per-sample 3-D mRoPE positions (equal to HF get_rope_index)
 * ``dataset_spec``  ``--dataset a.jsonl 'b.jsonl#2000' dir``, val split, streaming
 * ``dataset``       eager (datasets.map, num_proc) / lazy / streaming encoded datasets
