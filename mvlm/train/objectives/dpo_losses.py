@@ -39,14 +39,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-Tensor = torch.Tensor
+# the loss-type names live in the light flags module (``--help`` lists them without torch)
+from mvlm.train.preference_flags import DPO_LOSS_ALIASES, DPO_LOSS_TYPES
 
-# TRL 1.16 DPOTrainer's loss types, in its order.
-DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
-                  "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft",
-                  "sigmoid_norm")
-# Older TRL / ms-swift spellings -> the current name (same formula).
-DPO_LOSS_ALIASES = {"aot_pair": "aot_unpaired"}
+Tensor = torch.Tensor
 _NEEDS_LENGTHS = {"ipo", "sigmoid_norm", "sft"}
 # Loss types whose formula reads label_smoothing ("sigmoid" is conservative DPO, Mitchell 2023,
 # what ms-swift's --label_smoothing did with its TRL; TRL 1.16's sigmoid no longer reads it).

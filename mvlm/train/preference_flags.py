@@ -1,0 +1,77 @@
+"""Offline preference flags (DPO and its loss types) with TRL / ms-swift names and defaults.
+
+Light on purpose (argparse only; the loss module, which imports torch, is imported inside
+:func:`dpo_loss_config`), so ``mvlm rlhf --help`` stays fast and lists the loss types. The loss
+type names live here, once; :mod:`mvlm.train.objectives.dpo_losses` imports them.
+
+Defaults follow ms-swift's ``RLHFArguments``: ``--beta`` 0.1, ``--loss_type sigmoid``,
+``--label_smoothing`` 0, ``--rpo_alpha`` None (no NLL term). ``--dpo_loss_type`` is the older
+ms-swift spelling of ``--loss_type`` (the guide's §5.5 script uses it): it is mapped with one info
+line.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import TYPE_CHECKING, Any
+
+from mvlm.data.flags import str2bool
+
+if TYPE_CHECKING:
+    from mvlm.train.objectives.dpo_losses import DPOLossConfig
+
+log = logging.getLogger("mvlm.train")
+
+# TRL 1.16 DPOTrainer's loss types, in its order.
+DPO_LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair",
+                  "sppo_hard", "aot", "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft",
+                  "sigmoid_norm")
+# Older TRL / ms-swift spellings -> the current name (same formula).
+DPO_LOSS_ALIASES = {"aot_pair": "aot_unpaired"}
+
+
+def add_dpo_args(p: argparse._ActionsContainer) -> None:
+    """Register the DPO flags on ``p`` (a parser or an argument group)."""
+    a = p.add_argument
+    a("--beta", type=float, default=0.1,
+      help="DPO temperature: strength of the implicit KL to the reference (IPO: its tau)")
+    a("--loss_type", nargs="+", default=None, metavar="TYPE",
+      help="DPO loss type(s), summed with --loss_weights: " + ", ".join(DPO_LOSS_TYPES)
+      + " (aot_pair = aot_unpaired); default sigmoid")
+    a("--dpo_loss_type", nargs="+", default=None, metavar="TYPE",
+      help="older ms-swift spelling of --loss_type (mapped with an info line)")
+    a("--loss_weights", nargs="+", type=float, default=None,
+      help="one weight per --loss_type (default 1 each)")
+    a("--label_smoothing", type=float, default=0.0,
+      help="assumed label-flip rate in [0, 0.5): conservative DPO on sigmoid; robust, exo_pair, "
+      "aot, aot_unpaired read it too")
+    a("--rpo_alpha", type=float, default=None,
+      help="RPO: + rpo_alpha x NLL of the chosen answers (token mean); default none")
+    a("--reference_free", type=str2bool, nargs="?", const=True, default=False,
+      help="no reference model: reference log-probs taken as 0")
+    a("--discopop_tau", type=float, default=0.05, help="DiscoPOP gate temperature")
+
+
+def resolve_dpo_loss_type(ns: Any) -> list[str]:
+    """``--loss_type``, or ``--dpo_loss_type`` mapped to it (one info line), or sigmoid; both
+    given and different is refused."""
+    lt, old = getattr(ns, "loss_type", None), getattr(ns, "dpo_loss_type", None)
+    if old is not None:
+        if lt is not None and list(lt) != list(old):
+            raise ValueError(f"--dpo_loss_type {' '.join(old)} and --loss_type {' '.join(lt)} "
+                             "disagree; --dpo_loss_type is the older name of --loss_type: "
+                             "keep one")
+        log.info("--dpo_loss_type %s -> --loss_type %s (the current name)", " ".join(old),
+                 " ".join(old))
+        lt = old
+    return list(lt) if lt else ["sigmoid"]
+
+
+def dpo_loss_config(ns: Any) -> DPOLossConfig:
+    """The validated DPO loss settings of a parsed namespace (errors name the flag)."""
+    from mvlm.train.objectives.dpo_losses import DPOLossConfig
+
+    return DPOLossConfig(beta=ns.beta, loss_type=tuple(resolve_dpo_loss_type(ns)),
+                         loss_weights=tuple(ns.loss_weights) if ns.loss_weights else None,
+                         label_smoothing=ns.label_smoothing, rpo_alpha=ns.rpo_alpha,
+                         reference_free=bool(ns.reference_free), discopop_tau=ns.discopop_tau)
