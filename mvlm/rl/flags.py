@@ -15,6 +15,7 @@ from mvlm.data.flags import str2bool
 
 if TYPE_CHECKING:
     from mvlm.rl.advantages import AdvantageConfig
+    from mvlm.rl.chord import ChordConfig
     from mvlm.rl.grpo_loss import GRPOLossConfig
     from mvlm.rl.rewards import RewardConfig
 
@@ -73,6 +74,15 @@ def add_grpo_args(p: argparse._ActionsContainer) -> None:
     a("--repetition_max_penalty", type=float, default=-1.0)
     a("--soft_max_length", type=int, default=None, help="default --max_completion_length")
     a("--soft_cache_length", type=int, default=None)
+    a("--chord_sft_dataset", nargs="+", default=[],
+      help="CHORD: expert SFT data whose loss is mixed into the GRPO loss")
+    a("--chord_sft_per_device_train_batch_size", type=int, default=None)
+    a("--chord_enable_phi_function", type=str2bool, nargs="?", const=True, default=False,
+      help="CHORD-phi: weight expert tokens by p * (1 - p)")
+    a("--chord_mu_warmup_steps", type=int, default=0)
+    a("--chord_mu_decay_steps", type=int, default=0)
+    a("--chord_mu_peak", type=_opt_float, default=None)
+    a("--chord_mu_valley", type=_opt_float, default=None)
 
 
 @dataclass
@@ -80,6 +90,7 @@ class GRPOConfigs:
     advantages: AdvantageConfig
     loss: GRPOLossConfig
     rewards: RewardConfig
+    chord: ChordConfig
     dynamic_sample: bool
     max_resample_times: int
     overlong_filter: bool
@@ -89,6 +100,7 @@ class GRPOConfigs:
 def grpo_configs(ns: Any, *, num_generations: int, max_completion_length: int) -> GRPOConfigs:
     """Validated configs from parsed flags (errors name the flag)."""
     from mvlm.rl.advantages import AdvantageConfig
+    from mvlm.rl.chord import ChordConfig
     from mvlm.rl.grpo_loss import GRPOLossConfig
     from mvlm.rl.rewards import RewardConfig
 
@@ -119,7 +131,15 @@ def grpo_configs(ns: Any, *, num_generations: int, max_completion_length: int) -
     if ns.max_logprob_mismatch is not None and ns.max_logprob_mismatch < 1.0:
         raise ValueError(f"--max_logprob_mismatch {ns.max_logprob_mismatch}: token_mult_prob_error "
                          "is a mean of exp|dlogp| >= 1 (1 = exact agreement); pass e.g. 1.0001")
-    return GRPOConfigs(advantages=adv, loss=loss, rewards=rew, dynamic_sample=ns.dynamic_sample,
+    chord = ChordConfig(
+        chord_sft_dataset=list(ns.chord_sft_dataset),
+        chord_sft_per_device_train_batch_size=ns.chord_sft_per_device_train_batch_size,
+        chord_enable_phi_function=ns.chord_enable_phi_function,
+        chord_mu_warmup_steps=ns.chord_mu_warmup_steps,
+        chord_mu_decay_steps=ns.chord_mu_decay_steps, chord_mu_peak=ns.chord_mu_peak,
+        chord_mu_valley=ns.chord_mu_valley)
+    return GRPOConfigs(advantages=adv, loss=loss, rewards=rew, chord=chord,
+                       dynamic_sample=ns.dynamic_sample,
                        max_resample_times=ns.max_resample_times,
                        overlong_filter=ns.overlong_filter,
                        max_logprob_mismatch=ns.max_logprob_mismatch)
