@@ -7,5 +7,8 @@ drives it (``mvlm/train/objectives/grpo.py``) and the tests share one implementa
                      and overlong filter;
 * ``grpo_loss``   -- the per-token policy loss of the GRPO family, normalised by global counts,
                      with its metrics (KL, clipping, rollout/trainer mismatch);
-* ``rewards``     -- the reward registry, ms-swift's built-ins and ``--external_plugins``.
+* ``rewards``     -- the reward registry, ms-swift's built-ins and ``--external_plugins``;
+* ``chord``       -- CHORD's mu schedule and expert SFT term;
+* ``flags``       -- the algorithm/reward flags (ms-swift names) and the configs they build;
+* ``rollout/``    -- the rollout-engine interface and engines.
 """
