@@ -1,7 +1,8 @@
-"""RL pieces that do not depend on the trainer: advantages, the GRPO-family loss, rewards.
+"""RL for mvlm: rollouts, rewards, advantages and the GRPO-family loss.
 
-Everything here is plain tensor/Python code (no process groups, no model), so the objective that
-drives it (``mvlm/train/objectives/grpo.py``) and the tests share one implementation:
+All but ``rollout/`` is plain tensor/Python code that knows nothing of the model or the trainer
+(collectives only where a caller passes a process group), so the objective that drives it
+(``mvlm/train/objectives/grpo.py``) and the tests share one implementation:
 
 * ``advantages``  -- group-relative advantages (GRPO, RLOO, REINFORCE++), DAPO's dynamic sampling
                      and overlong filter;
