@@ -225,9 +225,9 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_logps: to
         x = x.detach().to(torch.float64)
         if x.shape[-1] == 1 and m.shape[-1] != 1:  # one value per completion
             sums[name] = torch.stack([x.sum(), torch.tensor(float(x.shape[0]), dtype=x.dtype)])
-        else:
-            mm = m.to(torch.float64)
-            sums[name] = torch.stack([(x * mm).sum(), mm.sum()])
+        else:  # where(), not a product: NaN/inf on padding (entropies often) must not leak
+            sums[name] = torch.stack([torch.where(m > 0, x, 0.0).sum(),
+                                      m.to(torch.float64).sum()])
 
     log_ratio = lp - old
     level = cfg.importance_sampling_level
@@ -294,7 +294,8 @@ def grpo_loss(logps: torch.Tensor, old_logps: torch.Tensor | None, ref_logps: to
     if entropies is not None:
         add_mean("entropy", entropies)
 
-    tok = per * m  # [B, T] (a [B, 1] per-completion loss broadcasts over its tokens)
+    # [B, T]; a [B, 1] per-completion loss broadcasts over its tokens; padding is exactly 0
+    tok = torch.where(m > 0, per, 0.0)
     if lt in _SEQ_MEAN:
         loss = (tok.sum(-1, keepdim=True) / n_seq_tok.clamp(min=1.0)).sum() / denoms.num_sequences
     elif lt == "dr_grpo":

@@ -278,6 +278,20 @@ def test_denominators_allreduce_over_a_group(tmp_path):
         dist.destroy_process_group()
 
 
+def test_padding_values_never_leak():
+    """NaN/inf on padded positions (entropies, per-token advantages, log-probs) change nothing."""
+    logps, old, ref, rollout, _, mask, ent = _batch(seed=7)
+    adv = torch.randn(B, T, generator=torch.Generator().manual_seed(1))
+    cfg = _cfg("grpo", beta=0.04, rollout_importance_sampling_mode="sequence_truncate")
+    clean = _mine(cfg, logps, old, ref, adv, mask, ent, rollout)
+    pad = mask == 0
+    dirty = _mine(cfg, logps.masked_fill(pad, -float("inf")), old.masked_fill(pad, float("nan")),
+                  ref.masked_fill(pad, float("inf")), adv.masked_fill(pad, float("nan")), mask,
+                  ent.masked_fill(pad, float("nan")), rollout.masked_fill(pad, float("nan")))
+    assert float(clean[0]) == float(dirty[0])
+    assert torch.equal(clean[1], dirty[1]) and clean[2] == dirty[2]
+
+
 def test_bad_input_names_the_flag():
     with pytest.raises(ValueError, match="--loss_type 'ppo'"):
         GRPOLossConfig(loss_type="ppo")
