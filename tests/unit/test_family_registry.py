@@ -73,7 +73,7 @@ def test_media_keys_agree_across_families():
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_family_provides_every_part(name, tiny_ckpt):
+def test_family_provides_every_part(name, tiny_ckpt, tmp_path):
     """On the family's own tiny checkpoint: config -> TextArch, weight table covering every HF
     tensor, template of this family, plain/3-D positions of the right shape, HF forward inputs,
     the HF model class, vision tower build + merge keys, PEFT module paths that exist."""
@@ -124,6 +124,7 @@ def test_family_provides_every_part(name, tiny_ckpt):
     assert not missing, f"{name}: PEFT module paths not in {spec.hf_model_class}: {missing[:5]}"
 
     if spec.is_vlm:
+        _media_positions_agree(spec, cfg, tpl, tmp_path)
         tower = spec.vision.build(cfg, torch.float32, "cpu")
         assert isinstance(tower, torch.nn.Module)
         assert all(isinstance(v, int) for v in spec.token_ids(cfg).values())
@@ -132,6 +133,32 @@ def test_family_provides_every_part(name, tiny_ckpt):
         tower_params = ["vision_model." + n for n, _ in tower.named_parameters()]
         for a in spec.aligner_prefixes:  # --freeze_aligner / --aligner_lr select something
             assert any(n.startswith(a) for n in tower_params), a
+
+
+def _media_positions_agree(spec, cfg, tpl, tmp_path) -> None:
+    """An image + video sample: the family's model-side positions (what --verify and the tuners'
+    checks use) equal the template's, which equal HF's (test_data_hf_equality/test_data_media)."""
+    import av
+    import numpy as np
+    from PIL import Image
+
+    with av.open(str(tmp_path / "v.mp4"), "w") as c:
+        st = c.add_stream("mpeg4", rate=8)
+        st.width, st.height, st.pix_fmt = 64, 48, "yuv420p"
+        for i in range(8):
+            frame = np.full((48, 64, 3), i * 30, np.uint8)
+            for pkt in st.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                c.mux(pkt)
+        for pkt in st.encode():
+            c.mux(pkt)
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (56, 84, 3), np.uint8))
+    enc = tpl.encode({"messages": [{"role": "user", "content": "<image>and<video>?"},
+                                   {"role": "assistant", "content": "Both."}],
+                      "images": [img], "videos": ["v.mp4"]}, base_dir=str(tmp_path))
+    media = {k: enc[k] for k in spec.batch_keys if k in enc}
+    assert {"image", "video"} <= {k.name for k in spec.media if k.features_key in media}
+    pos = spec.position_ids(cfg, enc["input_ids"][None], media)
+    assert torch.equal(pos[:, 0], enc["position_ids"])
 
 
 def _mvlm_sources() -> dict[str, str]:

@@ -65,7 +65,8 @@ def mrope_position_ids(hf_config: PretrainedConfig, input_ids: torch.Tensor,
                        media: Mapping[str, torch.Tensor],
                        tokens_per_second: float | None = None) -> torch.Tensor:
     """[3, B, S] Qwen 3-D positions for unpadded rows; each row's images/videos are the next
-    blocks (runs of pads opened by ``<|vision_start|>``) in batch order."""
+    blocks (runs of pads opened by ``<|vision_start|>``) in batch order. Video time uses
+    ``second_per_grid_ts`` when the batch has it (1 s per grid otherwise, as HF)."""
     import torch
 
     from mvlm.data.mrope import get_rope_index, text_position_ids
@@ -73,6 +74,7 @@ def mrope_position_ids(hf_config: PretrainedConfig, input_ids: torch.Tensor,
     cfg = hf_config
     vision = getattr(cfg, "vision_config", None)
     image_grid, video_grid = media.get("image_grid_thw"), media.get("video_grid_thw")
+    video_seconds = media.get("second_per_grid_ts")
     rows = []
     img_i = vid_i = 0
     for row in input_ids:
@@ -83,12 +85,13 @@ def mrope_position_ids(hf_config: PretrainedConfig, input_ids: torch.Tensor,
         n_vid = _count_blocks(row, cfg.video_token_id, cfg) if video_grid is not None else 0
         ig = image_grid[img_i:img_i + n_img] if n_img else None
         vg = video_grid[vid_i:vid_i + n_vid] if n_vid else None
+        vs = video_seconds[vid_i:vid_i + n_vid] if n_vid and video_seconds is not None else None
         img_i += n_img
         vid_i += n_vid
         rows.append(get_rope_index(
             row, image_token_id=cfg.image_token_id, video_token_id=cfg.video_token_id,
             spatial_merge_size=vision.spatial_merge_size, image_grid_thw=ig, video_grid_thw=vg,
-            second_per_grid_ts=None, tokens_per_second=tokens_per_second))
+            second_per_grid_ts=vs, tokens_per_second=tokens_per_second))
     return torch.stack(rows, dim=1)
 
 
