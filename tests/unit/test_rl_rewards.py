@@ -188,6 +188,12 @@ def test_format_builtin():
              "<think>a</think><answer>b</answer>\n": 0.0,
              "<think>a</think>text<answer>b</answer>": 0.0, "<answer>b</answer>": 0.0}
     assert f(list(cases)) == list(cases.values())
+    # ms-swift's pattern, as its Format ORM applies it, agrees on every case
+    import re
+
+    swift = r"^<think>.*?</think>\s*<answer>.*?</answer>(?![\s\S])"
+    assert [1.0 if re.match(swift, c, re.DOTALL | re.MULTILINE) else 0.0 for c in cases] \
+        == list(cases.values())
 
 
 def test_cosine_builtin_follows_its_flags():
