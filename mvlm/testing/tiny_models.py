@@ -80,6 +80,9 @@ class TinySpec:
     auto_class: str = "AutoModelForCausalLM"
     processor: Callable[[PreTrainedTokenizerFast, transformers.PretrainedConfig], Any] | None = \
         None
+    # the tokenizer's chat template and end-of-turn token (None / default: Qwen's ChatML)
+    chat_template: str | None = None
+    eos_token: str = "<|im_end|>"
 
 
 def _spec(family: str) -> TinySpec:
@@ -193,18 +196,20 @@ def build_tokenizer(family: str) -> PreTrainedTokenizerFast:
     from tokenizers import Tokenizer
 
     specials = _special_tokens(family)
+    spec = _spec(family)
     backend = Tokenizer.from_str(_trained_tokenizer_json(specials))
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
-        eos_token="<|im_end|>",
+        eos_token=spec.eos_token,
         pad_token="<|endoftext|>",
         unk_token=None,
         bos_token=None,
-        additional_special_tokens=[t for t in specials if t not in ("<|im_end|>", "<|endoftext|>")],
+        additional_special_tokens=[t for t in specials
+                                   if t not in (spec.eos_token, "<|endoftext|>")],
         model_max_length=32768,
         padding_side="right",
         clean_up_tokenization_spaces=False,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=spec.chat_template or CHAT_TEMPLATE,
     )
     return tokenizer
 
@@ -216,7 +221,7 @@ def _token_ids(family: str) -> dict[str, int]:
     out = {t: tok.convert_tokens_to_ids(t) for t in _special_tokens(family)}
     out.update(
         bos_token_id=out["<|endoftext|>"],
-        eos_token_id=out["<|im_end|>"],
+        eos_token_id=out[_spec(family).eos_token],
         pad_token_id=out["<|endoftext|>"],
         len=len(tok),
     )

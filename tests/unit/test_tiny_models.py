@@ -214,7 +214,7 @@ def test_overrides_reach_text_config() -> None:
     with pytest.raises(ValueError, match="vocab_size"):
         tiny_config("qwen2", vocab_size=10)
     with pytest.raises(ValueError, match="family"):
-        tiny_config("llama")
+        tiny_config("not_a_family")
     with pytest.raises(ValueError, match="variant"):
         tiny_config("qwen2", variant="huge")
 
