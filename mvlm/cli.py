@@ -66,17 +66,18 @@ def main(argv: list[str] | None = None) -> int:
 
             return run_convert(args)
         if args.command == "encode":
+            from mvlm.config import EncodeConfig
             from mvlm.data.encode import run_encode
 
-            return run_encode(args)
+            return run_encode(EncodeConfig.from_flags(vars(args)))
         if args.command == "export":
             from mvlm.train.export import run_export
 
             return run_export(args)
         if args.command == "demo":
-            from mvlm.demo import run_demo
+            from mvlm.demo import DemoConfig, run_demo
 
-            return run_demo(args)
+            return run_demo(DemoConfig.from_flags(vars(args)))
     except (ValueError, FileNotFoundError, FileExistsError) as e:
         # User errors: one clear line naming the fix, non-zero exit, no traceback wall.
         print(f"mvlm {args.command}: error: {e}", file=sys.stderr)

@@ -28,6 +28,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,30 @@ DEMO_IMAGE_SIZE = 112
 # both chance and the untrained model. Measured runs end at 0.85-1.0; chance is 0.29.
 MIN_ACCURACY = 0.6
 MIN_GAIN_OVER_CHANCE = 0.25
+
+
+@dataclass
+class DemoConfig:
+    """`mvlm demo`'s settings (the defaults are the README's run); the CLI builds it from
+    :func:`add_demo_args`'s flags with :meth:`from_flags`."""
+
+    output_dir: str = "mvlm_demo"
+    nproc: int | None = None  # default: 2 on CPU, min(#GPUs, 2)
+    train_iters: int = 200
+    micro_batch_size: int = 8
+    lr: float = 3e-3
+    n_train: int = 480
+    n_val: int = 48
+    seed: int = 0
+    train_type: str = "full"  # full | lora | dora | lora_llm
+    lora_rank: int = 16
+    modules_to_save: list[str] = field(default_factory=list)
+    skip_roundtrip: bool = False
+
+    @classmethod
+    def from_flags(cls, values: dict[str, Any]) -> DemoConfig:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
 
 
 def add_demo_args(p: argparse.ArgumentParser) -> None:
@@ -177,7 +202,7 @@ def conversion_roundtrip(hf_dir: Path, out: Path, nproc: int) -> int:
 
 
 def sft_args(hf_dir: Path, data_train: Path, train_dir: Path, nproc: int,
-             args: argparse.Namespace) -> list[str]:
+             args: DemoConfig) -> list[str]:
     """The `mvlm sft` command line the demo runs (ms-swift flag names, as a user would type)."""
     iters = args.train_iters
     return ["sft", "--model", str(hf_dir), "--dataset", str(data_train),
@@ -192,16 +217,15 @@ def sft_args(hf_dir: Path, data_train: Path, train_dir: Path, nproc: int,
             "--save_interval", str(iters), "--output_dir", str(train_dir)] + _adapter_args(args)
 
 
-def _adapter_args(args: argparse.Namespace) -> list[str]:
+def _adapter_args(args: DemoConfig) -> list[str]:
     """mvlm.tuners: adapter flags; merged export so the accuracy check loads a plain HF dir."""
-    tt = getattr(args, "train_type", "full")
+    tt = args.train_type
     if tt == "full":
         return []
-    r = getattr(args, "lora_rank", 16)
+    r = args.lora_rank
     return ["--train_type", tt, "--lora_rank", str(r), "--lora_alpha", str(2 * r),
             "--lora_dropout", "0", "--merge_lora", "true"] + (
-                ["--modules_to_save", *args.modules_to_save] if getattr(
-                    args, "modules_to_save", None) else [])
+                ["--modules_to_save", *args.modules_to_save] if args.modules_to_save else [])
 
 
 def read_losses(logging_jsonl: Path) -> list[tuple[int, float]]:
@@ -241,7 +265,7 @@ def sft_available() -> bool:
     return "sft" in sub.choices
 
 
-def run_demo(args: argparse.Namespace) -> int:
+def run_demo(args: DemoConfig) -> int:
     import torch
 
     from mvlm.demo_data import chance_accuracy, write_demo_dataset

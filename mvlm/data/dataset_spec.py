@@ -28,12 +28,16 @@ import os
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import datasets
 import numpy as np
 
+from mvlm.data.flags import parse_columns  # noqa: F401 - re-exported (its home before)
 from mvlm.hub import _REPO_ID
+
+if TYPE_CHECKING:
+    from mvlm.config import DataConfig
 
 ROW_COL = "_mvlm_row"
 JSON_COL = "_mvlm_json"
@@ -81,40 +85,10 @@ class LoadOptions:
         return bool(self.columns or self.name or self.author)
 
 
-def parse_columns(value: Any) -> dict[str, str] | None:
-    """``--columns`` as ms-swift takes it: a JSON object ``{"src": "dst"}`` (or a dict)."""
-    if value is None or value == {} or value == "":
-        return None
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"--columns {value!r}: expected a JSON object like "
-                             f"'{{\"text1\": \"query\"}}' ({e})") from e
-    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str)
-                                              for k, v in value.items()):
-        raise ValueError(f"--columns: expected a JSON object of column -> new name, got "
-                         f"{value!r}")
-    return dict(value)
-
-
-def load_options(args: Any) -> LoadOptions:
-    """The options from parsed flags (``--data_seed`` wins over ``--seed`` for data ops)."""
-    seed = getattr(args, "data_seed", None)
-    if seed is None:
-        seed = getattr(args, "seed", 42)
-    return LoadOptions(seed=42 if seed is None else int(seed),
-                       columns=parse_columns(getattr(args, "columns", None)),
-                       use_hf=getattr(args, "use_hf", None),
-                       hub_token=getattr(args, "hub_token", None),
-                       name=_pair(getattr(args, "model_name", None)),
-                       author=_pair(getattr(args, "model_author", None)))
-
-
-def _pair(v: Any) -> tuple[str, ...] | None:
-    if not v:
-        return None
-    return tuple(v) if isinstance(v, (list, tuple)) else (str(v),)
+def load_options(data: DataConfig) -> LoadOptions:
+    """How the data flags load specs (the data seed is ``--data_seed``, else ``--seed``)."""
+    return LoadOptions(seed=data.data_seed, columns=data.columns, use_hf=data.use_hf,
+                       hub_token=data.hub_token, name=data.model_name, author=data.model_author)
 
 
 def _fill_placeholders(value: Any, subs: dict[str, str]) -> Any:

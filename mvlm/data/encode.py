@@ -10,10 +10,12 @@ Public API (what ``mvlm/cli.py`` and the trainer use)::
         --image_backend --on_bad_sample --system --template_backend --cached_dataset --task.
         Flags that the parser already has (e.g. --seed, --model from config.py) are skipped.
     add_encode_args(parser) -> None          # add_data_args + --model --output_dir --dump
-    run_encode(args: argparse.Namespace) -> int
+    run_encode(cfg: mvlm.config.EncodeConfig) -> int
 
-    build_train_dataset(args, processor_dir, *, dp_rank=0, dp_size=1) -> TrainData
-        Loads (or reads --cached_dataset), encodes, optionally packs. TrainData has .train,
+    build_train_dataset(data: mvlm.config.DataConfig, processor_dir, *, dp_rank=0, dp_size=1,
+                        schedule: mvlm.config.ScheduleConfig | None = None) -> TrainData
+        Loads (or reads --cached_dataset), encodes, optionally packs; ``schedule`` (a training
+        run's step budget) makes a streamed dataset endless. TrainData has .train,
         .val (map-style or iterable torch datasets), .template, .bad_samples (counter),
         .pad_token_id, .packing, .stats.
     build_dataloader(data: TrainData, *, split="train", micro_batch_size=1, dp_rank=0,
@@ -35,7 +37,6 @@ mismatch with the training flags is reported), and ``D/dump.jsonl`` for ``--dump
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import logging
@@ -63,39 +64,49 @@ if TYPE_CHECKING:
     import datasets
     import torch.utils.data
 
+    from mvlm.config import DataConfig, EncodeConfig, ScheduleConfig
     from mvlm.data.media import MediaConfig
     from mvlm.data.template import Template, TemplateConfig
 
 logger = logging.getLogger(__name__)
 
 
-def _get(args: Any, name: str, default: Any = None) -> Any:
-    return getattr(args, name, default)
+def _unwrap(data: Any) -> tuple[DataConfig, ScheduleConfig | None]:
+    """BRIDGE (issue 10, phase A): mvlm/train/trainer.py still passes ``cfg.ns`` (a
+    :class:`mvlm.config.TrainerFlagsBridge`); it carries the whole config, whose schedule
+    makes this a training run. Removed once the trainer passes ``cfg.data``."""
+    from mvlm.config import TrainerFlagsBridge
+
+    if isinstance(data, TrainerFlagsBridge):
+        return data.config.data, data.config.schedule
+    return data, None
 
 
-def media_config(args: Any) -> MediaConfig:
+def media_config(data: DataConfig) -> MediaConfig:
     from mvlm.data.media import MediaConfig
 
-    return MediaConfig.from_env(**{k: _get(args, k) for k in (
-        "max_pixels", "min_pixels", "image_max_token_num", "video_max_pixels",
-        "video_max_token_num", "fps", "fps_max_frames", "image_backend")})
+    return MediaConfig.from_env(
+        max_pixels=data.max_pixels, min_pixels=data.min_pixels,
+        image_max_token_num=data.image_max_token_num, video_max_pixels=data.video_max_pixels,
+        video_max_token_num=data.video_max_token_num, fps=data.fps,
+        fps_max_frames=data.fps_max_frames, image_backend=data.image_backend)
 
 
-def template_config(args: Any) -> TemplateConfig:
+def template_config(data: DataConfig) -> TemplateConfig:
     from mvlm.data.template import TemplateConfig
 
-    return TemplateConfig(max_length=_get(args, "max_length"),
-                          truncation_strategy=_get(args, "truncation_strategy", "delete"),
-                          task=_get(args, "task", "sft"), system=_get(args, "system"),
-                          template_backend=_get(args, "template_backend", "native"),
-                          add_non_thinking_prefix=bool(_get(args, "add_non_thinking_prefix")),
-                          ignore_empty_think=bool(_get(args, "ignore_empty_think")))
+    return TemplateConfig(max_length=data.max_length,
+                          truncation_strategy=data.truncation_strategy,
+                          task=data.task, system=data.system,
+                          template_backend=data.template_backend,
+                          add_non_thinking_prefix=bool(data.add_non_thinking_prefix),
+                          ignore_empty_think=bool(data.ignore_empty_think))
 
 
-def build_template(args: Any, model_dir: str) -> Template:
+def build_template(data: DataConfig, model_dir: str) -> Template:
     from mvlm.data.template import get_template
 
-    return get_template(model_dir, cfg=template_config(args), media=media_config(args))
+    return get_template(model_dir, cfg=template_config(data), media=media_config(data))
 
 
 @dataclass
@@ -126,34 +137,35 @@ def _stats(ds: datasets.Dataset, max_length: int | None, packs: list | None) -> 
     return out
 
 
-def _encode_eager(args: Any, template: Template, counter: BadSampleCounter):
+def _encode_eager(data: DataConfig, template: Template, counter: BadSampleCounter):
     from mvlm.data.dataset import encode_all
     from mvlm.data.dataset_spec import load_options
     from mvlm.data.textrows import load_datasets  # text files read line by line
 
+    opts = load_options(data)
     train_raw, val_raw = load_datasets(
-        _get(args, "dataset") or [], val_specs=_get(args, "val_dataset") or [],
-        split_dataset_ratio=_get(args, "split_dataset_ratio", 0.0) or 0.0,
-        seed=_get(args, "seed", 42), options=load_options(args))
-    num_proc = _get(args, "dataset_num_proc", 1) or 1
+        data.dataset or [], val_specs=data.val_dataset or [],
+        split_dataset_ratio=data.split_dataset_ratio or 0.0, seed=opts.seed, options=opts)
+    num_proc = data.dataset_num_proc or 1
     train = encode_all(train_raw, template, counter, num_proc=num_proc,
-                       shuffle=_get(args, "dataset_shuffle", True),
-                       seed=load_options(args).seed)
+                       shuffle=data.dataset_shuffle, seed=opts.seed)
     val = encode_all(val_raw, template, counter, num_proc=num_proc) if val_raw else None
     return train, val
 
 
-def _pack(args: Any, ds: datasets.Dataset) -> list[list[int]]:
+def _pack(data: DataConfig, ds: datasets.Dataset) -> list[list[int]]:
     from mvlm.data.packing import pack_lengths
 
-    if not _get(args, "max_length"):
+    if not data.max_length:
         raise ValueError("--packing needs --max_length (the packed row length)")
-    return pack_lengths(ds["length"], packing_length(args))
+    return pack_lengths(ds["length"], packing_length(data))
 
 
-def packing_length(args: Any) -> int:
+def packing_length(data: DataConfig) -> int:
     """Packed row length: --packing_length (ms-swift), else --max_length."""
-    return int(_get(args, "packing_length") or args.max_length)
+    if data.row_length is None:
+        raise ValueError("--packing needs --max_length (the packed row length)")
+    return int(data.row_length)
 
 
 def _read_json(path: str) -> Any:
@@ -161,21 +173,23 @@ def _read_json(path: str) -> Any:
         return json.load(f)
 
 
-def _stream_rows(args: Any, packing: bool) -> int | None:
+def _stream_rows(data: DataConfig, schedule: ScheduleConfig | None,
+                 packing: bool) -> int | None:
     """The streamed files' row count when the steps come from --num_train_epochs (None with
     --max_steps, with packing, or when a spec's rows cannot be counted cheaply)."""
     from mvlm.data.textrows import count_rows
 
-    if _get(args, "train_iters") is not None or _get(args, "num_train_epochs") is None \
-            or packing:
+    if schedule is None or schedule.train_iters is not None \
+            or schedule.num_train_epochs is None or packing:
         return None
-    counts = [count_rows(s) for s in _get(args, "dataset") or []]
+    counts = [count_rows(s) for s in data.dataset or []]
     return None if not counts or None in counts else sum(counts)
 
 
-def build_train_dataset(args: Any, processor_dir: str, *, dp_rank: int = 0,
-                        dp_size: int = 1) -> TrainData:
-    """Datasets for training from the data flags (see the module docstring)."""
+def build_train_dataset(data: DataConfig, processor_dir: str, *, dp_rank: int = 0,
+                        dp_size: int = 1, schedule: ScheduleConfig | None = None) -> TrainData:
+    """Datasets for training from the data flags (see the module docstring). ``schedule``:
+    the training run's step budget (None: one pass, as ``mvlm encode`` and the tests read)."""
     import datasets
 
     from mvlm.data.dataset import EncodedDataset, LazyDataset, StreamingDataset
@@ -183,63 +197,65 @@ def build_train_dataset(args: Any, processor_dir: str, *, dp_rank: int = 0,
     from mvlm.data.packing import PackedDataset, pack_lengths
     from mvlm.data.textrows import load_datasets  # text files read line by line
 
-    template = build_template(args, processor_dir)
+    data, bridged = _unwrap(data)
+    schedule = schedule or bridged
+    template = build_template(data, processor_dir)
     # one counter for encoding and the torch datasets (their loader workers' skips included):
     # TrainData.bad_samples is the whole report
-    counter = BadSampleCounter(_get(args, "on_bad_sample", "error"), share_with_workers=True)
-    packing = bool(_get(args, "packing", False))
+    counter = BadSampleCounter(data.on_bad_sample, share_with_workers=True)
+    packing = bool(data.packing)
     pad_id = template.pad_token_id
-    cached = _get(args, "cached_dataset")
+    cached = data.cached_dataset
     if cached:
         meta = _read_json(os.path.join(cached, "meta.json"))
         if meta.get("family") != template.family:
             raise ValueError(f"--cached_dataset {cached} was encoded for {meta.get('family')}, "
                              f"but the model is {template.family}; re-run mvlm encode")
-        if _get(args, "max_length") and meta.get("max_length") != args.max_length:
+        if data.max_length and meta.get("max_length") != data.max_length:
             raise ValueError(f"--cached_dataset {cached} was encoded with max_length "
-                             f"{meta.get('max_length')} but --max_length is {args.max_length}")
+                             f"{meta.get('max_length')} but --max_length is {data.max_length}")
         train = datasets.load_from_disk(os.path.join(cached, "train"))
         val_dir = os.path.join(cached, "val")
         val = datasets.load_from_disk(val_dir) if os.path.isdir(val_dir) else None
         packs_file = os.path.join(cached, "packs.json")
         packs = _read_json(packs_file) if packing and os.path.exists(packs_file) else None
         if packing and packs is None:
-            packs = _pack(args, train)
+            packs = _pack(data, train)
         stats = _read_json(os.path.join(cached, "stats.json"))
-    elif _get(args, "streaming", False):
-        train_raw, val_raw = load_datasets(args.dataset, val_specs=_get(args, "val_dataset", []),
-                                           streaming=True, seed=_get(args, "seed", 42),
-                                           options=load_options(args))
-        plen = packing_length(args) if packing else None
+    elif data.streaming:
+        opts = load_options(data)
+        train_raw, val_raw = load_datasets(data.dataset, val_specs=data.val_dataset or [],
+                                           streaming=True, seed=opts.seed, options=opts)
+        plen = packing_length(data) if packing else None
         # a training run (a step budget) streams endlessly: the step count decides the end
-        budget = _get(args, "train_iters") is not None or \
-            _get(args, "num_train_epochs") is not None
+        budget = schedule is not None and (schedule.train_iters is not None
+                                           or schedule.num_train_epochs is not None)
         tr = StreamingDataset(train_raw, template, counter, plen, dp_rank, dp_size,
-                              num_rows=_stream_rows(args, packing),
+                              num_rows=_stream_rows(data, schedule, packing),
                               epochs=None if budget else 1)
         va = StreamingDataset(val_raw, template, counter, plen) if val_raw else None
         return TrainData(tr, va, template, tr.counter, pad_id, packing)
-    elif _get(args, "lazy_tokenize", False) and not packing:
+    elif data.lazy_tokenize and not packing:
         # with --packing, lazy falls through to the eager encode below: packing needs every
         # sample's length up front (the parser says so in one info line)
+        opts = load_options(data)
         train_raw, val_raw = load_datasets(
-            args.dataset, val_specs=_get(args, "val_dataset", []),
-            split_dataset_ratio=_get(args, "split_dataset_ratio", 0.0) or 0.0,
-            seed=_get(args, "seed", 42), options=load_options(args))
+            data.dataset, val_specs=data.val_dataset or [],
+            split_dataset_ratio=data.split_dataset_ratio or 0.0, seed=opts.seed, options=opts)
         tr = LazyDataset(train_raw, template, counter)
         va = LazyDataset(val_raw, template, counter) if val_raw else None
         return TrainData(tr, va, template, tr.counter, pad_id, False)
     else:
-        train, val = _encode_eager(args, template, counter)
-        packs = _pack(args, train) if packing else None
-        plen = packing_length(args) if packs is not None else _get(args, "max_length")
+        train, val = _encode_eager(data, template, counter)
+        packs = _pack(data, train) if packing else None
+        plen = packing_length(data) if packs is not None else data.max_length
         stats = _stats(train, plen, packs)
     tr_ds: Any = EncodedDataset(train, template, counter)
     va_ds: Any = EncodedDataset(val, template, counter) if val is not None else None
     if packing:
         tr_ds = PackedDataset(tr_ds, packs)
         if va_ds is not None:
-            va_ds = PackedDataset(va_ds, pack_lengths(val["length"], packing_length(args)))
+            va_ds = PackedDataset(va_ds, pack_lengths(val["length"], packing_length(data)))
     return TrainData(tr_ds, va_ds, template, counter, pad_id, packing, stats)
 
 
@@ -300,18 +316,18 @@ def _dump_row(ds: datasets.Dataset, i: int, template: Template) -> dict[str, Any
     return out
 
 
-def run_encode(args: argparse.Namespace) -> int:
+def run_encode(cfg: EncodeConfig) -> int:
     """Pre-encode (and optionally pack) datasets into ``--output_dir``; print stats."""
     t0 = time.time()
-    template = build_template(args, args.model)
-    counter = BadSampleCounter(_get(args, "on_bad_sample", "error"))
+    template = build_template(cfg, cfg.model)
+    counter = BadSampleCounter(cfg.on_bad_sample)
     try:
-        train, val = _encode_eager(args, template, counter)
+        train, val = _encode_eager(cfg, template, counter)
     except (BadSampleError, DatasetFileError) as e:  # a row, or a file unreadable as a whole
         print(f"mvlm encode: {e}", file=sys.stderr)
         return 2
-    packs = _pack(args, train) if _get(args, "packing") else None
-    out = args.output_dir
+    packs = _pack(cfg, train) if cfg.packing else None
+    out = cfg.output_dir
     os.makedirs(out, exist_ok=True)
     train.save_to_disk(os.path.join(out, "train"))
     if val is not None:
@@ -319,22 +335,22 @@ def run_encode(args: argparse.Namespace) -> int:
     if packs is not None:
         with open(os.path.join(out, "packs.json"), "w") as f:
             json.dump(packs, f)
-    plen = packing_length(args) if packs is not None else _get(args, "max_length")
+    plen = packing_length(cfg) if packs is not None else cfg.max_length
     stats = _stats(train, plen, packs)
     stats["val_samples"] = len(val) if val is not None else 0
     stats["skipped"] = dict(counter.counts)
     stats["seconds"] = round(time.time() - t0, 2)
     stats["samples_per_s"] = round((stats["samples"] + counter.total) / max(stats["seconds"],
                                                                            1e-9), 1)
-    meta = {"family": template.family, "max_length": _get(args, "max_length"),
-            "truncation_strategy": _get(args, "truncation_strategy"),
-            "task": _get(args, "task", "sft"), "template_backend": template.backend,
-            "packing": bool(packs is not None), "datasets": list(_get(args, "dataset") or [])}
+    meta = {"family": template.family, "max_length": cfg.max_length,
+            "truncation_strategy": cfg.truncation_strategy,
+            "task": cfg.task, "template_backend": template.backend,
+            "packing": bool(packs is not None), "datasets": list(cfg.dataset or [])}
     with open(os.path.join(out, "stats.json"), "w") as f:
         json.dump(stats, f, indent=2)
     with open(os.path.join(out, "meta.json"), "w") as f:
         json.dump(meta, f, indent=2)
-    n_dump = min(_get(args, "dump", 0) or 0, len(train))
+    n_dump = min(cfg.dump or 0, len(train))
     if n_dump:
         with open(os.path.join(out, "dump.jsonl"), "w") as f:
             f.writelines(json.dumps(_dump_row(train, i, template)) + "\n" for i in range(n_dump))
@@ -351,12 +367,7 @@ def run_encode(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser("mvlm encode", description=run_encode.__doc__)
-    add_encode_args(parser)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    return run_encode(parser.parse_args(argv))
+if __name__ == "__main__":  # the same as `mvlm encode ...` (flags are parsed by mvlm.cli)
+    from mvlm.cli import main
 
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(["encode", *sys.argv[1:]]))

@@ -59,6 +59,25 @@ _DATA_FLAGS: list[tuple[str, dict]] = [
 ]
 
 
+def parse_columns(value: Any) -> dict[str, str] | None:
+    """``--columns`` as ms-swift takes it: a JSON object ``{"src": "dst"}`` (or a dict)."""
+    import json
+
+    if value is None or value == {} or value == "":
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--columns {value!r}: expected a JSON object like "
+                             f"'{{\"text1\": \"query\"}}' ({e})") from e
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                              for k, v in value.items()):
+        raise ValueError(f"--columns: expected a JSON object of column -> new name, got "
+                         f"{value!r}")
+    return dict(value)
+
+
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     """Add the data flags (skipping any the parser already defines)."""
     group = parser.add_argument_group("data")

@@ -12,7 +12,8 @@ every flag they use is either
 
 ``--config run.yaml`` gives the same flags as a YAML mapping; flags on the command line win.
 Everything is validated up front (before any process group exists) with errors that name the flag
-and the fix: a wrong flag must never cost a cluster allocation.
+and the fix: a wrong flag must never cost a cluster allocation. The result is the typed, nested
+:class:`mvlm.config.TrainConfig`; the argparse namespace stays inside this module.
 """
 from __future__ import annotations
 
@@ -20,11 +21,26 @@ import argparse
 import logging
 import math
 import os
-from dataclasses import dataclass, field
 from typing import Any
 
-from mvlm.data.flags import str2bool  # one parser for data and train flags (light module)
+from mvlm.config import (  # the typed config this module builds (light: stdlib only)
+    CheckpointConfig,
+    DataConfig,
+    EvalConfig,
+    FreezeConfig,
+    LoggingConfig,
+    ModelConfig,
+    OptimConfig,
+    ParallelConfig,
+    ScheduleConfig,
+    TrainConfig,
+    TunerConfig,
+)
+from mvlm.data.flags import parse_columns, str2bool  # one parser for data and train flags
 from mvlm.models.recompute import RecomputeConfig, RecomputeError  # light: stdlib only
+
+__all__ = ["TrainConfig", "parse_train_args", "build_parser", "apply_hf_overrides",
+           "epoch_end_steps", "iterations_for_epochs", "write_flag_doc"]
 
 log = logging.getLogger("mvlm.train")
 
@@ -436,149 +452,6 @@ def yaml_to_argv(path: str) -> list[str]:
     return out
 
 
-@dataclass
-class TrainConfig:
-    """Validated training configuration (what the loop reads). ``ns`` keeps every flag (data
-    flags included) for the data pipeline, which reads them by name."""
-
-    task: str
-    model: str | None
-    mcore_model: str | None
-    output_dir: str
-    torch_dtype: str | None
-    tp: int
-    pp: int
-    cp: int
-    ep: int
-    etp: int | None
-    vpp: int | None
-    sequence_parallel: bool
-    use_distributed_optimizer: bool
-    overlap_grad_reduce: bool
-    recompute_granularity: str | None
-    micro_batch_size: int
-    global_batch_size: int | None
-    gradient_accumulation_steps: int | None
-    train_iters: int | None
-    num_train_epochs: float | None
-    lr: float
-    min_lr: float
-    lr_decay_style: str
-    lr_warmup_fraction: float | None
-    lr_warmup_iters: int
-    weight_decay: float
-    adam_beta1: float
-    adam_beta2: float
-    adam_eps: float
-    clip_grad: float
-    vit_lr: float | None
-    aligner_lr: float | None
-    freeze_vit: bool
-    freeze_aligner: bool
-    freeze_llm: bool
-    eval_interval: int | None
-    eval_iters: int | None
-    save_interval: int | None
-    save_total_limit: int | None
-    save_safetensors: bool
-    save_optim: bool
-    resume: str
-    exit_interval: int | None
-    log_interval: int
-    report_to: list[str]
-    wandb_project: str
-    wandb_exp_name: str | None
-    attn_impl: str | None
-    transformer_impl: str
-    device: str | None
-    packing: bool
-    dataloader_num_workers: int
-    seed: int
-    max_skipped_steps: int
-    disable_tqdm: bool
-    ns: argparse.Namespace = field(repr=False, default_factory=argparse.Namespace)
-    notes: list[str] = field(default_factory=list)
-    # Activation recompute beyond the granularity (mvlm.models.recompute.RecomputeConfig).
-    recompute_method: str | None = None
-    recompute_num_layers: int | None = None
-    # Megatron's selective-recompute submodules (core_attn, mlp, layernorm, moe,
-    # shared_experts; None = Megatron's default ["core_attn"]). Filled from ms-swift's
-    # --recompute_modules: set it ONLY when the user passed the flag (a value with no
-    # --recompute_granularity selective is refused as having no effect).
-    recompute_modules: list[str] | None = None
-    check_for_nan_in_loss_and_grad: bool = True
-    # ms-swift flags (mvlm.train.args._validate_swift): tensorboard dir (None = <output>/runs),
-    # steps|epoch|no, MoE aux-loss override, name-based freezing (applied after the part flags;
-    # trainable_* win over every freeze rule).
-    logging_dir: str | None = None
-    save_strategy: str = "steps"
-    moe_aux_loss_coeff: float | None = None
-    freeze_parameters: list[str] = field(default_factory=list)
-    freeze_parameters_regex: str | None = None
-    freeze_all: bool = False
-    trainable_parameters: list[str] = field(default_factory=list)
-    trainable_parameters_regex: str | None = None
-
-    def name_freeze_rule(self) -> Any:
-        """``rule(name) -> True (freeze) | False (keep trainable) | None (part flags decide)``
-        for --freeze_parameters(_regex/_ratio 1) and --trainable_parameters(_regex)."""
-        import re
-
-        fre = re.compile(self.freeze_parameters_regex) if self.freeze_parameters_regex else None
-        tre = re.compile(self.trainable_parameters_regex) \
-            if self.trainable_parameters_regex else None
-
-        def rule(name: str) -> bool | None:
-            if any(name.startswith(p) for p in self.trainable_parameters) or \
-                    (tre is not None and tre.search(name)):
-                return False
-            if self.freeze_all or any(name.startswith(p) for p in self.freeze_parameters) or \
-                    (fre is not None and fre.search(name)):
-                return True
-            return None
-
-        return rule
-
-    @property
-    def recompute(self) -> RecomputeConfig:
-        """The recompute flags as one value (checked against the model in transformer_config)."""
-        return RecomputeConfig(self.recompute_granularity, self.recompute_method,
-                               self.recompute_num_layers, self.recompute_modules)
-
-    def dp_size(self, world_size: int) -> int:
-        return world_size // (self.tp * self.pp * self.cp)
-
-    def resolve_batch(self, world_size: int) -> None:
-        """Fill global_batch_size from --gradient_accumulation_steps once the DP size is known,
-        and check divisibility (global = micro * DP * micro-batches per step)."""
-        dp = self.dp_size(world_size)
-        per_step = self.micro_batch_size * dp
-        if self.global_batch_size is None:
-            gas = self.gradient_accumulation_steps or 1
-            self.global_batch_size = per_step * gas
-            if self.gradient_accumulation_steps:
-                self.notes.append(
-                    f"--gradient_accumulation_steps {gas} -> --global_batch_size "
-                    f"{self.global_batch_size} (= micro {self.micro_batch_size} x DP {dp} x {gas})")
-        elif self.gradient_accumulation_steps and \
-                self.global_batch_size != per_step * self.gradient_accumulation_steps:
-            raise ValueError(
-                f"--global_batch_size {self.global_batch_size} contradicts "
-                f"--gradient_accumulation_steps {self.gradient_accumulation_steps} (micro "
-                f"{self.micro_batch_size} x DP {dp} x {self.gradient_accumulation_steps} = "
-                f"{per_step * self.gradient_accumulation_steps}): pass only one of them")
-        if self.global_batch_size % per_step:
-            raise ValueError(
-                f"--global_batch_size {self.global_batch_size} is not a multiple of "
-                f"--micro_batch_size {self.micro_batch_size} x data-parallel size {dp} = "
-                f"{per_step}: choose a global batch size of k*{per_step}")
-
-    @property
-    def layout_kwargs(self) -> dict[str, Any]:
-        return {"tp": self.tp, "pp": self.pp, "cp": self.cp, "ep": self.ep, "etp": self.etp,
-                "vpp": self.vpp}
-
-
 _DECAY = {"cosine": "cosine", "linear": "linear", "constant": "constant",
           "constant_with_warmup": "constant", "cosine_with_min_lr": "cosine",
           "wsd": None, "inverse-square-root": "inverse-square-root"}
@@ -700,9 +573,8 @@ _ADAMW_NAMES = ("adamw_torch", "adamw_torch_fused", "adamw_hf", "adamw", "adam",
                 "adamw_apex_fused")
 
 
-def _validate_swift(ns: argparse.Namespace, task: str, notes: list[str]) -> dict[str, Any]:
-    """Value checks and mappings of the ms-swift flags (see add_swift_args). Returns the
-    TrainConfig fields they set."""
+def _validate_swift(ns: argparse.Namespace, task: str, notes: list[str]) -> None:
+    """Value checks and mappings of the ms-swift flags (see add_swift_args), applied to ``ns``."""
     import re
 
     def bad(flag: str, msg: str) -> ValueError:
@@ -760,8 +632,6 @@ def _validate_swift(ns: argparse.Namespace, task: str, notes: list[str]) -> dict
     if ns.strict is not None:
         ns.on_bad_sample = "error" if ns.strict else "skip"
         notes.append(f"--strict {str(ns.strict).lower()} -> --on_bad_sample {ns.on_bad_sample}")
-    from mvlm.data.dataset_spec import parse_columns
-
     parse_columns(ns.columns)  # raises naming --columns
     kw = _json_arg("--lr_scheduler_kwargs", ns.lr_scheduler_kwargs)
     for k, v in kw.items():
@@ -797,13 +667,6 @@ def _validate_swift(ns: argparse.Namespace, task: str, notes: list[str]) -> dict
             notes.append(f"{env} is read into the media config, but no model family mvlm "
                          "trains takes audio (audio rows are rejected as unsupported_media): "
                          "it has no effect")
-    return {"logging_dir": ns.logging_dir, "save_strategy": save_strategy,
-            "moe_aux_loss_coeff": ns.moe_aux_loss_coeff,
-            "freeze_parameters": list(ns.freeze_parameters or []),
-            "freeze_parameters_regex": ns.freeze_parameters_regex,
-            "freeze_all": ns.freeze_parameters_ratio == 1.0,
-            "trainable_parameters": list(ns.trainable_parameters or []),
-            "trainable_parameters_regex": ns.trainable_parameters_regex}
 
 
 def _check_streaming_and_lazy(ns: argparse.Namespace, notes: list[str]) -> None:
@@ -884,10 +747,12 @@ def _validate(ns: argparse.Namespace, task: str, notes: list[str]) -> TrainConfi
     def bad(flag: str, msg: str) -> ValueError:
         return ValueError(f"{flag}: {msg}")
 
-    from mvlm.tuners.train_hooks import adapter_config_from_args  # mvlm.tuners (validation)
+    from mvlm.tuners.train_hooks import adapter_config, check_tuner_flags  # light at import
 
     _early_swift(ns, notes)
-    adapter_config_from_args(ns)
+    # adapter flags first (as passed; --use_dora's train-type mapping follows in _validate_swift)
+    check_tuner_flags(_tuner(ns), ns.torch_dtype)
+    adapter_config(_tuner(ns), freeze_vit=ns.freeze_vit is not False, seed=ns.seed)
     if not ns.model and not ns.mcore_model:
         raise bad("--model", "pass an HF checkpoint dir (--model) or an mvlm torch_dist "
                              "checkpoint (--mcore_model / --load)")
@@ -1083,33 +948,64 @@ def _validate(ns: argparse.Namespace, task: str, notes: list[str]) -> TrainConfi
         ns.task = task
     if task == "pt":
         ns.task = "pt"
-    swift = _validate_swift(ns, task, notes)
+    _validate_swift(ns, task, notes)
 
     return TrainConfig(
-        task=task, model=ns.model, mcore_model=ns.mcore_model, output_dir=ns.output_dir,
-        torch_dtype=dtype, tp=ns.tp, pp=ns.pp, cp=ns.cp, ep=ns.ep, etp=ns.etp, vpp=ns.vpp,
-        sequence_parallel=bool(ns.sequence_parallel), use_distributed_optimizer=bool(dist_opt),
-        overlap_grad_reduce=bool(ns.overlap_grad_reduce), recompute_granularity=recompute,
-        micro_batch_size=mbs, global_batch_size=ns.global_batch_size,
-        gradient_accumulation_steps=ns.gradient_accumulation_steps,
-        train_iters=ns.train_iters, num_train_epochs=ns.num_train_epochs, lr=lr,
-        min_lr=ns.min_lr, lr_decay_style=style, lr_warmup_fraction=ns.lr_warmup_fraction,
-        lr_warmup_iters=ns.lr_warmup_iters or 0, weight_decay=ns.weight_decay,
-        adam_beta1=ns.adam_beta1, adam_beta2=ns.adam_beta2, adam_eps=ns.adam_eps,
-        clip_grad=ns.clip_grad, vit_lr=ns.vit_lr, aligner_lr=ns.aligner_lr,
-        freeze_vit=freeze_vit, freeze_aligner=freeze_aligner, freeze_llm=bool(ns.freeze_llm),
-        eval_interval=ns.eval_interval, eval_iters=ns.eval_iters,
-        save_interval=ns.save_interval, save_total_limit=ns.save_total_limit,
-        save_safetensors=bool(ns.save_safetensors),
-        save_optim=not (ns.save_only_model or ns.no_save_optim), resume=str(resume),
-        exit_interval=ns.exit_interval, log_interval=ns.log_interval, report_to=report,
-        wandb_project=ns.wandb_project, wandb_exp_name=ns.wandb_exp_name, attn_impl=attn,
-        transformer_impl=ns.transformer_impl, device=ns.device, packing=bool(ns.packing),
-        dataloader_num_workers=ns.dataloader_num_workers, seed=ns.seed,
-        max_skipped_steps=ns.max_skipped_steps, disable_tqdm=bool(ns.disable_tqdm), ns=ns,
-        notes=notes, recompute_method=ns.recompute_method,
-        recompute_num_layers=ns.recompute_num_layers, recompute_modules=recompute_modules,
-        check_for_nan_in_loss_and_grad=bool(ns.check_for_nan_in_loss_and_grad), **swift)
+        task=task, output_dir=ns.output_dir, seed=ns.seed, notes=notes,
+        base=ModelConfig(model=ns.model, mcore_model=ns.mcore_model, torch_dtype=dtype,
+                         attn_impl=attn, transformer_impl=ns.transformer_impl, device=ns.device,
+                         moe_aux_loss_coeff=ns.moe_aux_loss_coeff),
+        parallel=ParallelConfig(
+            tp=ns.tp, pp=ns.pp, cp=ns.cp, ep=ns.ep, etp=ns.etp, vpp=ns.vpp,
+            sequence_parallel=bool(ns.sequence_parallel),
+            use_distributed_optimizer=bool(dist_opt),
+            overlap_grad_reduce=bool(ns.overlap_grad_reduce), recompute_granularity=recompute,
+            recompute_method=ns.recompute_method, recompute_num_layers=ns.recompute_num_layers,
+            recompute_modules=recompute_modules),
+        schedule=ScheduleConfig(
+            micro_batch_size=mbs, global_batch_size=ns.global_batch_size,
+            gradient_accumulation_steps=ns.gradient_accumulation_steps,
+            train_iters=ns.train_iters, num_train_epochs=ns.num_train_epochs),
+        optim=OptimConfig(
+            lr=lr, min_lr=ns.min_lr, lr_decay_style=style,
+            lr_warmup_fraction=ns.lr_warmup_fraction, lr_warmup_iters=ns.lr_warmup_iters or 0,
+            weight_decay=ns.weight_decay, adam_beta1=ns.adam_beta1, adam_beta2=ns.adam_beta2,
+            adam_eps=ns.adam_eps, clip_grad=ns.clip_grad, vit_lr=ns.vit_lr,
+            aligner_lr=ns.aligner_lr,
+            check_for_nan_in_loss_and_grad=bool(ns.check_for_nan_in_loss_and_grad),
+            max_skipped_steps=ns.max_skipped_steps),
+        freeze=FreezeConfig(
+            freeze_vit=freeze_vit, freeze_aligner=freeze_aligner, freeze_llm=bool(ns.freeze_llm),
+            freeze_vit_flag=ns.freeze_vit, freeze_aligner_flag=ns.freeze_aligner,
+            freeze_parameters=list(ns.freeze_parameters or []),
+            freeze_parameters_regex=ns.freeze_parameters_regex,
+            freeze_all=ns.freeze_parameters_ratio == 1.0,
+            trainable_parameters=list(ns.trainable_parameters or []),
+            trainable_parameters_regex=ns.trainable_parameters_regex),
+        tuner=_tuner(ns),
+        data=DataConfig.from_flags(vars(ns)),
+        eval=EvalConfig(eval_interval=ns.eval_interval, eval_iters=ns.eval_iters),
+        ckpt=CheckpointConfig(
+            save_interval=ns.save_interval, save_total_limit=ns.save_total_limit,
+            save_strategy=ns.save_strategy,
+            save_optim=not (ns.save_only_model or ns.no_save_optim),
+            save_final_checkpoint=bool(ns.save_final_checkpoint),
+            save_safetensors=bool(ns.save_safetensors), resume=str(resume),
+            exit_interval=ns.exit_interval),
+        log=LoggingConfig(
+            log_interval=ns.log_interval, report_to=report, logging_dir=ns.logging_dir,
+            wandb_project=ns.wandb_project, wandb_exp_name=ns.wandb_exp_name,
+            disable_tqdm=bool(ns.disable_tqdm)))
+
+
+def _tuner(ns: argparse.Namespace) -> TunerConfig:
+    return TunerConfig(
+        train_type=ns.train_type, lora_rank=ns.lora_rank, lora_alpha=ns.lora_alpha,
+        lora_dropout=ns.lora_dropout, use_rslora=bool(ns.use_rslora),
+        target_modules=list(ns.target_modules), target_regex=ns.target_regex,
+        modules_to_save=list(ns.modules_to_save or []), adapters=ns.adapters,
+        merge_lora=bool(ns.merge_lora), use_dora=bool(ns.use_dora), lora_bias=ns.lora_bias,
+        lora_dtype=ns.lora_dtype)
 
 
 def apply_hf_overrides(cfg: TrainConfig, hf_config: Any) -> None:
@@ -1117,11 +1013,12 @@ def apply_hf_overrides(cfg: TrainConfig, hf_config: Any) -> None:
     in-memory config the model is built from; the exported config.json stays the original):
     --moe_aux_loss_coeff -> ``router_aux_loss_coef`` (the families' MoE arch reads it; > 0 turns
     Megatron's aux-loss load balancing on)."""
-    if cfg.moe_aux_loss_coeff is None:
+    coeff = cfg.base.moe_aux_loss_coeff
+    if coeff is None:
         return
     for c in (hf_config, getattr(hf_config, "text_config", None)):
         if c is not None:
-            c.router_aux_loss_coef = cfg.moe_aux_loss_coeff
+            c.router_aux_loss_coef = coeff
 
 
 def epoch_end_steps(n_items: int, global_batch_size: int, train_iters: int) -> set[int]:

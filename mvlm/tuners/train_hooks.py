@@ -3,6 +3,8 @@
 Kept here so the trainer needs only three calls (``add_adapter_args`` in its parser,
 ``setup_adapters`` after the base weights are loaded and freezing is applied and before DDP,
 ``export_adapters`` at the end) and one filter in its checkpoint code (``trainable_only``).
+The flags arrive as :class:`mvlm.config.TunerConfig` (``cfg.tuner``); mvlm.train.args checks them
+with :func:`check_tuner_flags` and :func:`adapter_config` while parsing.
 ms-swift flag names and defaults: ``--train_type lora|dora|lora_llm|full``, ``--lora_rank 8``,
 ``--lora_alpha 32``, ``--lora_dropout 0.05``, ``--target_modules all-linear``, ``--merge_lora``.
 """
@@ -19,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
+    from mvlm.config import TrainConfig, TrainerFlagsBridge, TunerConfig
     from mvlm.models.vlm import ModelBundle
     from mvlm.tuners.model import AdapterConfig, AdapterReport
 
@@ -57,70 +60,85 @@ def add_adapter_args(p: argparse.ArgumentParser) -> None:
                         "optimizer keeps fp32 master copies)")
 
 
-def adapter_config_from_args(ns: argparse.Namespace) -> AdapterConfig | None:
-    """None for full training; raises with the flag name on bad combinations."""
-    from mvlm.tuners.model import AdapterConfig
-
-    tt = getattr(ns, "train_type", "full")
+def check_tuner_flags(tuner: TunerConfig, torch_dtype: str | None) -> None:
+    """Refuse adapter flag combinations mvlm cannot honour, naming the flag and the fix
+    (``torch_dtype``: --torch_dtype as passed)."""
+    tt = tuner.train_type
     if tt not in TRAIN_TYPES:
         raise ValueError(f"--train_type: {tt!r}; use one of {', '.join(TRAIN_TYPES)}")
     if tt == "full":
-        if getattr(ns, "adapters", None):
+        if tuner.adapters:
             raise ValueError("--adapters: loading a PEFT adapter needs --train_type lora|dora")
-        if getattr(ns, "use_dora", False):
+        if tuner.use_dora:
             raise ValueError("--use_dora true needs adapters: add --train_type lora (ms-swift: "
                              "--tuner_type lora --use_dora true)")
-        return None
-    if getattr(ns, "lora_bias", "none") != "none":
-        raise ValueError(f"--lora_bias {ns.lora_bias}: mvlm adapters train no biases; use "
+        return
+    if tuner.lora_bias != "none":
+        raise ValueError(f"--lora_bias {tuner.lora_bias}: mvlm adapters train no biases; use "
                          "--lora_bias none (and --modules_to_save to train whole modules)")
-    lora_dtype = getattr(ns, "lora_dtype", None)
-    if lora_dtype is not None and lora_dtype != getattr(ns, "torch_dtype", None):
-        raise ValueError(f"--lora_dtype {lora_dtype}: mvlm adapters take the model's dtype "
+    if tuner.lora_dtype is not None and tuner.lora_dtype != torch_dtype:
+        raise ValueError(f"--lora_dtype {tuner.lora_dtype}: mvlm adapters take the model's dtype "
                          "(--torch_dtype; the optimizer keeps fp32 master copies): drop the flag "
-                         f"or pass --torch_dtype {lora_dtype}")
-    if getattr(ns, "adapters", None):
+                         f"or pass --torch_dtype {tuner.lora_dtype}")
+
+
+def adapter_config(tuner: TunerConfig, *, freeze_vit: bool, seed: int) -> AdapterConfig | None:
+    """The adapters to apply (None for full training): read from the --adapters PEFT dir when
+    one is given, else from the LoRA flags. ``freeze_vit``: the resolved --freeze_vit (with
+    plain LoRA the ViT is frozen unless --freeze_vit false; all-linear then covers it)."""
+    from mvlm.tuners.model import AdapterConfig
+
+    tt = tuner.train_type
+    if tt == "full":
+        return None
+    if tuner.adapters:
         from mvlm.tuners.peft_io import adapter_config_from_peft
 
-        return adapter_config_from_peft(ns.adapters, seed=getattr(ns, "seed", 42))
-    # ms-swift: with LoRA the ViT is frozen unless --freeze_vit false; all-linear then covers it
-    include_vision = tt != "lora_llm" and getattr(ns, "freeze_vit", None) is False
+        return adapter_config_from_peft(tuner.adapters, seed=seed)
     return AdapterConfig(
-        kind="dora" if tt == "dora" or getattr(ns, "use_dora", False) else "lora",
-        rank=ns.lora_rank, alpha=ns.lora_alpha,
-        dropout=ns.lora_dropout, use_rslora=bool(ns.use_rslora),
-        target_modules=list(ns.target_modules), target_regex=ns.target_regex,
-        modules_to_save=list(ns.modules_to_save or []), include_vision=include_vision,
-        seed=getattr(ns, "seed", 42))
+        kind="dora" if tt == "dora" or tuner.use_dora else "lora",
+        rank=tuner.lora_rank, alpha=tuner.lora_alpha,
+        dropout=tuner.lora_dropout, use_rslora=bool(tuner.use_rslora),
+        target_modules=list(tuner.target_modules), target_regex=tuner.target_regex,
+        modules_to_save=list(tuner.modules_to_save or []),
+        include_vision=tt != "lora_llm" and not freeze_vit, seed=seed)
 
 
-def setup_adapters(bundle: ModelBundle, ns: argparse.Namespace) -> AdapterReport | None:
+def _run_config(cfg: TrainConfig | TrainerFlagsBridge) -> TrainConfig:
+    """BRIDGE (issue 10, phase A): mvlm/train/trainer.py still passes ``cfg.ns``; it carries
+    the config. Removed once the trainer passes ``cfg``."""
+    from mvlm.config import TrainerFlagsBridge
+
+    return cfg.config if isinstance(cfg, TrainerFlagsBridge) else cfg
+
+
+def setup_adapters(bundle: ModelBundle, cfg: TrainConfig) -> AdapterReport | None:
     """Apply (and optionally load) adapters. ``lora``/``dora``: every base tensor frozen except
     modules_to_save. ``lora_llm``: the LLM base is frozen and adapted, the vision tower and
     aligner keep the trainer's freeze flags (so they can be trained in full)."""
     from mvlm.tuners.model import apply_adapters
 
-    acfg = adapter_config_from_args(ns)
+    cfg = _run_config(cfg)
+    tuner = cfg.tuner
+    acfg = adapter_config(tuner, freeze_vit=cfg.freeze.freeze_vit, seed=cfg.seed)
     if acfg is None:
         return None
-    if getattr(ns, "train_type", "lora") == "lora_llm":
+    if tuner.train_type == "lora_llm":
         for m in bundle.models:
             for p in m.language_model.parameters():
                 p.requires_grad_(False)
         rep = apply_adapters(bundle, acfg, freeze_base=False)
     else:
         rep = apply_adapters(bundle, acfg, freeze_base=True)
-    if getattr(ns, "adapters", None):
+    if tuner.adapters:
         from mvlm.tuners.peft_io import load_peft_adapter
 
-        n = load_peft_adapter(bundle, ns.adapters)
-        log.info("loaded %d adapters from %s", n, ns.adapters)
-    ns.mvlm_adapter_config = acfg
+        n = load_peft_adapter(bundle, tuner.adapters)
+        log.info("loaded %d adapters from %s", n, tuner.adapters)
     # [issue 9 / export] adapter checkpoints record their config and base (mvlm export)
     from mvlm.tuners.model import set_run_record
 
-    set_run_record(bundle, acfg, ns.train_type, getattr(ns, "model", None),
-                   getattr(ns, "mcore_model", None))
+    set_run_record(bundle, acfg, tuner.train_type, cfg.base.model, cfg.base.mcore_model)
     return rep
 
 
@@ -142,16 +160,20 @@ def trainable_only(sd: dict) -> dict:
             if isinstance(v, dict) else v for k, v in sd.items()}
 
 
-def export_adapters(bundle: ModelBundle, ns: argparse.Namespace, src_dir: Path, out_dir: Path,
+def export_adapters(bundle: ModelBundle, cfg: TrainConfig, src_dir: Path, out_dir: Path,
                     dtype: torch.dtype | None) -> Path:
-    """Final export: merged HF weights (--merge_lora true) or a PEFT adapter dir."""
+    """Final export: merged HF weights (--merge_lora true) or a PEFT adapter dir (described by
+    the same AdapterConfig :func:`setup_adapters` applied, rebuilt from the config)."""
     from mvlm.tuners.peft_io import export_merged_hf, export_peft_adapter
 
-    acfg: AdapterConfig = ns.mvlm_adapter_config
-    if getattr(ns, "merge_lora", False):
+    cfg = _run_config(cfg)
+    if cfg.tuner.merge_lora:
         out = out_dir / "hf"
         export_merged_hf(bundle, src_dir, out, dtype, overwrite=True)
     else:
         out = out_dir / "adapter"
+        acfg = adapter_config(cfg.tuner, freeze_vit=cfg.freeze.freeze_vit, seed=cfg.seed)
+        if acfg is None:
+            raise ValueError("export_adapters: --train_type full has no adapters to export")
         export_peft_adapter(bundle, acfg, out, base_model_dir=src_dir, dtype=dtype)
     return out

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from mvlm.config import EncodeConfig
 from mvlm.data.encode import add_encode_args, run_encode
 from mvlm.data.errors import BadSampleError
 from mvlm.data.formats import parse_row
@@ -148,10 +149,10 @@ def test_parse_row_preference_and_rl():
 def _run(d, ckpt, policy):
     p = argparse.ArgumentParser()
     add_encode_args(p)
-    return run_encode(p.parse_args(["--model", str(ckpt), "--dataset", str(d / "mixed.jsonl"),
-                                    "--output_dir", str(d / f"out_{policy}"), "--max_length",
-                                    "200", "--truncation_strategy", "error",
-                                    "--on_bad_sample", policy]))
+    return run_encode(EncodeConfig.from_flags(vars(p.parse_args([
+        "--model", str(ckpt), "--dataset", str(d / "mixed.jsonl"), "--output_dir",
+        str(d / f"out_{policy}"), "--max_length", "200", "--truncation_strategy", "error",
+        "--on_bad_sample", policy]))))
 
 
 def test_encode_cli_error_and_skip(setup, capsys):

@@ -21,6 +21,7 @@ import sys
 import datasets
 import pytest
 
+from mvlm.config import EncodeConfig, ScheduleConfig
 from mvlm.data.encode import add_encode_args, build_dataloader, build_train_dataset, run_encode
 from mvlm.data.errors import BadSampleError
 from mvlm.data.textrows import iter_rows
@@ -182,7 +183,7 @@ def _args(d, ckpt, names, policy, out, *extra):
 def _parse(argv):
     p = argparse.ArgumentParser()
     add_encode_args(p)
-    return p.parse_args(argv)
+    return EncodeConfig.from_flags(vars(p.parse_args(argv)))
 
 
 def _cli(argv):
@@ -324,10 +325,11 @@ def test_streaming_epochs_cycle_and_count_rows(corpus, clean, tmp_path):
     d, ckpt, files = corpus
     name = "fuzz0.jsonl"
     args = _parse(_args(d, ckpt, [name], "skip", "unused", "--streaming", "true"))
-    args.num_train_epochs = 2.0  # what `mvlm sft` sets (the encode parser has no step flags)
+    epochs = ScheduleConfig(num_train_epochs=2.0)  # what `mvlm sft` passes (a step budget)
     n_rows = len(GOOD) + len(files[name][1])
     for dp_rank, dp_size in ((0, 1), (0, 2), (1, 2)):
-        data = build_train_dataset(args, str(ckpt), dp_rank=dp_rank, dp_size=dp_size)
+        data = build_train_dataset(args, str(ckpt), dp_rank=dp_rank, dp_size=dp_size,
+                                   schedule=epochs)
         assert len(data.train) == n_rows  # rows, not encodable samples
         it = iter(build_dataloader(data, micro_batch_size=1, dp_rank=dp_rank, dp_size=dp_size))
         mine = clean[0][dp_rank::dp_size]
@@ -335,14 +337,13 @@ def test_streaming_epochs_cycle_and_count_rows(corpus, clean, tmp_path):
         assert got == mine * 3 + mine[:1]  # three passes and into the fourth, same order
         assert dict(data.bad_samples.counts) == _expected_counts(files, [name])
     # one pass only when a loader asks for it (num_epochs), as evaluation does
-    data = build_train_dataset(args, str(ckpt))
+    data = build_train_dataset(args, str(ckpt), schedule=epochs)
     one = list(build_dataloader(data, micro_batch_size=1, num_epochs=1))
     assert len(one) == len(GOOD)
     (tmp_path / "allbad.jsonl").write_bytes(b"{bad\n\xff\xfe\n")
     args = _parse(_args(tmp_path, ckpt, ["allbad.jsonl"], "skip", "unused", "--streaming",
                         "true"))
-    args.num_train_epochs = 1.0
-    data = build_train_dataset(args, str(ckpt))
+    data = build_train_dataset(args, str(ckpt), schedule=ScheduleConfig(num_train_epochs=1.0))
     assert len(data.train) == 2
     with pytest.raises(BadSampleError, match="one pass over the streamed dataset yielded 0"):
         next(iter(build_dataloader(data, micro_batch_size=1)))

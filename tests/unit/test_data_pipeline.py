@@ -9,6 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
+from mvlm.config import EncodeConfig
 from mvlm.data.dataset_spec import DatasetSpec, load_datasets
 from mvlm.data.encode import add_encode_args, build_dataloader, build_train_dataset, run_encode
 from mvlm.data.media import MediaConfig
@@ -51,9 +52,9 @@ def env(tmp_path_factory):
 def _args(d, ckpt, *extra):
     p = argparse.ArgumentParser()
     add_encode_args(p)
-    return p.parse_args(["--model", str(ckpt), "--output_dir", str(d / "out"),
-                         "--dataset", str(d / "a.jsonl"), f"{d / 'b.parquet'}#10",
-                         "--max_length", "256", "--seed", "1", *extra])
+    return EncodeConfig.from_flags(vars(p.parse_args([
+        "--model", str(ckpt), "--output_dir", str(d / "out"), "--dataset", str(d / "a.jsonl"),
+        f"{d / 'b.parquet'}#10", "--max_length", "256", "--seed", "1", *extra])))
 
 
 def test_spec_parsing_and_sampling(env):

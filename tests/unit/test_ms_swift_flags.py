@@ -182,15 +182,16 @@ def test_every_command_parses(offline, script, monkeypatch):
         tt = (_values(argv, "--tuner_type") or _values(argv, "--train_type") or ["full"])[0]
         if _values(argv, "--use_dora") == ["true"] and tt == "lora":
             tt = "dora"
-        assert cfg.ns.train_type == tt, (script, cfg.ns.train_type, tt)
+        assert cfg.tuner.train_type == tt, (script, cfg.tuner.train_type, tt)
         # ms-swift's freeze defaults, and what the scripts ask for
         for part in ("vit", "aligner"):
             given = _values(argv, f"--freeze_{part}")
             want = given[0] == "true" if given else tt != "lora_llm"
-            assert getattr(cfg, f"freeze_{part}") is want, (script, part)
+            assert getattr(cfg.freeze, f"freeze_{part}") is want, (script, part)
         lr = _values(argv, "--learning_rate") or _values(argv, "--lr")
-        assert cfg.lr == (float(lr[0]) if lr else (1e-5 if tt == "full" else 1e-4)), script
-        assert cfg.model and os.path.isdir(cfg.model)
+        want_lr = float(lr[0]) if lr else (1e-5 if tt == "full" else 1e-4)
+        assert cfg.optim.lr == want_lr, script
+        assert cfg.base.model and os.path.isdir(cfg.base.model)
 
 
 def test_megatron_lora_script_semantics(offline):
@@ -198,12 +199,52 @@ def test_megatron_lora_script_semantics(offline):
     recompute, frozen ViT/aligner, no optimizer in checkpoints."""
     c = offline["cmds"]["swift_megatron_multimodal_dense_lora.sh"][0]
     cfg = parse_train_args(c["argv"], "sft")
-    assert cfg.ns.train_type == "lora" and cfg.ns.lora_rank == 8 and cfg.ns.lora_alpha == 32
-    assert cfg.packing and cfg.recompute_granularity == "full" and not cfg.save_optim
-    assert cfg.freeze_vit and cfg.freeze_aligner and not cfg.freeze_llm
-    assert (cfg.lr, cfg.min_lr, cfg.lr_warmup_fraction) == (1e-4, 1e-5, 0.05)
+    t = cfg.tuner
+    assert t.train_type == "lora" and t.lora_rank == 8 and t.lora_alpha == 32
+    assert cfg.data.packing and cfg.parallel.recompute_granularity == "full"
+    assert not cfg.ckpt.save_optim
+    assert cfg.freeze.freeze_vit and cfg.freeze.freeze_aligner and not cfg.freeze.freeze_llm
+    o = cfg.optim
+    assert (o.lr, o.min_lr, o.lr_warmup_fraction) == (1e-4, 1e-5, 0.05)
     assert any("--tuner_type -> --train_type (ms-swift 4's name" in n for n in cfg.notes)
-    assert not cfg.sequence_parallel  # TP=1
+    assert not cfg.parallel.sequence_parallel  # TP=1
+
+
+def test_guide_scripts_build_the_nested_config(offline):
+    """The guide's 4.3 (swift sft, HF-Trainer names) and 8.3 (megatron sft, Megatron names)
+    scripts each become one typed TrainConfig: every value lands in its section."""
+    from mvlm.config import TrainConfig
+
+    c = offline["cmds"]["guide_4_3_sft_lora.sh"][0]
+    cfg = parse_train_args(c["argv"], _task(c["cmd"]))
+    assert isinstance(cfg, TrainConfig) and cfg.task == "sft"
+    assert cfg.output_dir == "output/sft_qwen2_5_vl" and os.path.isdir(cfg.base.model)
+    assert (cfg.base.torch_dtype, cfg.base.attn_impl) == ("bfloat16", "flash")
+    assert (cfg.tuner.train_type, cfg.tuner.lora_rank, cfg.tuner.lora_alpha) == ("lora", 64, 128)
+    s = cfg.schedule
+    assert (s.micro_batch_size, s.gradient_accumulation_steps, s.num_train_epochs,
+            s.train_iters, s.global_batch_size) == (2, 4, 3.0, None, None)
+    cfg.resolve_batch(world_size=4)  # NPROC_PER_NODE=4, TP=PP=CP=1: DP 4
+    assert s.global_batch_size == 2 * 4 * 4
+    assert (cfg.optim.lr, cfg.optim.lr_warmup_fraction) == (5e-5, 0.05)
+    assert (cfg.data.dataset, cfg.data.max_length, cfg.data.packing, cfg.data.task) == (
+        ["custom_vqa_dataset.jsonl"], 8192, True, "sft")
+    assert (cfg.freeze.freeze_vit, cfg.freeze.freeze_aligner, cfg.freeze.freeze_llm) == (
+        True, True, False)
+    assert cfg.parallel.layout_kwargs == {"tp": 1, "pp": 1, "cp": 1, "ep": 1, "etp": None,
+                                          "vpp": None}
+
+    c = offline["cmds"]["guide_8_3_megatron.sh"][0]
+    cfg = parse_train_args(c["argv"], _task(c["cmd"]))
+    p = cfg.parallel
+    assert (p.tp, p.pp, p.cp, p.use_distributed_optimizer) == (4, 2, 1, True)  # zero2
+    assert p.dp_size(8) == 1
+    assert (cfg.schedule.micro_batch_size, cfg.schedule.global_batch_size) == (1, 32)
+    assert cfg.schedule.num_train_epochs == 3.0 and cfg.optim.lr == 5e-5
+    assert (cfg.base.torch_dtype, cfg.base.attn_impl) == ("bfloat16", "flash")
+    assert cfg.output_dir == "output/megatron_vlm" and cfg.ckpt.save_safetensors
+    assert cfg.tuner.train_type == "lora" and cfg.data.dataset == ["multimodal_dataset.jsonl"]
+    assert sum(n.startswith("--tensor_parallel_size -> --tp") for n in cfg.notes) == 1
 
 
 # Flags of ms-swift's / Megatron-SWIFT's documented core set (the flagged "important" ones of
@@ -281,13 +322,16 @@ def parse(base, *extra, task="sft"):
 
 def test_defaults_follow_ms_swift(base):
     full = parse(base)
-    assert (full.freeze_vit, full.freeze_aligner, full.freeze_llm, full.lr) == (
+    f = full.freeze
+    assert (f.freeze_vit, f.freeze_aligner, f.freeze_llm, full.optim.lr) == (
         True, True, False, 1e-5)
-    assert full.ns.freeze_vit is None  # the trainer only objects to explicit flags (text LMs)
+    assert f.freeze_vit_flag is None  # the trainer only objects to explicit flags (text LMs)
     lora = parse(base, "--tuner_type", "lora")
-    assert lora.lr == 1e-4 and lora.freeze_vit and lora.ns.train_type == "lora"
+    assert lora.optim.lr == 1e-4 and lora.freeze.freeze_vit
+    assert lora.tuner.train_type == "lora"
     lllm = parse(base, "--tuner_type", "lora_llm", "--vit_lr", "1e-5")
-    assert not lllm.freeze_vit and not lllm.freeze_aligner and lllm.vit_lr == 1e-5
+    assert not lllm.freeze.freeze_vit and not lllm.freeze.freeze_aligner
+    assert lllm.optim.vit_lr == 1e-5
     with pytest.raises(ValueError, match="--vit_lr.*ms-swift's default.*--freeze_vit false"):
         parse(base, "--vit_lr", "1e-5")
     assert any("--lr not given -> 1e-05" in n for n in full.notes)
@@ -297,20 +341,21 @@ def test_conflicting_spellings_are_refused(base):
     with pytest.raises(ValueError, match="--train_type full contradicts --tuner_type lora"):
         parse(base, "--tuner_type", "lora", "--train_type", "full")
     cfg = parse(base, "--tuner_type", "lora", "--train_type", "lora")  # guide 8.3 says both
-    assert cfg.ns.train_type == "lora"
+    assert cfg.tuner.train_type == "lora"
     with pytest.raises(ValueError, match="contradicts"):
         parse(base, "--cp", "2", "--sequence_parallel_size", "4")
     with pytest.raises(ValueError, match="--lora_target_modules q_proj contradicts"):
         parse(base, "--target_modules", "all-linear", "--lora_target_modules", "q_proj")
-    assert parse(base, "--lr", "1e-4", "--lr", "2e-4").lr == 2e-4  # one spelling: last wins
+    assert parse(base, "--lr", "1e-4", "--lr", "2e-4").optim.lr == 2e-4  # one spelling: last wins
 
 
 def test_aliases_and_mapped_values(base):
     cfg = parse(base, "--adam_epsilon", "1e-6", "--sequence_parallel_size", "2",
                 "--tensorboard_dir", "/tmp/tb", "--lr_scheduler_kwargs", '{"min_lr": 2e-7}',
                 "--optim", "adamw_torch_fused")
-    assert cfg.adam_eps == 1e-6 and cfg.cp == 2 and cfg.logging_dir == "/tmp/tb"
-    assert cfg.min_lr == 2e-7
+    assert cfg.optim.adam_eps == 1e-6 and cfg.parallel.cp == 2
+    assert cfg.log.logging_dir == "/tmp/tb"
+    assert cfg.optim.min_lr == 2e-7
     notes = "\n".join(cfg.notes)
     assert "--sequence_parallel_size -> --cp (ms-swift's sequence parallelism" in notes
     for bad, flag in ((("--lr_scheduler_kwargs", '{"power": 2}'), "--lr_scheduler_kwargs"),
@@ -328,12 +373,15 @@ def test_aliases_and_mapped_values(base):
 
 def test_adapter_flags(base):
     cfg = parse(base, "--tuner_type", "lora", "--use_dora", "true")
-    assert cfg.ns.train_type == "dora"
-    from mvlm.tuners.train_hooks import adapter_config_from_args
+    assert cfg.tuner.train_type == "dora"
+    from mvlm.tuners.train_hooks import adapter_config
 
-    assert adapter_config_from_args(cfg.ns).kind == "dora"
+    def kind(c):
+        return adapter_config(c.tuner, freeze_vit=c.freeze.freeze_vit, seed=c.seed).kind
+
+    assert kind(cfg) == "dora"
     llm = parse(base, "--tuner_type", "lora_llm", "--use_dora", "true")
-    assert llm.ns.train_type == "lora_llm" and adapter_config_from_args(llm.ns).kind == "dora"
+    assert llm.tuner.train_type == "lora_llm" and kind(llm) == "dora"
     for extra, msg in ((("--use_dora", "true"), "--use_dora true needs adapters"),
                        (("--tuner_type", "lora", "--lora_bias", "all"), "--lora_bias all"),
                        (("--tuner_type", "lora", "--lora_dtype", "bfloat16"),
@@ -342,40 +390,40 @@ def test_adapter_flags(base):
             parse(base, *extra)
     ok = parse(base, "--tuner_type", "lora", "--lora_dtype", "float32", "--torch_dtype",
                "float32")
-    assert ok.torch_dtype == "float32"
+    assert ok.base.torch_dtype == "float32"
 
 
 def test_loss_scale_strict_and_refused_values(base):
-    assert parse(base, "--loss_scale", "all").ns.task == "pt"
-    assert parse(base, "--loss_scale", "default").ns.task == "sft"
-    assert parse(base, task="pt").ns.task == "pt"
-    assert parse(base, "--loss_scale", "default", task="pt").ns.task == "sft"
+    assert parse(base, "--loss_scale", "all").data.task == "pt"
+    assert parse(base, "--loss_scale", "default").data.task == "sft"
+    assert parse(base, task="pt").data.task == "pt"
+    assert parse(base, "--loss_scale", "default", task="pt").data.task == "sft"
     for v in ("last_round", "all+ignore_empty_think", "last_round+hermes"):
         with pytest.raises(ValueError, match="--loss_scale: .*not implemented"):
             parse(base, "--loss_scale", v)
     for v in ("ignore_empty_think", "default+ignore_empty_think"):
-        ns = parse(base, "--loss_scale", v).ns
-        assert ns.task == "sft" and ns.ignore_empty_think is True
-    assert parse(base, "--loss_scale", "default").ns.ignore_empty_think is False
-    assert parse(base, "--strict", "false").ns.on_bad_sample == "skip"
-    assert parse(base, "--strict", "true").ns.on_bad_sample == "error"
+        data = parse(base, "--loss_scale", v).data
+        assert data.task == "sft" and data.ignore_empty_think is True
+    assert parse(base, "--loss_scale", "default").data.ignore_empty_think is False
+    assert parse(base, "--strict", "false").data.on_bad_sample == "skip"
+    assert parse(base, "--strict", "true").data.on_bad_sample == "error"
     with pytest.raises(ValueError, match="--truncation_strategy split: splitting"):
         parse(base, "--truncation_strategy", "split")
-    assert parse(base, "--add_non_thinking_prefix", "true").ns.add_non_thinking_prefix is True
+    assert parse(base, "--add_non_thinking_prefix", "true").data.add_non_thinking_prefix is True
     # (issue 9) a local file's rows give the epochs' steps; hub IDs are refused (see
     # test_guide_3_3_and_6_3_data_flags); --packing with --lazy_tokenize encodes up front
     cfg = parse(base, "--streaming", "true", "--num_train_epochs", "3")
     assert any("steps = ceil(3 x 1 rows / global batch size)" in n for n in cfg.notes)
-    assert parse(base, "--streaming", "true", "--max_steps", "5").train_iters == 5
+    assert parse(base, "--streaming", "true", "--max_steps", "5").schedule.train_iters == 5
     cfg = parse(base, "--lazy_tokenize", "true", "--padding_free", "true", "--max_length", "64")
-    assert cfg.ns.packing and cfg.ns.lazy_tokenize is False
+    assert cfg.data.packing and cfg.data.lazy_tokenize is False
     assert sum(n.startswith("--lazy_tokenize true with --packing") for n in cfg.notes) == 1
-    assert parse(base, "--add_non_thinking_prefix", "false").ns.add_non_thinking_prefix is False
+    assert parse(base, "--add_non_thinking_prefix", "false").data.add_non_thinking_prefix is False
 
 
 def test_deepspeed_offload_is_said_loudly(base):
     cfg = parse(base, "--deepspeed", "zero3_offload")
-    assert cfg.use_distributed_optimizer
+    assert cfg.parallel.use_distributed_optimizer
     assert any("the CPU OFFLOAD part is NOT applied" in n for n in cfg.notes), cfg.notes
     with pytest.raises(ValueError, match="--deepspeed"):
         parse(base, "--deepspeed", "zero3_foo")
@@ -385,25 +433,26 @@ def test_save_strategy(base):
     from mvlm.train.args import epoch_end_steps
 
     ep = parse(base, "--save_strategy", "epoch", "--save_steps", "3", "--eval_steps", "3")
-    assert ep.save_strategy == "epoch" and ep.save_interval is None and ep.eval_interval is None
+    assert ep.ckpt.save_strategy == "epoch" and ep.ckpt.save_interval is None
+    assert ep.eval.eval_interval is None
     # 10 items, global batch 4: epochs end inside steps 3 (items 9-12), 5 (17-20), 8, 10
     assert epoch_end_steps(10, 4, 10) == {3, 5, 8, 10}
     assert epoch_end_steps(8, 4, 5) == {2, 4}
     no = parse(base, "--save_strategy", "no", "--save_steps", "3")
-    assert no.save_interval is None and no.ns.save_final_checkpoint
+    assert no.ckpt.save_interval is None and no.ckpt.save_final_checkpoint
 
 
 def test_name_freeze_rule(base):
     cfg = parse(base, "--freeze_parameters", "language_model.decoder.layers.0.",
                 "--freeze_parameters_regex", r"\.mlp\.", "--trainable_parameters",
                 "language_model.decoder.layers.0.mlp.linear_fc2")
-    rule = cfg.name_freeze_rule()
+    rule = cfg.freeze.name_rule()
     assert rule("language_model.decoder.layers.0.self_attention.linear_qkv.weight") is True
     assert rule("language_model.decoder.layers.1.mlp.linear_fc1.weight") is True
     assert rule("language_model.decoder.layers.0.mlp.linear_fc2.weight") is False
     assert rule("language_model.decoder.layers.1.self_attention.linear_qkv.weight") is None
     every = parse(base, "--freeze_parameters_ratio", "1", "--trainable_parameters_regex",
-                  "^vision_model").name_freeze_rule()
+                  "^vision_model").freeze.name_rule()
     assert every("language_model.embedding.word_embeddings.weight") is True
     assert every("vision_model.blocks.0.attn.qkv.weight") is False
 
@@ -412,9 +461,9 @@ def test_packing_length_and_audio_env(base, monkeypatch):
     from mvlm.data.encode import packing_length
 
     cfg = parse(base, "--packing", "true", "--packing_length", "64")
-    assert cfg.ns.max_length == 64 and packing_length(cfg.ns) == 64
+    assert cfg.data.max_length == 64 and packing_length(cfg.data) == 64
     cfg = parse(base, "--packing", "true", "--max_length", "32", "--packing_length", "96")
-    assert cfg.ns.max_length == 32 and packing_length(cfg.ns) == 96
+    assert cfg.data.max_length == 32 and packing_length(cfg.data) == 96
     with pytest.raises(ValueError, match="--packing_length 16 is shorter"):
         parse(base, "--packing", "true", "--max_length", "32", "--packing_length", "16")
     monkeypatch.setenv("AUDIO_MAX_TOKEN_NUM", "128")
@@ -443,11 +492,14 @@ def test_data_seed_columns_and_self_cognition(tmp_path):
     f.write_text("".join(json.dumps({"q": f"hi {i}", "a": f"{{{{NAME}}}} by {{{{AUTHOR}}}} {i}",
                                      "tag": "zh" if i % 2 else "en"}) + "\n"
                          for i in range(20)))
-    ns = type("NS", (), {"seed": 1, "data_seed": 7, "columns": '{"q": "query", "a": "response"}',
-                         "model_name": ["小黄", "Xiao Huang"],
-                         "model_author": ["魔搭", "ModelScope"], "use_hf": None,
-                         "hub_token": None})()
-    opts = load_options(ns)
+    from mvlm.config import DataConfig
+
+    data = DataConfig.from_flags({"seed": 1, "data_seed": 7,
+                                  "columns": '{"q": "query", "a": "response"}',
+                                  "model_name": ["小黄", "Xiao Huang"],
+                                  "model_author": ["魔搭", "ModelScope"], "use_hf": None,
+                                  "hub_token": None})
+    opts = load_options(data)
     assert opts.seed == 7  # --data_seed wins for data operations
     raw = load_one(f"{f}#5", options=opts)
     rows = [decode_row(raw.data[i]) for i in range(5)]
@@ -620,8 +672,8 @@ def test_recompute_modules_flag(base):
     """--recompute_modules reaches the recompute config (checked by mvlm.models.recompute)."""
     cfg = parse(base, "--recompute_granularity", "selective", "--recompute_modules",
                 "core_attn", "mlp")
-    assert cfg.recompute_modules == ["core_attn", "mlp"]
-    assert parse(base).recompute_modules is None
+    assert cfg.parallel.recompute_modules == ["core_attn", "mlp"]
+    assert parse(base).parallel.recompute_modules is None
     with pytest.raises(ValueError, match="--recompute_modules"):
         parse(base, "--recompute_granularity", "selective", "--recompute_modules", "moe_act")
     with pytest.raises(ValueError, match="--recompute_modules"):
@@ -634,14 +686,15 @@ def test_guide_3_3_and_6_3_data_flags(offline, base, tmp_path):
     IDs, packed rows) or an epoch has no exact end (--save_strategy epoch) it is refused."""
     c = offline["cmds"]["guide_6_3_mixed_modality.sh"][0]
     cfg = parse_train_args(c["argv"], _task(c["cmd"]))
-    assert cfg.ns.packing and cfg.ns.lazy_tokenize is False
+    assert cfg.data.packing and cfg.data.lazy_tokenize is False
     lazy = [n for n in cfg.notes if n.startswith("--lazy_tokenize")]
     assert lazy == ["--lazy_tokenize true with --packing: samples are encoded up front (as "
                     "--lazy_tokenize false), since packing needs every sample's length; this "
                     "changes memory use and start-up time, not what is trained"]
     c = offline["cmds"]["guide_3_3_cpt.sh"][0]
     cfg = parse_train_args(c["argv"], _task(c["cmd"]))
-    assert cfg.ns.streaming and cfg.train_iters is None and cfg.num_train_epochs == 3.0
+    assert cfg.data.streaming and cfg.schedule.train_iters is None
+    assert cfg.schedule.num_train_epochs == 3.0
     stream = [n for n in cfg.notes if n.startswith("--streaming")]
     assert len(stream) == 1 and "steps = ceil(3 x 7 rows / global batch size)" in stream[0]
     assert "not encodable samples" in stream[0]
@@ -668,7 +721,7 @@ def test_guide_3_3_and_6_3_data_flags(offline, base, tmp_path):
         parse(base, "--streaming", "true", "--max_steps", "4", "--save_strategy", "epoch")
     cfg = parse(base, "--streaming", "true", "--packing", "true", "--max_length", "64",
                 "--max_steps", "3")
-    assert cfg.train_iters == 3
+    assert cfg.schedule.train_iters == 3
 
 
 def test_guide_3_3_streams_epochs_and_logs_skipped_rows(tiny_ckpt, tmp_path):

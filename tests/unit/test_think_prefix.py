@@ -14,6 +14,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from mvlm.config import EncodeConfig
 from mvlm.data.collate import collate_packed, shift_labels
 from mvlm.data.encode import add_encode_args, build_train_dataset, template_config
 from mvlm.data.template import TemplateConfig, get_template
@@ -163,10 +164,10 @@ def test_through_packing(ckpts, tmp_path):
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     p = argparse.ArgumentParser()
     add_encode_args(p)
-    args = p.parse_args(["--model", str(ckpts["qwen3_moe"]), "--dataset",
-                         str(tmp_path / "d.jsonl"), "--output_dir", str(tmp_path / "o"),
-                         "--max_length", "512", "--packing", "true",
-                         "--dataset_shuffle", "false"])
+    args = EncodeConfig.from_flags(vars(p.parse_args([
+        "--model", str(ckpts["qwen3_moe"]), "--dataset", str(tmp_path / "d.jsonl"),
+        "--output_dir", str(tmp_path / "o"), "--max_length", "512", "--packing", "true",
+        "--dataset_shuffle", "false"])))
     args.add_non_thinking_prefix, args.ignore_empty_think = True, True
     data = build_train_dataset(args, str(ckpts["qwen3_moe"]))
     tpl = _tpl(ckpts, add_non_thinking_prefix=True, ignore_empty_think=True)
@@ -191,12 +192,12 @@ def test_train_flags(tmp_path):
     base = ["--model", str(tmp_path / "m"), "--output_dir", str(tmp_path / "o")]
     data = ["--dataset", str(tmp_path / "d.jsonl")]
     ns = parse_train_args(base + data + ["--add_non_thinking_prefix", "true", "--loss_scale",
-                                         "ignore_empty_think"], "sft").ns
+                                         "ignore_empty_think"], "sft").data
     assert ns.add_non_thinking_prefix is True and ns.ignore_empty_think is True
     assert ns.task == "sft"
     tc = template_config(ns)
     assert tc.add_non_thinking_prefix is True and tc.ignore_empty_think is True
-    off = parse_train_args(base + data, "sft").ns
+    off = parse_train_args(base + data, "sft").data
     tc = template_config(off)
     assert tc.add_non_thinking_prefix is False and tc.ignore_empty_think is False
     with pytest.raises(ValueError, match="--add_non_thinking_prefix: true acts on chat-rendered"):

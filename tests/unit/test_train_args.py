@@ -31,12 +31,15 @@ def test_hf_trainer_flags_are_mapped(dirs):
         "--save_steps", "100", "--logging_steps", "5", "--model_type", "qwen2_5_vl",
         "--deepspeed", "zero3", "--max_grad_norm", "0.5", "--gradient_checkpointing", "true",
         "--num_train_epochs", "2"], "sft")
-    assert cfg.micro_batch_size == 2 and cfg.lr == 3e-5 and cfg.lr_warmup_fraction == 0.1
-    assert cfg.lr_decay_style == "cosine" and cfg.eval_interval == 50
-    assert cfg.save_interval == 100 and cfg.log_interval == 5 and cfg.clip_grad == 0.5
-    assert cfg.use_distributed_optimizer and cfg.recompute_granularity == "full"
+    assert cfg.schedule.micro_batch_size == 2 and cfg.optim.lr == 3e-5
+    assert cfg.optim.lr_warmup_fraction == 0.1
+    assert cfg.optim.lr_decay_style == "cosine" and cfg.eval.eval_interval == 50
+    assert cfg.ckpt.save_interval == 100 and cfg.log.log_interval == 5
+    assert cfg.optim.clip_grad == 0.5
+    assert cfg.parallel.use_distributed_optimizer
+    assert cfg.parallel.recompute_granularity == "full"
     cfg.resolve_batch(world_size=4)  # DP 4
-    assert cfg.global_batch_size == 2 * 4 * 4
+    assert cfg.schedule.global_batch_size == 2 * 4 * 4
     notes = "\n".join(cfg.notes)
     for flag in ("--per_device_train_batch_size", "--gradient_accumulation_steps",
                  "--learning_rate", "--deepspeed zero3", "--model_type", "--eval_strategy"):
@@ -57,15 +60,16 @@ def test_megatron_flags(dirs):
                             "--attention_backend", "flash", "--no_save_optim", "true",
                             "--finetune", "true", "--packing", "true", "--max_length", "64"],
                            "sft")
-    assert (cfg.tp, cfg.pp, cfg.output_dir, cfg.sequence_parallel) == (2, 2, str(out), True)
-    assert cfg.attn_impl == "flash" and not cfg.save_optim and cfg.packing
+    p = cfg.parallel
+    assert (p.tp, p.pp, cfg.output_dir, p.sequence_parallel) == (2, 2, str(out), True)
+    assert cfg.base.attn_impl == "flash" and not cfg.ckpt.save_optim and cfg.data.packing
     cfg.resolve_batch(world_size=8)  # DP 2
-    assert cfg.global_batch_size == 8
+    assert cfg.schedule.global_batch_size == 8
 
 
 def test_deepspeed_zero0_keeps_plain_optimizer(dirs):
     cfg = parse_train_args(base(dirs) + ["--deepspeed", "zero0"], "sft")
-    assert not cfg.use_distributed_optimizer
+    assert not cfg.parallel.use_distributed_optimizer
 
 
 @pytest.mark.parametrize("extra,flag,fix", [
@@ -94,9 +98,9 @@ def test_packing_keeps_micro_batch_of_n_rows(dirs, extra):
     refused or forced to 1, and the global batch counts packed rows."""
     cfg = parse_train_args(base(dirs) + extra + ["--max_length", "64", "--global_batch_size",
                                                   "8"], "sft")
-    assert cfg.packing and cfg.micro_batch_size == 2
+    assert cfg.data.packing and cfg.schedule.micro_batch_size == 2
     cfg.resolve_batch(world_size=2)  # DP 2 -> 2 micro-batches of 2 packed rows per rank
-    assert cfg.global_batch_size == 8 and cfg.micro_batch_size == 2
+    assert cfg.schedule.global_batch_size == 8 and cfg.schedule.micro_batch_size == 2
 
 
 def test_missing_model_and_batch_divisibility(dirs):
@@ -115,8 +119,8 @@ def test_yaml_config_with_cli_override(dirs, tmp_path):
     y.write_text(f"model: {model}\ndataset: [{data}]\noutput_dir: {out}\nlearning_rate: 1e-4\n"
                  "freeze_vit: true\ntp: 2\n")
     cfg = parse_train_args(["--config", str(y), "--tp", "1"], "pt")
-    assert cfg.lr == 1e-4 and cfg.freeze_vit and cfg.tp == 1 and cfg.task == "pt"
-    assert cfg.ns.task == "pt"
+    assert cfg.optim.lr == 1e-4 and cfg.freeze.freeze_vit and cfg.parallel.tp == 1
+    assert cfg.task == "pt" and cfg.data.task == "pt"
 
 
 def test_pt_and_sft_label_masks(tiny_ckpt, tmp_path):
@@ -133,7 +137,7 @@ def test_pt_and_sft_label_masks(tiny_ckpt, tmp_path):
         cfg = parse_train_args(["--model", str(vl), "--dataset", str(demo.train),
                                 "--output_dir", str(out), "--max_length", "256",
                                 "--dataset_shuffle", "false"], task)
-        data = build_train_dataset(cfg.ns, str(vl))
+        data = build_train_dataset(cfg.data, str(vl))
         got[task] = data.train[0]
     cfg_json = json.loads((vl / "config.json").read_text())
     img = cfg_json["image_token_id"]
@@ -159,11 +163,12 @@ def test_demo_passes_the_freeze_flags_it_needs(tmp_path):
     explicitly and its accuracy does not depend on mvlm's defaults."""
     import argparse
 
-    from mvlm.demo import add_demo_args, sft_args
+    from mvlm.demo import DemoConfig, add_demo_args, sft_args
 
     p = argparse.ArgumentParser()
     add_demo_args(p)
-    args = p.parse_args([])
+    args = DemoConfig.from_flags(vars(p.parse_args([])))
+    assert args == DemoConfig()  # the flags' defaults are the config's
     model = tmp_path / "hf"
     model.mkdir()
     data = tmp_path / "train.jsonl"
@@ -173,5 +178,6 @@ def test_demo_passes_the_freeze_flags_it_needs(tmp_path):
         argv = sft_args(model, data, tmp_path / "out", 1, args)
         assert argv[0] == "sft"
         cfg = parse_train_args(argv[1:], "sft")
-        assert not cfg.freeze_vit and not cfg.freeze_aligner and not cfg.freeze_llm, tt
-        assert cfg.lr == args.lr, tt
+        f = cfg.freeze
+        assert not f.freeze_vit and not f.freeze_aligner and not f.freeze_llm, tt
+        assert cfg.optim.lr == args.lr, tt
