@@ -10,6 +10,8 @@ the built-in engine runs:
   completion (no KV cache: the trainer's view) and the engine's log-probs compared with it;
 * top-k 1 at temperature 1 (must equal greedy);
 * greedy with a stop token chosen from row 0's greedy output (row 0 must stop there);
+* two greedy-only cases: TP2 with sequence parallelism (switched off for the call and restored
+  after, with train mode) and PP2 x VPP2 (4 layers, the chunks in schedule order);
 * TP1 / TP2 only: every weight streamed out with iter_hf_tensors, the model zeroed, the stream
   fed to ``load_weights``, greedy again (must be unchanged).
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -51,8 +54,14 @@ def comps(groups) -> list[dict]:
             for g in groups for c in g.completions]
 
 
+def sp_flags(bundle) -> list[bool]:
+    """config.sequence_parallel and every module's own sequence_parallel switch."""
+    return [bool(bundle.config.sequence_parallel)] + [
+        bool(mod.sequence_parallel) for m in bundle.models for mod in m.modules()
+        if isinstance(getattr(mod, "sequence_parallel", None), bool)]
+
+
 def run_case(case: dict) -> dict:
-    from megatron.core import parallel_state
     from transformers import AutoConfig
 
     from mvlm.convert.bridge import load_hf_weights
@@ -62,21 +71,30 @@ def run_case(case: dict) -> dict:
     from mvlm.runtime.parallel import ParallelLayout
     from mvlm.runtime.startup import startup
 
+    t0 = time.perf_counter()
     layout = ParallelLayout(**case["layout"])
     startup(layout, device="cpu", seed=1234)
     hf = Path(case["hf"])
     bundle = build_model(AutoConfig.from_pretrained(hf), layout, dtype=torch.float32,
-                         device="cpu", perform_initialization=False)
+                         device="cpu", perform_initialization=False,
+                         sequence_parallel=case.get("sp", False))
     load_hf_weights(bundle, hf)
     raw = torch.load(case["prompts"])
     prompts = [RolloutPrompt(p["input_ids"], {k: v for k, v in p.items() if k != "input_ids"})
                for p in raw]
     T = case["max_completion_length"]
+    for m in bundle.models:
+        m.train()
     eng = BuiltinRolloutEngine(bundle, eos_token_ids_from_hf_dir(hf))
-    out: dict = {}
+    out: dict = {"sp_before": sp_flags(bundle)}
     for name, rp in (("greedy", 1.0), ("greedy_rep", 1.3)):
         out[name] = comps(eng.generate(prompts, SamplingParams(
             temperature=0.0, max_completion_length=T, repetition_penalty=rp)))
+    if case.get("greedy_only"):
+        # the engine switched sequence parallelism off for the call: it must be back on
+        out["sp_after"] = sp_flags(bundle)
+        out["training_restored"] = all(m.training for m in bundle.models)
+        return _finish(out, t0)
     sp = SamplingParams(num_generations=2, temperature=0.7, max_completion_length=T, seed=11)
     out["sampled"] = comps(eng.generate(prompts, sp))
     out["sampled_again"] = comps(eng.generate(prompts, sp))
@@ -109,9 +127,16 @@ def run_case(case: dict) -> dict:
         out["version"] = eng.load_weights(weights)
         out["reloaded"] = comps(eng.generate(prompts, SamplingParams(
             temperature=0.0, max_completion_length=T, repetition_penalty=1.3)))
+    return _finish(out, t0)
+
+
+def _finish(out: dict, t0: float) -> dict:
+    from megatron.core import parallel_state
+
     out["last_stage"] = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
     parallel_state.destroy_model_parallel()
     dist.barrier()
+    out["seconds"] = time.perf_counter() - t0
     return out
 
 
