@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import platform
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -113,7 +113,7 @@ def main() -> None:
 
     dev_name = torch.cuda.get_device_name() if device == "cuda" else \
         f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
-    when = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     cmd = "python bench/rollout.py" + (" --record" if args.record else "")
     lines = [f"Command: `{cmd}` ({when}, {device}: {dev_name}; Qwen2-shaped random model, "
              f"hidden {args.hidden}, {args.layers} layers, fp32; {args.prompts} prompts of "
