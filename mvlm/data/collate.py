@@ -128,22 +128,6 @@ def unpack(batch: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
     return out
 
 
-def preference_pairs(samples: Sequence[dict]) -> list[dict]:
-    """[c1, c2, ..] -> [c1, c2, .., r1, r2, ..]: chosen first, then rejected, same media.
-
-    The usual DPO batch layout: the loss pairs row i with row i + B. Images are repeated for the
-    rejected half (their pixels are shared objects, not copies).
-    """
-    rejected = []
-    for s in samples:
-        r = {k: v for k, v in s.items() if not k.startswith("rejected_")}
-        r["input_ids"], r["labels"] = s["rejected_input_ids"], s["rejected_labels"]
-        r["position_ids"] = s.get("rejected_position_ids")
-        rejected.append(r)
-    chosen = [{k: v for k, v in s.items() if not k.startswith("rejected_")} for s in samples]
-    return chosen + rejected
-
-
 def collate_packed_rows(rows: Sequence[Any], pad_token_id: int, pad_to_multiple_of: int = 1,
                         cp_size: int = 1) -> dict[str, Any]:
     """A micro-batch of N packed rows -> ONE padding-free row [1, S] with per-sample cu_seqlens.
@@ -198,8 +182,16 @@ class Collator:
                              f"2*CP={2 * cp_size} (pass 2*CP*TP)")
 
     def __call__(self, items: Sequence[Any]) -> dict[str, Any]:
-        if items and isinstance(items[0], dict) and "rejected_input_ids" in items[0]:
-            items = preference_pairs(items)
+        first = items[0] if items else None
+        if isinstance(first, list) and first:
+            first = first[0]
+        if isinstance(first, dict) and "rejected_input_ids" in first:
+            # preference pairs: always one packed row, each pair two segments (one forward per
+            # pair, with or without --packing): mvlm.data.preference.collate_pairs
+            from mvlm.data.preference import collate_pairs
+
+            return collate_pairs(items, self.pad_token_id, self.pad_to_multiple_of,
+                                 self.cp_size)
         if self.packing:
             return collate_packed_rows(items, self.pad_token_id, self.pad_to_multiple_of,
                                        self.cp_size)

@@ -33,6 +33,7 @@ import torch.utils.data
 
 from mvlm.data.dataset_spec import ROW_COL, RawDataset
 from mvlm.data.errors import BadSampleCounter, BadSampleError
+from mvlm.data.preference import encode_rows  # Template.encode_batch, or pairs (task preference)
 from mvlm.data.template import SkipSample, Template
 from mvlm.data.textrows import LINE_COL, decode_example, location, row_source
 
@@ -155,7 +156,7 @@ def _encode_map_fn(batch: dict, template: Template, source: str, base_dir: str |
             decoded.append(e)
     good = [i for i, r in enumerate(decoded) if not isinstance(r, BaseException)]
     results: list[Any] = list(decoded)
-    encoded = template.encode_batch([decoded[i] for i in good], base_dir, with_pixels=False)
+    encoded = encode_rows(template, [decoded[i] for i in good], base_dir, with_pixels=False)
     for i, r in zip(good, encoded):
         results[i] = r
     out: dict[str, list] = {k: [] for k in _features(template)}
@@ -299,7 +300,10 @@ class LazyDataset(torch.utils.data.Dataset):
         raw = self.raws[k]
         ex = raw.data[int(i - self.offsets[k])]
         try:
-            return self.template.encode(decode_example(ex), raw.base_dir)
+            out = encode_rows(self.template, [decode_example(ex)], raw.base_dir)[0]
+            if isinstance(out, BaseException):
+                raise out
+            return out
         except BadSampleError as e:
             raise e.with_location(row_source(ex, raw.source), *location(ex)) from None
 
@@ -336,7 +340,7 @@ def iter_encoded(raws: list[RawDataset], template: Template, counter: BadSampleC
                 except BadSampleError as e:
                     decoded.append(e)
             good = [d for d in decoded if not isinstance(d, BaseException)]
-            res = iter(template.encode_batch(good, raw.base_dir))
+            res = iter(encode_rows(template, good, raw.base_dir))
             for ex, d in zip(buf, decoded):
                 r = d if isinstance(d, BaseException) else next(res)
                 if isinstance(r, BadSampleError):

@@ -327,6 +327,9 @@ def _finish_pair(template: Any, pr: PreferenceRow, enc: dict, second: list[dict]
                 int((enc["rejected_input_ids"] == t).sum()):
             raise _bad("too_long", "truncation kept different images in the chosen and the "
                        "rejected conversation; raise --max_length")
+    # ``length`` of a pair = the tokens it takes in a packed row (both sequences): what packing
+    # plans and the dataset stats count
+    enc["length"] = int(enc["length"]) + int(enc["rejected_length"])
     if second_key != "rejected":
         for k in _SEQ_KEYS:
             enc[f"{second_key}_{k}"] = enc.pop(f"rejected_{k}")
@@ -340,7 +343,8 @@ def encode_preference_rows(template: Any, rows: Sequence[Any], base_dir: str | N
     row, the encoded pair or the BadSampleError it raised (location added by the caller).
 
     A pair: ``input_ids`` / ``labels`` / ``position_ids`` / ``length`` of prompt+chosen and the
-    same under ``rejected_*`` for prompt+rejected; the vision tensors once. KTO (``kind="kto"``):
+    same under ``rejected_*`` for prompt+rejected (``length`` is the pair's: both sequences);
+    the vision tensors once. KTO (``kind="kto"``):
     the row's conversation, and its KL conversation (this prompt, the previous row's answer)
     under ``kl_*``; ``extra["label"]`` is the row's label. Labels are unshifted (HF style)."""
     if template.cfg.task not in ("sft", "preference"):
@@ -379,6 +383,16 @@ def encode_preference_rows(template: Any, rows: Sequence[Any], base_dir: str | N
         except BadSampleError as e:
             results[i] = e
     return results
+
+
+def encode_rows(template: Any, rows: Sequence[Any], base_dir: str | None = None,
+                with_pixels: bool = True) -> list[dict | BadSampleError]:
+    """What the dataset layer calls for a batch of rows: preference pairs through
+    :func:`encode_preference_rows` when the template's task is ``preference``, every other task
+    through ``Template.encode_batch``."""
+    if template.cfg.task == "preference":
+        return encode_preference_rows(template, rows, base_dir, with_pixels=with_pixels)
+    return template.encode_batch(list(rows), base_dir, with_pixels)
 
 
 def encode_pair(template: Any, row: Any, base_dir: str | None = None,
@@ -435,8 +449,10 @@ def pair_sequences(enc: dict) -> list[dict]:
     rejected] (KTO: [answer, kl]). Both list the pair's vision tensors (the same objects)."""
     second = "kl" if "kl_input_ids" in enc else "rejected"
     vision = {k: enc[k] for k in _VISION_KEYS if k in enc}
-    first = {k: enc[k] for k in _SEQ_KEYS if k in enc} | vision
-    other = {k: enc[f"{second}_{k}"] for k in _SEQ_KEYS if f"{second}_{k}" in enc} | vision
+    keys = ("input_ids", "labels", "position_ids")  # ``length`` is the pair's, not a sequence's
+    first = {k: enc[k] for k in keys if enc.get(k) is not None} | vision
+    other = {k: enc[f"{second}_{k}"] for k in keys if enc.get(f"{second}_{k}") is not None} \
+        | vision
     return [first, other]
 
 
@@ -495,5 +511,5 @@ def sequence_sums(per_token: Any, cu_seqlens: Any) -> Any:
 
 
 __all__ = ["PreferenceRow", "parse_preference_row", "kto_kl_rows", "encode_preference_rows",
-           "encode_pair", "read_preference_file", "pair_sequences", "pair_length",
+           "encode_rows", "encode_pair", "read_preference_file", "pair_sequences", "pair_length",
            "collate_pairs", "sequence_sums", "PAIR", "KTO"]

@@ -55,7 +55,8 @@ def test_guide_row_encodes_as_two_sft_conversations_sharing_pixels(setup):
     for k in ("input_ids", "labels", "position_ids"):
         assert torch.equal(enc[k], c[k]), k
         assert torch.equal(enc[f"rejected_{k}"], r[k]), k
-    assert enc["length"] == c["length"] and enc["rejected_length"] == r["length"]
+    assert enc["rejected_length"] == r["length"]
+    assert enc["length"] == c["length"] + r["length"]  # a pair's length: both sequences
     assert torch.equal(enc["pixel_values"], c["pixel_values"])  # stored once per pair
     assert torch.equal(enc["image_grid_thw"], c["image_grid_thw"])
     # the answer is what carries labels: the chosen answer's tokens + <|im_end|>

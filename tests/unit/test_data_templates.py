@@ -127,7 +127,9 @@ def test_preference_storage_and_collate(ckpts, tmp_path):
                                    BadSampleCounter()), tpl)
     direct = tpl.encode(rows[1])
     assert torch.equal(ds[1]["rejected_input_ids"], direct["rejected_input_ids"])
+    # a micro-batch of pairs is ONE packed row: [c0, r0, c1, r1] segments (mvlm.data.preference)
     b = Collator(tpl.pad_token_id)([ds[0], ds[1]])
-    assert b["input_ids"].shape[0] == 4 and b["num_samples"] == 4
-    n = len(direct["rejected_input_ids"])
-    assert torch.equal(b["input_ids"][3, :n], direct["rejected_input_ids"])
+    assert b["input_ids"].shape[0] == 1 and b["num_samples"] == 4 and b["num_pairs"] == 2
+    assert b["chosen_index"].tolist() == [0, 2] and b["rejected_index"].tolist() == [1, 3]
+    s, e = b["cu_seqlens"][3].item(), b["cu_seqlens"][4].item()
+    assert torch.equal(b["input_ids"][0, s:e], direct["rejected_input_ids"])
