@@ -1,7 +1,8 @@
 """`mvlm <command>`: parse, then hand over to the pipeline that does the work.
 
 Commands: convert (HF <-> Megatron-Core), encode (pre-tokenise a dataset), pt / sft (training),
-export (training checkpoint -> HF), demo (the README's tiny end-to-end job).
+export (training checkpoint -> HF), demo (the README's tiny end-to-end job), rollout (a vLLM
+rollout server for GRPO, run from vLLM's own venv).
 Launch with torchrun / srun for several ranks, or plainly for one.
 """
 from __future__ import annotations
@@ -51,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
                        add_help=False)
     add_export_args(sub.add_parser("export", help="training checkpoint -> HF safetensors"))
     add_demo_args(sub.add_parser("demo", help="tiny end-to-end run on this machine"))
+    # `mvlm rollout` re-executes in vLLM's venv: its flags are parsed there (mvlm.rl.rollout).
+    sub.add_parser("rollout", help="vLLM rollout server for GRPO (runs in vLLM's own venv)",
+                   add_help=False)
     return parser
 
 
@@ -59,21 +63,25 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in TRAIN_TASKS:
         return _train_main(argv[0], argv[1:])
+    if argv and argv[0] == "rollout":
+        from mvlm.rl.rollout.launch import rollout_main
+
+        return rollout_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         if args.command == "convert":
-            from mvlm.convert.command import run_convert
+            from mvlm.convert.command import ConvertConfig, run_convert
 
-            return run_convert(args)
+            return run_convert(ConvertConfig.from_flags(vars(args)))
         if args.command == "encode":
             from mvlm.config import EncodeConfig
             from mvlm.data.encode import run_encode
 
             return run_encode(EncodeConfig.from_flags(vars(args)))
         if args.command == "export":
-            from mvlm.train.export import run_export
+            from mvlm.train.export import ExportConfig, run_export
 
-            return run_export(args)
+            return run_export(ExportConfig.from_flags(vars(args)))
         if args.command == "demo":
             from mvlm.demo import DemoConfig, run_demo
 

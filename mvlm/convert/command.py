@@ -10,7 +10,6 @@ appear only when complete (staging dir + rename); ``--verify`` failing leaves no
 """
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from collections.abc import Callable
@@ -20,7 +19,11 @@ import torch
 import torch.distributed as dist
 
 from mvlm.convert.bridge import export_hf_weights, load_hf_weights
-from mvlm.convert.flags import add_convert_args, add_layout_args  # noqa: F401 - re-exported
+from mvlm.convert.flags import (  # noqa: F401 - re-exported
+    ConvertConfig,
+    add_convert_args,
+    add_layout_args,
+)
 from mvlm.convert.hf_io import SafetensorsReader, copy_aux_files
 from mvlm.convert.mcore_ckpt import (
     dtype_from_name,
@@ -51,7 +54,8 @@ def _hf_dtype(cfg) -> torch.dtype | None:
     return d if isinstance(d, torch.dtype) else None
 
 
-def run_convert(args: argparse.Namespace) -> int:
+def run_convert(cfg: ConvertConfig) -> int:
+    """Convert ``cfg.model`` into ``cfg.output`` (collective over the launch's ranks)."""
     from transformers import AutoConfig
 
     from mvlm.models.gpt import validate_layout
@@ -59,16 +63,16 @@ def run_convert(args: argparse.Namespace) -> int:
     from mvlm.models.spec import choose_backend
     from mvlm.models.vlm import build_model
 
-    layout = ParallelLayout(tp=args.tp, pp=args.pp, cp=args.cp, ep=args.ep, etp=args.etp)
-    src = Path(args.model)
-    out = Path(args.output)
+    layout = ParallelLayout(tp=cfg.tp, pp=cfg.pp, cp=cfg.cp, ep=cfg.ep, etp=cfg.etp)
+    src = Path(cfg.model)
+    out = Path(cfg.output)
     # Cheap checks before any process group exists: bad paths, unsupported model, layout.
     if not src.exists():
         raise FileNotFoundError(f"--model {src} does not exist")
-    if out.exists() and not args.overwrite:
+    if out.exists() and not cfg.overwrite:
         raise FileExistsError(f"output directory {out} already exists: pass --overwrite to "
                               "replace it, or choose another --output")
-    if args.to == "mcore":
+    if cfg.to == "mcore":
         if is_mcore_checkpoint(src):
             raise ValueError(f"{src} is already an mvlm Megatron checkpoint; use --to hf")
         hf_config = AutoConfig.from_pretrained(src)
@@ -79,37 +83,37 @@ def run_convert(args: argparse.Namespace) -> int:
         meta = read_meta(src)
         validate_layout(get_family(meta["model_type"]).text_arch(
             AutoConfig.from_pretrained(src / "hf")), layout)
-    device = startup(layout, seed=1234, device=args.device).device
+    device = startup(layout, seed=1234, device=cfg.device).device
     t0 = time.time()
     rss_start = _rss_mb()
-    backend = choose_backend(device, args.transformer_impl)
+    backend = choose_backend(device, cfg.transformer_impl)
     try:
-        if args.to == "mcore":
-            dtype = dtype_from_name(args.torch_dtype, _hf_dtype(hf_config) or torch.float32)
-            if args.verify and args.torch_dtype is None:
+        if cfg.to == "mcore":
+            dtype = dtype_from_name(cfg.torch_dtype, _hf_dtype(hf_config) or torch.float32)
+            if cfg.verify and cfg.torch_dtype is None:
                 dtype = torch.float32
             bundle = build_model(hf_config, layout, dtype=dtype, device=device, backend=backend,
                                  perform_initialization=False)
             load_hf_weights(bundle, src)
-            if args.verify:
-                _verify(bundle, src, args.verify_tol, device)
-            save_mcore(bundle, out, layout, hf_src=src, overwrite=args.overwrite,
+            if cfg.verify:
+                _verify(bundle, src, cfg.verify_tol, device)
+            save_mcore(bundle, out, layout, hf_src=src, overwrite=cfg.overwrite,
                        extra_meta={"hf_dtype": str(_hf_dtype(hf_config) or "")})
         else:
-            dtype = dtype_from_name(args.torch_dtype) if args.torch_dtype else None
+            dtype = dtype_from_name(cfg.torch_dtype) if cfg.torch_dtype else None
             bundle, meta = load_mcore(src, layout, device=device, dtype=dtype, backend=backend)
             export_dtype = _hf_dtype(bundle.hf_config) or bundle.config.params_dtype
             check = None
-            if args.verify:
+            if cfg.verify:
                 def check(staged: Path) -> None:
-                    _verify(bundle, staged, args.verify_tol, device)
-            export_to_hf(bundle, src / "hf", out, export_dtype, args.overwrite,
-                         parse_size(args.max_shard_size), before_publish=check)
+                    _verify(bundle, staged, cfg.verify_tol, device)
+            export_to_hf(bundle, src / "hf", out, export_dtype, cfg.overwrite,
+                         parse_size(cfg.max_shard_size), before_publish=check)
         params_mb = sum(p.numel() * p.element_size() for m in bundle.models
                         for p in m.parameters()) / 2**20
         _report_memory(rss_start, params_mb, time.time() - t0)
         if dist.get_rank() == 0:
-            log.info("converted %s -> %s (%s) in %.1fs", src, out, args.to, time.time() - t0)
+            log.info("converted %s -> %s (%s) in %.1fs", src, out, cfg.to, time.time() - t0)
             print(f"mvlm convert: wrote {out}")
     finally:
         destroy_distributed()

@@ -3,10 +3,43 @@
 Why not in :mod:`mvlm.convert.command`: that module imports torch and Megatron-Core, and
 ``mvlm --help`` (which builds every sub-command's parser) must not pay 10+ s for them.
 ``mvlm.convert.command`` re-exports both builders, so older imports keep working.
+:class:`ConvertConfig` is what the parsed flags become (the CLI builds it; nothing after the CLI
+reads the namespace).
 """
 from __future__ import annotations
 
 import argparse
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+@dataclass
+class ConvertConfig:
+    """`mvlm convert` (and the full-weight half of `mvlm export`): what to convert, the layout
+    to load/save at, and the checks. Field names are the flags' (``--output_dir`` = output)."""
+
+    to: str = "hf"  # mcore | hf
+    model: str | None = None  # HF dir (--to mcore) or mvlm mcore dir (--to hf)
+    output: str = ""
+    tp: int = 1
+    pp: int = 1
+    ep: int = 1
+    etp: int | None = None
+    cp: int = 1
+    device: str | None = None
+    transformer_impl: str = "auto"
+    torch_dtype: str | None = None
+    verify: bool = False
+    verify_tol: float = 1e-4
+    overwrite: bool = False
+    max_shard_size: str = "5GB"
+
+    @classmethod
+    def from_flags(cls, values: Mapping[str, Any]):  # -> the class it is called on
+        """From parsed flags by name (``vars(namespace)`` in the CLI layer)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
 
 
 def add_layout_args(p: argparse.ArgumentParser) -> None:

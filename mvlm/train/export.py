@@ -25,11 +25,25 @@ Only the standard library is imported at module level: the CLI builds this parse
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mvlm.convert.flags import ConvertConfig  # light: `mvlm export --help`
+
 log = logging.getLogger("mvlm.train")
+
+
+@dataclass(kw_only=True)
+class ExportConfig(ConvertConfig):
+    """`mvlm export`: the conversion flags (``model`` is the checkpoint, or with ``adapters``
+    the base model) plus the adapter export's. Built by the CLI from :func:`add_export_args`."""
+
+    adapters: str | None = None  # the LoRA/DoRA checkpoint, or a PEFT dir to merge
+    merge_lora: bool | None = None  # None: not given (required for adapter checkpoints)
+    to_hf: bool = True
 
 # peft's adapter directory: what `mvlm sft --merge_lora false` (and ms-swift, peft) write
 PEFT_CONFIG = "adapter_config.json"
@@ -88,7 +102,7 @@ def _has_adapter_tensors(ckpt: Path) -> bool:
     return any(k.startswith(ADAPTER_ATTR + ".") for k in _stored_keys(ckpt / "model"))
 
 
-def run_export(args: argparse.Namespace) -> int:
+def run_export(args: ExportConfig) -> int:
     from mvlm.tuners.model import read_run_record
 
     if args.adapters is None and args.model is None:
@@ -118,8 +132,7 @@ def run_export(args: argparse.Namespace) -> int:
                              "weight checkpoint with --model CKPT")
         from mvlm.convert.command import run_convert
 
-        args.model = str(ckpt)
-        return run_convert(args)
+        return run_convert(dataclasses.replace(args, model=str(ckpt)))
     if args.merge_lora is None:
         raise ValueError(f"{ckpt} is a {record['train_type']} checkpoint (adapters + optimizer "
                          "only): pass --merge_lora true (merged HF weights) or --merge_lora "
@@ -127,8 +140,7 @@ def run_export(args: argparse.Namespace) -> int:
     return export_adapter_checkpoint(ckpt, record, _base_model(ckpt, record, args), args)
 
 
-def _base_model(ckpt: Path, record: dict[str, Any], args: argparse.Namespace
-                ) -> tuple[str, Path]:
+def _base_model(ckpt: Path, record: dict[str, Any], args: ExportConfig) -> tuple[str, Path]:
     """("hf"|"mcore", path) of the base weights: --model with --adapters, else the run's."""
     from mvlm.convert.mcore_ckpt import is_mcore_checkpoint
 
@@ -147,7 +159,7 @@ def _base_model(ckpt: Path, record: dict[str, Any], args: argparse.Namespace
     return kind, Path(path)
 
 
-def _check_common(args: argparse.Namespace, model_type: str, base_dir: Path, base_type: str,
+def _check_common(args: ExportConfig, model_type: str, base_dir: Path, base_type: str,
                   hf_config) -> Any:
     """Cheap checks before any process group: output, layout, base model type, --verify."""
     from mvlm.convert.publish import prepare_output_dir
@@ -168,7 +180,7 @@ def _check_common(args: argparse.Namespace, model_type: str, base_dir: Path, bas
 
 
 def export_adapter_checkpoint(ckpt: Path, record: dict[str, Any], base: tuple[str, Path],
-                              args: argparse.Namespace) -> int:
+                              args: ExportConfig) -> int:
     """Collective: rebuild the run's model at this layout (base weights + the checkpoint's
     adapters and trained base tensors) and write merged HF weights or a PEFT adapter dir."""
     from transformers import AutoConfig
@@ -196,7 +208,7 @@ def export_adapter_checkpoint(ckpt: Path, record: dict[str, Any], base: tuple[st
                    what=f"{ckpt} ({record['train_type']})")
 
 
-def export_peft_dir(adapter_dir: Path, args: argparse.Namespace) -> int:
+def export_peft_dir(adapter_dir: Path, args: ExportConfig) -> int:
     """`--adapters PEFT_DIR --merge_lora true`: merge a peft adapter directory (mvlm's
     ``<output_dir>/adapter``) into its base model, at any layout."""
     import json
@@ -232,7 +244,7 @@ def export_peft_dir(adapter_dir: Path, args: argparse.Namespace) -> int:
                    peft_base=base, what=f"{adapter_dir} (PEFT)")
 
 
-def _export(hf_config, layout, args: argparse.Namespace, vocab_padded: int | None,
+def _export(hf_config, layout, args: ExportConfig, vocab_padded: int | None,
             dtype_name: str | None, prepare, acfg, *, aux_dir: Path, peft_base: Path | None,
             what: str) -> int:
     """Collective: build the model at ``layout``, ``prepare`` it (base weights + adapters), then

@@ -48,11 +48,11 @@ def reference_logits(run: dict, tp: int) -> tuple[list, list[torch.Tensor]]:
     cfg = parse_train_args(run["argv"], "sft")
     layout = ParallelLayout(tp=tp)
     startup(layout, device="cpu")
-    hf = Path(cfg.model)
+    hf = Path(cfg.base.model)
     bundle = build_model(AutoConfig.from_pretrained(hf), layout, dtype=torch.float32,
                          device="cpu", perform_initialization=False)
     load_hf_weights(bundle, hf)
-    setup_adapters(bundle, cfg.ns)
+    setup_adapters(bundle, cfg)
     ckpt.load_checkpoint(ckpt.read_latest(Path(cfg.output_dir)), bundle, None, None, layout)
     inputs = make_inputs(bundle, hf, 1)
     return inputs, [mcore_forward(bundle, b) for _, b in inputs]

@@ -145,7 +145,7 @@ def _worker(spec_path: str) -> None:
     import logging
 
     from mvlm.convert import verify
-    from mvlm.convert.command import add_convert_args, run_convert
+    from mvlm.convert.command import ConvertConfig, add_convert_args, run_convert
 
     logging.basicConfig(level=logging.WARNING)
     spec = json.loads(Path(spec_path).read_text())
@@ -163,7 +163,7 @@ def _worker(spec_path: str) -> None:
     def convert(argv: list[str]) -> None:
         p = argparse.ArgumentParser()
         add_convert_args(p)
-        run_convert(p.parse_args(argv))
+        run_convert(ConvertConfig.from_flags(vars(p.parse_args(argv))))
 
     for c in spec["cases"]:
         worst.clear()

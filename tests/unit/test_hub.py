@@ -54,7 +54,7 @@ def test_model_id_resolves_from_offline_cache(offline_cache, tmp_path):
     data.write_text(rows(2))
     cfg = parse_train_args(["--model", "org/tiny-vl", "--dataset", str(data),
                             "--output_dir", str(tmp_path / "o")], "sft")
-    assert cfg.model == str(snap)
+    assert cfg.base.model == str(snap)
     assert any("--model org/tiny-vl -> " + str(snap) in n for n in cfg.notes), cfg.notes
 
 

@@ -58,17 +58,17 @@ def test_refused_with_the_flag_named(base, extra, match):
 def test_accepted_settings_reach_the_config(base):
     cfg = parse_train_args(base + ["--gradient_checkpointing", "true", "--recompute_method",
                                    "block", "--recompute_num_layers", "2"], "sft")
-    assert cfg.recompute == RecomputeConfig("full", "block", 2)
+    assert cfg.parallel.recompute == RecomputeConfig("full", "block", 2)
     cfg = parse_train_args(base + ["--recompute_granularity", "selective",
                                    "--recompute_modules", "core_attn", "mlp"], "sft")
-    assert cfg.recompute == RecomputeConfig("selective", modules=["core_attn", "mlp"])
-    assert cfg.check_for_nan_in_loss_and_grad  # the default
+    assert cfg.parallel.recompute == RecomputeConfig("selective", modules=["core_attn", "mlp"])
+    assert cfg.optim.check_for_nan_in_loss_and_grad  # the default
     cfg = parse_train_args(base + ["--attention_backend", "local"], "sft")
-    assert (cfg.attn_impl, cfg.transformer_impl) == ("eager", "local")
+    assert (cfg.base.attn_impl, cfg.base.transformer_impl) == ("eager", "local")
     assert any("--attn_impl local" in n for n in cfg.notes)
     for flag, want in (("flash_attn", "flash"), ("sdpa", "sdpa"), ("eager", "eager"),
                        ("fused", "sdpa"), ("unfused", "eager"), ("auto", "auto")):
-        assert parse_train_args(base + ["--attn_impl", flag], "sft").attn_impl == want
+        assert parse_train_args(base + ["--attn_impl", flag], "sft").base.attn_impl == want
 
 
 def _arch(layers=4, experts=None, shared=None):

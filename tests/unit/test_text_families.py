@@ -1,11 +1,11 @@
-"""Llama 3 and Qwen3 dense (issue 14, item 5): exact against transformers, fp32, one rank.
+"""Llama 3, Qwen3 dense and Mistral (issue 14, item 5): exact against transformers, fp32, one rank.
 
 Per family, on tiny random checkpoints built from configs (``mvlm.models.<name>.tiny``):
 
 * ``mvlm convert --to mcore --verify`` (logits and loss against the transformers model) and back
   ``--to hf``: every tensor bit-identical to the original; cases cover tied and untied embeddings,
   Llama 3.1's ``llama3`` RoPE scaling (the tiny default), Llama with ``attention_bias`` but no
-  ``mlp_bias`` (o_proj bias, bias-free MLP), and Qwen3 with YaRN;
+  ``mlp_bias`` (o_proj bias, bias-free MLP), Qwen3 with YaRN, and Mistral (no sliding window);
 * the native chat template renders exactly what the checkpoint's HF chat template renders
   (system prompt, multi-turn), with loss on the assistant turns only.
 TP/PP layouts of the same families: tests/dist/test_convert_roundtrip.py.
@@ -30,6 +30,7 @@ CASES = {
     "qwen3_untied_yarn": ("qwen3", {"tie_word_embeddings": False, "rope_parameters": {
         "rope_type": "yarn", "rope_theta": 1_000_000.0, "factor": 4.0,
         "original_max_position_embeddings": 1024}}),
+    "mistral": ("mistral", {}),
 }
 
 
@@ -73,7 +74,7 @@ def test_convert_roundtrip_and_logits(tmp_path):
     assert res["qwen3"]["biases"] == [False, False, False] and res["qwen3"]["qk_norm"]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral"])
 def test_native_template_equals_hf_chat_template(family, tiny_ckpt):
     from transformers import AutoTokenizer
 
@@ -93,7 +94,8 @@ def test_native_template_equals_hf_chat_template(family, tiny_ckpt):
     for msgs in conversations:
         text, spans = tpl.render_native(msgs)
         assert text == tok.apply_chat_template(msgs, tokenize=False)
-        answers = [m["content"] for m in msgs if m["role"] == "assistant"]
+        lead = " " if family == "mistral" else ""  # "[/INST] answer": the space opens it
+        answers = [lead + m["content"] for m in msgs if m["role"] == "assistant"]
         assert [text[s:e] for s, e in spans] == [a + tok.eos_token for a in answers]
         enc = tpl.encode({"messages": msgs})
         ids, labels = enc["input_ids"], enc["labels"]
@@ -114,7 +116,7 @@ def _worker(spec_path: str) -> None:
     import transformers
 
     from mvlm.convert import verify
-    from mvlm.convert.command import add_convert_args, run_convert
+    from mvlm.convert.command import ConvertConfig, add_convert_args, run_convert
     from mvlm.models.registry import get_family
 
     logging.basicConfig(level=logging.WARNING)
@@ -132,7 +134,7 @@ def _worker(spec_path: str) -> None:
     def convert(argv: list[str]) -> None:
         p = argparse.ArgumentParser()
         add_convert_args(p)
-        run_convert(p.parse_args(argv))
+        run_convert(ConvertConfig.from_flags(vars(p.parse_args(argv))))
 
     res = {}
     for c in spec["cases"]:
