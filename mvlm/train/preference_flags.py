@@ -52,26 +52,30 @@ def add_dpo_args(p: argparse._ActionsContainer) -> None:
     a("--discopop_tau", type=float, default=0.05, help="DiscoPOP gate temperature")
 
 
-def resolve_dpo_loss_type(ns: Any) -> list[str]:
-    """``--loss_type``, or ``--dpo_loss_type`` mapped to it (one info line), or sigmoid; both
-    given and different is refused."""
+def resolve_dpo_loss_type(ns: Any, notes: list[str] | None = None) -> list[str]:
+    """``--loss_type``, or ``--dpo_loss_type`` mapped to it (one info line: appended to
+    ``notes`` when given, else logged), or sigmoid; both given and different is refused."""
     lt, old = getattr(ns, "loss_type", None), getattr(ns, "dpo_loss_type", None)
     if old is not None:
         if lt is not None and list(lt) != list(old):
             raise ValueError(f"--dpo_loss_type {' '.join(old)} and --loss_type {' '.join(lt)} "
                              "disagree; --dpo_loss_type is the older name of --loss_type: "
                              "keep one")
-        log.info("--dpo_loss_type %s -> --loss_type %s (the current name)", " ".join(old),
-                 " ".join(old))
+        note = f"--dpo_loss_type {' '.join(old)} -> --loss_type {' '.join(old)} (current name)"
+        if notes is not None:
+            notes.append(note)
+        else:
+            log.info("%s", note)
         lt = old
     return list(lt) if lt else ["sigmoid"]
 
 
-def dpo_loss_config(ns: Any) -> DPOLossConfig:
-    """The validated DPO loss settings of a parsed namespace (errors name the flag)."""
+def dpo_loss_config(ns: Any, notes: list[str] | None = None) -> DPOLossConfig:
+    """The validated DPO loss settings of a parsed namespace (errors name the flag); mapping
+    notes go to ``notes`` (a run's info lines) when given."""
     from mvlm.train.objectives.dpo_losses import DPOLossConfig
 
-    return DPOLossConfig(beta=ns.beta, loss_type=tuple(resolve_dpo_loss_type(ns)),
+    return DPOLossConfig(beta=ns.beta, loss_type=tuple(resolve_dpo_loss_type(ns, notes)),
                          loss_weights=tuple(ns.loss_weights) if ns.loss_weights else None,
                          label_smoothing=ns.label_smoothing, rpo_alpha=ns.rpo_alpha,
                          reference_free=bool(ns.reference_free), discopop_tau=ns.discopop_tau)

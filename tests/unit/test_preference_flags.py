@@ -19,11 +19,14 @@ def _parse(argv):
 
 def test_guide_dpo_flags_map_to_the_loss_config(caplog):
     # the guide's §5.5 script: --beta 0.1 --label_smoothing 0.01 --dpo_loss_type sigmoid
+    guide = ["--beta", "0.1", "--label_smoothing", "0.01", "--dpo_loss_type", "sigmoid"]
     with caplog.at_level(logging.INFO, logger="mvlm.train"):
-        cfg = dpo_loss_config(_parse(["--beta", "0.1", "--label_smoothing", "0.01",
-                                      "--dpo_loss_type", "sigmoid"]))
+        cfg = dpo_loss_config(_parse(guide))
     assert cfg.loss_type == ("sigmoid",) and cfg.beta == 0.1 and cfg.label_smoothing == 0.01
     assert "--dpo_loss_type sigmoid -> --loss_type sigmoid" in caplog.text
+    notes: list[str] = []
+    dpo_loss_config(_parse(guide), notes)  # a run collects the line with its other notes
+    assert notes == ["--dpo_loss_type sigmoid -> --loss_type sigmoid (current name)"]
     d = dpo_loss_config(_parse([]))  # ms-swift defaults
     assert (d.beta, d.loss_type, d.label_smoothing, d.rpo_alpha, d.reference_free) == \
         (0.1, ("sigmoid",), 0.0, None, False)
