@@ -49,10 +49,11 @@ class SafetensorsReader:
     """Lazy reader over a HF directory (``model.safetensors`` or an index with shards).
 
     Names are served in the hub layout the weight tables use whichever layout is on disk: a
-    checkpoint in transformers' module-tree layout (``model.language_model.*``,
-    ``model.visual.*``) answers to ``model.*`` / ``visual.*`` too (see
-    :data:`mvlm.convert.mapping.MODULE_TREE_PREFIXES`); :meth:`keys` stays the on-disk names and
-    :meth:`disk_name` maps back, so coverage checks name what is really in the files.
+    checkpoint in transformers' module-tree layout (e.g. Qwen-VL's ``model.language_model.*``,
+    ``model.visual.*``) answers to ``model.*`` / ``visual.*`` too (the families'
+    ``module_tree_prefixes``, see :func:`mvlm.convert.mapping.hub_name`); :meth:`keys` stays the
+    on-disk names and :meth:`disk_name` maps back, so coverage checks name what is really in the
+    files.
     """
 
     def __init__(self, model_dir: str | os.PathLike) -> None:

@@ -206,33 +206,17 @@ class GatedMLP(Mapping):
         return [(gn, parts[:, 0].reshape(-1, *tail)), (un, parts[:, 1].reshape(-1, *tail))]
 
 
-# The weight tables name HF tensors in the hub layout (Qwen-VL: ``model.layers.*``,
-# ``model.embed_tokens.*``, ``model.norm.*``, ``visual.*``, ``lm_head.*``). transformers 5's module
-# tree nests the decoder and the ViT under ``model.`` (``model.language_model.*``,
-# ``model.visual.*``): that is what ``model.state_dict()`` holds, what peft keys follow, and what
-# checkpoints saved from a state dict (or by a transformers version without the save-time
-# conversion) contain. Pairs: (module-tree prefix, hub prefix).
-MODULE_TREE_PREFIXES: tuple[tuple[str, str], ...] = (
-    ("model.language_model.", "model."),
-    ("model.visual.", "visual."),
-)
-
-
 def hub_name(name: str) -> str:
-    """Module-tree tensor name -> hub-layout name (unchanged when already in the hub layout)."""
-    for tree, hub in MODULE_TREE_PREFIXES:
+    """Module-tree tensor name -> hub-layout name (unchanged when already in the hub layout).
+
+    The weight tables name HF tensors in the hub layout; transformers 5's module tree may nest
+    them differently (each family declares how: ``FamilySpec.module_tree_prefixes``), and
+    checkpoints saved from a state dict contain the module-tree names."""
+    from mvlm.models.registry import module_tree_prefixes
+
+    for tree, hub in module_tree_prefixes():
         if name.startswith(tree):
             return hub + name[len(tree):]
-    return name
-
-
-def module_tree_name(name: str) -> str:
-    """Hub-layout name of a VLM tensor/module -> its path in the transformers module tree."""
-    if name.startswith("visual."):
-        return "model.visual." + name[len("visual."):]
-    if name.startswith("model.") and not name.startswith(("model.language_model.",
-                                                           "model.visual.")):
-        return "model.language_model." + name[len("model."):]
     return name
 
 

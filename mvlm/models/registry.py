@@ -105,10 +105,6 @@ class VisionSpec:
         return tuple(k for kind in self.media for k in kind.batch_keys)
 
 
-def _identity(name: str) -> str:
-    return name
-
-
 def plain_position_ids(hf_config: PretrainedConfig, input_ids: torch.Tensor,
                        media: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """[3, B, S] positions 0..S-1 on all three rows: plain RoPE (text-only families)."""
@@ -145,9 +141,10 @@ class FamilySpec:
     # (HF model config, check batch) -> kwargs of the HF model's forward for verification
     hf_forward_inputs: Callable[[PretrainedConfig, Mapping[str, Any]], dict[str, Any]] = \
         text_hf_inputs
-    # HF hub-layout tensor/module name -> module path in the transformers model (PEFT keys
-    # follow the module tree, which may differ from the saved layout)
-    peft_module_path: Callable[[str], str] = _identity
+    # (module-tree prefix, hub prefix) pairs where the transformers module tree differs from the
+    # hub layout the weight table names (Qwen-VL: ``model.language_model.`` <-> ``model.``).
+    # PEFT keys follow the module tree; the checkpoint reader accepts either layout.
+    module_tree_prefixes: tuple[tuple[str, str], ...] = ()
 
     # -- derived views ------------------------------------------------------------------------
     @property
@@ -174,6 +171,15 @@ class FamilySpec:
     def mappings(self, hf_config: PretrainedConfig, arch: TextArch) -> list[WeightMapping]:
         """The weight table (``weights.py``)."""
         return resolve(self.weights)(hf_config, arch)
+
+    def peft_module_path(self, hub_name: str) -> str:
+        """HF hub-layout tensor/module name -> its path in the transformers module tree."""
+        if any(hub_name.startswith(tree) for tree, _ in self.module_tree_prefixes):
+            return hub_name
+        for tree, hub in self.module_tree_prefixes:
+            if hub_name.startswith(hub):
+                return tree + hub_name[len(hub):]
+        return hub_name
 
     def template_class(self) -> type[Template]:
         return resolve(self.template)
@@ -233,6 +239,15 @@ def get_family(model_type: str) -> FamilySpec:
             f"{', '.join(supported_model_types())}. Check config.json's \"model_type\", or add a "
             "family folder under mvlm/models/ (see docs/architecture.md, 'Adding a family')."
         ) from None
+
+
+def module_tree_prefixes() -> tuple[tuple[str, str], ...]:
+    """Every family's (module-tree prefix, hub prefix) pairs: what a checkpoint reader that does
+    not know the family yet maps back to the hub layout."""
+    out: list[tuple[str, str]] = []
+    for spec in families():
+        out += [p for p in spec.module_tree_prefixes if p not in out]
+    return tuple(out)
 
 
 def media_keys() -> dict[str, str]:

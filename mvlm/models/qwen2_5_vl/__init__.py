@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING
 from mvlm.models.qwen2_vl import (
     ALIGNER_PREFIXES,
     MEDIA,
+    MODULE_TREE_PREFIXES,
     PEFT_TOWER_PREFIXES,
     hf_forward_inputs,
-    hf_module_path,
     mrope_position_ids,
     vl_text_arch,
 )
@@ -55,5 +55,5 @@ QWEN2_5_VL = register(FamilySpec(
                       peft_tower_prefixes=PEFT_TOWER_PREFIXES),
     position_ids=position_ids,
     hf_forward_inputs=hf_forward_inputs,
-    peft_module_path=hf_module_path,
+    module_tree_prefixes=MODULE_TREE_PREFIXES,
 ))

@@ -31,6 +31,9 @@ VIDEO = MediaKind("video", token_attr="video_token_id", features_key="pixel_valu
 MEDIA = (IMAGE, VIDEO)
 # The patch merger (aligner) inside the HF tower module; the rest of the tower is the ViT.
 ALIGNER_PREFIXES = ("vision_model.tower.merger.",)
+# transformers 5's module tree nests the decoder and the ViT under ``model.``; the hub layout
+# (what the weight table names, what save_pretrained writes) does not. PEFT keys follow the tree.
+MODULE_TREE_PREFIXES = (("model.language_model.", "model."), ("model.visual.", "visual."))
 # Where the tower sits in the transformers model (PEFT module paths).
 PEFT_TOWER_PREFIXES = ("model.visual.",)
 
@@ -48,17 +51,6 @@ def vl_text_arch(cfg: PretrainedConfig) -> TextArch:
         raise ValueError("Qwen-VL config lacks rope_parameters.mrope_section: the checkpoint's "
                          "config.json is incomplete")
     return arch
-
-
-def hf_module_path(disk_name: str) -> str:
-    """Hub-layout name (``visual.*``, ``model.layers.*``) -> path in the transformers module
-    tree (``model.visual.*``, ``model.language_model.layers.*``), which PEFT keys follow."""
-    if disk_name.startswith("visual."):
-        return "model.visual." + disk_name[len("visual."):]
-    if disk_name.startswith("model.") and not disk_name.startswith(("model.language_model.",
-                                                                    "model.visual.")):
-        return "model.language_model." + disk_name[len("model."):]
-    return disk_name
 
 
 def mrope_position_ids(hf_config: PretrainedConfig, input_ids: torch.Tensor,
@@ -133,5 +125,5 @@ QWEN2_VL = register(FamilySpec(
                       peft_tower_prefixes=PEFT_TOWER_PREFIXES),
     position_ids=mrope_position_ids,
     hf_forward_inputs=hf_forward_inputs,
-    peft_module_path=hf_module_path,
+    module_tree_prefixes=MODULE_TREE_PREFIXES,
 ))
