@@ -67,7 +67,11 @@ def run_case(case: dict) -> dict:
     from mvlm.convert.bridge import load_hf_weights
     from mvlm.models.vlm import build_model
     from mvlm.rl.rollout.base import RolloutPrompt, SamplingParams
-    from mvlm.rl.rollout.builtin import BuiltinRolloutEngine, eos_token_ids_from_hf_dir
+    from mvlm.rl.rollout.builtin import (
+        BuiltinRolloutEngine,
+        eos_token_ids_from_hf_dir,
+        media_placeholder_token_ids,
+    )
     from mvlm.runtime.parallel import ParallelLayout
     from mvlm.runtime.startup import startup
 
@@ -86,7 +90,8 @@ def run_case(case: dict) -> dict:
     for m in bundle.models:
         m.train()
     eng = BuiltinRolloutEngine(bundle, eos_token_ids_from_hf_dir(hf))
-    out: dict = {"sp_before": sp_flags(bundle)}
+    out: dict = {"sp_before": sp_flags(bundle),
+                 "placeholders": media_placeholder_token_ids(bundle), "hf": str(hf)}
     for name, rp in (("greedy", 1.0), ("greedy_rep", 1.3)):
         out[name] = comps(eng.generate(prompts, SamplingParams(
             temperature=0.0, max_completion_length=T, repetition_penalty=rp)))

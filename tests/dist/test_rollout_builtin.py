@@ -203,6 +203,14 @@ def test_sampling_seeded_topk_eos(rollout_run, case):
             assert r["version"] == 1
             assert ids(r["zeroed"]) == [[0, 0, 0]]  # all-zero weights: uniform logits
             assert ids(r["reloaded"]) == ids(r["greedy_rep"])
+    if case.startswith("qwen2_5_vl"):
+        from transformers import AutoConfig
+
+        cfg = AutoConfig.from_pretrained(ranks[0]["hf"])
+        want = sorted({cfg.image_token_id, cfg.video_token_id})
+    else:
+        want = []
+    assert all(r["placeholders"] == want for r in ranks), (ranks[0]["placeholders"], want)
     # every rank of the run drew the same tokens (TP: one group; TP1: same seed, same model)
     for name in ("sampled", "sampled_seed12", "topk1"):
         assert all(ids(r[name]) == ids(ranks[0][name]) for r in ranks), (case, name)

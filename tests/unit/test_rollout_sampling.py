@@ -122,3 +122,21 @@ def test_token_mult_prob_error_and_bad_params():
                      ({"repetition_penalty": 0}, "--repetition_penalty")):
         with pytest.raises(ValueError, match=flag):
             SamplingParams(**kw)
+
+
+def test_flags_build_sampling_params():
+    import argparse
+
+    from mvlm.rl.rollout.flags import add_rollout_args, sampling_params
+
+    p = argparse.ArgumentParser()
+    add_rollout_args(p)
+    sp = sampling_params(p.parse_args([]))
+    assert (sp.num_generations, sp.max_completion_length, sp.temperature, sp.top_k, sp.top_p,
+            sp.repetition_penalty) == (8, 512, 0.9, 50, 0.9, 1.0)  # ms-swift's GRPO defaults
+    sp = sampling_params(p.parse_args(["--num_generations", "4", "--temperature", "0",
+                                       "--top_k", "0", "--repetition_penalty", "1.1"]),
+                         seed=3, suppress_token_ids=[7])
+    assert sp.greedy and sp.top_k == -1 and sp.seed == 3 and sp.suppress_token_ids == (7,)
+    with pytest.raises(ValueError, match="--top_p"):
+        sampling_params(p.parse_args(["--top_p", "1.5"]))

@@ -54,7 +54,7 @@ from mvlm.rl.rollout.base import (
 from mvlm.rl.rollout.sampling import sample_next
 
 __all__ = ["BuiltinRolloutEngine", "TPSamplingMismatch", "eos_token_ids_from_hf_dir",
-           "sequence_positions"]
+           "media_placeholder_token_ids", "sequence_positions"]
 
 
 class TPSamplingMismatch(RuntimeError):
@@ -87,6 +87,13 @@ def sequence_positions(hf_config, input_ids: Sequence[int] | torch.Tensor,
     ids = torch.as_tensor(list(input_ids), dtype=torch.long)[None]
     media = {k: v for k, v in (media or {}).items() if v is not None}
     return batch_position_ids(hf_config, ids, media)[:, 0]
+
+
+def media_placeholder_token_ids(bundle: ModelBundle) -> list[int]:
+    """A VLM's image/video placeholder tokens (empty for a text model): pass them as
+    ``SamplingParams.suppress_token_ids`` so that no completion contains one (a placeholder
+    without pixels would break the next forward of that sequence)."""
+    return sorted(set(bundle.family.token_ids(bundle.hf_config).values()))
 
 
 class _DictReader:
@@ -172,6 +179,11 @@ class BuiltinRolloutEngine(RolloutEngine):
         prompts = list(prompts)
         if not prompts:
             return []
+        if not self.bundle.family.is_vlm:
+            bad = [i for i, p in enumerate(prompts) if any(v is not None for v in p.media.values())]
+            if bad:
+                raise ValueError(f"prompts {bad[:5]} carry media but {self.bundle.family.name} is "
+                                 "a text-only model: drop the images or use a VLM checkpoint")
         seed = params.seed if params.seed is not None else self.seed * 1_000_003 + self._calls
         self._calls += 1
         device = self._device()
@@ -201,25 +213,28 @@ class BuiltinRolloutEngine(RolloutEngine):
         """eval() and sequence parallelism off for the call; both restored afterwards."""
         models = self.bundle.models
         was_training = [m.training for m in models]
-        cfg = self.bundle.config
+        # Modules keep their own switch, and some hold a copy of the config: flip them all.
         sp_modules = [mod for m in models for mod in m.modules()
                       if getattr(mod, "sequence_parallel", False) is True]
-        cfg_sp = cfg.sequence_parallel
+        configs = {id(c): c for c in [self.bundle.config] + [
+            getattr(mod, "config", None) for m in models for mod in m.modules()]
+            if getattr(c, "sequence_parallel", False) is True}
         try:
             for m in models:
                 m.eval()
-            for mod in sp_modules:
-                mod.sequence_parallel = False
-            cfg.sequence_parallel = False
+            for obj in sp_modules + list(configs.values()):
+                obj.sequence_parallel = False
             yield
         finally:
-            cfg.sequence_parallel = cfg_sp
-            for mod in sp_modules:
-                mod.sequence_parallel = True
+            for obj in sp_modules + list(configs.values()):
+                obj.sequence_parallel = True
             for m, t in zip(models, was_training):
                 m.train(t)
             for m in models:
                 m.set_input_tensor(None)
+
+    def _model_media_keys(self) -> set[str]:
+        return set(self.bundle.family.batch_keys)
 
     def _positions(self, prompt: RolloutPrompt) -> torch.Tensor:
         return sequence_positions(self.bundle.hf_config, prompt.input_ids, prompt.media)
@@ -252,7 +267,10 @@ class BuiltinRolloutEngine(RolloutEngine):
                     "--max_completion_length")
         keep[:, P:] = True
         media: dict[str, torch.Tensor] = {}
-        keys = sorted({k for p in prompts for k, v in p.media.items() if v is not None})
+        # Positions read every media key (e.g. video timing); the model takes the family's
+        # batch keys (pixels and grids).
+        keys = sorted({k for p in prompts for k, v in p.media.items() if v is not None}
+                      & self._model_media_keys())
         for k in keys:
             parts = [p.media[k] for p in prompts if p.media.get(k) is not None]
             media[k] = torch.cat(parts, dim=0).to(device)
