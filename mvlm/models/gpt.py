@@ -29,6 +29,7 @@ from mvlm.models.attention import ATTN_KERNELS
 from mvlm.models.recompute import RecomputeConfig, RecomputeError  # noqa: F401 - re-exported
 from mvlm.models.rope import RopeScaling, rope_inv_freq
 from mvlm.models.spec import decoder_block_spec
+from mvlm.runtime.cpu import batch_p2p_comm_supported
 from mvlm.runtime.parallel import ParallelLayout
 
 VOCAB_PAD_MULTIPLE = 128
@@ -283,8 +284,7 @@ def transformer_config(arch: TextArch, layout: ParallelLayout, *, dtype: torch.d
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
         **recompute_kw,
-        # gloo cannot batch isend/irecv for the interleaved schedule (grads silently wrong).
-        batch_p2p_comm=device == "cuda",
+        batch_p2p_comm=batch_p2p_comm_supported(device),  # off over gloo: see runtime/cpu.py
         **moe,
     )
 
