@@ -1,4 +1,4 @@
-"""`mvlm pt` and video SFT train end to end, and their first loss is the hand-computed one.
+"""Data paths through the real trainer: `mvlm pt`, video SFT, bad rows skipped mid-training.
 
 One single-rank launch of ``_train_worker.py`` (fp32 CPU, 3 steps each; the global batch is the
 whole dataset, so step 1 sees every row once whatever the shuffle):
@@ -9,7 +9,11 @@ whole dataset, so step 1 sees every row once whatever the shuffle):
 2. ``mvlm sft`` on tiny Qwen2.5-VL with two ``<video>`` rows (PyAV-written mp4s): frames through
    the vision tower, 3D positions, loss on the answer. Hand computation: the HF model on the
    encoded sample (mvlm's template; its ids, pixels and positions equal the HF processor's, see
-   tests/unit/test_data_media.py), cross entropy over the answer tokens.
+   tests/unit/test_data_media.py), cross entropy over the answer tokens;
+3. ``mvlm sft --on_bad_sample skip`` on tiny Qwen2 with four good rows among bad lines (broken
+   JSON, invalid UTF-8, a row without an assistant turn, a row of unknown format), and the same
+   four rows clean: the run trains, its last log record counts the skipped rows by reason, and
+   its losses and grad norms equal the clean run's exactly (the bad rows take no part).
 
 Bars: step-1 loss within 2e-7 relative of the hand computation (fp32; measured below), the
 logged number of loss tokens equal to the hand count, and the loss falling over the 3 steps.
@@ -79,10 +83,22 @@ def runs(tmp_path_factory, tiny_ckpt):
     ]
     vid_data = tmp / "video.jsonl"
     vid_data.write_text("".join(json.dumps(r) + "\n" for r in video_rows))
-    out = {"pt": tmp / "pt", "video": tmp / "video"}
+    clean, dirty = tmp / "clean.jsonl", tmp / "dirty.jsonl"
+    good = [json.dumps({"messages": [{"role": "user", "content": f"Say {i} twice."},
+                                     {"role": "assistant", "content": f"{i} {i}"}]}).encode()
+            for i in range(4)]
+    clean.write_bytes(b"".join(g + b"\n" for g in good))
+    dirty.write_bytes(b"\n".join([
+        good[0], b'{"messages": [', good[1], b'{"text": "caf\xe9 \xff"}', good[2],
+        json.dumps({"messages": [{"role": "user", "content": "no answer"}]}).encode(),
+        json.dumps({"foo": 1}).encode(), good[3]]) + b"\n")
+    out = {k: tmp / k for k in ("pt", "video", "clean", "dirty")}
     _launch({"runs": [
         {"name": "pt", "task": "pt", "argv": _args(text_model, pt_data, out["pt"], 4)},
         {"name": "video", "task": "sft", "argv": _args(vl, vid_data, out["video"], 2)},
+        {"name": "clean", "argv": _args(text_model, clean, out["clean"], 4)},
+        {"name": "dirty", "argv": _args(text_model, dirty, out["dirty"], 4) + [
+            "--on_bad_sample", "skip"]},
     ]}, 1, tmp, "single")
     return {"out": out, "text_model": text_model, "vl": vl, "video_rows": video_rows}
 
@@ -148,3 +164,23 @@ def test_video_sft_trains(runs):
             s, k = _sum_ce(logits, enc["labels"])
             total, n = total + s, n + k
     _check("video", _train_lines(runs["out"]["video"]), total, n)
+
+
+def test_bad_rows_skipped_inside_training_and_counted(runs):
+    from mvlm.train.logging import TIMING_FIELDS
+
+    clean, dirty = (_train_lines(runs["out"][k]) for k in ("clean", "dirty"))
+    last = dirty[-1]
+    print(f"dirty run: skipped {last.get('bad_samples_skipped')} "
+          f"{last.get('bad_samples_by_reason')}; losses {[r['loss'] for r in dirty]}")
+    assert last["bad_samples_skipped"] == 4, last
+    assert last["bad_samples_by_reason"] == {"bad_encoding": 1, "bad_json": 1,
+                                             "no_assistant_turn": 1, "unknown_format": 1}, last
+    assert clean[-1]["bad_samples_skipped"] == 0 and "bad_samples_by_reason" not in clean[-1]
+    ignore = set(TIMING_FIELDS) | {"bad_samples_skipped", "bad_samples_by_reason"}
+
+    def strip(rs):
+        return [{k: v for k, v in r.items() if k not in ignore} for r in rs]
+
+    assert strip(dirty) == strip(clean)
+    assert clean[-1]["loss"] < clean[0]["loss"], clean
