@@ -101,6 +101,9 @@ class TextArch:
     # variant (HF rope_parameters.rope_type and its fields).
     rotary_percent: float = 1.0
     rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    # Token embeddings are multiplied by this before anything is merged in (Gemma: the square
+    # root of hidden_size, as an fp32 scalar cast to the activations' dtype, HF's arithmetic).
+    embedding_multiplier: float = 1.0
     # MoE
     num_experts: int | None = None
     moe_topk: int = 2

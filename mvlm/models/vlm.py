@@ -76,6 +76,8 @@ class VLMModel(MegatronModule):
         """Full-sequence embeddings [s, b, h] with the media features merged in (the family's
         ``VisionSpec.merge``; by default scattered into the placeholder tokens)."""
         emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)
+        if self.arch.embedding_multiplier != 1.0:  # TextArch option (Gemma)
+            emb = emb * torch.tensor(self.arch.embedding_multiplier).to(emb.dtype)
         if self.vision_model is None or not media:
             return emb
         vision = self.family.vision

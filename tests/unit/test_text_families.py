@@ -1,11 +1,12 @@
-"""Llama 3, Qwen3 dense and Mistral (issue 14, item 5): exact against transformers, fp32, one rank.
+"""Llama 3, Qwen3 dense, Mistral and Gemma: exact against transformers, fp32, one rank.
 
 Per family, on tiny random checkpoints built from configs (``mvlm.models.<name>.tiny``):
 
 * ``mvlm convert --to mcore --verify`` (logits and loss against the transformers model) and back
   ``--to hf``: every tensor bit-identical to the original; cases cover tied and untied embeddings,
   Llama 3.1's ``llama3`` RoPE scaling (the tiny default), Llama with ``attention_bias`` but no
-  ``mlp_bias`` (o_proj bias, bias-free MLP), Qwen3 with YaRN, and Mistral (no sliding window);
+  ``mlp_bias`` (o_proj bias, bias-free MLP), Qwen3 with YaRN, Mistral (no sliding window) and
+  Gemma (zero-centred RMSNorm, GeGLU, embeddings scaled by sqrt(hidden), tied);
 * the native chat template renders exactly what the checkpoint's HF chat template renders
   (system prompt, multi-turn), with loss on the assistant turns only.
 TP/PP layouts of the same families: tests/dist/test_convert_roundtrip.py.
@@ -31,6 +32,7 @@ CASES = {
         "rope_type": "yarn", "rope_theta": 1_000_000.0, "factor": 4.0,
         "original_max_position_embeddings": 1024}}),
     "mistral": ("mistral", {}),
+    "gemma": ("gemma", {}),
 }
 
 
@@ -65,16 +67,17 @@ def test_convert_roundtrip_and_logits(tmp_path):
         assert abs(r["loss"][0] - r["loss"][1]) <= 1e-6 * max(1.0, r["loss"][1])
         n = assert_same_tensors(Path(c["src"]), Path(c["back"]))
         names = set(load_all_safetensors(Path(c["back"])))
-        tied = c["name"] in ("llama_tied_attn_bias", "qwen3")
+        tied = c["name"] in ("llama_tied_attn_bias", "qwen3", "gemma")
         assert ("lm_head.weight" in names) is not tied
         print(f"  {n} tensors bit-identical")
     # the cases really exercise what they are named for
     assert res["llama"]["rope"] == "llama3" and res["qwen3_untied_yarn"]["rope"] == "yarn"
     assert res["llama_tied_attn_bias"]["biases"] == [True, True, False]
     assert res["qwen3"]["biases"] == [False, False, False] and res["qwen3"]["qk_norm"]
+    assert res["gemma"]["gemma"] == ["gelu_pytorch_tanh", True, True, 128 ** 0.5]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "mistral", "gemma"])
 def test_native_template_equals_hf_chat_template(family, tiny_ckpt):
     from transformers import AutoTokenizer
 
@@ -147,7 +150,9 @@ def _worker(spec_path: str) -> None:
         res[c["name"]] = {"dlogits": max(r.max_abs_logits for r in seen),
                           "loss": [seen[0].loss_mcore, seen[0].loss_hf],
                           "rope": arch.rope_scaling.rope_type, "qk_norm": arch.qk_layernorm,
-                          "biases": [arch.qkv_bias, arch.attn_out_bias, arch.mlp_bias]}
+                          "biases": [arch.qkv_bias, arch.attn_out_bias, arch.mlp_bias],
+                          "gemma": [arch.activation, arch.gated_mlp,
+                                    arch.norm_zero_centered_gamma, arch.embedding_multiplier]}
     Path(spec["out"]).write_text(json.dumps(res))
 
 
