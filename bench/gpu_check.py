@@ -6,10 +6,10 @@ megatron-core until its wheel is installed). What it does, in one run:
 1. builds a ~1B-parameter Qwen2.5-VL-shaped random checkpoint in bf16 (tiny_models "bench"
    variant scaled up by :data:`DEFAULT_SHAPE`), written with ``save_pretrained``;
 2. **mcore** (a subprocess): loads it into mvlm's Megatron-Core model through the conversion code
-   (``load_hf_weights``, in memory, TP=1), then runs ``--steps`` bf16 training steps with the
-   trainer's own pieces (``mvlm.train``: DDP wrapping, distributed Adam with bf16 params and fp32
-   main grads/states, scheduler, ``forward_step`` + per-token loss through Megatron-Core's
-   forward_backward_func) on synthetic image+text batches;
+   (``load_hf_weights``, in memory, TP=1), then runs ``--steps`` bf16 training steps through the
+   trainer itself (``mvlm.train.trainer.Trainer.train_step`` with the ``sft`` objective: DDP,
+   distributed Adam with bf16 params and fp32 main grads/states, scheduler, per-token loss
+   through Megatron-Core's forward_backward_func, the NaN guard) on synthetic image+text batches;
 3. **hf** (a second subprocess, so peak memory is not shared): the same batches through
    ``Qwen2_5_VLForConditionalGeneration`` in bf16 with ``torch.optim.AdamW``;
 4. prints tokens/s, MFU and peak memory for both as a short table LAST, and writes every number
@@ -346,11 +346,13 @@ def run_hf_side(args: argparse.Namespace, s: Shape, hf_dir: Path) -> dict[str, A
 
 
 def _trainer_cfg(args: argparse.Namespace) -> Any:
-    """The subset of :class:`mvlm.train.args.TrainConfig` the trainer's builders read.
+    """The fields of :class:`mvlm.train.args.TrainConfig` that a :class:`mvlm.train.trainer.Trainer`
+    built from a ready model reads (optimizer, DDP, NaN guard, batch size, schedule).
 
     Built directly rather than through ``parse_train_args``: that parser pulls in the data
     pipeline (``datasets``/``pyarrow``), which the reference GPU box does not have and which this
-    check does not need (its batches are synthetic). Adam betas/eps and clipping equal the HF side.
+    check does not need (its batches are synthetic). Adam betas/eps and clipping equal the HF side;
+    the NaN guard is on, as in `mvlm sft`.
     """
     from types import SimpleNamespace
 
@@ -358,25 +360,25 @@ def _trainer_cfg(args: argparse.Namespace) -> Any:
         lr=args.lr, min_lr=args.lr, lr_decay_style="constant", lr_warmup_fraction=None,
         lr_warmup_iters=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8,
         clip_grad=1.0, vit_lr=None, aligner_lr=None, freeze_vit=False, freeze_aligner=False,
-        freeze_llm=False, use_distributed_optimizer=True, overlap_grad_reduce=False)
+        freeze_llm=False, use_distributed_optimizer=True, overlap_grad_reduce=False,
+        global_batch_size=args.micro_batch_size, check_for_nan_in_loss_and_grad=True,
+        max_skipped_steps=0)
 
 
 def run_mcore_side(args: argparse.Namespace, s: Shape, hf_dir: Path) -> dict[str, Any]:
-    """mvlm's training step as `mvlm sft` runs it (mvlm.train: DDP wrapping, optimizer, LR
-    scheduler, forward_step and per-token loss through Megatron-Core's forward_backward_func),
-    fed the synthetic batches instead of the data pipeline."""
+    """mvlm's training step as `mvlm sft` runs it -- :meth:`mvlm.train.trainer.Trainer.train_step`
+    with the ``sft`` objective (DDP, distributed optimizer, LR scheduler, per-token loss through
+    Megatron-Core's forward_backward_func, the NaN guard) -- fed the synthetic batches instead
+    of the data pipeline."""
     import torch
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.pipeline_parallel import get_forward_backward_func
     from transformers import AutoConfig
 
     from mvlm.convert.bridge import load_hf_weights
     from mvlm.models.vlm import build_model
     from mvlm.runtime.parallel import ParallelLayout
     from mvlm.runtime.startup import startup
-    from mvlm.train.optim import build_optimizer, wrap_ddp
-    from mvlm.train.schedule import build_scheduler
-    from mvlm.train.steps import forward_step, reduce_stats
+    from mvlm.train.objectives import get_objective
+    from mvlm.train.trainer import Trainer
 
     layout = ParallelLayout(tp=1)
     device = startup(layout, seed=1234, device=args.device).device
@@ -386,15 +388,9 @@ def run_mcore_side(args: argparse.Namespace, s: Shape, hf_dir: Path) -> dict[str
                          backend="local", perform_initialization=False)
     load_hf_weights(bundle, hf_dir)  # the conversion, in memory
     load_s = time.perf_counter() - t
-    cfg = _trainer_cfg(args)
-    mcfg = bundle.config
-    mcfg.calculate_per_token_loss = True  # as mvlm.train.trainer sets it
-    ddp_models = wrap_ddp(bundle, cfg)
-    opt = build_optimizer(ddp_models, bundle, cfg)
-    mcfg.finalize_model_grads_func = finalize_model_grads
-    mcfg.grad_scale_func = opt.scale_loss
-    sched = build_scheduler(opt, cfg, args.warmup + args.steps)
-    fb = get_forward_backward_func()
+    trainer = Trainer(_trainer_cfg(args), bundle, layout, objective=get_objective("sft"),
+                      device=device)
+    trainer.build_scheduler(args.warmup + args.steps)
     batches = []
     for seed in range(2):
         b = synthetic_batch(s, hf_config, seed, device, _dtype(args))
@@ -402,21 +398,11 @@ def run_mcore_side(args: argparse.Namespace, s: Shape, hf_dir: Path) -> dict[str
         labels[:, :-1] = b["labels"][:, 1:]
         batches.append({k: b[k] for k in ("input_ids", "position_ids", "pixel_values",
                                           "image_grid_thw")} | {"labels": labels})
-    for m in ddp_models:
+    for m in trainer.ddp_models:
         m.train()
 
     def step(batch: dict) -> float:
-        for m in ddp_models:
-            m.zero_grad_buffer()
-        opt.zero_grad()
-        losses = fb(forward_step_func=forward_step, data_iterator=iter([batch]),
-                    model=ddp_models, num_microbatches=1,
-                    seq_length=batch["input_ids"].shape[1],
-                    micro_batch_size=batch["input_ids"].shape[0], forward_only=False)
-        stats = reduce_stats(losses, device)
-        opt.step()
-        sched.step(increment=1)
-        return stats.loss
+        return trainer.train_step([batch]).stats.loss
 
     _reset_peak_memory()
     times, losses = _timed_steps(step, batches, args.warmup, args.steps)

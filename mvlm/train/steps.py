@@ -1,11 +1,14 @@
-"""One micro-batch through the model, and the loss Megatron-Core's schedules expect.
+"""Mechanics of one step that do not depend on the training method: running a model chunk on a
+micro-batch, micro-batch shapes, reducing the loss reports, and the guarded optimizer update.
 
-Loss convention: token-mean over the GLOBAL batch. ``loss_func`` returns the *sum* of per-token
-losses and the number of loss tokens of its micro-batch; with ``calculate_per_token_loss`` set on
-the TransformerConfig, Megatron-Core's schedule accumulates the token counts and
-``finalize_model_grads`` all-reduces them over DP x CP and divides the gradients by the total. So
-the gradient (and the logged loss) is the same whether the global batch was split over micro-
-batches, DP ranks or CP chunks -- the basis of the layout-parity tests.
+The method-specific parts (which keys a batch needs, the loss and its reduction unit) live in
+:mod:`mvlm.train.objectives`; see :mod:`mvlm.train.objectives.base` for the contract. The loss
+convention every objective follows: ``loss_func`` returns the *sum* of the micro-batch's losses
+and its number of units (label tokens for SFT); with ``calculate_per_token_loss`` set on the
+TransformerConfig, Megatron-Core's schedule accumulates the counts and ``finalize_model_grads``
+all-reduces them over DP x CP and divides the gradients by the total. So the gradient (and the
+logged loss) is the same whether the global batch was split over micro-batches, DP ranks or CP
+chunks -- the basis of the layout-parity tests.
 
 Vision tower and collectives: the tower lives on the first PP stage. A micro-batch without images
 would leave its parameters without gradients on that rank; under DP the other rank's image batch
@@ -19,7 +22,6 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
-from functools import partial
 from typing import Any
 
 import torch
@@ -94,65 +96,55 @@ def model_forward(model: Any, batch: dict) -> torch.Tensor:
     return out
 
 
-def loss_func(loss_mask: torch.Tensor, per_token: torch.Tensor):
-    """(sum of losses, #loss tokens, report) -- Megatron's per-token-loss contract."""
-    per_token = per_token.float()
-    n = loss_mask.sum().to(torch.int)
-    loss_sum = (per_token * loss_mask).sum()
-    report = torch.stack([loss_sum.detach().clone(), n.detach().clone().float()])
-    return loss_sum, n, {"lm_loss": report}
-
-
-def local_loss_mask(batch: dict) -> torch.Tensor:
-    """This CP rank's chunk of the loss mask (the model splits labels the same way)."""
-    from megatron.core import parallel_state
-
-    from mvlm.runtime.cp import split_for_cp
-
-    mask = (batch["labels"] >= 0).float()
-    cp = parallel_state.get_context_parallel_world_size()
-    if cp > 1:
-        mask = split_for_cp(mask, 1, cp, parallel_state.get_context_parallel_rank())
-    return mask
-
-
-def forward_step(data_iterator, model):
-    """Megatron-Core forward_step_func: next micro-batch -> (output, loss_func)."""
-    batch = next(data_iterator)
-    out = model_forward(model, batch)
-    if not unwrap(model).post_process:
-        return out, None
-    return out, partial(loss_func, local_loss_mask(batch))
-
-
 @dataclass
 class StepStats:
-    """Global-batch numbers of one step, identical on every rank after :func:`reduce_stats`."""
+    """Global-batch numbers of one step, identical on every rank after :func:`reduce_stats`:
+    the loss (sum, count), and the objective's other metrics as ``reports`` (sum, count) and
+    ``extra`` (sum / count)."""
 
     loss_sum: float = 0.0
     tokens: int = 0
     extra: dict[str, float] = field(default_factory=dict)
+    reports: dict[str, tuple[float, float]] = field(default_factory=dict)
 
     @property
     def loss(self) -> float:
         return self.loss_sum / max(1, self.tokens)
 
+    def sums(self, metrics: tuple[str, ...]) -> list[float]:
+        """[loss_sum, tokens, sum, count, ...] in the order of ``metrics`` (the loss first)."""
+        out = [self.loss_sum, float(self.tokens)]
+        for key in metrics[1:]:
+            out.extend(self.reports[key])
+        return out
 
-def reduce_stats(losses_reduced: list[dict], device: str) -> StepStats:
-    """Sum the micro-batch reports over micro-batches, DP x CP, and share them along PP."""
+
+def reduce_stats(losses_reduced: list[dict], device: str,
+                 metrics: tuple[str, ...] = ("lm_loss",)) -> StepStats:
+    """Sum the micro-batch reports over micro-batches, DP x CP, and share them along PP.
+
+    Each report ``metrics[i]`` is a ``[sum, count]`` pair; the first is the loss (``loss_sum``,
+    ``tokens``), the others land in ``extra`` as ``sum / count``. One all-reduce and one
+    broadcast of all of them together, in the declared order (the same on every rank).
+    """
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    t = torch.zeros(2, dtype=torch.float64, device=device)
+    t = torch.zeros(2 * len(metrics), dtype=torch.float64, device=device)
     for r in losses_reduced:
-        t += r["lm_loss"].to(torch.float64).to(device)
+        for i, key in enumerate(metrics):
+            t[2 * i:2 * i + 2] += r[key].to(torch.float64).to(device)
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         dist.all_reduce(t, group=parallel_state.get_data_parallel_group(with_context_parallel=True))
     # The last stage holds the numbers; give them to every stage (logging, NaN stop).
     pp_group = parallel_state.get_pipeline_model_parallel_group()
     last = parallel_state.get_pipeline_model_parallel_last_rank()
     dist.broadcast(t, src=last, group=pp_group)
-    return StepStats(loss_sum=float(t[0]), tokens=int(round(float(t[1]))))
+    reports = {key: (float(t[2 * i]), float(t[2 * i + 1]))
+               for i, key in enumerate(metrics) if i > 0}
+    extra = {key: s / max(1.0, n) for key, (s, n) in reports.items()}
+    return StepStats(loss_sum=float(t[0]), tokens=int(round(float(t[1]))), extra=extra,
+                     reports=reports)
 
 
 class NonFiniteLossError(RuntimeError):

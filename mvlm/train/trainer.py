@@ -1,17 +1,23 @@
-"""The training loop behind `mvlm pt` and `mvlm sft`.
+"""The training loop behind `mvlm pt` and `mvlm sft`: the :class:`Trainer`.
 
     torchrun --nproc-per-node N -m mvlm sft --model HF_DIR --dataset data.jsonl --tp 2 ...
 
-Entry points: :func:`run_training` (argv list -> exit code; what the CLI and the demo call) and
-:func:`train` (a parsed :class:`~mvlm.train.args.TrainConfig` -> :class:`TrainResult`).
+Entry points: :func:`run_training` (argv list -> exit code; what the CLI and the demo call),
+:func:`train` (a parsed :class:`~mvlm.train.args.TrainConfig` -> :class:`TrainResult`), and the
+:class:`Trainer` itself for callers that feed their own batches (``bench/gpu_check.py``, RL).
 
-One step = ``num_microbatches`` micro-batches per DP rank through Megatron-Core's
-``get_forward_backward_func`` (1F1B or interleaved when PP > 1), gradients reduced by Megatron DDP
-and divided by the global number of loss tokens (``calculate_per_token_loss``), one optimizer step
-(clipping inside; a NaN/inf loss or grad norm is caught before it, see
-``steps.checked_optimizer_step``), one scheduler step. Every ``--save_interval`` steps a
-checkpoint; every ``--eval_interval`` steps an eval loss; at the end a final checkpoint and an HF
-export.
+The Trainer is set up once (:meth:`Trainer.from_config`: model, weights, freezing/adapters, DDP,
+optimizer, data, scheduler, resume) and then runs :meth:`Trainer.fit`. One
+:meth:`Trainer.train_step` = ``num_microbatches`` micro-batches per DP rank through Megatron-Core's
+``get_forward_backward_func`` (1F1B or interleaved when PP > 1) with the objective's forward step,
+gradients reduced by Megatron DDP and divided by the global count of loss units
+(``calculate_per_token_loss``), one optimizer step (clipping inside; a NaN/inf loss or grad norm
+is caught before it, see ``steps.checked_optimizer_step``), one scheduler step. Every
+``--save_interval`` steps a checkpoint; every ``--eval_interval`` steps an eval loss; at the end
+a final checkpoint and an HF export.
+
+What is trained for is the :class:`~mvlm.train.objectives.base.Objective` (``sft``, ``pt``, ...,
+picked by name from :mod:`mvlm.train.objectives`); the loop never branches on it.
 """
 from __future__ import annotations
 
@@ -24,12 +30,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mvlm.train.args import (
-    TrainConfig,
-    apply_hf_overrides,
-    iterations_for_epochs,
-    parse_train_args,
-)
+from mvlm.train import checkpoint as ckpt
+from mvlm.train import steps
+from mvlm.train.args import TrainConfig, parse_train_args
+from mvlm.train.batches import same_length, token_count
+from mvlm.train.objectives import get_objective
+from mvlm.train.objectives.base import Objective
+from mvlm.train.setup import RunPlan, build_bundle, load_initial_weights, plan_run
+from mvlm.train.steps import StepStats, UpdateOutcome
 
 log = logging.getLogger("mvlm.train")
 
@@ -48,394 +56,466 @@ class TrainResult:
     exit_code: int = 0
 
 
-def _hf_dtype(hf_config) -> torch.dtype | None:
-    from mvlm.convert.command import _hf_dtype as f
+@dataclass
+class StepOutput:
+    """One :meth:`Trainer.train_step`: global-batch stats, the update, its LR, tokens fed (all
+    DP ranks, padding included -- the throughput count)."""
 
-    return f(hf_config)
-
-
-def _pad_to(batch: dict, seq: int, pad_id: int) -> dict:
-    """Right-pad a micro-batch to ``seq`` tokens (pipeline stages exchange fixed shapes within a
-    step). Pads carry no loss, position 0, and are masked as keys; packed rows get a longer tail
-    (the tail is its own segment)."""
-    s = batch["input_ids"].shape[1]
-    if s == seq:
-        return batch
-    n = seq - s
-    out = dict(batch)
-    out["input_ids"] = torch.nn.functional.pad(batch["input_ids"], (0, n), value=pad_id)
-    out["labels"] = torch.nn.functional.pad(batch["labels"], (0, n), value=-100)
-    if "loss_mask" in batch:
-        out["loss_mask"] = torch.nn.functional.pad(batch["loss_mask"], (0, n), value=0)
-    out["position_ids"] = torch.nn.functional.pad(batch["position_ids"], (0, n), value=0)
-    if batch.get("attention_mask") is not None:
-        out["attention_mask"] = torch.nn.functional.pad(batch["attention_mask"], (0, n),
-                                                        value=False)
-    return out
+    stats: StepStats
+    update: UpdateOutcome
+    lr: float
+    tokens: float
 
 
-def _same_length(batches: list[dict], pp: int, ep: int, pad_id: int) -> list[dict]:
-    """PP stages exchange one activation shape per step, and the CPU MoE all-gather dispatcher
-    needs equal token counts on every EP rank: pad the step's micro-batches to one length (the
-    max over the world when EP > 1). Packed micro-batches (N packed rows concatenated into one
-    row) get a longer pad tail, which is a segment of its own and carries no loss."""
-    if pp == 1 and ep == 1:
-        return batches
-    seq = max(b["input_ids"].shape[1] for b in batches)
-    if ep > 1:
-        t = torch.tensor([seq], dtype=torch.int64)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        seq = int(t)
-    return [_pad_to(b, seq, pad_id) for b in batches]
+class Trainer:
+    """Model chunks (DDP), optimizer, scheduler, data and checkpoints of one run, and the loop.
 
+    ``cfg`` is read for the optimizer (lr, betas, clipping, vit/aligner LRs), DDP, the NaN guard
+    (``check_for_nan_in_loss_and_grad``, ``max_skipped_steps``) and ``global_batch_size``;
+    :meth:`from_config` adds data, scheduler and resume from a full
+    :class:`~mvlm.train.args.TrainConfig`. ``bundle`` is the built, loaded, frozen (and adapted)
+    model.
+    """
 
-def _token_count(batch: dict) -> int:
-    if batch.get("cu_seqlens") is not None:
-        return int(batch["cu_seqlens"][-1])
-    if batch.get("attention_mask") is not None:
-        return int(batch["attention_mask"].sum())
-    return int(batch["input_ids"].numel())
+    def __init__(self, cfg: TrainConfig, bundle: Any, layout: Any, *, objective: Objective,
+                 device: str, rank: int = 0, out_dir: Path | None = None,
+                 src_dir: Path | None = None):
+        from megatron.core import parallel_state
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        from mvlm.train.optim import build_optimizer, wrap_ddp
 
-def _load_weights_only(bundle, path: Path) -> None:
-    # [issue 9 / ckpt keys] either layer spec's checkpoints, format 1 and 2, TE _extra_state
-    from mvlm.convert.mcore_ckpt import load_model_weights
+        self.cfg, self.bundle, self.layout, self.objective = cfg, bundle, layout, objective
+        self.device, self.rank = device, rank
+        self.out_dir, self.src_dir = out_dir, src_dir
+        mcfg = bundle.config
+        mcfg.calculate_per_token_loss = True  # count-mean over the global batch (steps.py)
+        self.ddp_models = wrap_ddp(bundle, cfg)
+        self.optimizer = build_optimizer(self.ddp_models, bundle, cfg)
+        mcfg.finalize_model_grads_func = finalize_model_grads
+        mcfg.grad_scale_func = self.optimizer.scale_loss
+        self.scheduler: Any = None
+        self.train_iters = 0
+        self.step = self.consumed = self.skipped = 0
+        self.last_saved: Path | None = None
+        self.data: Any = None
+        self.num_microbatches = 1
+        self.pad_id: int | None = None
+        self.epoch_ends: set[int] = set()
+        self.adapter_run = False
+        self.export_dtype: torch.dtype | None = None
+        self._data_iter: Any = None
+        self._tlog: Any = None
+        self._stopper: Any = None
+        self._fb = get_forward_backward_func()
+        self._dp_group = parallel_state.get_data_parallel_group()
+        objective.setup(self)
 
-    load_model_weights(bundle, Path(path))
+    # ---- set-up ------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg: TrainConfig, plan: RunPlan, runtime: Any,
+                    objective: Objective | None = None) -> Trainer:
+        """Everything once, in the order the numbers depend on: model, weights (unless resuming
+        a full run), freezing, adapters, DDP + optimizer, data, scheduler, resume, loader.
+        ``objective`` defaults to the one registered under the command's name (``cfg.task``)."""
+        from mvlm.train.optim import apply_freeze
 
-
-def train(cfg: TrainConfig) -> TrainResult:
-    """Run training per ``cfg`` on the ranks of this launch (collective on all of them)."""
-    from megatron.core import parallel_state
-    from megatron.core.distributed import finalize_model_grads
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from transformers import AutoConfig
-
-    from mvlm.convert.mcore_ckpt import dtype_from_name, read_meta
-    from mvlm.data.encode import build_dataloader, build_train_dataset
-    from mvlm.models.gpt import validate_layout
-    from mvlm.models.registry import get_family
-    from mvlm.models.spec import choose_backend
-    from mvlm.models.vlm import build_model
-    from mvlm.runtime.env import read_dist_env
-    from mvlm.runtime.parallel import ParallelLayout
-    from mvlm.runtime.startup import startup
-    from mvlm.train import checkpoint as ckpt
-    from mvlm.train.logging import TrainLogger, bad_samples_fields
-    from mvlm.train.optim import apply_freeze, build_optimizer, wrap_ddp
-    from mvlm.train.schedule import build_scheduler, current_lr
-    from mvlm.train.signals import EXIT_PREEMPTED, PreemptionHandler
-    from mvlm.train.steps import (
-        checked_optimizer_step,
-        forward_step,
-        microbatch_dims,
-        reduce_stats,
-        to_device,
-    )
-
-    # ---- everything that can fail cheaply, before any process group --------------------------
-    layout = ParallelLayout(**cfg.layout_kwargs)
-    world = read_dist_env().world_size
-    layout.validate(world)
-    cfg.resolve_batch(world)
-    out_dir = Path(cfg.output_dir)
-    src_dir = Path(cfg.model) if cfg.model else Path(cfg.mcore_model) / "hf"
-    meta = read_meta(Path(cfg.mcore_model)) if cfg.mcore_model else None
-    hf_config = AutoConfig.from_pretrained(src_dir)
-    apply_hf_overrides(cfg, hf_config)  # [issue 9 / ms-swift flags] --moe_aux_loss_coeff
-    family = get_family(hf_config.model_type)
-    validate_layout(family.text_arch(hf_config), layout)
-    cfg.recompute.megatron_kwargs(family.text_arch(hf_config), layout)  # layer-count checks
-    # [issue 9 / ms-swift flags] freeze_vit/aligner default to true: only explicit flags count
-    if (cfg.vit_lr is not None or cfg.aligner_lr is not None
-            or getattr(cfg.ns, "freeze_vit", None) or getattr(cfg.ns, "freeze_aligner", None)) \
-            and not family.is_vlm:
-        raise ValueError(f"--vit_lr/--aligner_lr/--freeze_vit/--freeze_aligner: "
-                         f"{hf_config.model_type} has no vision tower; drop those flags")
-
-    own_pg = not dist.is_initialized()
-    runtime = startup(layout, seed=cfg.seed, device=cfg.device)
-    device, rank = runtime.device, runtime.rank
-    if rank == 0:
-        for n in cfg.notes:
-            log.info("flag mapping: %s", n)
-        if cfg.attn_impl not in (None, "auto") and family.is_vlm:
-            from mvlm.models.vision import vision_attn_impl
-
-            log.info("--attn_impl %s applies to the LLM decoder; the HF vision tower uses its "
-                     "own %s attention", cfg.attn_impl, vision_attn_impl(device))
-    try:
-        default_dtype = (dtype_from_name(meta.get("dtype")) if meta else None) or \
-            _hf_dtype(hf_config) or torch.float32
-        dtype = dtype_from_name(cfg.torch_dtype, default_dtype)
-        backend = choose_backend(device, cfg.transformer_impl)
-        bundle = build_model(hf_config, layout, dtype=dtype, device=device, backend=backend,
-                             sequence_parallel=cfg.sequence_parallel,
-                             recompute=cfg.recompute, attn_impl=cfg.attn_impl or "auto",
-                             perform_initialization=False,
-                             vocab_padded=meta["vocab_padded"] if meta else None)
-        resume_from = ckpt.find_resume(cfg.resume, out_dir)
-        # [issue 6 / launch: mvlm/train/signals.py] a save killed mid-write leaves
-        # .checkpoint-<step>.tmp-* behind (never named by `latest`, so resume ignores it anyway):
-        # reclaim the space before this run saves anything.
-        if rank == 0:
+        bundle, dtype = build_bundle(cfg, plan, runtime.device)
+        resume_from = ckpt.find_resume(cfg.resume, plan.out_dir)
+        if runtime.rank == 0:  # a save killed mid-write leaves staging dirs: reclaim the space
             from mvlm.train.signals import remove_stale_checkpoint_dirs
 
-            for name in remove_stale_checkpoint_dirs(out_dir):
-                log.info("removed %s (partial checkpoint of a killed save)", out_dir / name)
+            for name in remove_stale_checkpoint_dirs(plan.out_dir):
+                log.info("removed %s (partial checkpoint of a killed save)", plan.out_dir / name)
         adapter_run = cfg.ns.train_type != "full"  # mvlm.tuners: checkpoints hold adapters only
         if resume_from is None or adapter_run:
-            if cfg.model:
-                from mvlm.convert.bridge import load_hf_weights
-
-                load_hf_weights(bundle, cfg.model)
-            else:
-                _load_weights_only(bundle, Path(cfg.mcore_model))
-        mcfg = bundle.config
-        mcfg.calculate_per_token_loss = True  # token-mean over the global batch (see steps.py)
+            load_initial_weights(cfg, bundle)
         counts = apply_freeze(bundle, cfg)
         if adapter_run:  # mvlm.tuners: after weights + freeze flags, before DDP/optimizer
             from mvlm.tuners.train_hooks import setup_adapters
 
             report = setup_adapters(bundle, cfg.ns)
             counts = {"adapters": report.trainable, "total": report.total}
-            if rank == 0:
+            if runtime.rank == 0:
                 log.info("%s", report)
                 print(f"mvlm {cfg.task}: {report}", flush=True)
-        ddp_models = wrap_ddp(bundle, cfg)
-        optimizer = build_optimizer(ddp_models, bundle, cfg)
-        mcfg.finalize_model_grads_func = finalize_model_grads
-        mcfg.grad_scale_func = optimizer.scale_loss
-        if rank == 0:
-            import json
-
-            from mvlm.train.optim import param_groups_summary
-
-            log.info("trainable parameters on rank 0: %s", counts)
-            out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "optimizer_groups.json").write_text(json.dumps(
-                {"trainable_numel_rank0": counts,
-                 "param_groups": param_groups_summary(optimizer)}, indent=1) + "\n")
-
-        # ---- data -----------------------------------------------------------------------------
-        dp = parallel_state.get_data_parallel_world_size()
-        dp_rank = parallel_state.get_data_parallel_rank()
-        data = build_train_dataset(cfg.ns, str(src_dir), dp_rank=dp_rank, dp_size=dp)
-        nmb = cfg.global_batch_size // (cfg.micro_batch_size * dp)
-        train_iters = cfg.train_iters
-        if train_iters is None:
-            try:
-                n_items = len(data.train)
-            except TypeError:
-                raise ValueError("--num_train_epochs needs a sized dataset: with --streaming "
-                                 "pass --train_iters") from None
-            train_iters = iterations_for_epochs(cfg.num_train_epochs, n_items,
-                                                cfg.global_batch_size)
-        # [issue 9 / ms-swift flags] --save_strategy epoch: save + eval at each epoch's last step
-        epoch_ends: set[int] = set()
-        if cfg.save_strategy == "epoch":
-            from mvlm.train.args import epoch_end_steps
-
-            try:
-                n_epoch_items = len(data.train)
-            except TypeError:
-                raise ValueError("--save_strategy epoch needs a sized dataset: with "
-                                 "--streaming use --save_steps") from None
-            epoch_ends = epoch_end_steps(n_epoch_items, cfg.global_batch_size, train_iters)
-        scheduler = build_scheduler(optimizer, cfg, train_iters)
-        step, consumed, skipped = 0, 0, 0
+        self = cls(cfg, bundle, plan.layout, objective=objective or get_objective(cfg.task),
+                   device=runtime.device, rank=runtime.rank, out_dir=plan.out_dir,
+                   src_dir=plan.src_dir)
+        self.adapter_run = adapter_run
+        self.export_dtype = plan.hf_dtype or dtype
+        self._write_param_groups(counts)
+        self._attach_data(plan)
+        self.build_scheduler(self.train_iters)
         if resume_from is not None:
-            state = ckpt.load_checkpoint(resume_from, bundle, optimizer, scheduler, layout)
-            step, consumed = int(state["step"]), int(state["consumed_samples"])
-            skipped = int(state.get("skipped_steps", 0))
-            if rank == 0:
-                log.info("resumed from %s at step %d (%d samples consumed)", resume_from, step,
-                         consumed)
-        pad_mult = 1
-        if layout.cp > 1:
-            pad_mult *= 2 * layout.cp
-        if cfg.sequence_parallel:
-            pad_mult *= layout.tp
-        ns = cfg.ns
-        loader = build_dataloader(
-            data, micro_batch_size=cfg.micro_batch_size, dp_rank=dp_rank, dp_size=dp,
-            consumed_samples=consumed, seed=cfg.seed, shuffle=getattr(ns, "dataset_shuffle", True),
-            num_workers=cfg.dataloader_num_workers, pad_to_multiple_of=pad_mult,
-            cp_size=layout.cp if data.packing else 1)
-        data_iter = iter(loader)
+            self.load(resume_from)
+        self._open_loader()
+        return self
 
-        tlog = TrainLogger(out_dir, train_iters, step, rank, cfg.report_to,
-                           tb_dir=cfg.logging_dir,  # [issue 9] --logging_dir/--tensorboard_dir
-                           run_name=cfg.wandb_exp_name, project=cfg.wandb_project,
-                           config={k: v for k, v in vars(cfg).items() if k != "ns"},
-                           disable_bar=cfg.disable_tqdm)
-        stopper = PreemptionHandler(device=None)
-        try:
-            stopper.install()
-        except (RuntimeError, ValueError):
-            stopper = None
-        fb = get_forward_backward_func()
-        n_chunks = len(ddp_models)
-        result = TrainResult(step=step, consumed_samples=consumed)
-        pad_id = data.pad_token_id
+    def _write_param_groups(self, counts: dict[str, int]) -> None:
+        if self.rank != 0:
+            return
+        import json
 
-        def same_length(bs: list[dict]) -> list[dict]:
-            return _same_length(bs, layout.pp, layout.ep, pad_id)
+        from mvlm.train.optim import param_groups_summary
 
-        def next_batches(it) -> list[dict]:
-            return same_length([to_device(next(it), device) for _ in range(nmb)])
+        log.info("trainable parameters on rank 0: %s", counts)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "optimizer_groups.json").write_text(json.dumps(
+            {"trainable_numel_rank0": counts,
+             "param_groups": param_groups_summary(self.optimizer)}, indent=1) + "\n")
 
-        def run_step(batches: list[dict], forward_only: bool):
-            # rows as fed (1 for a packed micro-batch of N rows), not --micro_batch_size
-            rows, seq = microbatch_dims(batches, layout.pp)
-            iters = [iter(batches) for _ in range(n_chunks)] if n_chunks > 1 else iter(batches)
-            return fb(forward_step_func=forward_step, data_iterator=iters, model=ddp_models,
-                      num_microbatches=len(batches), seq_length=seq,
-                      micro_batch_size=rows, forward_only=forward_only)
+    def _attach_data(self, plan: RunPlan) -> None:
+        """The dataset of this DP rank, micro-batches per step, the step count, epoch ends."""
+        from megatron.core import parallel_state
 
-        def evaluate() -> dict[str, Any] | None:
-            if data.val is None:
-                return None
-            for m in ddp_models:
-                m.eval()
-            try:
-                n_val = len(data.val)
-            except TypeError:
-                n_val = None
-            per_round = cfg.micro_batch_size * dp
-            if n_val is not None and n_val < per_round:
-                return None
-            vloader = build_dataloader(data, split="val", micro_batch_size=cfg.micro_batch_size,
-                                       dp_rank=dp_rank, dp_size=dp, shuffle=False,
-                                       num_epochs=1, pad_to_multiple_of=pad_mult,
-                                       cp_size=layout.cp if data.packing else 1)
-            vit = iter(vloader)
-            total = torch.zeros(2, dtype=torch.float64)
-            rounds = (n_val // per_round) if n_val is not None else nmb
-            if cfg.eval_iters:
-                rounds = min(rounds, cfg.eval_iters * nmb)
-            done = 0
-            with torch.no_grad():
-                while done < rounds:
-                    k = min(nmb, rounds - done)
-                    bs = same_length([to_device(next(vit), device) for _ in range(k)])
-                    st = reduce_stats(run_step(bs, True), device)
-                    total += torch.tensor([st.loss_sum, st.tokens], dtype=torch.float64)
-                    done += k
-            for m in ddp_models:
-                m.train()
-            return {"eval_loss": float(total[0] / max(1.0, float(total[1]))),
-                    "eval_tokens": int(total[1])}
+        from mvlm.data.encode import build_train_dataset
+        from mvlm.train.args import epoch_end_steps, iterations_for_epochs
 
-        def save(at: int) -> Path:
-            path = ckpt.save_checkpoint(
-                out_dir, at, bundle, optimizer, scheduler, layout, src_dir,
-                {"consumed_samples": consumed, "skipped_steps": skipped,
-                 "train_iters": train_iters, "task": cfg.task},
-                save_total_limit=cfg.save_total_limit, save_optim=cfg.save_optim)
-            if rank == 0:
-                log.info("saved %s", path)
-            return path
+        cfg = self.cfg
+        dp = parallel_state.get_data_parallel_world_size()
+        self.data = build_train_dataset(cfg.ns, str(plan.src_dir), dp_size=dp,
+                                        dp_rank=parallel_state.get_data_parallel_rank())
+        self.pad_id = self.data.pad_token_id
+        self.num_microbatches = cfg.global_batch_size // (cfg.micro_batch_size * dp)
+        self.train_iters = cfg.train_iters
+        if self.train_iters is None:
+            n = _sized(self.data.train, "--num_train_epochs", "pass --train_iters")
+            self.train_iters = iterations_for_epochs(cfg.num_train_epochs, n,
+                                                     cfg.global_batch_size)
+        # [issue 9 / ms-swift flags] --save_strategy epoch: save + eval at each epoch's last step
+        if cfg.save_strategy == "epoch":
+            n = _sized(self.data.train, "--save_strategy epoch", "use --save_steps")
+            self.epoch_ends = epoch_end_steps(n, cfg.global_batch_size, self.train_iters)
 
-        dp_group = parallel_state.get_data_parallel_group()
-        for m in ddp_models:
+    def build_scheduler(self, train_iters: int) -> None:
+        """The LR schedule over ``train_iters`` steps (resume restores its state afterwards)."""
+        from mvlm.train.schedule import build_scheduler
+
+        self.train_iters = train_iters
+        self.scheduler = build_scheduler(self.optimizer, self.cfg, train_iters)
+
+    def _loader(self, split: str = "train", **kw: Any) -> Any:
+        from megatron.core import parallel_state
+
+        from mvlm.data.encode import build_dataloader
+
+        pad_mult = 2 * self.layout.cp if self.layout.cp > 1 else 1
+        if self.cfg.sequence_parallel:
+            pad_mult *= self.layout.tp
+        return build_dataloader(
+            self.data, split=split, micro_batch_size=self.cfg.micro_batch_size,
+            dp_rank=parallel_state.get_data_parallel_rank(),
+            dp_size=parallel_state.get_data_parallel_world_size(), pad_to_multiple_of=pad_mult,
+            cp_size=self.layout.cp if self.data.packing else 1, **kw)
+
+    def _open_loader(self) -> None:
+        cfg = self.cfg
+        self._data_iter = iter(self._loader(
+            consumed_samples=self.consumed, seed=cfg.seed,
+            shuffle=getattr(cfg.ns, "dataset_shuffle", True),
+            num_workers=cfg.dataloader_num_workers))
+
+    def build_frozen_model(self) -> Any:
+        """A second copy of the run's starting weights on the same layout, frozen, in eval
+        mode: what an objective's :meth:`~Objective.setup` keeps as a reference model."""
+        from mvlm.models.vlm import build_model
+
+        b = self.bundle
+        ref = build_model(b.hf_config, self.layout, dtype=b.config.params_dtype,
+                          device=self.device, backend=b.backend,
+                          sequence_parallel=self.cfg.sequence_parallel,
+                          attn_impl=getattr(self.cfg, "attn_impl", None) or "auto",
+                          perform_initialization=False, vocab_padded=b.vocab_padded)
+        load_initial_weights(self.cfg, ref)
+        ref.config.calculate_per_token_loss = True
+        for m in ref.models:
+            m.requires_grad_(False)
+            m.eval()
+        return ref
+
+    # ---- one step ------------------------------------------------------------------------------
+    def next_batches(self, it: Any = None, n: int | None = None) -> list[dict]:
+        """The next ``n`` (default: a step's) micro-batches of this DP rank from the loader."""
+        it = self._data_iter if it is None else it
+        if it is None:
+            raise RuntimeError("this Trainer has no data: build it with Trainer.from_config or "
+                               "pass batches to train_step")
+        return [next(it) for _ in range(self.num_microbatches if n is None else n)]
+
+    def prepare_batches(self, batches: list[dict]) -> list[dict]:
+        """On the device, one length where PP/EP need it, checked and completed by the
+        objective."""
+        batches = [steps.to_device(b, self.device) for b in batches]
+        batches = same_length(batches, self.layout.pp, self.layout.ep, self.pad_id)
+        for b in batches:
+            self.objective.check_batch(b)
+        return self.objective.prepare_step(self, batches)
+
+    def run_schedule(self, models: list[Any], batches: list[dict], step_func: Any,
+                     forward_only: bool) -> list[dict]:
+        """``batches`` through Megatron-Core's forward-backward schedule on ``models``."""
+        rows, seq = steps.microbatch_dims(batches, self.layout.pp)
+        n = len(models)
+        its = [iter(batches) for _ in range(n)] if n > 1 else iter(batches)
+        return self._fb(forward_step_func=step_func, data_iterator=its, model=models,
+                        num_microbatches=len(batches), seq_length=seq, micro_batch_size=rows,
+                        forward_only=forward_only)
+
+    def forward_only(self, models: list[Any], batches: list[dict], step_func: Any) -> list[dict]:
+        """A no-grad pass (eval, or a reference model inside an objective's prepare_step)."""
+        with torch.no_grad():
+            return self.run_schedule(models, batches, step_func, True)
+
+    def train_step(self, batches: list[dict]) -> StepOutput:
+        """Forward + backward over the micro-batches, guarded optimizer and scheduler step."""
+        if self.scheduler is None:
+            raise RuntimeError("Trainer.train_step needs an LR schedule: call "
+                               "build_scheduler(train_iters) first")
+        batches = self.prepare_batches(batches)
+        local_tokens = sum(token_count(b) for b in batches)
+        for m in self.ddp_models:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        losses = self.run_schedule(self.ddp_models, batches, self.objective.forward_step, False)
+        stats = steps.reduce_stats(losses, self.device, self.objective.metrics)
+        # Raises NonFiniteLossError (same on every rank) before a bad update is applied.
+        upd = steps.checked_optimizer_step(
+            self.optimizer, self.ddp_models, self.step + 1, stats.loss, self.skipped,
+            self.cfg.max_skipped_steps, check=self.cfg.check_for_nan_in_loss_and_grad)
+        lr = _current_lr(self.optimizer)
+        if upd.applied:
+            self.scheduler.step(increment=1)
+        else:  # Megatron's convention: a skipped update does not advance the LR schedule
+            self.skipped += 1
+        self.step += 1
+        self.consumed += self.cfg.global_batch_size
+        tok = torch.tensor([local_tokens], dtype=torch.float64)
+        dist.all_reduce(tok, group=self._dp_group)
+        return StepOutput(stats, upd, lr, float(tok[0]))
+
+    def evaluate(self) -> dict[str, Any] | None:
+        """Mean eval loss (and the objective's other metrics) over the validation split, or
+        None without one (or with fewer rows than one round of micro-batches x DP)."""
+        from megatron.core import parallel_state
+
+        if self.data is None or self.data.val is None:
+            return None
+        per_round = self.cfg.micro_batch_size * parallel_state.get_data_parallel_world_size()
+        n_val = _len_or_none(self.data.val)
+        if n_val is not None and n_val < per_round:
+            return None
+        rounds = (n_val // per_round) if n_val is not None else self.num_microbatches
+        if self.cfg.eval_iters:
+            rounds = min(rounds, self.cfg.eval_iters * self.num_microbatches)
+        vit = iter(self._loader("val", shuffle=False, num_epochs=1))
+        totals = torch.zeros(2 * len(self.objective.metrics), dtype=torch.float64)
+        for m in self.ddp_models:
+            m.eval()
+        done = 0
+        while done < rounds:
+            k = min(self.num_microbatches, rounds - done)
+            bs = self.prepare_batches(self.next_batches(vit, k))
+            st = steps.reduce_stats(self.forward_only(self.ddp_models, bs,
+                                                      self.objective.forward_step),
+                                    self.device, self.objective.metrics)
+            totals += torch.tensor(st.sums(self.objective.metrics), dtype=torch.float64)
+            done += k
+        for m in self.ddp_models:
             m.train()
-        last_saved: Path | None = None
-        while step < train_iters:
-            t_step = time.time()
-            batches = next_batches(data_iter)
-            local_tokens = sum(_token_count(b) for b in batches)
-            for m in ddp_models:
-                m.zero_grad_buffer()
-            optimizer.zero_grad()
-            losses = run_step(batches, False)
-            stats = reduce_stats(losses, device)
-            # Raises NonFiniteLossError (same on every rank) before a bad update is applied.
-            upd = checked_optimizer_step(optimizer, ddp_models, step + 1, stats.loss, skipped,
-                                         cfg.max_skipped_steps,
-                                         check=cfg.check_for_nan_in_loss_and_grad)
-            grad_norm = upd.grad_norm
-            lr = current_lr(optimizer)
-            if upd.applied:
-                scheduler.step(increment=1)
-            else:  # Megatron's convention: a skipped update does not advance the LR schedule
-                skipped += 1
-            step += 1
-            consumed += cfg.global_batch_size
-            tok = torch.tensor([local_tokens], dtype=torch.float64)
-            dist.all_reduce(tok, group=dp_group)
-            dt = time.time() - t_step
-            result.losses.append(stats.loss)
-            result.grad_norms.append(grad_norm)
-            if step % cfg.log_interval == 0 or step == train_iters:
-                tlog.log({"step": step, "loss": stats.loss, "lr": lr, "grad_norm": grad_norm,
-                          "consumed_samples": consumed, "loss_tokens": stats.tokens,
-                          "tokens_per_sec": round(float(tok[0]) / max(dt, 1e-9), 1),
-                          "step_time_s": round(dt, 4),
-                          **({"skipped": upd.skipped_because} if not upd.applied else {}),
-                          # [issue 16 / data: mvlm/train/logging.py] rows skipped, in the record
-                          **(bad_samples_fields(data.bad_samples) if step == train_iters
-                             else {})})
-            tlog.advance(step)
-            if (cfg.eval_interval and step % cfg.eval_interval == 0) or step in epoch_ends:
-                ev = evaluate()
-                if ev is not None:
-                    tlog.log({"step": step, **ev})
-            result.step, result.consumed_samples = step, consumed
-            if (cfg.save_interval and step % cfg.save_interval == 0) or step in epoch_ends:
-                last_saved = save(step)
-            stop = cfg.exit_interval is not None and step % cfg.exit_interval == 0 \
-                and step < train_iters
-            preempted = stopper is not None and stopper.should_stop()
-            if stop or preempted:
-                if last_saved is None or last_saved.name != ckpt.checkpoint_name(step):
-                    last_saved = save(step)
-                result.checkpoint = last_saved
-                result.stopped_early = True
-                result.exit_code = EXIT_PREEMPTED if preempted else 0
-                if preempted and rank == 0:
-                    stopper.clear_stop_file()
-                tlog.close()
+        out = {"eval_loss": float(totals[0] / max(1.0, float(totals[1]))),
+               "eval_tokens": int(totals[1])}
+        for i, key in enumerate(self.objective.metrics[1:], start=1):
+            out[f"eval_{key}"] = float(totals[2 * i] / max(1.0, float(totals[2 * i + 1])))
+        return out
+
+    # ---- checkpoints ---------------------------------------------------------------------------
+    def save(self, step: int | None = None) -> Path:
+        """Collective: checkpoint-<step> (model, optimizer, scheduler, RNG, data position)."""
+        at = self.step if step is None else step
+        cfg = self.cfg
+        path = ckpt.save_checkpoint(
+            self.out_dir, at, self.bundle, self.optimizer, self.scheduler, self.layout,
+            self.src_dir, {"consumed_samples": self.consumed, "skipped_steps": self.skipped,
+                           "train_iters": self.train_iters, "task": cfg.task},
+            save_total_limit=cfg.save_total_limit, save_optim=cfg.save_optim)
+        if self.rank == 0:
+            log.info("saved %s", path)
+        self.last_saved = path
+        return path
+
+    def load(self, path: Path) -> None:
+        """Collective: restore a checkpoint and the step, sample and skip counters."""
+        state = ckpt.load_checkpoint(path, self.bundle, self.optimizer, self.scheduler,
+                                     self.layout)
+        self.step, self.consumed = int(state["step"]), int(state["consumed_samples"])
+        self.skipped = int(state.get("skipped_steps", 0))
+        if self.rank == 0:
+            log.info("resumed from %s at step %d (%d samples consumed)", path, self.step,
+                     self.consumed)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        """Train until ``train_iters`` or a stop request (``--exit_interval``, a signal)."""
+        result = TrainResult(step=self.step, consumed_samples=self.consumed)
+        self._open_run()
+        while self.step < self.train_iters:
+            t0 = time.time()
+            out = self.train_step(self.next_batches())
+            self._log_step(out, time.time() - t0)
+            result.losses.append(out.stats.loss)
+            result.grad_norms.append(out.update.grad_norm)
+            if self._due(self.cfg.eval_interval):
+                self._log_eval()
+            result.step, result.consumed_samples = self.step, self.consumed
+            if self._due(self.cfg.save_interval):
+                self.save()
+            if self._stop_requested(result):
                 return result
-        tlog.close()
-        if rank == 0:  # [issue 16 / data] the skip count, once, at the end of training
+        return self._finish(result)
+
+    def _due(self, interval: int | None) -> bool:
+        return bool(interval and self.step % interval == 0) or self.step in self.epoch_ends
+
+    def _open_run(self) -> None:
+        from mvlm.train.logging import TrainLogger
+        from mvlm.train.signals import PreemptionHandler
+
+        cfg = self.cfg
+        self._tlog = TrainLogger(self.out_dir, self.train_iters, self.step, self.rank,
+                                 cfg.report_to, tb_dir=cfg.logging_dir,
+                                 run_name=cfg.wandb_exp_name, project=cfg.wandb_project,
+                                 config={k: v for k, v in vars(cfg).items() if k != "ns"},
+                                 disable_bar=cfg.disable_tqdm)
+        self._stopper = PreemptionHandler(device=None)
+        try:
+            self._stopper.install()
+        except (RuntimeError, ValueError):
+            self._stopper = None
+        for m in self.ddp_models:
+            m.train()
+
+    def _log_step(self, out: StepOutput, dt: float) -> None:
+        from mvlm.train.logging import bad_samples_fields
+
+        s, last = self.step, self.step == self.train_iters
+        if s % self.cfg.log_interval == 0 or last:
+            upd = out.update
+            self._tlog.log({
+                "step": s, "loss": out.stats.loss, "lr": out.lr, "grad_norm": upd.grad_norm,
+                "consumed_samples": self.consumed, "loss_tokens": out.stats.tokens,
+                **out.stats.extra,
+                "tokens_per_sec": round(out.tokens / max(dt, 1e-9), 1),
+                "step_time_s": round(dt, 4),
+                **({"skipped": upd.skipped_because} if not upd.applied else {}),
+                # [issue 16 / data] rows skipped, in the last record
+                **(bad_samples_fields(self.data.bad_samples) if last else {})})
+        self._tlog.advance(s)
+
+    def _log_eval(self) -> None:
+        ev = self.evaluate()
+        if ev is not None:
+            self._tlog.log({"step": self.step, **ev})
+
+    def _stop_requested(self, result: TrainResult) -> bool:
+        """--exit_interval or a preemption signal (agreed by all ranks): save, mark, close."""
+        from mvlm.train.signals import EXIT_PREEMPTED
+
+        stop = self.cfg.exit_interval is not None and self.step % self.cfg.exit_interval == 0 \
+            and self.step < self.train_iters
+        preempted = self._stopper is not None and self._stopper.should_stop()
+        if not (stop or preempted):
+            return False
+        if self.last_saved is None or self.last_saved.name != ckpt.checkpoint_name(self.step):
+            self.save()
+        result.checkpoint = self.last_saved
+        result.stopped_early = True
+        result.exit_code = EXIT_PREEMPTED if preempted else 0
+        if preempted and self.rank == 0:
+            self._stopper.clear_stop_file()
+        self._tlog.close()
+        return True
+
+    def _finish(self, result: TrainResult) -> TrainResult:
+        """After the last step: final eval, final checkpoint, HF (or PEFT) export."""
+        from mvlm.train.logging import TrainLogger
+
+        cfg = self.cfg
+        self._tlog.close()
+        if self.rank == 0:  # [issue 16 / data] the skip count, once, at the end of training
             log.info("bad samples: %s (rank 0's data pipeline; --on_bad_sample %s)",
-                     data.bad_samples.summary(), getattr(cfg.ns, "on_bad_sample", "error"))
-        if cfg.eval_interval and (step % cfg.eval_interval):
-            ev = evaluate()
-            if ev is not None and rank == 0:
-                TrainLogger(out_dir, train_iters, step, rank, [], disable_bar=True).log(
-                    {"step": step, **ev})
-        if cfg.ns.save_final_checkpoint and (last_saved is None or
-                                             last_saved.name != ckpt.checkpoint_name(step)):
-            last_saved = save(step)
-        result.checkpoint = last_saved
+                     self.data.bad_samples.summary(), getattr(cfg.ns, "on_bad_sample", "error"))
+        if cfg.eval_interval and (self.step % cfg.eval_interval):
+            ev = self.evaluate()
+            if ev is not None and self.rank == 0:
+                TrainLogger(self.out_dir, self.train_iters, self.step, self.rank, [],
+                            disable_bar=True).log({"step": self.step, **ev})
+        if cfg.ns.save_final_checkpoint and (
+                self.last_saved is None
+                or self.last_saved.name != ckpt.checkpoint_name(self.step)):
+            self.save()
+        result.checkpoint = self.last_saved
         if cfg.save_safetensors:
-            from mvlm.convert.command import export_to_hf
-
-            hf_out = out_dir / "hf"
-            if adapter_run:  # mvlm.tuners: merged HF (--merge_lora true) or a PEFT adapter dir
-                from mvlm.tuners.train_hooks import export_adapters
-
-                hf_out = export_adapters(bundle, cfg.ns, src_dir, out_dir,
-                                         _hf_dtype(hf_config) or dtype)
-            else:
-                export_to_hf(bundle, src_dir, hf_out, _hf_dtype(hf_config) or dtype,
-                             overwrite=True)
-            result.hf_dir = hf_out
-            if rank == 0:
-                log.info("HF safetensors: %s", hf_out)
-                print(f"mvlm {cfg.task}: HF model written to {hf_out}", flush=True)
-        if stopper is not None:
-            stopper.uninstall()
+            result.hf_dir = self.export()
+        if self._stopper is not None:
+            self._stopper.uninstall()
         return result
-    finally:
-        if own_pg:
-            from mvlm.runtime.parallel import destroy_distributed
 
-            destroy_distributed()
-        elif parallel_state.model_parallel_is_initialized():
-            parallel_state.destroy_model_parallel()
+    def export(self) -> Path:
+        """Collective: the trained model as an HF safetensors dir (a merged model or a PEFT
+        adapter dir for adapter runs, see mvlm.tuners)."""
+        from mvlm.convert.command import export_to_hf
+
+        if self.adapter_run:
+            from mvlm.tuners.train_hooks import export_adapters
+
+            hf_out = export_adapters(self.bundle, self.cfg.ns, self.src_dir, self.out_dir,
+                                     self.export_dtype)
+        else:
+            hf_out = self.out_dir / "hf"
+            export_to_hf(self.bundle, self.src_dir, hf_out, self.export_dtype, overwrite=True)
+        if self.rank == 0:
+            log.info("HF safetensors: %s", hf_out)
+            print(f"mvlm {self.cfg.task}: HF model written to {hf_out}", flush=True)
+        return hf_out
+
+
+def _current_lr(optimizer: Any) -> float:
+    from mvlm.train.schedule import current_lr
+
+    return current_lr(optimizer)
+
+
+def _len_or_none(ds: Any) -> int | None:
+    try:
+        return len(ds)
+    except TypeError:
+        return None
+
+
+def _sized(ds: Any, flag: str, instead: str) -> int:
+    n = _len_or_none(ds)
+    if n is None:
+        raise ValueError(f"{flag} needs a sized dataset: with --streaming {instead}") from None
+    return n
+
+
+def train(cfg: TrainConfig, objective: Objective | None = None) -> TrainResult:
+    """Run training per ``cfg`` on the ranks of this launch (collective on all of them), for
+    ``objective`` (default: the one registered under ``cfg.task``)."""
+    from mvlm.runtime.startup import startup
+    from mvlm.train.setup import log_notes, teardown
+
+    plan = plan_run(cfg)  # everything that can fail cheaply, before any process group
+    own_pg = not dist.is_initialized()
+    runtime = startup(plan.layout, seed=cfg.seed, device=cfg.device)
+    if runtime.rank == 0:
+        log_notes(cfg, plan, runtime.device)
+    try:
+        return Trainer.from_config(cfg, plan, runtime, objective).fit()
+    finally:
+        teardown(own_pg)
 
 
 def run_training(argv: list[str], task: str = "sft") -> int:

@@ -4,10 +4,11 @@ One launch (``import megatron`` costs ~8 s per rank), two kinds of checks, numbe
 JSON file named by the spec's ``result``:
 
 1. ``cases`` -- model level, through the trainer's own pieces (``build_train_dataset`` with
-   ``--packing``, ``build_dataloader``, the trainer's ``_same_length``, ``steps.forward_step`` /
-   ``microbatch_dims``, Megatron-Core's ``forward_backward_func``, DDP + ``finalize_model_grads``
-   with ``calculate_per_token_loss``): one step of ``--micro_batch_size 2`` x K micro-batches and
-   one of ``--micro_batch_size 1`` x 2K micro-batches over the same packed rows; records the loss,
+   ``--packing``, ``build_dataloader``, ``batches.same_length``, the ``sft`` objective's
+   ``forward_step``, ``steps.microbatch_dims``, Megatron-Core's ``forward_backward_func``, DDP +
+   ``finalize_model_grads`` with ``calculate_per_token_loss``): one step of
+   ``--micro_batch_size 2`` x K micro-batches and one of ``--micro_batch_size 1`` x 2K
+   micro-batches over the same packed rows; records the loss,
    the loss-token count and, per rank, max |d grad| over every trainable parameter (the gradient
    the optimizer sees: reduced over DP x CP and divided by the global token count).
 2. ``runs`` -- whole `mvlm sft` trainings (``run_training``); the test compares their
@@ -40,9 +41,10 @@ def model_case(spec: dict, case: dict) -> dict:
     from mvlm.runtime.parallel import ParallelLayout
     from mvlm.runtime.startup import startup
     from mvlm.train.args import parse_train_args
+    from mvlm.train.batches import same_length
+    from mvlm.train.objectives import get_objective
     from mvlm.train.optim import wrap_ddp
-    from mvlm.train.steps import forward_step, microbatch_dims, reduce_stats, to_device
-    from mvlm.train.trainer import _same_length
+    from mvlm.train.steps import microbatch_dims, reduce_stats, to_device
 
     tp, pp, cp, sp = case.get("tp", 1), case.get("pp", 1), case.get("cp", 1), case.get("sp", False)
     layout = ParallelLayout(tp=tp, pp=pp, cp=cp)
@@ -65,14 +67,15 @@ def model_case(spec: dict, case: dict) -> dict:
     data = build_train_dataset(cfg.ns, spec["model"], dp_rank=dp_rank, dp_size=dp)
     pad_mult = (2 * cp if cp > 1 else 1) * (tp if sp else 1)  # as the trainer computes it
     fb = get_forward_backward_func()
+    forward_step = get_objective("sft").forward_step
     per_rank = case["packs_per_step"] // dp
     got = {}
     for mbs in (1, 2):
         loader = build_dataloader(data, micro_batch_size=mbs, dp_rank=dp_rank, dp_size=dp,
                                   seed=0, pad_to_multiple_of=pad_mult, cp_size=cp)
         it = iter(loader)
-        batches = _same_length([to_device(next(it), "cpu") for _ in range(per_rank // mbs)],
-                               pp, 1, data.pad_token_id)
+        batches = same_length([to_device(next(it), "cpu") for _ in range(per_rank // mbs)],
+                              pp, 1, data.pad_token_id)
         rows, seq = microbatch_dims(batches, pp)
         for m in ddp:
             m.zero_grad_buffer()

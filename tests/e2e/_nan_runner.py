@@ -35,8 +35,9 @@ def _poisoned_now() -> bool:
 def patch() -> None:
     from mvlm.models import vlm
     from mvlm.train import steps
+    from mvlm.train.objectives.sft import SFTObjective
 
-    build_model, forward_step = vlm.build_model, steps.forward_step
+    build_model, forward_step = vlm.build_model, SFTObjective.forward_step
     checked = steps.checked_optimizer_step
 
     def build_model_spy(*a, **k):
@@ -48,8 +49,8 @@ def patch() -> None:
             p.register_hook(lambda g: g * float("nan") if _poisoned_now() else g)
         return bundle
 
-    def forward_step_spy(data_iterator, model):
-        out, loss_func = forward_step(data_iterator, model)
+    def forward_step_spy(self, data_iterator, model):
+        out, loss_func = forward_step(self, data_iterator, model)
         if KIND != "loss" or loss_func is None or not _poisoned_now() or not model.training:
             return out, loss_func
 
@@ -73,7 +74,7 @@ def patch() -> None:
             _write()
 
     vlm.build_model = build_model_spy
-    steps.forward_step = forward_step_spy
+    SFTObjective.forward_step = forward_step_spy
     steps.checked_optimizer_step = checked_spy
 
 
