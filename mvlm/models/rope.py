@@ -134,11 +134,7 @@ def rope_from_hf(cfg) -> tuple[float, RopeScaling, float, list[int] | None]:
         return theta, scaling, partial, mrope
     if kind == "yarn":
         return theta, _yarn_from_hf(rp, cfg), partial, mrope
-    unknown_factor = kind == "default" and rp.get("factor") not in (None, 1, 1.0)
-    if unknown_factor:
-        raise RopeConfigError(
-            f"rope_parameters.factor={rp['factor']} with rope_type 'default': set rope_type "
-            "(linear / llama3 / yarn) in config.json")
+    # rope_type 'default' ignores a 'factor' field, as transformers does
     scaling = RopeScaling(
         rope_type=kind,
         factor=float(rp.get("factor", 1.0)),
