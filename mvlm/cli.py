@@ -15,7 +15,8 @@ import sys
 from mvlm.runtime.quiet import silence_startup_noise
 
 # Sub-commands whose flags mvlm.train.args parses: name -> what it does (for the help line).
-TRAIN_TASKS: dict[str, str] = {"pt": "continued pre-training", "sft": "supervised fine-tuning"}
+TRAIN_TASKS: dict[str, str] = {"pt": "continued pre-training", "sft": "supervised fine-tuning",
+                               "rlhf": "preference training (--rlhf_type dpo)"}
 
 
 def _setup_logging() -> None:
@@ -97,6 +98,11 @@ def _train_main(task: str, argv: list[str]) -> int:
     from mvlm.train.args import build_parser as train_parser
 
     if any(a in ("-h", "--help") for a in argv):
+        if task == "rlhf":  # the method flags, then `mvlm sft`'s (mvlm.train.rlhf)
+            from mvlm.train.rlhf import print_help
+
+            print_help()
+            return 0
         train_parser(task).print_help()
         return 0
     nproc = int(os.environ.get("NPROC_PER_NODE", "1") or 1)
@@ -113,6 +119,10 @@ def _train_main(task: str, argv: list[str]) -> int:
     from mvlm.train.trainer import run_training
 
     try:
+        if task == "rlhf":
+            from mvlm.train.rlhf import run_rlhf
+
+            return run_rlhf(argv)
         return run_training(argv, task)
     except (ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError) as e:
         print(f"mvlm {task}: error: {e}", file=sys.stderr)

@@ -159,6 +159,9 @@ class LoRAAdapter(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self._base = [base]  # a list: not a submodule (its parameters stay the base's own)
         self._merged_backup: torch.Tensor | None = None
+        # False: the hook passes the base output through (DPO/KTO under LoRA: the reference is
+        # the policy without its adapters, no second model copy)
+        self.enabled = True
         dtype, device = base.weight.dtype, base.weight.device
         g = _generator(global_name, seed)
         bound = 1.0 / math.sqrt(spec.in_features)  # = kaiming_uniform_(a=sqrt(5)), like peft
@@ -246,6 +249,8 @@ class LoRAAdapter(nn.Module):
     def add_to_output(self, x: torch.Tensor, output: Any) -> Any:
         """The forward hook body: add the adapter to the base layer's output structure."""
         if self._merged_backup is not None:  # merged into W: the base output already has it
+            return output
+        if not self.enabled:  # switched off: the base layer alone
             return output
         if self.spec.kind == "plain":
             out, bias, rest = output, None, None

@@ -1,0 +1,245 @@
+"""``dpo``: Direct Preference Optimization (every TRL loss type) on the Trainer.
+
+Batches are packed pair rows from :func:`mvlm.data.preference.collate_pairs`: each pair is two
+``cu_seqlens`` segments (prompt+chosen, prompt+rejected) of one row, so a pair costs one forward
+pass, and ``chosen_index`` / ``rejected_index`` say which segment is which. From the model's
+per-token output (minus the vocab-parallel cross-entropy: the label log-probs, 0 off the answer)
+each segment's summed log-prob is taken; the loss itself is
+:func:`mvlm.train.objectives.dpo_losses.dpo_loss`, the function the unit tests hold equal to
+TRL's.
+
+Reference log-probs come before the step (:meth:`DPOObjective.prepare_step`): from a frozen copy
+of the starting weights on the same layout (full training; ``Trainer.build_frozen_model``), or,
+under LoRA/DoRA, from the policy itself with its adapters switched off (no second copy) -- both
+in eval mode, without gradients. ``reference_free`` skips the pass.
+
+Reduction (the Trainer's per-unit contract): the unit is the pair. ``loss_sum`` is the sum of
+the micro-batch's per-pair losses and ``count`` its number of pairs; Megatron divides the
+gradients by the pairs of the global batch. The NLL term of ``rpo_alpha`` / ``sft`` is a token
+mean over the global batch's chosen answers (TRL's cross-entropy): ``prepare_step`` counts the
+global chosen tokens and pairs once per step, and each micro-batch adds its NLL sum scaled by
+pairs / tokens, so that after Megatron's division it is exactly that mean.
+
+Context parallelism: each CP rank holds a chunk of every sequence, so it sums its chunk per
+segment and the segment sums are all-reduced over the CP group -- with autograd, because the
+loss is not linear in them. Every CP rank then computes the same loss and reports the same
+pair count; the all-reduce's backward sums the CP copies' gradients (CP x the true one) and
+Megatron's division by the count summed over DP x CP (CP x the pairs) cancels that factor.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+from mvlm.train.objectives import dpo_losses as dl
+from mvlm.train.objectives.base import LossOutput, Objective, token_logps
+from mvlm.train.steps import model_forward, unwrap
+
+if TYPE_CHECKING:
+    from mvlm.train.trainer import Trainer
+
+PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected")
+
+
+def _cp() -> tuple[int, int, Any]:
+    from megatron.core import parallel_state
+
+    size = parallel_state.get_context_parallel_world_size()
+    if size == 1:
+        return 1, 0, None
+    return size, parallel_state.get_context_parallel_rank(), \
+        parallel_state.get_context_parallel_group()
+
+
+def segment_ids(cu_seqlens: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """Segment index of every position of a packed row (-1 on the pad tail)."""
+    cu = cu_seqlens.to(torch.long)
+    seg = torch.full((seq_len,), -1, dtype=torch.long, device=cu.device)
+    lens = cu[1:] - cu[:-1]
+    seg[:int(cu[-1])] = torch.repeat_interleave(torch.arange(len(lens), device=cu.device), lens)
+    return seg
+
+
+def sequence_logps(batch: dict, output: torch.Tensor) -> torch.Tensor:
+    """Summed label log-prob of every segment of the packed row, complete on every CP rank
+    (differentiable; see the module docstring for CP)."""
+    from mvlm.runtime.cp import cp_chunk_indices
+
+    lp = token_logps(output).float().reshape(-1)
+    seq_len = batch["input_ids"].shape[-1]
+    cu = batch["cu_seqlens"].to(lp.device)
+    seg = segment_ids(cu, seq_len)
+    size, rank, group = _cp()
+    if size > 1:
+        seg = seg[cp_chunk_indices(seq_len, size, rank, device=lp.device)]
+    keep = seg >= 0
+    sums = lp.new_zeros(len(cu) - 1).index_add(0, seg[keep], lp[keep])
+    if size > 1:
+        import torch.distributed.nn.functional as dnf
+
+        sums = dnf.all_reduce(sums, group=group)
+    return sums
+
+
+def sequence_tokens(batch: dict) -> torch.Tensor:
+    """Label tokens of every segment, from the full-row labels every CP rank holds."""
+    labels = batch["labels"].reshape(-1)
+    seg = segment_ids(batch["cu_seqlens"].to(labels.device), labels.numel())
+    keep = (seg >= 0) & (labels >= 0)
+    n = len(batch["cu_seqlens"]) - 1
+    return torch.zeros(n, dtype=torch.float32, device=labels.device).index_add(
+        0, seg[keep], torch.ones(int(keep.sum()), device=labels.device))
+
+
+@contextlib.contextmanager
+def adapters_off(bundle: Any):
+    """The policy without its LoRA/DoRA adapters (the base model: LoRA's reference)."""
+    from mvlm.tuners.model import adapters
+
+    ads = adapters(bundle)
+    if any(a._merged_backup is not None for a in ads):
+        raise RuntimeError("adapters are merged into the base weights: unmerge them before "
+                           "using the adapter-free policy as the reference")
+    saved = [a.enabled for a in ads]
+    try:
+        for a in ads:
+            a.enabled = False
+        yield
+    finally:
+        for a, s in zip(ads, saved):
+            a.enabled = s
+
+
+@contextlib.contextmanager
+def eval_mode(models: list[Any]):
+    modes = [m.training for m in models]
+    try:
+        for m in models:
+            m.eval()
+        yield
+    finally:
+        for m, t in zip(models, modes):
+            m.train(t)
+
+
+class DPOObjective(Objective):
+    """DPO over packed pair rows (see the module docstring)."""
+
+    name = "dpo"
+    batch_keys: ClassVar[tuple[str, ...]] = ("input_ids", "position_ids", "labels", "cu_seqlens",
+                                             "chosen_index", "rejected_index")
+    metrics: ClassVar[tuple[str, ...]] = ("loss",) + PAIR_METRICS
+
+    def __init__(self, loss_cfg: dl.DPOLossConfig | None = None, reference: str = "auto"):
+        if reference not in ("auto", "copy", "adapters"):
+            raise ValueError(f"reference must be auto, copy or adapters, got {reference!r}")
+        self.loss_cfg = loss_cfg
+        self.reference = reference
+        self.ref: Any = None
+
+    # ---- set-up --------------------------------------------------------------------------------
+    def setup(self, trainer: Trainer) -> None:
+        from mvlm.tuners.model import adapters
+
+        if self.loss_cfg is None:
+            raise ValueError("DPOObjective needs its loss settings: DPOObjective(loss_cfg) "
+                             "(mvlm rlhf builds them from the DPO flags: "
+                             "mvlm.train.preference_flags.dpo_loss_config)")
+        has_adapters = bool(adapters(trainer.bundle))
+        mode = self.reference
+        if mode == "auto":
+            mode = "adapters" if has_adapters else "copy"
+        if mode == "adapters" and not has_adapters:
+            raise ValueError("the reference is the adapter-free policy, but the model has no "
+                             "adapters: train with --train_type lora, or use a frozen copy")
+        self.reference = mode
+        if not self.loss_cfg.reference_free and mode == "copy":
+            self.ref = trainer.build_frozen_model()
+
+    # ---- before each step ------------------------------------------------------------------------
+    def _ref_step(self, store: list):
+        def step(data_iterator, model):
+            batch = next(data_iterator)
+            out = model_forward(model, batch)
+            if not unwrap(model).post_process:
+                return out, None
+            store.append(sequence_logps(batch, out).detach())
+
+            def no_loss(o):
+                return o.sum() * 0, torch.tensor(1, dtype=torch.int), {}
+
+            return out, no_loss
+
+        return step
+
+    def reference_logps(self, trainer: Trainer, batches: list[dict]) -> list[torch.Tensor]:
+        """Per-segment reference log-probs of each micro-batch (last PP stage; [] elsewhere)."""
+        store: list = []
+        if self.reference == "adapters":
+            models = trainer.ddp_models
+            with adapters_off(trainer.bundle), eval_mode(models):
+                trainer.forward_only(models, batches, self._ref_step(store))
+        else:
+            trainer.forward_only(self.ref.models, batches, self._ref_step(store))
+        return store
+
+    def prepare_step(self, trainer: Trainer, batches: list[dict]) -> list[dict]:
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        cfg = self.loss_cfg
+        out = [dict(b) for b in batches]
+        if not cfg.reference_free:
+            refs = self.reference_logps(trainer, batches)
+            if refs:
+                for b, r in zip(out, refs, strict=True):
+                    b["ref_logps"] = r
+        tokens = [sequence_tokens(b) for b in out]
+        for b, n in zip(out, tokens):
+            b["seq_tokens"] = n
+        if cfg.needs_lengths and (cfg.rpo_alpha or "sft" in cfg.loss_type):
+            # global chosen tokens and pairs of the step: the NLL term's token mean
+            t = torch.zeros(2, dtype=torch.float64, device=tokens[0].device)
+            for b, n in zip(out, tokens):
+                t[0] += n[b["chosen_index"]].sum().double()
+                t[1] += len(b["chosen_index"])
+            dist.all_reduce(t, group=parallel_state.get_data_parallel_group())
+            for b in out:
+                b["nll_scale"] = float(t[1] / t[0].clamp(min=1))
+        return out
+
+    # ---- the loss ------------------------------------------------------------------------------
+    def pair_loss(self, batch: dict, output: torch.Tensor) -> dl.PreferenceLoss:
+        lp = sequence_logps(batch, output)
+        n = batch["seq_tokens"]
+        c, r = batch["chosen_index"], batch["rejected_index"]
+        ref = batch.get("ref_logps")
+        return dl.dpo_loss(lp[c], lp[r], None if ref is None else ref[c],
+                           None if ref is None else ref[r], self.loss_cfg,
+                           chosen_tokens=n[c], rejected_tokens=n[r])
+
+    def loss(self, batch: dict, output: torch.Tensor) -> LossOutput:
+        res = self.pair_loss(batch, output)
+        pairs = res.pair_losses.numel()
+        loss_sum = res.pair_losses.sum()
+        # the logged loss is summed in fp64: k pairs of loss ln 2 (step 0) give k ln 2 exactly,
+        # whereas an fp32 sum of k equal values can round (k = 3)
+        logged = res.pair_losses.detach().double().sum()
+        if res.nll_weight:
+            nll = res.nll_weight * res.nll_sum * batch["nll_scale"]
+            loss_sum = loss_sum + nll
+            logged = logged + nll.detach().double()
+        count = torch.tensor(pairs, dtype=torch.int, device=loss_sum.device)
+        reports = {"loss": torch.stack([logged, count.double()])}
+        means = {k: (s, cnt) for k, (s, cnt) in res.metrics.items()}
+        for k in PAIR_METRICS:
+            if k == "rewards/margins":
+                s = means["rewards/chosen"][0] - means["rewards/rejected"][0]
+                cnt = means["rewards/chosen"][1]
+            else:
+                s, cnt = means[k]
+            reports[k] = torch.stack([s.double(), cnt.double()])
+        return loss_sum, count, reports

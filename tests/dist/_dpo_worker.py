@@ -1,0 +1,51 @@
+"""torchrun worker for test_dpo_objective: DPO through the Trainer on packed pair rows.
+
+A whole run (``mvlm.train.trainer.train``) on a preference file in the guide's format with `mvlm
+sft`'s flags and the data's label mode set to ``preference`` (what `mvlm rlhf` sets): rows
+encoded by ``mvlm.data.preference``, pair micro-batches packed by the Collator
+(``collate_pairs``), the DPO objective. The test checks its ``logging.jsonl``:
+
+1. step 0: the reference equals the policy (a frozen copy for full training; the policy with its
+   adapters off under LoRA, B = 0 at init), so every pair's loss is -log sigmoid(0): the logged
+   loss is fp32 ln 2 exactly and rewards/chosen, rewards/rejected, rewards/margins are exactly 0;
+2. three steps move the policy: step 3's rewards/margins > 0 on the same pairs.
+
+Spec (JSON, argv[1]): ``{"runs": [{"name", "argv", "out", "reference": "copy" | "adapters"}],
+"result": FILE}`` -- the runs go one after the other in one launch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    dist.init_process_group("gloo")
+    from mvlm.train.args import parse_train_args
+    from mvlm.train.objectives import dpo_losses as dl
+    from mvlm.train.objectives.dpo import DPOObjective
+    from mvlm.train.trainer import train
+
+    logs = {}
+    for run in spec["runs"]:
+        obj = DPOObjective(dl.DPOLossConfig(beta=0.1), reference=run["reference"])
+        cfg = parse_train_args(run["argv"], "sft")
+        cfg.data.task = "preference"  # the label mode `mvlm rlhf` sets: rows are pairs
+        train(cfg, obj)
+        dist.barrier()
+        log = Path(run["out"]) / "logging.jsonl"
+        logs[run["name"]] = [json.loads(x) for x in log.read_text().splitlines()]
+    if dist.get_rank() == 0:
+        Path(spec["result"]).write_text(json.dumps({"logs": logs}))
+        print("WORKER OK", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
