@@ -27,8 +27,6 @@ from typing import Any
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
-MEDIA_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw")
-
 
 def unwrap(model: Any) -> Any:
     while hasattr(model, "module"):
@@ -83,13 +81,12 @@ def _vision_zero_term(model: Any) -> torch.Tensor | None:
 def model_forward(model: Any, batch: dict) -> torch.Tensor:
     """Run one chunk on a batch-contract micro-batch; per-token loss on the last stage."""
     m = unwrap(model)
+    media = {k: batch[k] for k in m.family.batch_keys if batch.get(k) is not None}
     out = model(batch["input_ids"], batch["position_ids"],
                 attention_mask=batch.get("attention_mask"), labels=batch.get("labels"),
-                pixel_values=batch.get("pixel_values"), image_grid_thw=batch.get("image_grid_thw"),
-                pixel_values_videos=batch.get("pixel_values_videos"),
-                video_grid_thw=batch.get("video_grid_thw"), packed_seq_params=packed_params(batch))
-    if m.pre_process and batch.get("pixel_values") is None and \
-            batch.get("pixel_values_videos") is None and torch.is_grad_enabled():
+                packed_seq_params=packed_params(batch), **media)
+    if m.pre_process and not any(k.features_key in media for k in m.family.media) and \
+            torch.is_grad_enabled():
         zero = _vision_zero_term(model)
         if zero is not None:
             out = out + zero.to(out.dtype)
