@@ -56,7 +56,7 @@ def microbatch_dims(batches: list[dict], pp: int = 1) -> tuple[int, int]:
     stage as [seq_len, rows, hidden], so it must get the rows of the tensors actually fed, not
     ``--micro_batch_size``: with packing, a micro-batch of N packed rows is ONE concatenated row
     (``collate.collate_packed_rows``), b = 1. Under PP (``pp > 1``) the rows must agree across
-    the step's micro-batches (and the lengths: see the trainer's ``_same_length``); without PP
+    the step's micro-batches (and the lengths: see ``batches.same_length``); without PP
     the schedule does not use the shape and a short last micro-batch is fine.
     """
     if not batches:
