@@ -125,6 +125,8 @@ class VLMModel(MegatronModule):
             if cfg.sequence_parallel:
                 emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
             decoder_input = emb
+        padding_mask = router_padding_mask(attention_mask, cfg, cp_size, cp_rank) \
+            if self.arch.num_experts else None
         if attention_mask is not None and attention_mask.dtype == torch.bool and \
                 attention_mask.dim() == 2:
             # [b, s] keep-mask -> Megatron's [b, 1, 1, s] masked-out convention (key padding)
@@ -138,6 +140,7 @@ class VLMModel(MegatronModule):
         out = self.language_model(
             input_ids=None, position_ids=position_ids, attention_mask=attention_mask,
             decoder_input=decoder_input, labels=None, packed_seq_params=packed_seq_params,
+            padding_mask=padding_mask,
         )
         if not self.post_process:
             return out
@@ -165,6 +168,26 @@ class VLMModel(MegatronModule):
             return logits
         keep = torch.arange(per, device=logits.device) < n_real
         return logits.masked_fill(~keep, float("-inf"))
+
+
+def router_padding_mask(attention_mask: torch.Tensor | None, cfg, cp_size: int,
+                        cp_rank: int) -> torch.Tensor | None:
+    """This rank's [b, s_local] pad mask (True = pad) for the MoE router, or None.
+
+    Pads appended to even out lengths (PP: one shape per step; EP: one length over the EP ranks;
+    a padded micro-batch) must not count in the router's aux loss or tokens-per-expert, else the
+    layout changes the gradients (tests/dist/test_train_parity_more.py, padding cases).
+    Megatron-Core takes ``padding_mask`` in the hidden states' local sequence layout: split for
+    CP like the sequence, and cut to this TP rank's chunk under sequence parallel."""
+    if attention_mask is None or attention_mask.dtype != torch.bool or attention_mask.dim() != 2:
+        return None
+    pad = split_for_cp(~attention_mask, 1, cp_size, cp_rank)
+    if cfg.sequence_parallel:
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        n = pad.shape[1] // tp
+        r = parallel_state.get_tensor_model_parallel_rank()
+        pad = pad[:, r * n:(r + 1) * n]
+    return pad.contiguous()
 
 
 @dataclass
