@@ -17,7 +17,7 @@ import logging
 from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec_for_backend
-from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+from megatron.core.transformer.attention import SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
 from megatron.core.transformer.mlp import MLP, MLPSubmodules
@@ -89,6 +89,7 @@ def te_checkpoint_keys_map(is_moe: bool) -> dict[str, str]:
 
 def local_layer_spec(config: TransformerConfig) -> ModuleSpec:
     from mvlm.models.attention import SDPACoreAttention
+    from mvlm.models.kv_cache import RotatedCacheSelfAttention
 
     backend = LocalSpecProvider()
     num_experts = config.num_moe_experts
@@ -112,7 +113,8 @@ def local_layer_spec(config: TransformerConfig) -> ModuleSpec:
         submodules=TransformerLayerSubmodules(
             input_layernorm=norm,
             self_attention=ModuleSpec(
-                module=SelfAttention,
+                # SelfAttention with RoPE applied once as keys enter a KV cache (rollouts)
+                module=RotatedCacheSelfAttention,
                 params={"attn_mask_type": AttnMaskType.causal},
                 submodules=SelfAttentionSubmodules(
                     linear_qkv=_with_bias(col, qkv_bias),

@@ -13,8 +13,11 @@ How one ``generate`` call runs, and why:
   ``num_generations`` times along the batch: the copies share the prompt's computation exactly.
 * **Decode one token per step** for all rows: only the new token's embedding enters the model;
   attention reads the cached K/V (mvlm's SDPA core attention aligns a 1-token query to the end of
-  the cached keys). Megatron-Core caches keys before RoPE and rotates all cached keys each step,
-  so the position ids passed cover the whole sequence so far (cheap: no layer is recomputed).
+  the cached keys). The position ids passed cover the whole sequence so far (Megatron-Core
+  slices the new tokens' rotary embedding out of them); the local spec's attention
+  (:mod:`mvlm.models.kv_cache`) caches keys with RoPE applied, so no cached key is touched again
+  (Megatron-Core's own SelfAttention, used by the TE spec, re-rotates the cached prefix each
+  step: same numbers, more work).
 * **Left padding** with a key-padding mask: every row's newest token sits in the last column, so
   the last-position logits are every row's next-token logits. Positions are per row and ignore
   the padding (text: 0..P-1; VLM: the family's mRoPE positions of the prompt), and a generated
