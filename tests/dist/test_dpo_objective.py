@@ -110,9 +110,10 @@ def test_step0_reference_equals_policy(runs, name):
 
 @pytest.mark.parametrize("name,ref", [(k, "ref") for k in LAYOUTS] + [("lora_tp2", "lora")])
 def test_layouts_equal_one_rank(runs, name, ref):
-    worst = 0.0
+    worst = (0.0, "", 0)
     for a, b in zip(runs[name], runs[ref], strict=True):
         for k in METRICS:
-            worst = max(worst, abs(a[k] - b[k]) / max(1.0, abs(b[k])))
+            worst = max(worst, (abs(a[k] - b[k]) / max(1.0, abs(b[k])), k, a["step"]))
             assert _close(a[k], b[k]), (name, a["step"], k, a[k], b[k])
-    print(f"{name} vs {ref}: max relative difference {worst:.2e}")
+    print(f"{name} vs {ref}: max relative difference {worst[0]:.2e} ({worst[1]}, step "
+          f"{worst[2]})")
