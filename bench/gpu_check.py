@@ -346,23 +346,33 @@ def run_hf_side(args: argparse.Namespace, s: Shape, hf_dir: Path) -> dict[str, A
 
 
 def _trainer_cfg(args: argparse.Namespace) -> Any:
-    """The fields of :class:`mvlm.train.args.TrainConfig` that a :class:`mvlm.train.trainer.Trainer`
-    built from a ready model reads (optimizer, DDP, NaN guard, batch size, schedule).
+    """The :class:`mvlm.config.TrainConfig` of a :class:`mvlm.train.trainer.Trainer` built from a
+    ready model (optimizer, DDP, NaN guard, batch size, schedule; no data section is read).
 
     Built directly rather than through ``parse_train_args``: that parser pulls in the data
     pipeline (``datasets``/``pyarrow``), which the reference GPU box does not have and which this
-    check does not need (its batches are synthetic). Adam betas/eps and clipping equal the HF side;
-    the NaN guard is on, as in `mvlm sft`.
+    check does not need (its batches are synthetic); mvlm.config itself imports the standard
+    library only. Adam betas/eps and clipping equal the HF side; the NaN guard is on, as in
+    `mvlm sft`.
     """
-    from types import SimpleNamespace
+    from mvlm.config import (
+        FreezeConfig,
+        OptimConfig,
+        ParallelConfig,
+        ScheduleConfig,
+        TrainConfig,
+    )
 
-    return SimpleNamespace(
-        lr=args.lr, min_lr=args.lr, lr_decay_style="constant", lr_warmup_fraction=None,
-        lr_warmup_iters=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8,
-        clip_grad=1.0, vit_lr=None, aligner_lr=None, freeze_vit=False, freeze_aligner=False,
-        freeze_llm=False, use_distributed_optimizer=True, overlap_grad_reduce=False,
-        global_batch_size=args.micro_batch_size, check_for_nan_in_loss_and_grad=True,
-        max_skipped_steps=0)
+    return TrainConfig(
+        task="sft", output_dir=args.work_dir,
+        optim=OptimConfig(lr=args.lr, min_lr=args.lr, lr_decay_style="constant",
+                          weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8,
+                          clip_grad=1.0, check_for_nan_in_loss_and_grad=True,
+                          max_skipped_steps=0),
+        freeze=FreezeConfig(freeze_vit=False, freeze_aligner=False, freeze_llm=False),
+        parallel=ParallelConfig(use_distributed_optimizer=True, overlap_grad_reduce=False),
+        schedule=ScheduleConfig(micro_batch_size=args.micro_batch_size,
+                                global_batch_size=args.micro_batch_size))
 
 
 def run_mcore_side(args: argparse.Namespace, s: Shape, hf_dir: Path) -> dict[str, Any]:

@@ -71,17 +71,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-def _unwrap(data: Any) -> tuple[DataConfig, ScheduleConfig | None]:
-    """BRIDGE (issue 10, phase A): mvlm/train/trainer.py still passes ``cfg.ns`` (a
-    :class:`mvlm.config.TrainerFlagsBridge`); it carries the whole config, whose schedule
-    makes this a training run. Removed once the trainer passes ``cfg.data``."""
-    from mvlm.config import TrainerFlagsBridge
-
-    if isinstance(data, TrainerFlagsBridge):
-        return data.config.data, data.config.schedule
-    return data, None
-
-
 def media_config(data: DataConfig) -> MediaConfig:
     from mvlm.data.media import MediaConfig
 
@@ -197,8 +186,6 @@ def build_train_dataset(data: DataConfig, processor_dir: str, *, dp_rank: int = 
     from mvlm.data.packing import PackedDataset, pack_lengths
     from mvlm.data.textrows import load_datasets  # text files read line by line
 
-    data, bridged = _unwrap(data)
-    schedule = schedule or bridged
     template = build_template(data, processor_dir)
     # one counter for encoding and the torch datasets (their loader workers' skips included):
     # TrainData.bad_samples is the whole report

@@ -38,11 +38,12 @@ def part_of(name: str, aligner_prefixes: tuple[str, ...]) -> str:
 
 def apply_freeze(bundle: ModelBundle, cfg: TrainConfig) -> dict[str, int]:
     """Set requires_grad per part; returns trainable parameter counts per part (this rank)."""
-    frozen = {"vit": cfg.freeze_vit, "aligner": cfg.freeze_aligner, "llm": cfg.freeze_llm}
+    f = cfg.freeze
+    frozen = {"vit": f.freeze_vit, "aligner": f.freeze_aligner, "llm": f.freeze_llm}
     counts = {"vit": 0, "aligner": 0, "llm": 0, "frozen": 0}
     # [issue 9 / ms-swift flags] --freeze_parameters*/--trainable_parameters* by name, after
     # the part flags (names as this rank's model chunk has them; see --freeze_parameters)
-    by_name = cfg.name_freeze_rule()
+    by_name = cfg.freeze.name_rule()
     for m in bundle.models:
         for name, p in m.named_parameters():
             part = part_of(name, bundle.family.aligner_prefixes)
@@ -57,10 +58,10 @@ def wrap_ddp(bundle: ModelBundle, cfg: TrainConfig) -> list[Any]:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     ddp_cfg = DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True, overlap_grad_reduce=cfg.overlap_grad_reduce,
-        use_distributed_optimizer=cfg.use_distributed_optimizer,
+        grad_reduce_in_fp32=True, overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
         check_for_nan_in_grad=False,
-        bucket_size=40_000_000 if cfg.overlap_grad_reduce else None)
+        bucket_size=40_000_000 if cfg.parallel.overlap_grad_reduce else None)
     out = []
     for i, m in enumerate(bundle.models):
         out.append(DistributedDataParallel(
@@ -76,17 +77,18 @@ def build_optimizer(ddp_models: list[Any], bundle: ModelBundle, cfg: TrainConfig
     from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
 
     dtype = bundle.config.params_dtype
+    o = cfg.optim
     ocfg = OptimizerConfig(
-        optimizer="adam", lr=cfg.lr, min_lr=cfg.min_lr, weight_decay=cfg.weight_decay,
-        adam_beta1=cfg.adam_beta1, adam_beta2=cfg.adam_beta2, adam_eps=cfg.adam_eps,
-        clip_grad=cfg.clip_grad, bf16=dtype == torch.bfloat16, fp16=False, params_dtype=dtype,
-        use_distributed_optimizer=cfg.use_distributed_optimizer)
+        optimizer="adam", lr=o.lr, min_lr=o.min_lr, weight_decay=o.weight_decay,
+        adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+        clip_grad=o.clip_grad, bf16=dtype == torch.bfloat16, fp16=False, params_dtype=dtype,
+        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
     from megatron.core.optimizer import get_standard_config_overrides
 
     overrides = get_standard_config_overrides(ocfg)
     prefixes = bundle.family.aligner_prefixes
-    ratio = cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
-    for part, lr in (("vit", cfg.vit_lr), ("aligner", cfg.aligner_lr)):
+    ratio = cfg.optim.min_lr / cfg.optim.lr if cfg.optim.lr > 0 else 0.0
+    for part, lr in (("vit", cfg.optim.vit_lr), ("aligner", cfg.optim.aligner_lr)):
         if lr is None:
             continue
         pred = ParamWithNamePredicate(

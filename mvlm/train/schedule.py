@@ -11,9 +11,9 @@ from mvlm.train.args import TrainConfig
 
 
 def warmup_iters(cfg: TrainConfig, train_iters: int) -> int:
-    if cfg.lr_warmup_fraction:
-        return int(cfg.lr_warmup_fraction * train_iters)
-    return min(cfg.lr_warmup_iters, train_iters)
+    if cfg.optim.lr_warmup_fraction:
+        return int(cfg.optim.lr_warmup_fraction * train_iters)
+    return min(cfg.optim.lr_warmup_iters, train_iters)
 
 
 def build_scheduler(optimizer, cfg: TrainConfig, train_iters: int):
@@ -21,9 +21,9 @@ def build_scheduler(optimizer, cfg: TrainConfig, train_iters: int):
 
     warm = warmup_iters(cfg, train_iters)
     sched = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=cfg.lr, min_lr=cfg.min_lr, lr_warmup_steps=warm,
-        lr_decay_steps=max(train_iters, warm + 1), lr_decay_style=cfg.lr_decay_style,
-        start_wd=cfg.weight_decay, end_wd=cfg.weight_decay, wd_incr_steps=train_iters,
+        optimizer, init_lr=0.0, max_lr=cfg.optim.lr, min_lr=cfg.optim.min_lr, lr_warmup_steps=warm,
+        lr_decay_steps=max(train_iters, warm + 1), lr_decay_style=cfg.optim.lr_decay_style,
+        start_wd=cfg.optim.weight_decay, end_wd=cfg.optim.weight_decay, wd_incr_steps=train_iters,
         wd_incr_style="constant", use_checkpoint_opt_param_scheduler=True,
         override_opt_param_scheduler=False)
     return sched

@@ -48,20 +48,21 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
     from mvlm.runtime.env import read_dist_env
     from mvlm.runtime.parallel import ParallelLayout
 
-    layout = ParallelLayout(**cfg.layout_kwargs)
+    layout = ParallelLayout(**cfg.parallel.layout_kwargs)
     world = read_dist_env().world_size
     layout.validate(world)
     cfg.resolve_batch(world)
-    src_dir = Path(cfg.model) if cfg.model else Path(cfg.mcore_model) / "hf"
-    meta = read_meta(Path(cfg.mcore_model)) if cfg.mcore_model else None
+    src_dir = Path(cfg.base.model) if cfg.base.model else Path(cfg.base.mcore_model) / "hf"
+    meta = read_meta(Path(cfg.base.mcore_model)) if cfg.base.mcore_model else None
     hf_config = AutoConfig.from_pretrained(src_dir)
     apply_hf_overrides(cfg, hf_config)  # [issue 9 / ms-swift flags] --moe_aux_loss_coeff
     family = get_family(hf_config.model_type)
     validate_layout(family.text_arch(hf_config), layout)
-    cfg.recompute.megatron_kwargs(family.text_arch(hf_config), layout)  # layer-count checks
+    # layer-count checks of the recompute flags
+    cfg.parallel.recompute.megatron_kwargs(family.text_arch(hf_config), layout)
     # [issue 9 / ms-swift flags] freeze_vit/aligner default to true: only explicit flags count
-    if (cfg.vit_lr is not None or cfg.aligner_lr is not None
-            or getattr(cfg.ns, "freeze_vit", None) or getattr(cfg.ns, "freeze_aligner", None)) \
+    if (cfg.optim.vit_lr is not None or cfg.optim.aligner_lr is not None
+            or cfg.freeze.freeze_vit_flag or cfg.freeze.freeze_aligner_flag) \
             and not family.is_vlm:
         raise ValueError(f"--vit_lr/--aligner_lr/--freeze_vit/--freeze_aligner: "
                          f"{hf_config.model_type} has no vision tower; drop those flags")
@@ -73,11 +74,11 @@ def log_notes(cfg: TrainConfig, plan: RunPlan, device: str) -> None:
     """Rank 0: the flag mappings, and where --attn_impl does not reach."""
     for n in cfg.notes:
         log.info("flag mapping: %s", n)
-    if cfg.attn_impl not in (None, "auto") and plan.family.is_vlm:
+    if cfg.base.attn_impl not in (None, "auto") and plan.family.is_vlm:
         from mvlm.models.vision import vision_attn_impl
 
         log.info("--attn_impl %s applies to the LLM decoder; the HF vision tower uses its "
-                 "own %s attention", cfg.attn_impl, vision_attn_impl(device))
+                 "own %s attention", cfg.base.attn_impl, vision_attn_impl(device))
 
 
 def build_bundle(cfg: TrainConfig, plan: RunPlan, device: str) -> tuple[Any, torch.dtype]:
@@ -90,11 +91,11 @@ def build_bundle(cfg: TrainConfig, plan: RunPlan, device: str) -> tuple[Any, tor
     meta = plan.meta
     default_dtype = (dtype_from_name(meta.get("dtype")) if meta else None) or \
         plan.hf_dtype or torch.float32
-    dtype = dtype_from_name(cfg.torch_dtype, default_dtype)
-    backend = choose_backend(device, cfg.transformer_impl)
+    dtype = dtype_from_name(cfg.base.torch_dtype, default_dtype)
+    backend = choose_backend(device, cfg.base.transformer_impl)
     bundle = build_model(plan.hf_config, plan.layout, dtype=dtype, device=device,
-                         backend=backend, sequence_parallel=cfg.sequence_parallel,
-                         recompute=cfg.recompute, attn_impl=cfg.attn_impl or "auto",
+                         backend=backend, sequence_parallel=cfg.parallel.sequence_parallel,
+                         recompute=cfg.parallel.recompute, attn_impl=cfg.base.attn_impl or "auto",
                          perform_initialization=False,
                          vocab_padded=meta["vocab_padded"] if meta else None)
     return bundle, dtype
@@ -103,14 +104,14 @@ def build_bundle(cfg: TrainConfig, plan: RunPlan, device: str) -> tuple[Any, tor
 def load_initial_weights(cfg: TrainConfig, bundle: Any) -> None:
     """The starting weights: the HF checkpoint (--model), else the mcore one (--mcore_model;
     either layer spec's checkpoints, format 1 and 2, TE _extra_state)."""
-    if cfg.model:
+    if cfg.base.model:
         from mvlm.convert.bridge import load_hf_weights
 
-        load_hf_weights(bundle, cfg.model)
+        load_hf_weights(bundle, cfg.base.model)
     else:
         from mvlm.convert.mcore_ckpt import load_model_weights
 
-        load_model_weights(bundle, Path(cfg.mcore_model))
+        load_model_weights(bundle, Path(cfg.base.mcore_model))
 
 
 def teardown(own_pg: bool) -> None:

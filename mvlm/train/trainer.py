@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -122,20 +122,20 @@ class Trainer:
         from mvlm.train.optim import apply_freeze
 
         bundle, dtype = build_bundle(cfg, plan, runtime.device)
-        resume_from = ckpt.find_resume(cfg.resume, plan.out_dir)
+        resume_from = ckpt.find_resume(cfg.ckpt.resume, plan.out_dir)
         if runtime.rank == 0:  # a save killed mid-write leaves staging dirs: reclaim the space
             from mvlm.train.signals import remove_stale_checkpoint_dirs
 
             for name in remove_stale_checkpoint_dirs(plan.out_dir):
                 log.info("removed %s (partial checkpoint of a killed save)", plan.out_dir / name)
-        adapter_run = cfg.ns.train_type != "full"  # mvlm.tuners: checkpoints hold adapters only
+        adapter_run = cfg.tuner.train_type != "full"  # mvlm.tuners: checkpoints hold adapters only
         if resume_from is None or adapter_run:
             load_initial_weights(cfg, bundle)
         counts = apply_freeze(bundle, cfg)
         if adapter_run:  # mvlm.tuners: after weights + freeze flags, before DDP/optimizer
             from mvlm.tuners.train_hooks import setup_adapters
 
-            report = setup_adapters(bundle, cfg.ns)
+            report = setup_adapters(bundle, cfg)
             counts = {"adapters": report.trainable, "total": report.total}
             if runtime.rank == 0:
                 log.info("%s", report)
@@ -175,19 +175,19 @@ class Trainer:
 
         cfg = self.cfg
         dp = parallel_state.get_data_parallel_world_size()
-        self.data = build_train_dataset(cfg.ns, str(plan.src_dir), dp_size=dp,
+        s = cfg.schedule
+        self.data = build_train_dataset(cfg.data, str(plan.src_dir), dp_size=dp, schedule=s,
                                         dp_rank=parallel_state.get_data_parallel_rank())
         self.pad_id = self.data.pad_token_id
-        self.num_microbatches = cfg.global_batch_size // (cfg.micro_batch_size * dp)
-        self.train_iters = cfg.train_iters
+        self.num_microbatches = s.global_batch_size // (s.micro_batch_size * dp)
+        self.train_iters = s.train_iters
         if self.train_iters is None:
             n = _sized(self.data.train, "--num_train_epochs", "pass --train_iters")
-            self.train_iters = iterations_for_epochs(cfg.num_train_epochs, n,
-                                                     cfg.global_batch_size)
+            self.train_iters = iterations_for_epochs(s.num_train_epochs, n, s.global_batch_size)
         # [issue 9 / ms-swift flags] --save_strategy epoch: save + eval at each epoch's last step
-        if cfg.save_strategy == "epoch":
+        if cfg.ckpt.save_strategy == "epoch":
             n = _sized(self.data.train, "--save_strategy epoch", "use --save_steps")
-            self.epoch_ends = epoch_end_steps(n, cfg.global_batch_size, self.train_iters)
+            self.epoch_ends = epoch_end_steps(n, s.global_batch_size, self.train_iters)
 
     def build_scheduler(self, train_iters: int) -> None:
         """The LR schedule over ``train_iters`` steps (resume restores its state afterwards)."""
@@ -202,10 +202,10 @@ class Trainer:
         from mvlm.data.encode import build_dataloader
 
         pad_mult = 2 * self.layout.cp if self.layout.cp > 1 else 1
-        if self.cfg.sequence_parallel:
+        if self.cfg.parallel.sequence_parallel:
             pad_mult *= self.layout.tp
         return build_dataloader(
-            self.data, split=split, micro_batch_size=self.cfg.micro_batch_size,
+            self.data, split=split, micro_batch_size=self.cfg.schedule.micro_batch_size,
             dp_rank=parallel_state.get_data_parallel_rank(),
             dp_size=parallel_state.get_data_parallel_world_size(), pad_to_multiple_of=pad_mult,
             cp_size=self.layout.cp if self.data.packing else 1, **kw)
@@ -214,8 +214,8 @@ class Trainer:
         cfg = self.cfg
         self._data_iter = iter(self._loader(
             consumed_samples=self.consumed, seed=cfg.seed,
-            shuffle=getattr(cfg.ns, "dataset_shuffle", True),
-            num_workers=cfg.dataloader_num_workers))
+            shuffle=cfg.data.dataset_shuffle,
+            num_workers=cfg.data.dataloader_num_workers))
 
     def build_frozen_model(self) -> Any:
         """A second copy of the run's starting weights on the same layout, frozen, in eval
@@ -225,8 +225,8 @@ class Trainer:
         b = self.bundle
         ref = build_model(b.hf_config, self.layout, dtype=b.config.params_dtype,
                           device=self.device, backend=b.backend,
-                          sequence_parallel=self.cfg.sequence_parallel,
-                          attn_impl=getattr(self.cfg, "attn_impl", None) or "auto",
+                          sequence_parallel=self.cfg.parallel.sequence_parallel,
+                          attn_impl=self.cfg.base.attn_impl or "auto",
                           perform_initialization=False, vocab_padded=b.vocab_padded)
         load_initial_weights(self.cfg, ref)
         ref.config.calculate_per_token_loss = True
@@ -283,14 +283,14 @@ class Trainer:
         # Raises NonFiniteLossError (same on every rank) before a bad update is applied.
         upd = steps.checked_optimizer_step(
             self.optimizer, self.ddp_models, self.step + 1, stats.loss, self.skipped,
-            self.cfg.max_skipped_steps, check=self.cfg.check_for_nan_in_loss_and_grad)
+            self.cfg.optim.max_skipped_steps, check=self.cfg.optim.check_for_nan_in_loss_and_grad)
         lr = _current_lr(self.optimizer)
         if upd.applied:
             self.scheduler.step(increment=1)
         else:  # Megatron's convention: a skipped update does not advance the LR schedule
             self.skipped += 1
         self.step += 1
-        self.consumed += self.cfg.global_batch_size
+        self.consumed += self.cfg.schedule.global_batch_size
         tok = torch.tensor([local_tokens], dtype=torch.float64)
         dist.all_reduce(tok, group=self._dp_group)
         return StepOutput(stats, upd, lr, float(tok[0]))
@@ -302,13 +302,14 @@ class Trainer:
 
         if self.data is None or self.data.val is None:
             return None
-        per_round = self.cfg.micro_batch_size * parallel_state.get_data_parallel_world_size()
+        per_round = self.cfg.schedule.micro_batch_size * \
+            parallel_state.get_data_parallel_world_size()
         n_val = _len_or_none(self.data.val)
         if n_val is not None and n_val < per_round:
             return None
         rounds = (n_val // per_round) if n_val is not None else self.num_microbatches
-        if self.cfg.eval_iters:
-            rounds = min(rounds, self.cfg.eval_iters * self.num_microbatches)
+        if self.cfg.eval.eval_iters:
+            rounds = min(rounds, self.cfg.eval.eval_iters * self.num_microbatches)
         vit = iter(self._loader("val", shuffle=False, num_epochs=1))
         totals = torch.zeros(2 * len(self.objective.metrics), dtype=torch.float64)
         for m in self.ddp_models:
@@ -339,7 +340,7 @@ class Trainer:
             self.out_dir, at, self.bundle, self.optimizer, self.scheduler, self.layout,
             self.src_dir, {"consumed_samples": self.consumed, "skipped_steps": self.skipped,
                            "train_iters": self.train_iters, "task": cfg.task},
-            save_total_limit=cfg.save_total_limit, save_optim=cfg.save_optim)
+            save_total_limit=cfg.ckpt.save_total_limit, save_optim=cfg.ckpt.save_optim)
         if self.rank == 0:
             log.info("saved %s", path)
         self.last_saved = path
@@ -366,10 +367,10 @@ class Trainer:
             self._log_step(out, time.time() - t0)
             result.losses.append(out.stats.loss)
             result.grad_norms.append(out.update.grad_norm)
-            if self._due(self.cfg.eval_interval):
+            if self._due(self.cfg.eval.eval_interval):
                 self._log_eval()
             result.step, result.consumed_samples = self.step, self.consumed
-            if self._due(self.cfg.save_interval):
+            if self._due(self.cfg.ckpt.save_interval):
                 self.save()
             if self._stop_requested(result):
                 return result
@@ -384,10 +385,10 @@ class Trainer:
 
         cfg = self.cfg
         self._tlog = TrainLogger(self.out_dir, self.train_iters, self.step, self.rank,
-                                 cfg.report_to, tb_dir=cfg.logging_dir,
-                                 run_name=cfg.wandb_exp_name, project=cfg.wandb_project,
-                                 config={k: v for k, v in vars(cfg).items() if k != "ns"},
-                                 disable_bar=cfg.disable_tqdm)
+                                 cfg.log.report_to, tb_dir=cfg.log.logging_dir,
+                                 run_name=cfg.log.wandb_exp_name, project=cfg.log.wandb_project,
+                                 config=asdict(cfg),
+                                 disable_bar=cfg.log.disable_tqdm)
         self._stopper = PreemptionHandler(device=None)
         try:
             self._stopper.install()
@@ -400,7 +401,7 @@ class Trainer:
         from mvlm.train.logging import bad_samples_fields
 
         s, last = self.step, self.step == self.train_iters
-        if s % self.cfg.log_interval == 0 or last:
+        if s % self.cfg.log.log_interval == 0 or last:
             upd = out.update
             self._tlog.log({
                 "step": s, "loss": out.stats.loss, "lr": out.lr, "grad_norm": upd.grad_norm,
@@ -422,8 +423,8 @@ class Trainer:
         """--exit_interval or a preemption signal (agreed by all ranks): save, mark, close."""
         from mvlm.train.signals import EXIT_PREEMPTED
 
-        stop = self.cfg.exit_interval is not None and self.step % self.cfg.exit_interval == 0 \
-            and self.step < self.train_iters
+        every = self.cfg.ckpt.exit_interval
+        stop = every is not None and self.step % every == 0 and self.step < self.train_iters
         preempted = self._stopper is not None and self._stopper.should_stop()
         if not (stop or preempted):
             return False
@@ -445,18 +446,18 @@ class Trainer:
         self._tlog.close()
         if self.rank == 0:  # [issue 16 / data] the skip count, once, at the end of training
             log.info("bad samples: %s (rank 0's data pipeline; --on_bad_sample %s)",
-                     self.data.bad_samples.summary(), getattr(cfg.ns, "on_bad_sample", "error"))
-        if cfg.eval_interval and (self.step % cfg.eval_interval):
+                     self.data.bad_samples.summary(), cfg.data.on_bad_sample)
+        if cfg.eval.eval_interval and (self.step % cfg.eval.eval_interval):
             ev = self.evaluate()
             if ev is not None and self.rank == 0:
                 TrainLogger(self.out_dir, self.train_iters, self.step, self.rank, [],
                             disable_bar=True).log({"step": self.step, **ev})
-        if cfg.ns.save_final_checkpoint and (
+        if cfg.ckpt.save_final_checkpoint and (
                 self.last_saved is None
                 or self.last_saved.name != ckpt.checkpoint_name(self.step)):
             self.save()
         result.checkpoint = self.last_saved
-        if cfg.save_safetensors:
+        if cfg.ckpt.save_safetensors:
             result.hf_dir = self.export()
         if self._stopper is not None:
             self._stopper.uninstall()
@@ -470,7 +471,7 @@ class Trainer:
         if self.adapter_run:
             from mvlm.tuners.train_hooks import export_adapters
 
-            hf_out = export_adapters(self.bundle, self.cfg.ns, self.src_dir, self.out_dir,
+            hf_out = export_adapters(self.bundle, self.cfg, self.src_dir, self.out_dir,
                                      self.export_dtype)
         else:
             hf_out = self.out_dir / "hf"
@@ -509,7 +510,7 @@ def train(cfg: TrainConfig, objective: Objective | None = None) -> TrainResult:
 
     plan = plan_run(cfg)  # everything that can fail cheaply, before any process group
     own_pg = not dist.is_initialized()
-    runtime = startup(plan.layout, seed=cfg.seed, device=cfg.device)
+    runtime = startup(plan.layout, seed=cfg.seed, device=cfg.base.device)
     if runtime.rank == 0:
         log_notes(cfg, plan, runtime.device)
     try:

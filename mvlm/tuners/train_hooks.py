@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     import torch
 
-    from mvlm.config import TrainConfig, TrainerFlagsBridge, TunerConfig
+    from mvlm.config import TrainConfig, TunerConfig
     from mvlm.models.vlm import ModelBundle
     from mvlm.tuners.model import AdapterConfig, AdapterReport
 
@@ -104,21 +104,12 @@ def adapter_config(tuner: TunerConfig, *, freeze_vit: bool, seed: int) -> Adapte
         include_vision=tt != "lora_llm" and not freeze_vit, seed=seed)
 
 
-def _run_config(cfg: TrainConfig | TrainerFlagsBridge) -> TrainConfig:
-    """BRIDGE (issue 10, phase A): mvlm/train/trainer.py still passes ``cfg.ns``; it carries
-    the config. Removed once the trainer passes ``cfg``."""
-    from mvlm.config import TrainerFlagsBridge
-
-    return cfg.config if isinstance(cfg, TrainerFlagsBridge) else cfg
-
-
 def setup_adapters(bundle: ModelBundle, cfg: TrainConfig) -> AdapterReport | None:
     """Apply (and optionally load) adapters. ``lora``/``dora``: every base tensor frozen except
     modules_to_save. ``lora_llm``: the LLM base is frozen and adapted, the vision tower and
     aligner keep the trainer's freeze flags (so they can be trained in full)."""
     from mvlm.tuners.model import apply_adapters
 
-    cfg = _run_config(cfg)
     tuner = cfg.tuner
     acfg = adapter_config(tuner, freeze_vit=cfg.freeze.freeze_vit, seed=cfg.seed)
     if acfg is None:
@@ -166,7 +157,6 @@ def export_adapters(bundle: ModelBundle, cfg: TrainConfig, src_dir: Path, out_di
     the same AdapterConfig :func:`setup_adapters` applied, rebuilt from the config)."""
     from mvlm.tuners.peft_io import export_merged_hf, export_peft_adapter
 
-    cfg = _run_config(cfg)
     if cfg.tuner.merge_lora:
         out = out_dir / "hf"
         export_merged_hf(bundle, src_dir, out, dtype, overwrite=True)

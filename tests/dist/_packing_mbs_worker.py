@@ -64,7 +64,8 @@ def model_case(spec: dict, case: dict) -> dict:
     ddp = wrap_ddp(bundle, cfg)
     dp = parallel_state.get_data_parallel_world_size()
     dp_rank = parallel_state.get_data_parallel_rank()
-    data = build_train_dataset(cfg.ns, spec["model"], dp_rank=dp_rank, dp_size=dp)
+    data = build_train_dataset(cfg.data, spec["model"], dp_rank=dp_rank, dp_size=dp,
+                               schedule=cfg.schedule)
     pad_mult = (2 * cp if cp > 1 else 1) * (tp if sp else 1)  # as the trainer computes it
     fb = get_forward_backward_func()
     forward_step = get_objective("sft").forward_step
