@@ -152,25 +152,10 @@ def test_te_spec_refuses_untied_biases():
         te_layer_spec(config)
 
 
-# ---- end to end: test-only families -----------------------------------------------------------
-_COMMON = dict(vocab_size=1000, hidden_size=128, num_attention_heads=8, num_key_value_heads=4,
-               intermediate_size=256, num_hidden_layers=2, max_position_embeddings=512)
-E2E = ("starcoder2", "nemotron")
-
-
-def _hf_config(name: str):
-    import transformers
-
-    if name == "starcoder2":
-        return transformers.Starcoder2Config(**_COMMON, sliding_window=None,
-                                             hidden_act="gelu_pytorch_tanh", use_bias=True)
-    return transformers.NemotronConfig(**_COMMON, partial_rotary_factor=0.5, hidden_act="relu2",
-                                       attention_bias=True, mlp_bias=False,
-                                       tie_word_embeddings=False)
-
-
+# ---- end to end: test-only families (tests/arch_families.py) ---------------------------------
 @pytest.mark.timeout(600)
 def test_options_end_to_end_against_transformers(tmp_path):
+    from arch_families import NAMES
     from helpers import assert_same_tensors
 
     spec = tmp_path / "spec.json"
@@ -180,7 +165,7 @@ def test_options_end_to_end_against_transformers(tmp_path):
                        timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
     assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-8000:]
     res = json.loads(out.read_text())
-    for name in E2E:
+    for name in NAMES:
         arch = res[name]["arch"]
         print(f"{name}: max|dlogits| {res[name]['dlogits']:.3e} loss mcore "
               f"{res[name]['loss'][0]:.6f} hf {res[name]['loss'][1]:.6f}; {arch}")
@@ -199,57 +184,22 @@ def test_options_end_to_end_against_transformers(tmp_path):
     assert nem["attn_out_bias"] and not nem["mlp_bias"]
 
 
-def starcoder2_weights(hf_config, arch):
-    from mvlm.models.decoder_table import HFNames, decoder_table
-
-    return decoder_table(arch, names=HFNames(up="mlp.c_fc", down="mlp.c_proj"))
-
-
-def nemotron_weights(hf_config, arch):
-    from mvlm.models.decoder_table import decoder_table
-
-    return decoder_table(arch)
-
-
-def _register_test_families() -> None:
-    from mvlm.models.hf_text import llama_style_arch
-    from mvlm.models.registry import FamilySpec, register
-
-    def sc2(c):
-        return llama_style_arch(c, normalization="LayerNorm", norm_eps_field="norm_epsilon",
-                                gated_mlp=False, qkv_bias=c.use_bias, attn_out_bias=c.use_bias,
-                                mlp_bias=c.use_bias)
-
-    def nem(c):
-        return llama_style_arch(c, normalization="LayerNorm", norm_eps_field="norm_eps",
-                                norm_zero_centered_gamma=True, gated_mlp=False,
-                                partial_rotary=True)
-
-    # template / tiny are never asked for by convert; they point at an existing family's parts
-    for name, arch, cls in (("starcoder2", sc2, "Starcoder2ForCausalLM"),
-                            ("nemotron", nem, "NemotronForCausalLM")):
-        register(FamilySpec(name=f"test_{name}", model_types=(name,), hf_model_class=cls,
-                            text_arch=arch, weights=f"__main__:{name}_weights",
-                            template="mvlm.models.qwen2.template:Qwen2Template",
-                            tiny="mvlm.models.qwen2.tiny:TINY"))
-
-
 def _worker(spec_path: str) -> None:
     import argparse
     import dataclasses
     import logging
 
-    import transformers
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: arch_families
+    import arch_families
 
     from mvlm.convert import verify
     from mvlm.convert.command import add_convert_args, run_convert
     from mvlm.models.registry import get_family
-    from mvlm.testing.tiny_models import _randomize_
 
     logging.basicConfig(level=logging.WARNING)
     spec = json.loads(Path(spec_path).read_text())
     root = Path(spec["root"])
-    _register_test_families()
+    arch_families.register()
     seen: list = []
     orig = verify.verify_against_hf
 
@@ -266,11 +216,9 @@ def _worker(spec_path: str) -> None:
         run_convert(p.parse_args(argv))
 
     res = {}
-    for name in E2E:
-        cfg = _hf_config(name)
-        model = transformers.AutoModelForCausalLM.from_config(cfg).float()
-        _randomize_(model, 0)
-        model.save_pretrained(root / name / "hf")
+    for name in arch_families.NAMES:
+        cfg = arch_families.hf_config(name)
+        arch_families.build(name, root / name / "hf")
         seen.clear()
         convert(["--to", "mcore", "--model", str(root / name / "hf"), "--output",
                  str(root / name / "mcore"), "--verify", "--device", "cpu"])
