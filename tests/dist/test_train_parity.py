@@ -71,8 +71,7 @@ def write_data(root: Path) -> tuple[Path, Path]:
     rows = [json.loads(x) for x in demo.train.read_text().splitlines()]
     for r in rows:
         r["images"] = [str((demo.train.parent / p).resolve()) for p in r["images"]]
-    # Equal token lengths: EP ranks then need no padding, whose tokens would reach the MoE
-    # router's aux loss and make EP2 differ from one rank for reasons other than parallelism.
+    # Equal token lengths: no layout pads these rows (padded MoE rows: test_train_parity_more).
     text = [{"messages": [{"role": "user", "content": f"Say the number {i} twice."},
                           {"role": "assistant", "content": f"{i} {i}"}]}
             for i in range(8)]
