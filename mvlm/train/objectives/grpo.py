@@ -1,0 +1,448 @@
+"""``grpo``: the GRPO family (every ``--loss_type``, advantage estimator and importance-sampling
+level of :mod:`mvlm.rl.grpo_loss`) on the Trainer, rolling out with the built-in engine.
+
+The Trainer's loop does not know it is running RL: everything method-specific happens in the two
+hooks of the Objective interface.
+
+:meth:`GRPOObjective.prepare_step` (before each step's schedule) turns the loader's prompt
+micro-batches (data task ``rl``: the prompt ending with the generation prompt, no labels) into
+training micro-batches:
+
+1. **Rollout** on the current policy (:class:`~mvlm.rl.rollout.builtin.BuiltinRolloutEngine` on
+   the training model's own chunks: no weight copy, no sync) -- ``--num_generations``
+   completions per prompt, each with the engine's per-token log-probs.
+2. **Rows**: prompt + completion per row, right-padded to the step's longest row; ``labels``
+   are the completion tokens at the position that predicts them (Megatron's next-token
+   alignment), so the per-token output of a forward is minus the log-prob of each sampled token.
+   The trainer's log-probs are tempered like the engine's (``log_softmax(logits / temperature)``,
+   TRL's and ms-swift's convention): :func:`tempered_output` replaces the model's loss head.
+3. **Trainer log-probs of the rollout policy** (one no-grad pass, eval mode) before any update:
+   they are the ``old`` log-probs of the clipped ratio when ``--num_iterations`` > 1, and they are
+   compared with the engine's on every rollout -- ``token_mult_prob_error`` = mean
+   exp|dlogp|, ``logp_abs_diff_max`` -- stopping the run above ``--max_logprob_mismatch``
+   before the first update on that batch.
+4. **Reference log-probs** when ``--beta`` != 0: the policy with its adapters off under LoRA,
+   else a frozen copy of the starting weights (``Trainer.build_frozen_model``).
+5. **Rewards** on the decoded completions, **advantages** over the whole rollout batch (rewards
+   all-gathered over the data-parallel group, every rank keeps its slice), DAPO's
+   ``--overlong_filter`` on the loss mask.
+6. **Global denominators** (:class:`~mvlm.rl.grpo_loss.LossDenominators`): loss tokens and
+   completions of the whole step, summed over micro-batches and all-reduced over DP, so every
+   layout computes the same loss.
+
+With ``--num_iterations`` k, one rollout batch is trained on for k consecutive optimizer steps
+(the ratio to the rollout policy is then no longer 1 after the first); the loader's prompt
+batches of the k-1 reusing steps are not rolled out (the data advances by one global batch per
+optimizer step, as for every objective).
+
+Reduction (the Trainer's per-unit contract): ``grpo_loss`` returns each micro-batch's share of
+the step loss, already divided by the global counts. The unit reported to Megatron is the
+completion: ``loss_sum = share * N_seq`` (``N_seq`` = the step's completions over DP) and
+``count`` = the micro-batch's completions, so Megatron's division by the summed count gives back
+the sum of the shares -- the step loss, identical on every layout.
+
+Step metrics (ms-swift / TRL names; written to ``logging.jsonl``): ``reward``, ``reward_std``,
+``rewards/<func>/mean|std``, ``frac_reward_zero_std``, ``completions/mean_length|min_length|
+max_length|clipped_ratio``, ``token_mult_prob_error``, ``logp_abs_diff_max``, ``time/rollout_s``
+and ``time/logps_s`` (the no-grad passes; the rest of ``step_time_s`` is the update), and from the
+loss ``kl``, ``clip_ratio/low_mean|high_mean|region_mean`` (or ``clip_ratio/cispo``),
+``ratio/mean``, ``rollout_is/*`` with ``--rollout_importance_sampling_mode``.
+
+Refused with a message (not silently ignored): context parallelism (the built-in engine does not
+generate under CP), prompts with images (the per-prompt media split is not wired here yet),
+``--dynamic_sample`` and CHORD.
+"""
+from __future__ import annotations
+
+import contextlib
+import time
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torch.distributed as dist
+
+from mvlm.train.objectives.base import LossOutput, Objective, token_logps
+from mvlm.train.steps import model_forward, unwrap
+
+if TYPE_CHECKING:
+    from mvlm.rl.flags import GRPOConfigs
+    from mvlm.rl.rollout.base import RolloutGroup, SamplingParams
+    from mvlm.train.trainer import Trainer
+
+STEP_METRICS = ("reward", "reward_std", "frac_reward_zero_std", "completions/mean_length",
+                "completions/min_length", "completions/max_length", "completions/clipped_ratio",
+                "token_mult_prob_error", "logp_abs_diff_max", "time/rollout_s", "time/logps_s")
+
+
+def tempered_output(model: Any, batch: dict, temperature: float) -> torch.Tensor:
+    """Per-token ``-log_softmax(logits / temperature)[label]`` (0 where ``labels < 0``) on the
+    last stage, hidden states before it: the model's own loss head with the logits tempered
+    first, as the rollout engine tempers them (vocab-parallel cross-entropy on TP shards)."""
+    from megatron.core import tensor_parallel
+
+    out = model_forward(model, {k: v for k, v in batch.items() if k != "labels"})
+    if not unwrap(model).post_process:
+        return out
+    labels = batch["labels"]
+    logits = out.float()
+    if temperature != 1.0:
+        logits = logits / temperature
+    ce = tensor_parallel.vocab_parallel_cross_entropy(
+        logits.transpose(0, 1).contiguous(), labels.clamp(min=0).transpose(0, 1).contiguous())
+    return ce.transpose(0, 1).contiguous() * (labels >= 0)
+
+
+def _dp() -> tuple[int, int, Any]:
+    from megatron.core import parallel_state
+
+    return (parallel_state.get_data_parallel_world_size(),
+            parallel_state.get_data_parallel_rank(), parallel_state.get_data_parallel_group())
+
+
+def _all_gather_rows(x: torch.Tensor, group: Any, size: int) -> torch.Tensor:
+    """Concatenate equal-shaped per-rank tensors along dim 0, in DP-rank order."""
+    if size == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(size)]
+    dist.all_gather(parts, x.contiguous(), group=group)
+    return torch.cat(parts)
+
+
+class GRPOObjective(Objective):
+    """GRPO-family training with on-the-fly rollouts (see the module docstring)."""
+
+    name = "grpo"
+    batch_keys: ClassVar[tuple[str, ...]] = ("input_ids", "position_ids", "attention_mask")
+
+    def __init__(self, cfgs: GRPOConfigs, sampling: SamplingParams, num_iterations: int = 1,
+                 reference: str = "auto", engine_seed: int = 0,
+                 extra_rewards: tuple = ()) -> None:
+        from mvlm.rl.rewards import build_rewards
+
+        if num_iterations < 1:
+            raise ValueError(f"--num_iterations {num_iterations} must be >= 1")
+        if cfgs.dynamic_sample:
+            raise ValueError("--dynamic_sample is not wired into the GRPO objective yet: drop it "
+                             "(mvlm.rl.advantages.DynamicSampleBuffer holds the logic)")
+        if cfgs.chord.chord_sft_dataset:
+            raise ValueError("CHORD (--chord_sft_dataset) is not wired into the GRPO objective "
+                             "yet: drop the chord flags")
+        if reference not in ("auto", "copy", "adapters"):
+            raise ValueError(f"reference must be auto, copy or adapters, got {reference!r}")
+        if cfgs.advantages.num_generations != sampling.num_generations:
+            raise ValueError("advantage groups and rollout groups differ: build both from "
+                             "--num_generations")
+        self.cfgs, self.sampling, self.num_iterations = cfgs, sampling, num_iterations
+        self.reference, self.engine_seed = reference, engine_seed
+        self.rewards = build_rewards(cfgs.rewards, extra=extra_rewards)
+        self.temperature = sampling.temperature if sampling.temperature > 0 else 1.0
+        lc = cfgs.loss
+        self.needs_ref = lc.beta != 0.0
+        loss_m = ["ratio/mean"]
+        loss_m += (["clip_ratio/cispo"] if lc.loss_type == "cispo" else [] if
+                   lc.loss_type == "sapo" else
+                   ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"])
+        if self.needs_ref:
+            loss_m.append("kl")
+        if lc.rollout_importance_sampling_mode:
+            loss_m += ["rollout_is/weight_mean", "rollout_is/clipped_frac"]
+        self.loss_metrics = tuple(loss_m)
+        per_func = tuple(f"rewards/{n}/{s}" for n in self.rewards.names for s in ("mean", "std"))
+        self.step_metrics = STEP_METRICS + per_func
+        self.metrics = ("loss",) + self.loss_metrics + self.step_metrics
+        self.ref: Any = None
+        self.engine: Any = None
+        self.tokenizer: Any = None
+        self._buffer: list[dict] | None = None
+        self._uses = 0
+
+    # ---- set-up --------------------------------------------------------------------------------
+    def setup(self, trainer: Trainer) -> None:
+        from mvlm.rl.rollout.builtin import (
+            BuiltinRolloutEngine,
+            eos_token_ids_from_hf_dir,
+            media_placeholder_token_ids,
+        )
+        from mvlm.tuners.model import adapters
+
+        if trainer.layout.cp > 1:
+            raise ValueError("GRPO with the built-in rollout engine runs without context "
+                             "parallelism: use --context_parallel_size 1")
+        has_adapters = bool(adapters(trainer.bundle))
+        mode = self.reference
+        if mode == "auto":
+            mode = "adapters" if has_adapters else "copy"
+        if mode == "adapters" and not has_adapters:
+            raise ValueError("the reference is the adapter-free policy, but the model has no "
+                             "adapters: train with --train_type lora, or use a frozen copy")
+        self.reference = mode
+        if self.needs_ref and mode == "copy":
+            self.ref = trainer.build_frozen_model()
+        _, dp_rank, _ = _dp()
+        src = trainer.src_dir
+        if src is None:
+            raise ValueError("GRPO needs the model's HF directory (stop tokens, tokenizer): build "
+                             "the Trainer with src_dir")
+        self.engine = BuiltinRolloutEngine(trainer.bundle, eos_token_ids_from_hf_dir(src),
+                                           pad_token_id=trainer.pad_id,
+                                           seed=self.engine_seed * 1009 + dp_rank)
+        suppress = tuple(media_placeholder_token_ids(trainer.bundle))
+        if suppress:
+            self.sampling.suppress_token_ids = tuple(self.sampling.suppress_token_ids) + suppress
+        self.tokenizer = trainer.data.template.tokenizer if trainer.data is not None else None
+
+    # ---- before each step ----------------------------------------------------------------------
+    def model_output(self, model: Any, batch: dict) -> torch.Tensor:
+        return tempered_output(model, batch, self.temperature)
+
+    def prepare_step(self, trainer: Trainer, batches: list[dict]) -> list[dict]:
+        training = trainer.ddp_models[0].training
+        if training and self._buffer is not None and self._uses < self.num_iterations:
+            self._uses += 1
+            reuse = [dict(b) for b in self._buffer]
+            if "step_reports" in reuse[0]:  # describes the same rollout; no rollout time now
+                r = reuse[0]["step_reports"].clone()
+                for k in ("time/rollout_s", "time/logps_s"):
+                    r[self.step_metrics.index(k)] = 0.0
+                reuse[0]["step_reports"] = r
+            return reuse
+        out = self.rollout_batches(trainer, batches)
+        if training:
+            self._buffer, self._uses = out, 1
+        return out
+
+    def _prompts(self, batches: list[dict]) -> list[Any]:
+        from mvlm.rl.rollout.base import RolloutPrompt
+
+        media = sorted(k for b in batches for k in unwrap_family_keys(b) if b.get(k) is not None)
+        if media:
+            raise ValueError(f"GRPO prompts with media ({media}) are not wired into the GRPO "
+                             "objective yet: use text prompts")
+        prompts = []
+        for b in batches:
+            lens = b["attention_mask"].sum(-1).tolist()
+            for row, n in zip(b["input_ids"].cpu(), lens):
+                prompts.append(RolloutPrompt(input_ids=row[:int(n)].tolist()))
+        return prompts
+
+    def rollout_batches(self, trainer: Trainer, batches: list[dict]) -> list[dict]:
+        """Roll out, score, build the training micro-batches (see the module docstring)."""
+        t0 = time.time()
+        prompts = self._prompts(batches)
+        groups = self.engine.generate(prompts, self.sampling)
+        t_roll = time.time() - t0
+        per_mb = [len(b["input_ids"]) for b in batches]
+        out = self._rows(trainer, prompts, groups, per_mb)
+        t1 = time.time()
+        old = self._logps(trainer, out, reference=False)
+        ref = self._logps(trainer, out, reference=True) if self.needs_ref else None
+        t_lp = time.time() - t1
+        mism = self._mismatch(old, out)
+        from mvlm.rl.grpo_loss import LossDenominators, check_logprob_mismatch
+
+        check_logprob_mismatch({"token_mult_prob_error": mism[0], "logp_abs_diff_max": mism[1]},
+                               self.cfgs.max_logprob_mismatch)
+        comps = [c for g in groups for c in g.completions]
+        adv, rmetrics = self._advantages(trainer, comps, old, ref, out)
+        dp_size, dp_rank, dp_group = _dp()
+        denoms = LossDenominators.from_masks([b["completion_mask"] for b in out],
+                                             group=dp_group if dp_size > 1 else None)
+        start = 0
+        for i, b in enumerate(out):
+            n = len(b["input_ids"])
+            b["advantages"] = adv[start:start + n].to(b["input_ids"].device)
+            start += n
+            b["denoms"] = denoms
+            if old and self.num_iterations > 1:
+                b["old_logps"] = old[i]
+            if ref:
+                b["ref_logps"] = ref[i]
+        lengths = torch.tensor([len(c.token_ids) for c in comps], dtype=torch.float64)
+        clipped = torch.tensor([c.stop_reason == "length" for c in comps], dtype=torch.float64)
+        lengths_all = _all_gather_rows(lengths, dp_group, dp_size)
+        clipped_all = _all_gather_rows(clipped, dp_group, dp_size)
+        vals = {"completions/mean_length": float(lengths_all.mean()),
+                "completions/min_length": float(lengths_all.min()),
+                "completions/max_length": float(lengths_all.max()),
+                "completions/clipped_ratio": float(clipped_all.mean()),
+                "token_mult_prob_error": mism[0], "logp_abs_diff_max": mism[1],
+                "time/rollout_s": t_roll, "time/logps_s": t_lp, **rmetrics}
+        if dp_rank == 0:  # reported once per step: DP rank 0's first micro-batch
+            out[0]["step_reports"] = torch.tensor([vals[k] for k in self.step_metrics],
+                                                  dtype=torch.float64)
+        return out
+
+    def _rows(self, trainer: Trainer, prompts: list[Any], groups: list[RolloutGroup],
+              per_mb: list[int]) -> list[dict]:
+        """Prompt + completion rows, ``num_generations`` per prompt, in micro-batches of the
+        loader's prompts x the group size, all padded to one length (PP needs one)."""
+        from mvlm.rl.rollout.builtin import sequence_positions
+
+        k = self.sampling.num_generations
+        rows = []
+        for g in groups:
+            p = list(prompts[g.prompt_index].input_ids)
+            for c in g.completions:
+                rows.append((p, c))
+        seq = max(len(p) + len(c.token_ids) for p, c in rows)
+        mult = trainer.layout.tp if trainer.cfg.parallel.sequence_parallel else 1
+        seq = -(-seq // mult) * mult
+        pad = int(trainer.pad_id if trainer.pad_id is not None else self.engine.pad_token_id)
+        dev = trainer.device
+        out, start = [], 0
+        for n_prompts in per_mb:
+            chunk = rows[start:start + n_prompts * k]
+            start += n_prompts * k
+            b = len(chunk)
+            ids = torch.full((b, seq), pad, dtype=torch.long)
+            labels = torch.full((b, seq), -100, dtype=torch.long)
+            pos = torch.zeros((3, b, seq), dtype=torch.long)
+            att = torch.zeros((b, seq), dtype=torch.bool)
+            roll = torch.zeros((b, seq), dtype=torch.float32)
+            samp = torch.zeros((b, seq), dtype=torch.float32)
+            trunc = torch.zeros(b, dtype=torch.bool)
+            for i, (p, c) in enumerate(chunk):
+                full = p + list(c.token_ids)
+                n, P, T = len(full), len(p), len(c.token_ids)
+                ids[i, :n] = torch.tensor(full)
+                labels[i, P - 1:P - 1 + T] = torch.tensor(c.token_ids)
+                pos[:, i, :n] = sequence_positions(trainer.bundle.hf_config, full)
+                att[i, :n] = True
+                roll[i, P - 1:P - 1 + T] = torch.tensor(c.logprobs)
+                samp[i, P - 1:P - 1 + T] = torch.tensor(c.sampling_logprobs)
+                trunc[i] = c.stop_reason == "length"
+            mask = (labels >= 0).float()
+            if self.cfgs.overlong_filter:
+                from mvlm.rl.advantages import overlong_filter
+
+                mask = overlong_filter(mask, trunc)[0]
+            out.append({k2: v.to(dev) for k2, v in {
+                "input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": att,
+                "rollout_logps": roll, "sampling_logps": samp, "completion_mask": mask}.items()})
+        return out
+
+    def _logps_step(self, store: list):
+        def step(data_iterator, model):
+            batch = next(data_iterator)
+            out = tempered_output(model, batch, self.temperature)
+            if not unwrap(model).post_process:
+                return out, None
+            store.append(token_logps(out).detach().float())
+
+            def no_loss(o):
+                return o.sum() * 0, torch.tensor(1, dtype=torch.int), {}
+
+            return out, no_loss
+
+        return step
+
+    def _logps(self, trainer: Trainer, batches: list[dict], reference: bool) -> list:
+        """Per-token log-probs of each micro-batch under the current policy (``reference``:
+        the reference model), no grad, eval mode; [] off the last pipeline stage."""
+        from mvlm.train.objectives.dpo import adapters_off, eval_mode
+
+        store: list = []
+        step = self._logps_step(store)
+        if reference and self.reference == "copy":
+            trainer.forward_only(self.ref.models, batches, step)
+            return store
+        models = trainer.ddp_models
+        ctx = adapters_off(trainer.bundle) if reference else contextlib.nullcontext()
+        with ctx, eval_mode(models):
+            trainer.forward_only(models, batches, step)
+        return store
+
+    def _mismatch(self, old: list, batches: list[dict]) -> tuple[float, float]:
+        """(mean exp|dlogp|, max |dlogp|) engine vs trainer over the step's completion tokens of
+        every DP rank, the same number on every rank (the last stage computes it)."""
+        dp_size, _, dp_group = _dp()
+        t = torch.zeros(3, dtype=torch.float64)
+        for lp, b in zip(old, batches):
+            m = b["labels"] >= 0
+            d = (lp.double() - b["rollout_logps"].double()).abs()[m].cpu()
+            t[0] += d.exp().sum()
+            t[1] += d.numel()
+            t[2] = max(float(t[2]), float(d.max()) if d.numel() else 0.0)
+        s = t[:2].clone()
+        if dp_size > 1:
+            dist.all_reduce(s, group=dp_group)
+        mx = torch.tensor([float(s[0] / s[1]) if s[1] > 0 else 0.0, float(t[2])],
+                          dtype=torch.float64)
+        if dp_size > 1:
+            m2 = torch.tensor([float(t[2])], dtype=torch.float64)
+            dist.all_reduce(m2, op=dist.ReduceOp.MAX, group=dp_group)
+            mx[1] = m2[0]
+        dist.all_reduce(mx, op=dist.ReduceOp.MAX)  # off the last stage both are 0
+        return float(mx[0]), float(mx[1])
+
+    def _advantages(self, trainer: Trainer, comps: list, old: list, ref: list | None,
+                    batches: list[dict]) -> tuple[torch.Tensor, dict[str, float]]:
+        """This rank's advantages (from the rewards of every DP rank) and the reward metrics."""
+        from mvlm.rl.advantages import compute_advantages
+
+        dp_size, dp_rank, dp_group = _dp()
+        texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+                 if self.tokenizer is not None else "" for c in comps]
+        res = self.rewards(texts, None, response_token_ids=[c.token_ids for c in comps],
+                           trainer_state={"global_step": trainer.step})
+        rpf = _all_gather_rows(res.rewards_per_func.to(torch.float32), dp_group, dp_size)
+        cfg = self.cfgs.advantages
+        kl = None
+        if cfg.kl_enters_reward:
+            kl = self._sequence_kl(old, ref, batches, len(comps))
+            kl = _all_gather_rows(kl, dp_group, dp_size)
+        full = type(res)(rpf, res.names, res.weights, res.skipped)
+        a = compute_advantages(full.weighted(), cfg, kl)
+        n = len(comps)
+        metrics = {k: v for k, v in full.metrics().items() if not k.endswith("/skipped")}
+        metrics["frac_reward_zero_std"] = a.frac_reward_zero_std
+        return a.advantages[dp_rank * n:(dp_rank + 1) * n], metrics
+
+    def _sequence_kl(self, old: list, ref: list | None, batches: list[dict], n: int
+                     ) -> torch.Tensor:
+        """Per-completion KL(old || ref) for ``--kl_in_reward``, from the last stage to all."""
+        from megatron.core import parallel_state
+
+        from mvlm.rl.advantages import sequence_kl_for_reward
+
+        kl = torch.zeros(n, dtype=torch.float32)
+        if old:
+            kl = torch.cat([sequence_kl_for_reward(o, r, b["completion_mask"]).cpu()
+                            for o, r, b in zip(old, ref, batches)]).float()
+        dist.broadcast(kl, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                       group=parallel_state.get_pipeline_model_parallel_group())
+        return kl
+
+    # ---- the loss ------------------------------------------------------------------------------
+    def loss(self, batch: dict, output: torch.Tensor) -> LossOutput:
+        from mvlm.rl.grpo_loss import grpo_loss
+
+        lc = self.cfgs.loss
+        lp = token_logps(output).float()
+        is_mode = lc.rollout_importance_sampling_mode is not None
+        res = grpo_loss(lp, batch.get("old_logps"), batch.get("ref_logps"), batch["advantages"],
+                        batch["completion_mask"], lc, batch["denoms"],
+                        rollout_logps=batch["rollout_logps"] if is_mode else None,
+                        sampling_logps=batch["sampling_logps"] if is_mode else None)
+        n_seq = batch["denoms"].num_sequences
+        rows = batch["input_ids"].shape[0]
+        loss_sum = res.loss * n_seq
+        count = torch.tensor(rows, dtype=torch.int, device=loss_sum.device)
+        reports = {"loss": torch.stack([loss_sum.detach().double(),
+                                        torch.tensor(float(rows), dtype=torch.float64,
+                                                     device=loss_sum.device)])}
+        zero = torch.zeros(2, dtype=torch.float64)
+        for k in self.loss_metrics:
+            reports[k] = res.sums.get(k, zero)
+        step = batch.get("step_reports")
+        for i, k in enumerate(self.step_metrics):
+            reports[k] = zero if step is None else torch.stack(
+                [step[i], torch.tensor(1.0, dtype=torch.float64)])
+        return loss_sum, count, reports
+
+
+def unwrap_family_keys(batch: dict) -> list[str]:
+    """Media keys a prompt micro-batch may carry."""
+    from mvlm.models.registry import media_keys
+
+    return [k for k in media_keys() if k in batch]

@@ -1,0 +1,69 @@
+"""torchrun worker for test_grpo_objective: GRPO through the Trainer on a tiny text model.
+
+Each run is a whole ``mvlm.train.trainer.train`` on an RL prompt file (data task ``rl``) with the
+GRPO objective (built-in engine on the training model, seeded sampling) and a deterministic
+token-level reward registered here (``even_tokens``: the fraction of even token ids in the
+completion), so the rewards -- and so the advantages -- differ between completions.
+
+Spec (JSON, argv[1]): ``{"runs": [{"name", "argv", "out", "grpo": {flag: value}}], "result"}``.
+The runs go one after the other in one launch; the result holds each run's logging.jsonl.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch.distributed as dist
+
+
+def even_tokens(completions, response_token_ids, **kwargs):
+    return [sum(t % 2 == 0 for t in ids) / max(1, len(ids)) for ids in response_token_ids]
+
+
+def objective(flags: dict):
+    from mvlm.rl.flags import add_grpo_args, grpo_configs
+    from mvlm.rl.rewards import register
+    from mvlm.rl.rollout.flags import add_rollout_args, sampling_params
+    from mvlm.train.objectives.grpo import GRPOObjective
+
+    register("even_tokens", even_tokens, origin="test_grpo_objective")
+    p = argparse.ArgumentParser()
+    add_grpo_args(p)
+    add_rollout_args(p)
+    p.add_argument("--num_iterations", type=int, default=1)
+    argv = []
+    for k, v in flags.items():
+        argv += [f"--{k}", *([str(x) for x in v] if isinstance(v, list) else [str(v)])]
+    ns = p.parse_args(argv)
+    cfgs = grpo_configs(ns, num_generations=ns.num_generations,
+                        max_completion_length=ns.max_completion_length)
+    return GRPOObjective(cfgs, sampling_params(ns), num_iterations=ns.num_iterations)
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    dist.init_process_group("gloo")
+    from mvlm.train.args import parse_train_args
+    from mvlm.train.trainer import train
+
+    logs = {}
+    for run in spec["runs"]:
+        cfg = parse_train_args(run["argv"], "sft")
+        cfg.task = "rlhf"
+        cfg.data.task = "rl"
+        train(cfg, objective(run["grpo"]))
+        dist.barrier()
+        log = Path(run["out"]) / "logging.jsonl"
+        logs[run["name"]] = [json.loads(x) for x in log.read_text().splitlines()]
+    if dist.get_rank() == 0:
+        Path(spec["result"]).write_text(json.dumps({"logs": logs}))
+        print("WORKER OK", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    main()
