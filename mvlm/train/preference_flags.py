@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from mvlm.data.flags import str2bool
 
 if TYPE_CHECKING:
-    from mvlm.train.objectives.dpo_losses import DPOLossConfig
+    from mvlm.train.objectives.dpo_losses import CPOLossConfig, DPOLossConfig
 
 log = logging.getLogger("mvlm.train")
 
@@ -33,8 +33,9 @@ DPO_LOSS_ALIASES = {"aot_pair": "aot_unpaired"}
 def add_dpo_args(p: argparse._ActionsContainer) -> None:
     """Register the DPO flags on ``p`` (a parser or an argument group)."""
     a = p.add_argument
-    a("--beta", type=float, default=0.1,
-      help="DPO temperature: strength of the implicit KL to the reference (IPO: its tau)")
+    a("--beta", type=float, default=None,
+      help="DPO temperature: strength of the implicit KL to the reference (IPO: its tau); "
+      "ORPO: lambda; default 0.1 (simpo: 2.0)")
     a("--loss_type", nargs="+", default=None, metavar="TYPE",
       help="DPO loss type(s), summed with --loss_weights: " + ", ".join(DPO_LOSS_TYPES)
       + " (aot_pair = aot_unpaired); default sigmoid")
@@ -50,6 +51,24 @@ def add_dpo_args(p: argparse._ActionsContainer) -> None:
     a("--reference_free", type=str2bool, nargs="?", const=True, default=False,
       help="no reference model: reference log-probs taken as 0")
     a("--discopop_tau", type=float, default=0.05, help="DiscoPOP gate temperature")
+
+
+def add_cpo_args(p: argparse._ActionsContainer) -> None:
+    """CPO / SimPO flags (``--beta``, ``--loss_type``, ``--label_smoothing`` are DPO's)."""
+    a = p.add_argument
+    a("--cpo_alpha", type=float, default=1.0,
+      help="CPO/SimPO: weight of the chosen answers' NLL (0 = pure SimPO)")
+    a("--simpo_gamma", type=float, default=1.0, help="SimPO target reward margin")
+
+
+def _refuse_unused(ns: Any, method: str, names: tuple[str, ...]) -> None:
+    """Flags the method does not read, set away from their defaults, are refused."""
+    defaults = {"loss_weights": None, "rpo_alpha": None, "reference_free": False,
+                "discopop_tau": 0.05, "label_smoothing": 0.0, "loss_type": None,
+                "dpo_loss_type": None, "cpo_alpha": 1.0, "simpo_gamma": 1.0}
+    for n in names:
+        if getattr(ns, n, defaults[n]) != defaults[n]:
+            raise ValueError(f"--{n} has no effect with --rlhf_type {method}: drop it")
 
 
 def resolve_dpo_loss_type(ns: Any, notes: list[str] | None = None) -> list[str]:
@@ -75,7 +94,35 @@ def dpo_loss_config(ns: Any, notes: list[str] | None = None) -> DPOLossConfig:
     notes go to ``notes`` (a run's info lines) when given."""
     from mvlm.train.objectives.dpo_losses import DPOLossConfig
 
-    return DPOLossConfig(beta=ns.beta, loss_type=tuple(resolve_dpo_loss_type(ns, notes)),
+    _refuse_unused(ns, "dpo", ("cpo_alpha", "simpo_gamma"))
+    return DPOLossConfig(beta=0.1 if ns.beta is None else ns.beta,
+                         loss_type=tuple(resolve_dpo_loss_type(ns, notes)),
                          loss_weights=tuple(ns.loss_weights) if ns.loss_weights else None,
                          label_smoothing=ns.label_smoothing, rpo_alpha=ns.rpo_alpha,
                          reference_free=bool(ns.reference_free), discopop_tau=ns.discopop_tau)
+
+
+def cpo_loss_config(ns: Any, method: str = "cpo") -> CPOLossConfig:
+    """CPO (``method`` cpo) or SimPO (``simpo``: CPO with loss type simpo and beta 2.0, as
+    ms-swift runs it) settings of a parsed namespace."""
+    from mvlm.train.objectives.dpo_losses import CPOLossConfig
+
+    _refuse_unused(ns, method, ("loss_weights", "rpo_alpha", "reference_free", "discopop_tau",
+                                "dpo_loss_type"))
+    lt = ns.loss_type or ["simpo" if method == "simpo" else "sigmoid"]
+    if len(lt) != 1:
+        raise ValueError(f"--rlhf_type {method} takes one --loss_type, got {' '.join(lt)}")
+    beta = ns.beta if ns.beta is not None else (2.0 if method == "simpo" else 0.1)
+    return CPOLossConfig(beta=beta, loss_type=lt[0], label_smoothing=ns.label_smoothing,
+                         cpo_alpha=ns.cpo_alpha, simpo_gamma=ns.simpo_gamma)
+
+
+def orpo_beta(ns: Any) -> float:
+    """ORPO's lambda (``--beta``, default 0.1); its other DPO/CPO flags are refused."""
+    _refuse_unused(ns, "orpo", ("loss_weights", "rpo_alpha", "reference_free", "discopop_tau",
+                                "label_smoothing", "loss_type", "dpo_loss_type", "cpo_alpha",
+                                "simpo_gamma"))
+    beta = 0.1 if ns.beta is None else ns.beta
+    if not beta > 0:
+        raise ValueError(f"--beta (ORPO's lambda) must be > 0, got {beta}")
+    return beta

@@ -1,4 +1,4 @@
-"""`mvlm rlhf --rlhf_type dpo ...`: preference training with ms-swift's command line.
+"""`mvlm rlhf --rlhf_type dpo|cpo|simpo|orpo ...`: preference training, ms-swift's command line.
 
     NPROC_PER_NODE=4 mvlm rlhf --rlhf_type dpo --model Qwen/Qwen2.5-VL-7B-Instruct \\
         --dataset preference_data.jsonl --train_type lora --lora_rank 64 --beta 0.1 \\
@@ -20,10 +20,13 @@ import argparse
 import importlib
 from typing import Any
 
-from mvlm.train.preference_flags import add_dpo_args
+from mvlm.train.preference_flags import add_cpo_args, add_dpo_args
 
 # --rlhf_type -> "module:function(method_ns, train_argv) -> exit code"
-RLHF_METHODS: dict[str, str] = {"dpo": "mvlm.train.rlhf:run_dpo"}
+RLHF_METHODS: dict[str, str] = {"dpo": "mvlm.train.rlhf:run_dpo",
+                                "cpo": "mvlm.train.rlhf:run_cpo",
+                                "simpo": "mvlm.train.rlhf:run_simpo",
+                                "orpo": "mvlm.train.rlhf:run_orpo"}
 
 
 def method_parser() -> argparse.ArgumentParser:
@@ -31,7 +34,9 @@ def method_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mvlm rlhf", add_help=False, allow_abbrev=False)
     p.add_argument("--rlhf_type", default="dpo",
                    help=f"preference method: {', '.join(sorted(RLHF_METHODS))}")
-    add_dpo_args(p.add_argument_group("DPO (--rlhf_type dpo)"))
+    add_dpo_args(p.add_argument_group("DPO (--rlhf_type dpo; --beta, --loss_type and "
+                                      "--label_smoothing also for cpo / simpo, --beta for orpo)"))
+    add_cpo_args(p.add_argument_group("CPO / SimPO (--rlhf_type cpo | simpo)"))
     return p
 
 
@@ -47,8 +52,8 @@ def split_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     ns, rest = method_parser().parse_known_args(argv)
     if ns.rlhf_type not in RLHF_METHODS:
         raise ValueError(f"--rlhf_type {ns.rlhf_type}: mvlm rlhf runs "
-                         f"{', '.join(sorted(RLHF_METHODS))} (kto, simpo, orpo, cpo and rm have "
-                         "their losses in mvlm.train.objectives.dpo_losses but no objective yet)")
+                         f"{', '.join(sorted(RLHF_METHODS))} (kto and rm have their losses in "
+                         "mvlm.train.objectives.dpo_losses but no objective yet)")
     return ns, rest
 
 
@@ -79,3 +84,26 @@ def run_dpo(ns: argparse.Namespace, rest: list[str]) -> int:
     cfg = train_config(rest)
     cfg.notes.extend(notes)  # rank 0 prints them with the run's other flag notes
     return train(cfg, DPOObjective(loss_cfg)).exit_code
+
+
+def run_cpo(ns: argparse.Namespace, rest: list[str], method: str = "cpo") -> int:
+    from mvlm.train.objectives.dpo import CPOObjective
+    from mvlm.train.preference_flags import cpo_loss_config
+    from mvlm.train.trainer import train
+
+    loss_cfg = cpo_loss_config(ns, method)  # validated before any process group
+    return train(train_config(rest), CPOObjective(loss_cfg)).exit_code
+
+
+def run_simpo(ns: argparse.Namespace, rest: list[str]) -> int:
+    """SimPO = CPO with loss type simpo (beta 2.0 by default), as ms-swift runs it."""
+    return run_cpo(ns, rest, "simpo")
+
+
+def run_orpo(ns: argparse.Namespace, rest: list[str]) -> int:
+    from mvlm.train.objectives.dpo import ORPOObjective
+    from mvlm.train.preference_flags import orpo_beta
+    from mvlm.train.trainer import train
+
+    beta = orpo_beta(ns)
+    return train(train_config(rest), ORPOObjective(beta)).exit_code

@@ -53,3 +53,29 @@ def test_help_lists_every_loss_type_without_importing_torch():
     out = subprocess.run([sys.executable, "-c", "import sys, mvlm.train.preference_flags; "
                           "print('torch' in sys.modules)"], capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_cpo_simpo_orpo_settings_follow_ms_swift():
+    from mvlm.train.preference_flags import cpo_loss_config, orpo_beta
+    from mvlm.train.rlhf import method_parser, split_argv
+
+    def ns(argv):
+        return method_parser().parse_known_args(argv)[0]
+
+    s = cpo_loss_config(ns([]), "simpo")  # ms-swift: simpo = cpo + loss_type simpo, beta 2.0
+    assert (s.loss_type, s.beta, s.simpo_gamma, s.cpo_alpha) == ("simpo", 2.0, 1.0, 1.0)
+    c = cpo_loss_config(ns(["--cpo_alpha", "0"]), "cpo")
+    assert (c.loss_type, c.beta, c.cpo_alpha) == ("sigmoid", 0.1, 0.0)
+    assert orpo_beta(ns([])) == 0.1 and orpo_beta(ns(["--beta", "0.3"])) == 0.3
+    with pytest.raises(ValueError, match="--rpo_alpha has no effect with --rlhf_type cpo"):
+        cpo_loss_config(ns(["--rpo_alpha", "1"]), "cpo")
+    with pytest.raises(ValueError, match="--label_smoothing has no effect with --rlhf_type orpo"):
+        orpo_beta(ns(["--label_smoothing", "0.1"]))
+    with pytest.raises(ValueError, match="--simpo_gamma has no effect with --rlhf_type dpo"):
+        dpo_loss_config(ns(["--simpo_gamma", "0.5"]))
+    with pytest.raises(ValueError, match="CPO --loss_type 'bco_pair' is unknown"):
+        cpo_loss_config(ns(["--loss_type", "bco_pair"]), "cpo")
+    with pytest.raises(ValueError, match="mvlm rlhf runs cpo, dpo, orpo, simpo"):
+        split_argv(["--rlhf_type", "kto"])
+    m, rest = split_argv(["--rlhf_type", "simpo", "--beta", "2.5", "--model", "M", "--lr", "1"])
+    assert m.rlhf_type == "simpo" and m.beta == 2.5 and rest == ["--model", "M", "--lr", "1"]

@@ -1,24 +1,26 @@
-"""``dpo``: Direct Preference Optimization (every TRL loss type) on the Trainer.
+"""Pair preference objectives on the Trainer: ``dpo`` (every TRL loss type), ``cpo`` / SimPO,
+``orpo``.
 
 Batches are packed pair rows from :func:`mvlm.data.preference.collate_pairs`: each pair is two
 ``cu_seqlens`` segments (prompt+chosen, prompt+rejected) of one row, so a pair costs one forward
 pass, and ``chosen_index`` / ``rejected_index`` say which segment is which. From the model's
 per-token output (minus the vocab-parallel cross-entropy: the label log-probs, 0 off the answer)
-each segment's summed log-prob is taken; the loss itself is
-:func:`mvlm.train.objectives.dpo_losses.dpo_loss`, the function the unit tests hold equal to
-TRL's.
+each segment's summed log-prob is taken; the losses themselves are the functions of
+:mod:`mvlm.train.objectives.dpo_losses`, which the unit tests hold equal to TRL's.
 
-Reference log-probs come before the step (:meth:`DPOObjective.prepare_step`): from a frozen copy
-of the starting weights on the same layout (full training; ``Trainer.build_frozen_model``), or,
-under LoRA/DoRA, from the policy itself with its adapters switched off (no second copy) -- both
-in eval mode, without gradients. ``reference_free`` skips the pass.
+Reference log-probs (DPO) come before the step (:meth:`PairObjective.prepare_step`): from a
+frozen copy of the starting weights on the same layout (full training;
+``Trainer.build_frozen_model``), or, under LoRA/DoRA, from the policy itself with its adapters
+switched off (no second copy) -- both in eval mode, without gradients. ``reference_free``, CPO,
+SimPO and ORPO skip the pass.
 
 Reduction (the Trainer's per-unit contract): the unit is the pair. ``loss_sum`` is the sum of
 the micro-batch's per-pair losses and ``count`` its number of pairs; Megatron divides the
-gradients by the pairs of the global batch. The NLL term of ``rpo_alpha`` / ``sft`` is a token
-mean over the global batch's chosen answers (TRL's cross-entropy): ``prepare_step`` counts the
-global chosen tokens and pairs once per step, and each micro-batch adds its NLL sum scaled by
-pairs / tokens, so that after Megatron's division it is exactly that mean.
+gradients by the pairs of the global batch. The NLL term (DPO's ``rpo_alpha`` / ``sft``, CPO's
+``cpo_alpha``, ORPO's) is a token mean over the global batch's chosen answers (TRL's
+cross-entropy): ``prepare_step`` counts the global chosen tokens and pairs once per step, and
+each micro-batch adds its NLL sum scaled by pairs / tokens, so that after Megatron's division it
+is exactly that mean.
 
 Context parallelism: each CP rank holds a chunk of every sequence, so it sums its chunk per
 segment and the segment sums are all-reduced over the CP group -- with autograd, because the
@@ -29,6 +31,7 @@ Megatron's division by the count summed over DP x CP (CP x the pairs) cancels th
 from __future__ import annotations
 
 import contextlib
+from abc import abstractmethod
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -125,29 +128,31 @@ def eval_mode(models: list[Any]):
             m.train(t)
 
 
-class DPOObjective(Objective):
-    """DPO over packed pair rows (see the module docstring)."""
+class PairObjective(Objective):
+    """What every pair method shares: packed pair rows, per-segment answer log-probs, the
+    optional reference pass, the NLL term's global token mean, the per-pair reduction. A method
+    says whether it has a reference (``uses_reference``) or an NLL term (``uses_nll``) and
+    implements :meth:`pair_loss`."""
 
-    name = "dpo"
     batch_keys: ClassVar[tuple[str, ...]] = ("input_ids", "position_ids", "labels", "cu_seqlens",
                                              "chosen_index", "rejected_index")
-    metrics: ClassVar[tuple[str, ...]] = ("loss",) + PAIR_METRICS
+    metrics: tuple[str, ...] = ("loss",) + PAIR_METRICS
 
-    def __init__(self, loss_cfg: dl.DPOLossConfig | None = None, reference: str = "auto"):
+    def __init__(self, reference: str = "auto", uses_reference: bool = True,
+                 uses_nll: bool = False):
         if reference not in ("auto", "copy", "adapters"):
             raise ValueError(f"reference must be auto, copy or adapters, got {reference!r}")
-        self.loss_cfg = loss_cfg
         self.reference = reference
+        self.uses_reference = uses_reference
+        self.uses_nll = uses_nll
         self.ref: Any = None
 
     # ---- set-up --------------------------------------------------------------------------------
     def setup(self, trainer: Trainer) -> None:
         from mvlm.tuners.model import adapters
 
-        if self.loss_cfg is None:
-            raise ValueError("DPOObjective needs its loss settings: DPOObjective(loss_cfg) "
-                             "(mvlm rlhf builds them from the DPO flags: "
-                             "mvlm.train.preference_flags.dpo_loss_config)")
+        if not self.uses_reference:
+            return
         has_adapters = bool(adapters(trainer.bundle))
         mode = self.reference
         if mode == "auto":
@@ -156,7 +161,7 @@ class DPOObjective(Objective):
             raise ValueError("the reference is the adapter-free policy, but the model has no "
                              "adapters: train with --train_type lora, or use a frozen copy")
         self.reference = mode
-        if not self.loss_cfg.reference_free and mode == "copy":
+        if mode == "copy":
             self.ref = trainer.build_frozen_model()
 
     # ---- before each step ------------------------------------------------------------------------
@@ -190,9 +195,8 @@ class DPOObjective(Objective):
         import torch.distributed as dist
         from megatron.core import parallel_state
 
-        cfg = self.loss_cfg
         out = [dict(b) for b in batches]
-        if not cfg.reference_free:
+        if self.uses_reference:
             refs = self.reference_logps(trainer, batches)
             if refs:
                 for b, r in zip(out, refs, strict=True):
@@ -200,7 +204,7 @@ class DPOObjective(Objective):
         tokens = [sequence_tokens(b) for b in out]
         for b, n in zip(out, tokens):
             b["seq_tokens"] = n
-        if cfg.needs_lengths and (cfg.rpo_alpha or "sft" in cfg.loss_type):
+        if self.uses_nll:
             # global chosen tokens and pairs of the step: the NLL term's token mean
             t = torch.zeros(2, dtype=torch.float64, device=tokens[0].device)
             for b, n in zip(out, tokens):
@@ -212,14 +216,9 @@ class DPOObjective(Objective):
         return out
 
     # ---- the loss ------------------------------------------------------------------------------
+    @abstractmethod
     def pair_loss(self, batch: dict, output: torch.Tensor) -> dl.PreferenceLoss:
-        lp = sequence_logps(batch, output)
-        n = batch["seq_tokens"]
-        c, r = batch["chosen_index"], batch["rejected_index"]
-        ref = batch.get("ref_logps")
-        return dl.dpo_loss(lp[c], lp[r], None if ref is None else ref[c],
-                           None if ref is None else ref[r], self.loss_cfg,
-                           chosen_tokens=n[c], rejected_tokens=n[r])
+        """The method's loss on this micro-batch's pairs (dpo_losses), from the model output."""
 
     def loss(self, batch: dict, output: torch.Tensor) -> LossOutput:
         res = self.pair_loss(batch, output)
@@ -234,12 +233,67 @@ class DPOObjective(Objective):
             logged = logged + nll.detach().double()
         count = torch.tensor(pairs, dtype=torch.int, device=loss_sum.device)
         reports = {"loss": torch.stack([logged, count.double()])}
-        means = {k: (s, cnt) for k, (s, cnt) in res.metrics.items()}
-        for k in PAIR_METRICS:
+        m = res.metrics
+        for k in self.metrics[1:]:
             if k == "rewards/margins":
-                s = means["rewards/chosen"][0] - means["rewards/rejected"][0]
-                cnt = means["rewards/chosen"][1]
+                s, cnt = m["rewards/chosen"][0] - m["rewards/rejected"][0], m["rewards/chosen"][1]
             else:
-                s, cnt = means[k]
+                s, cnt = m[k]
             reports[k] = torch.stack([s.double(), cnt.double()])
         return loss_sum, count, reports
+
+    def _logps(self, batch: dict, output: torch.Tensor):
+        lp = sequence_logps(batch, output)
+        n = batch["seq_tokens"]
+        c, r = batch["chosen_index"], batch["rejected_index"]
+        return lp, n, c, r
+
+
+class DPOObjective(PairObjective):
+    """DPO with every TRL loss type (:func:`~mvlm.train.objectives.dpo_losses.dpo_loss`)."""
+
+    name = "dpo"
+
+    def __init__(self, loss_cfg: dl.DPOLossConfig, reference: str = "auto"):
+        super().__init__(reference, uses_reference=not loss_cfg.reference_free,
+                         uses_nll=bool(loss_cfg.rpo_alpha) or "sft" in loss_cfg.loss_type)
+        self.loss_cfg = loss_cfg
+
+    def pair_loss(self, batch: dict, output: torch.Tensor) -> dl.PreferenceLoss:
+        lp, n, c, r = self._logps(batch, output)
+        ref = batch.get("ref_logps")
+        return dl.dpo_loss(lp[c], lp[r], None if ref is None else ref[c],
+                           None if ref is None else ref[r], self.loss_cfg,
+                           chosen_tokens=n[c], rejected_tokens=n[r])
+
+
+class CPOObjective(PairObjective):
+    """CPO and SimPO (``loss_type simpo``): no reference; ``cpo_alpha`` x chosen NLL."""
+
+    name = "cpo"
+
+    def __init__(self, loss_cfg: dl.CPOLossConfig):
+        super().__init__(uses_reference=False, uses_nll=bool(loss_cfg.cpo_alpha))
+        self.loss_cfg = loss_cfg
+        if loss_cfg.cpo_alpha:
+            self.metrics = self.metrics + ("nll_loss",)
+
+    def pair_loss(self, batch: dict, output: torch.Tensor) -> dl.PreferenceLoss:
+        lp, n, c, r = self._logps(batch, output)
+        return dl.cpo_loss(lp[c], lp[r], self.loss_cfg, chosen_tokens=n[c],
+                           rejected_tokens=n[r])
+
+
+class ORPOObjective(PairObjective):
+    """ORPO: chosen NLL + lambda (``--beta``) x odds-ratio loss; no reference."""
+
+    name = "orpo"
+    metrics = PairObjective.metrics + ("nll_loss", "log_odds_ratio", "log_odds_chosen")
+
+    def __init__(self, beta: float):
+        super().__init__(uses_reference=False, uses_nll=True)
+        self.beta = beta
+
+    def pair_loss(self, batch: dict, output: torch.Tensor) -> dl.PreferenceLoss:
+        lp, n, c, r = self._logps(batch, output)
+        return dl.orpo_loss(lp[c], lp[r], self.beta, chosen_tokens=n[c], rejected_tokens=n[r])
