@@ -59,9 +59,19 @@ def split_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
 
 def run_rlhf(argv: list[str]) -> int:
     """Parse, then train with the method's runner; returns the exit code."""
+    if _is_grpo(argv):  # GRPO's flags share names with DPO's, not meanings: mvlm.rl.grpo_cli
+        from mvlm.rl.grpo_cli import run_grpo
+
+        return run_grpo(argv)
     ns, rest = split_argv(argv)
     module, fn = RLHF_METHODS[ns.rlhf_type].split(":")
     return getattr(importlib.import_module(module), fn)(ns, rest)
+
+
+def _is_grpo(argv: list[str]) -> bool:
+    p = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    p.add_argument("--rlhf_type", default="dpo")
+    return p.parse_known_args(argv)[0].rlhf_type == "grpo"
 
 
 def train_config(rest: list[str]) -> Any:
