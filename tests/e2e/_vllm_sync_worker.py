@@ -63,7 +63,8 @@ def mismatch(bundle, prompts, groups, temperature) -> dict | None:
     return {"token_mult_prob_error": mean, "max_abs_dlogp": mx, "tokens": len(eng)}
 
 
-def hf_greedy(hf_dir: Path, state: dict | None, prompts, max_new: int) -> list[list[int]]:
+def hf_greedy(hf_dir: Path, state: dict | None, prompts, max_new: int,
+              repetition_penalty: float = 1.0) -> list[list[int]]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
@@ -77,7 +78,8 @@ def hf_greedy(hf_dir: Path, state: dict | None, prompts, max_new: int) -> list[l
         for p in prompts:
             ids = torch.tensor([p])
             g = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                               max_new_tokens=max_new, pad_token_id=model.config.eos_token_id)
+                               max_new_tokens=max_new, pad_token_id=model.config.eos_token_id,
+                               repetition_penalty=repetition_penalty)
             out.append(g[0, len(p):].tolist())
     return out
 
@@ -123,28 +125,40 @@ def main() -> None:
     eng = VLLMServerEngine(cfg, group=dist.group.WORLD)
     out["wait_seconds"] = time.perf_counter() - t0
     greedy = SamplingParams(temperature=0.0, max_completion_length=T)
+    # a repetition penalty: the engine re-scores for the trainer-view log-probs
+    greedy_rep = SamplingParams(temperature=0.0, max_completion_length=T, repetition_penalty=1.3)
     sampled = SamplingParams(num_generations=2, temperature=1.0, max_completion_length=T,
                              seed=7)
 
-    def run_greedy():
-        return [g.completions[0] for g in eng.generate(rprompts, greedy)]
+    def run_greedy(params=greedy):
+        return [g.completions[0] for g in eng.generate(rprompts, params)]
 
     g0 = run_greedy()
     out["vllm_greedy"] = [c.token_ids for c in g0]
     out["vllm_greedy_stop"] = [c.stop_reason for c in g0]
+    out["vllm_greedy_lp"] = [c.logprobs for c in g0]
     out["vllm_greedy_lp_mismatch"] = mismatch(bundle, prompts, eng.generate(rprompts, greedy), 1.0)
+    gr = eng.generate(rprompts, greedy_rep)
+    out["vllm_greedy_rep"] = [g.completions[0].token_ids for g in gr]
+    out["vllm_greedy_rep_lp_mismatch"] = mismatch(bundle, prompts, gr, 1.0)
     s0 = eng.generate(rprompts, sampled)
     out["sampled_lp_mismatch"] = mismatch(bundle, prompts, s0, 1.0)
     out["sampled_slp_equal_lp"] = all(c.logprobs == c.sampling_logprobs
                                       for g in s0 for c in g.completions)
     if me == 0:
         out["hf_greedy"] = [strip_after_eos(t, eos) for t in hf_greedy(hf, None, prompts, T)]
+        out["hf_greedy_rep"] = [strip_after_eos(t, eos)
+                                for t in hf_greedy(hf, None, prompts, T, 1.3)]
 
     # --- perturb the trainer's weights and sync ---
+    # (not the tied word embeddings: stage 0's embedding and the last stage's output copy must
+    # stay equal, as training keeps them)
     gen = torch.Generator().manual_seed(100 + me)
     with torch.no_grad():
         for m in bundle.models:
-            for p in m.parameters():
+            for n, p in m.named_parameters():
+                if "word_embeddings" in n or "output_layer" in n:
+                    continue
                 p.add_(torch.randn(p.shape, generator=gen) * (0.5 * p.std().clamp(min=1e-3)))
     t0 = time.perf_counter()
     version = eng.load_weights(iter_hf_tensors(bundle, receivers="rank0"))
@@ -153,18 +167,21 @@ def main() -> None:
     out["last_sync"] = eng.last_sync
     g1 = run_greedy()
     out["vllm_greedy_after"] = [c.token_ids for c in g1]
+    out["vllm_greedy_lp_after"] = [c.logprobs for c in g1]
+    out["vllm_greedy_rep_after"] = [c.token_ids for c in run_greedy(greedy_rep)]
     state = {n: t.clone() for n, t in iter_hf_tensors(bundle, receivers="rank0")}
     if me == 0:
         out["hf_greedy_after"] = [strip_after_eos(t, eos)
                                   for t in hf_greedy(hf, state, prompts, T)]
+        out["hf_greedy_rep_after"] = [strip_after_eos(t, eos)
+                                      for t in hf_greedy(hf, state, prompts, T, 1.3)]
         back = eng.read_weights(sorted(state))
         out["readback_max_diff"] = max(float((back[n] - state[n]).abs().max()) for n in state)
     out["sampled_lp_mismatch_after"] = mismatch(bundle, prompts, eng.generate(rprompts, sampled),
                                                 1.0)
 
     # --- faulty syncs ---
-    names = sorted(state)
-    victim = next(n for n in names if "layers.1.mlp.down_proj" in n)
+    victim = "model.layers.1.mlp.down_proj.weight"  # owned by the second pipeline stage
 
     def faulty(kind: str):
         for n, t in iter_hf_tensors(bundle, receivers="rank0"):

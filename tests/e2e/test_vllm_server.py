@@ -103,7 +103,7 @@ def test_vllm_server_generate_sync_faults(tiny_ckpt, tmp_path):
     with open(log, "w") as f:
         server = subprocess.Popen(
             [sys.executable, "-m", "mvlm", "rollout", "--model", str(hf), "--port", str(port),
-             "--vllm_max_model_len", "256"],
+             "--vllm_max_model_len", "256", "--torch_dtype", "float32"],
             stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     try:
         health = _wait_health(port, server, log)
@@ -112,10 +112,10 @@ def test_vllm_server_generate_sync_faults(tiny_ckpt, tmp_path):
 
         tok = AutoTokenizer.from_pretrained(hf)
         texts = ["hello world", "def add(a, b):", "The quick brown fox", "1 + 2 ="]
-        prompts = [tok.apply_chat_template([{"role": "user", "content": t}],
-                                           add_generation_prompt=True, tokenize=True)
+        prompts = [list(tok.apply_chat_template([{"role": "user", "content": t}],
+                                                add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)["input_ids"])
                    for t in texts]
-        prompts = [list(p["input_ids"]) if isinstance(p, dict) else list(p) for p in prompts]
         spec = {"hf": str(hf), "port": port, "prompts": prompts, "max_completion_length": 12,
                 "bucket_mb": 0.05, "out": str(tmp_path / "out.json")}
         (tmp_path / "spec.json").write_text(json.dumps(spec))
@@ -129,11 +129,13 @@ def test_vllm_server_generate_sync_faults(tiny_ckpt, tmp_path):
         r = json.loads(Path(spec["out"]).read_text())
         print(json.dumps({k: v for k, v in r.items() if "greedy" not in k}, indent=1))
 
-        # vLLM == transformers, greedy, on the served checkpoint
+        # vLLM == transformers, greedy (also with a repetition penalty), on the checkpoint
         assert r["vllm_greedy"] == r["hf_greedy"], (r["vllm_greedy"], r["hf_greedy"])
+        assert r["vllm_greedy_rep"] == r["hf_greedy_rep"], (r["vllm_greedy_rep"],
+                                                            r["hf_greedy_rep"])
         # engine vs trainer log-probs (fp32 on both sides)
-        for key in ("vllm_greedy_lp_mismatch", "sampled_lp_mismatch",
-                    "sampled_lp_mismatch_after"):
+        for key in ("vllm_greedy_lp_mismatch", "vllm_greedy_rep_lp_mismatch",
+                    "sampled_lp_mismatch", "sampled_lp_mismatch_after"):
             m = r[key]
             assert m["tokens"] >= 20, (key, m)
             assert m["token_mult_prob_error"] <= 1.0001, (key, m)
@@ -142,7 +144,11 @@ def test_vllm_server_generate_sync_faults(tiny_ckpt, tmp_path):
         assert r["sampled_slp_equal_lp"]
         # weights reached the engine, old prefix cache not reused
         assert r["vllm_greedy_after"] == r["hf_greedy_after"]
-        assert r["vllm_greedy_after"] != r["vllm_greedy"]
+        assert r["vllm_greedy_rep_after"] == r["hf_greedy_rep_after"]
+        assert r["vllm_greedy_rep_after"] != r["vllm_greedy_rep"]
+        moved = max(abs(a - b) for x, y in zip(r["vllm_greedy_lp"], r["vllm_greedy_lp_after"])
+                    for a, b in zip(x, y))
+        assert moved > 1e-2, moved  # the same prompts' log-probs changed: no stale cache
         assert r["readback_max_diff"] == 0.0
         assert r["version"] == 1
         ls = r["last_sync"]

@@ -66,6 +66,10 @@ def add_rollout_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--vllm_gpu_memory_utilization", type=float, default=None,
                    help="fraction of device memory (on CPU: of host RAM, for the KV cache) per "
                         "engine; default 0.9 on GPU, 0.1 on CPU")
+    p.add_argument("--torch_dtype", default="auto",
+                   choices=["auto", "float32", "bfloat16", "float16"],
+                   help="engine dtype (auto: vLLM's choice; on CPU it runs fp32 checkpoints in "
+                        "bfloat16, so pass float32 to match an fp32 trainer)")
     p.add_argument("--vllm_max_model_len", type=int, default=None,
                    help="longest prompt + completion (default: the model's)")
     p.add_argument("--vllm_enforce_eager", type=_bool, default=True,
@@ -102,6 +106,7 @@ class RolloutServerConfig:
     tensor_parallel_size: int = 1
     vllm_gpu_memory_utilization: float | None = None
     vllm_max_model_len: int | None = None
+    torch_dtype: str = "auto"
     vllm_enforce_eager: bool = True
     vllm_enable_prefix_caching: bool = True
     vllm_max_num_seqs: int = 256
@@ -140,91 +145,126 @@ def _llm_kwargs(cfg: RolloutServerConfig) -> dict:
               gpu_memory_utilization=util, enforce_eager=cfg.vllm_enforce_eager,
               enable_prefix_caching=cfg.vllm_enable_prefix_caching, seed=cfg.seed,
               max_num_seqs=cfg.vllm_max_num_seqs, logprobs_mode="processed_logprobs",
-              max_logprobs=0)
+              max_logprobs=0, dtype=cfg.torch_dtype)
     if cfg.vllm_max_model_len is not None:
         kw["max_model_len"] = cfg.vllm_max_model_len
     return kw
 
 
+def _model(worker):
+    return worker.model_runner.get_model()
+
+
+def _sync_begin_rpc(worker):
+    """On every vLLM worker: start vLLM's layer-wise in-place reload. Each layer is processed
+    (e.g. repacked for the CPU GEMM kernels, which drop the plain weight) as soon as all of its
+    tensors have arrived, whichever bucket they come in; layers never sent keep their weights."""
+    from vllm.model_executor.model_loader.reload import initialize_layerwise_reload
+
+    initialize_layerwise_reload(_model(worker))
+
+
 def _load_weights_rpc(worker, tensors):
-    """On every vLLM worker: load (HF name, tensor) pairs through the model's own loader (which
-    knows the fused qkv / gate-up layouts and its tensor-parallel shard)."""
-    model = worker.model_runner.model
-    model.load_weights(weights=list(tensors))
+    """On every vLLM worker: (HF name, tensor) pairs through the model's own loader (it knows
+    the fused qkv / gate-up layouts and this rank's tensor-parallel shard)."""
+    _model(worker).load_weights(weights=list(tensors))
     return len(tensors)
 
 
+def _sync_finish_rpc(worker):
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
+
+    finalize_layerwise_reload(_model(worker), worker.model_runner.model_config)
+
+
 def _packed_source(model, hf_name: str):
-    """(vLLM parameter, [(start, stop)] along its output dim, output_dim) for an HF name, or
-    None. Uses the model's ``packed_modules_mapping`` (qkv_proj <- q/k/v_proj, gate_up_proj <-
-    gate/up_proj) and the fused layer's per-part ``output_sizes`` on this TP shard."""
-    params = dict(model.named_parameters())
-    if hf_name in params:
-        p = params[hf_name]
-        return p, None, getattr(p, "output_dim", None)
-    packed = getattr(model, "packed_modules_mapping", {}) or {}
+    """(module, parameter name, rows or None) holding an HF tensor in vLLM's model: the model's
+    ``packed_modules_mapping`` maps q/k/v_proj to qkv_proj and gate/up_proj to gate_up_proj;
+    ``rows`` are the part's output rows on this TP rank."""
     modules = dict(model.named_modules())
+    mod_name, _, pname = hf_name.rpartition(".")
+    if mod_name in modules and hasattr(modules[mod_name], pname):
+        return modules[mod_name], pname, None
+    packed = getattr(model, "packed_modules_mapping", {}) or {}
+    head, _, leaf = mod_name.rpartition(".")
     for fused, parts in packed.items():
-        for i, part in enumerate(parts):
-            key = f".{part}."
-            if key not in f".{hf_name}":
+        if leaf in parts:
+            fmod = modules.get(f"{head}.{fused}" if head else fused)
+            if fmod is None:
                 continue
-            pname = hf_name.replace(f"{part}.", f"{fused}.", 1)
-            if pname not in params:
-                continue
-            mod = modules[pname.rsplit(".", 1)[0]]
-            sizes = _local_output_sizes(mod)
-            start = sum(sizes[:i])
-            return params[pname], (start, start + sizes[i]), getattr(params[pname],
-                                                                     "output_dim", 0)
+            sizes = _local_output_sizes(fmod)
+            i = parts.index(leaf)
+            return fmod, pname, (sum(sizes[:i]), sum(sizes[:i + 1]))
     return None
 
 
 def _local_output_sizes(mod) -> list[int]:
     """Per-part output rows of a fused linear on this TP rank."""
-    tp = int(getattr(mod, "tp_size", 1) or 1)
     if hasattr(mod, "num_kv_heads") and hasattr(mod, "head_size"):  # QKVParallelLinear
         q = mod.num_heads * mod.head_size
         kv = mod.num_kv_heads * mod.head_size
         return [q, kv, kv]
+    tp = int(getattr(mod, "tp_size", 1) or 1)
     return [s // tp for s in mod.output_sizes]
 
 
+def _kernel_weight(mod, chunk: int = 1024):
+    """A linear layer's [out, in] weight on this rank *as its kernel computes with it*: the
+    layer applied (without bias) to rows of the identity. Needed on CPU, where vLLM repacks the
+    weight for oneDNN / its GEMM kernels and drops the plain parameter; exact (each output is one
+    product with 1.0, the other terms are exact zeros)."""
+    import torch
+
+    w = getattr(mod, "weight", None)
+    qm = getattr(mod, "quant_method", None)
+    if w is not None and w.numel() > 0 and not hasattr(mod, "cpu_linear"):
+        return w.detach()
+    k = int(mod.input_size_per_partition)
+    dtype = mod.params_dtype
+    cols = []
+    for i in range(0, k, chunk):
+        n = min(chunk, k - i)
+        x = torch.zeros((n, k), dtype=dtype, device=w.device if w is not None else "cpu")
+        x[torch.arange(n), torch.arange(i, i + n)] = 1
+        cols.append(qm.apply(mod, x, bias=None).float())
+    return torch.cat(cols, 0).t().contiguous().to(dtype)
+
+
 def _read_weights_rpc(worker, names):
-    """On every vLLM worker: this rank's piece of each named HF tensor, with the dim it is split
-    along over TP (None: replicated)."""
-    model = worker.model_runner.model
+    """On every vLLM worker: this rank's piece of each named HF tensor and the dim it is split
+    along over TP (None: replicated), or None if the model has no such tensor."""
+    import torch
+
+    model = _model(worker)
     out = {}
-    for n in names:
-        src = _packed_source(model, n)
-        if src is None:
-            out[n] = None
-            continue
-        p, rows, out_dim = src
-        t = p.detach()
-        if rows is not None:
-            t = t.narrow(out_dim, rows[0], rows[1] - rows[0])
-        split = _tp_split_dim(model, n, p)
-        out[n] = (t.to("cpu").clone(), split)
+    with torch.no_grad():
+        for n in names:
+            src = _packed_source(model, n)
+            if src is None:
+                out[n] = None
+                continue
+            mod, pname, rows = src
+            if pname == "weight" and hasattr(mod, "input_size_per_partition"):
+                t = _kernel_weight(mod)
+            else:
+                t = getattr(mod, pname).detach()
+            if rows is not None:
+                t = t.narrow(0, rows[0], rows[1] - rows[0])
+            out[n] = (t.to("cpu").clone(), _tp_split_dim(mod, pname))
     return out
 
 
-def _tp_split_dim(model, name: str, p) -> int | None:
-    tp = 1
-    for mname, mod in model.named_modules():
-        if name.startswith(mname + ".") and hasattr(mod, "tp_size"):
-            tp = int(mod.tp_size or 1)
-    if tp == 1:
+def _tp_split_dim(mod, pname: str) -> int | None:
+    """Along which dim this parameter is sharded over the engine's TP ranks (None: whole)."""
+    if int(getattr(mod, "tp_size", 1) or 1) == 1:
         return None
-    if getattr(p, "input_dim", None) is not None and type(p).__name__ != "VocabParallel":
-        cls = None
-        for mname, mod in model.named_modules():
-            if name.startswith(mname + "."):
-                cls = type(mod).__name__
-        if cls and "RowParallel" in cls:
-            return int(p.input_dim)
-    od = getattr(p, "output_dim", None)
-    return None if od is None else int(od)
+    cls = type(mod).__name__
+    if "RowParallel" in cls:
+        return 1 if pname == "weight" else None
+    if "ColumnParallel" in cls or "QKVParallel" in cls or "VocabParallel" in cls \
+            or "ParallelLMHead" in cls:
+        return 0
+    return None
 
 
 class _Engine:
@@ -319,9 +359,15 @@ class _Engine:
             res[i] = [float(d[t].logprob) for d, t in zip(plp, c)]
         return res
 
+    def sync_begin(self) -> None:
+        self.llm.collective_rpc(_sync_begin_rpc)
+
     def load(self, tensors: list) -> int:
         self.llm.collective_rpc(_load_weights_rpc, args=(tensors,))
         return len(tensors)
+
+    def sync_finish(self) -> None:
+        self.llm.collective_rpc(_sync_finish_rpc)
 
     def read(self, names: list[str]) -> dict:
         import torch
@@ -351,7 +397,7 @@ def _engine_main(conn, cfg: RolloutServerConfig, index: int) -> None:
     except BaseException as e:  # report start-up failure to the front instead of dying mute
         conn.send(("error", f"engine {index} failed to start: {e!r}\n{traceback.format_exc()}"))
         return
-    conn.send(("ready", None))
+    conn.send(("ready", str(eng.llm.llm_engine.model_config.dtype).removeprefix("torch.")))
     while True:
         try:
             op, payload = conn.recv()
@@ -365,6 +411,10 @@ def _engine_main(conn, cfg: RolloutServerConfig, index: int) -> None:
                 res = eng.generate(*payload)
             elif op == "load":
                 res = eng.load(payload)
+            elif op == "sync_begin":
+                res = eng.sync_begin()
+            elif op == "sync_finish":
+                res = eng.sync_finish()
             elif op == "read":
                 res = eng.read(payload)
             elif op == "reset_prefix_cache":
@@ -395,11 +445,13 @@ class EnginePool:
             p.start()
             self.conns.append(a)
             self.procs.append(p)
+        self.dtypes = []
         for i, c in enumerate(self.conns):
             status, msg = self._recv(i, c)
             if status != "ready":
                 self.close()
                 raise EngineError(msg)
+            self.dtypes.append(msg)
 
     def _recv(self, i, c):
         while not c.poll(1.0):
@@ -432,8 +484,14 @@ class EnginePool:
         res = self._call([(i, "generate", (c, sampling)) for i, c in chunks])
         return [g for part in res for g in part]
 
+    def sync_begin(self) -> None:
+        self._call([(i, "sync_begin", None) for i in range(len(self.conns))])
+
     def load(self, tensors: list) -> None:
         self._call([(i, "load", tensors) for i in range(len(self.conns))])
+
+    def sync_finish(self) -> None:
+        self._call([(i, "sync_finish", None) for i in range(len(self.conns))])
 
     def read(self, names: list[str]) -> dict:
         return self._call([(0, "read", names)])[0]
@@ -469,6 +527,10 @@ class _Sync:
     buckets: int = 0
 
 
+def wire_dtype(d) -> str | None:
+    return None if d is None else str(d).removeprefix("torch.")
+
+
 class RolloutService:
     """Request handling, independent of HTTP (the handler only decodes and encodes)."""
 
@@ -480,12 +542,14 @@ class RolloutService:
         self.lock = threading.Lock()
         self.model_manifest = wire.check_manifest(wire.checkpoint_manifest(cfg.model))
         self.weight_version = 0
+        self.dtype = None  # the engines' model dtype, known once they are up
         self.stale: str | None = None
         self.sync: _Sync | None = None
         self.last_sync: dict = {}
 
     def health(self) -> dict:
         return {"status": "ok", "model": self.cfg.model, "weight_version": self.weight_version,
+                "dtype": wire_dtype(self.dtype),
                 "stale": self.stale, "engines": self.cfg.vllm_data_parallel_size,
                 "tensor_parallel_size": self.cfg.tensor_parallel_size,
                 "syncing": self.sync is not None, "last_sync": self.last_sync}
@@ -535,6 +599,7 @@ class RolloutService:
         if bad:
             raise SyncError(f"weight manifest shapes differ from the served checkpoint: {bad[:5]}")
         sid = f"{int(time.time() * 1000)}-{os.getpid()}"
+        self.pool.sync_begin()
         self.sync = _Sync(sid, man, set(), time.perf_counter())
         return {"sync_id": sid, "tensors": len(man)}
 
@@ -547,8 +612,16 @@ class RolloutService:
         return self.sync
 
     def _fail(self, why: str) -> None:
+        """End the sync in progress as failed: the engines finish vLLM's reload (layers that got
+        nothing keep their weights, partly sent ones are processed as they are), and are marked
+        stale until a complete sync."""
         self.stale = why
-        self.sync = None
+        if self.sync is not None:
+            self.sync = None
+            try:
+                self.pool.sync_finish()
+            except Exception as e:
+                log.error("closing the failed sync: %s", e)
 
     def bucket(self, sync_id: str | None, body: bytes) -> dict:
         from mvlm.rl.rollout import wire
@@ -591,6 +664,8 @@ class RolloutService:
             self._fail(f"{len(missing)} tensors never arrived")
             raise SyncError(f"weight sync: {len(missing)} manifest tensors never arrived: "
                             f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        self.sync = None
+        self.pool.sync_finish()
         self.pool.reset_prefix_cache()
         self.weight_version = int(req.get("weight_version") or self.weight_version + 1)
         self.stale = None
@@ -610,6 +685,23 @@ class RolloutService:
         names = req.get("names")
         if not isinstance(names, list) or not names:
             raise ValueError("read: 'names' must be a non-empty list of HF tensor names")
+        return wire.pack_bucket(self._read(names))
+
+    def digest(self, req: dict) -> dict:
+        """sha256 of each named tensor read back from engine 0, in the engine's dtype, a few at
+        a time (bounded memory; only digests cross the wire)."""
+        from mvlm.rl.rollout import wire
+
+        names = req.get("names")
+        if not isinstance(names, list) or not names:
+            raise ValueError("digest: 'names' must be a non-empty list of HF tensor names")
+        out = {}
+        for i in range(0, len(names), 16):
+            for n, t in self._read(names[i:i + 16]).items():
+                out[n] = wire.tensor_digest(t.to(self.dtype))
+        return {"dtype": wire.dtype_name(self.dtype), "digests": out}
+
+    def _read(self, names: list[str]) -> dict:
         unknown = [n for n in names if n not in self.model_manifest]
         if unknown:
             raise KeyError(f"read: {unknown[:5]} are not tensors of the served checkpoint")
@@ -625,7 +717,7 @@ class RolloutService:
                     raise ValueError(f"read: {n} is {list(t.shape)} in the engine, {shape} in "
                                      "the checkpoint")
             out[n] = t
-        return wire.pack_bucket(out)
+        return out
 
 
 def _make_handler(service: RolloutService):
@@ -676,6 +768,8 @@ def _make_handler(service: RolloutService):
                         return self._json(200, service.finish(req))
                     if u.path == wire.SYNC_ABORT:
                         return self._json(200, service.abort(req))
+                    if u.path == wire.DIGEST_WEIGHTS:
+                        return self._json(200, service.digest(req))
                     if u.path == wire.READ_WEIGHTS:
                         return self._send(200, service.read(req), "application/octet-stream")
                 return self._json(404, {"error": f"no route {u.path}"})
@@ -695,6 +789,9 @@ def serve(cfg: RolloutServerConfig) -> int:
     t0 = time.perf_counter()
     pool = EnginePool(cfg)
     service.pool = pool
+    import torch
+
+    service.dtype = getattr(torch, pool.dtypes[0])
     httpd = ThreadingHTTPServer((cfg.host, cfg.port), _make_handler(service))
     httpd.daemon_threads = True
     stopping = threading.Event()

@@ -312,6 +312,10 @@ class _BucketSync:
         self.buckets = 0
         self.max_bucket_bytes = 0
         self.largest_tensor_bytes = 0
+        # --check_weight_sync: digest of each tensor in the engine's dtype, checked after finish
+        self.digests: dict[str, str] = {}
+        self.engine_dtype = (wire.torch_dtype(engine.health["dtype"])
+                             if engine.cfg.check_weight_sync else None)
         self.sync_id = engine.http.json("POST", wire.SYNC_BEGIN, {
             "manifest": [{"name": n, "shape": s, "dtype": d}
                          for n, (s, d) in self.manifest.items()]})["sync_id"]
@@ -328,6 +332,8 @@ class _BucketSync:
             self.flush()
         self.bucket[name] = t
         self.size += nbytes
+        if self.engine_dtype is not None:
+            self.digests[name] = wire.tensor_digest(t.to(self.engine_dtype))
 
     def flush(self) -> None:
         if not self.bucket:
@@ -341,25 +347,29 @@ class _BucketSync:
         self.max_bucket_bytes = max(self.max_bucket_bytes, len(body))
         del body
         self.buckets += 1
-        if self.engine.cfg.check_weight_sync:
-            self._check(self.bucket)
         self.bucket, self.size = {}, 0
 
-    def _check(self, sent: dict[str, torch.Tensor]) -> None:
-        back = self.engine.read_weights(list(sent))
-        for n, t in sent.items():
-            b = back[n]
-            if b.shape != t.shape or not torch.equal(b, t.to(b.dtype)):
-                diff = ((b.double() - t.double()).abs().max().item()
-                        if b.shape == t.shape else float("nan"))
-                raise WeightSyncMismatch(
-                    f"--check_weight_sync: {n} read back from the engine differs from the "
-                    f"trainer's (shape {list(b.shape)} vs {list(t.shape)}, max |diff| {diff})")
+    def _check(self) -> int:
+        """Every tensor read back from the engine (as its kernels use it) must equal what was
+        sent, cast to the engine's dtype: compared by sha256, so nothing model-sized is held."""
+        names = sorted(self.digests)
+        bad = []
+        for i in range(0, len(names), 256):
+            got = self.engine.http.json("POST", wire.DIGEST_WEIGHTS,
+                                        {"names": names[i:i + 256]})["digests"]
+            bad += [n for n in names[i:i + 256] if got.get(n) != self.digests[n]]
+        if bad:
+            raise WeightSyncMismatch(
+                f"--check_weight_sync: {len(bad)} tensors read back from the engine differ from "
+                f"what the trainer sent: {bad[:5]}{' ...' if len(bad) > 5 else ''}")
+        return len(names)
 
     def finish(self) -> dict:
         self.flush()
         out = self.engine.http.json("POST", wire.SYNC_FINISH, {
             "sync_id": self.sync_id, "weight_version": self.engine.weight_version + 1})
+        if self.engine_dtype is not None:
+            out["checked_tensors"] = self._check()
         out.update(client_bytes=self.sent_bytes, client_buckets=self.buckets,
                    max_bucket_bytes=self.max_bucket_bytes, bucket_limit_bytes=self.limit,
                    largest_tensor_bytes=self.largest_tensor_bytes,

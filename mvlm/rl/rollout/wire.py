@@ -29,6 +29,7 @@ SYNC_BUCKET = "/weights/bucket"    # POST ?sync_id=..  body: safetensors bytes -
 SYNC_FINISH = "/weights/finish"    # POST {"sync_id"} -> {"weight_version", ...}
 SYNC_ABORT = "/weights/abort"      # POST {"sync_id"} -> {} (engine marked stale until a sync)
 READ_WEIGHTS = "/weights/read"     # POST {"names": [...]} -> safetensors bytes
+DIGEST_WEIGHTS = "/weights/digest"  # POST {"names": [...]} -> {"dtype", "digests": {name: hex}}
 
 _ST_DTYPES = {
     "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
@@ -97,6 +98,16 @@ def check_manifest(manifest: Iterable[Mapping]) -> dict[str, tuple[list[int], st
     if not out:
         raise ValueError("weight manifest is empty")
     return out
+
+
+def tensor_digest(t: torch.Tensor) -> str:
+    """sha256 of a tensor's bytes (shape and dtype included): equal digests = equal tensors."""
+    import hashlib
+
+    t = t.detach().to("cpu").contiguous()
+    h = hashlib.sha256(f"{dtype_name(t.dtype)}{list(t.shape)}".encode())
+    h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def pack_bucket(tensors: Mapping[str, torch.Tensor]) -> bytes:
