@@ -8,7 +8,8 @@ launch runs in one process group):
    per virtual stage) on mixed image/text rows, full and LoRA; Qwen3-MoE-tiny on equal-length
    text rows (no layout pads them) and on rows of different lengths (aux-loss weight 0.1);
 2. two ranks: PP2 x VPP2 (interleaved schedule), TP2 + sequence parallel, LoRA at TP2 and PP2,
-   MoE at TP2 (ETP = TP = 2), PP2, TP2 x EP2 with ETP1, and the padded MoE cases (PP2, EP2).
+   MoE at TP2 (ETP = TP = 2), PP2, TP2 x EP2 with ETP1, and the padded MoE cases (PP2, EP2,
+   CP2, TP2+SP; packed rows at PP2/EP2: xfail, see PACK_XFAIL).
    MoE with TP needs sequence parallel: Megatron-Core refuses MoE + TP without it in training.
 
 Why VPP matters here: over gloo, Megatron-Core's batched p2p (``batch_p2p_comm=True``, its
@@ -70,7 +71,18 @@ PAD_CASES = {
     "moe_pad_tp2_sp": ("ref_moe_pad", ["--tp", "2", "--sequence_parallel", "true"]),
     "moe_pad_cp2": ("ref_moe_pad", ["--cp", "2"]),
 }
-TWO_RANK = {**CASES, **PAD_CASES}
+# Packed rows (no attention mask; the pads PP/EP append lie beyond cu_seqlens[-1]): still reach
+# the router, see PACK_XFAIL.
+PACK_CASES = {
+    "moe_pack_pp2": ("ref_moe_pack", ["--pp", "2"]),
+    "moe_pack_ep2": ("ref_moe_pack", ["--ep", "2"]),
+}
+PACK_XFAIL = ("packed micro-batches carry no attention mask, so router_padding_mask (models/"
+              "vlm.py) gives the router no mask for the pad tail that batches.pad_to appends "
+              "beyond cu_seqlens[-1] under PP/EP; measured 2026-12-02 over 3 steps: grad norm "
+              "differs by 8.4e-4 rel, loss by 1.3e-4 rel. Fix: mark positions >= "
+              "cu_seqlens[-1] as pads (in the CP-packed layout under CP)")
+TWO_RANK = {**CASES, **PAD_CASES, **PACK_CASES}
 
 
 def write_uneven_text(root: Path) -> Path:
@@ -89,14 +101,16 @@ def runs(tmp_path_factory, tiny_ckpt):
     vl4, moe = tiny_ckpt("qwen2_5_vl", num_hidden_layers=4), tiny_ckpt("qwen3_moe")
     vl_data, txt_data = write_data(tmp / "data")
     uneven = write_uneven_text(tmp / "data")
-    out = {k: tmp / k for k in ("ref_vl4", "ref_lora", "ref_moe", "ref_moe_pad", *CASES,
-                                *PAD_CASES)}
+    out = {k: tmp / k for k in ("ref_vl4", "ref_lora", "ref_moe", "ref_moe_pad", "ref_moe_pack",
+                                *CASES, *PAD_CASES, *PACK_CASES)}
     argv = {"ref_vl4": common(vl4, vl_data, out["ref_vl4"]),
             "ref_lora": common(vl4, vl_data, out["ref_lora"]) + LORA,
             "ref_moe": common(moe, txt_data, out["ref_moe"]),
             # a larger aux-loss weight than the checkpoint's 0.001 makes router gradients count
             "ref_moe_pad": common(moe, uneven, out["ref_moe_pad"]) + [
-                "--moe_aux_loss_coeff", "0.1"]}
+                "--moe_aux_loss_coeff", "0.1"],
+            "ref_moe_pack": common(moe, uneven, out["ref_moe_pack"]) + [
+                "--moe_aux_loss_coeff", "0.1", "--packing", "true", "--max_length", "96"]}
 
     def variant(name: str, ref: str, extra: list[str]) -> dict:
         a = list(argv[ref])
@@ -130,3 +144,9 @@ def test_moe_padding_does_not_reach_router(runs, case):
     these cases differed by 4.7e-4 (loss, rel, step 3) and 1.4e-4 (grad norm), measured
     2026-12-02."""
     _compare(runs, case, PAD_CASES[case][0])
+
+
+@pytest.mark.xfail(strict=True, reason=PACK_XFAIL)
+@pytest.mark.parametrize("case", list(PACK_CASES))
+def test_moe_packed_padding_does_not_reach_router(runs, case):
+    _compare(runs, case, PACK_CASES[case][0])
