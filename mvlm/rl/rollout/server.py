@@ -16,13 +16,17 @@ Shape of the server
   per-token log-probabilities of :mod:`mvlm.rl.rollout.base` and the stop reason.
 * A weight update is ``begin`` (a manifest: every HF tensor's name, shape, dtype; it must equal
   the served checkpoint's tensor list), ``bucket`` x k (safetensors bodies; each tensor is checked
-  against the manifest, must arrive once, and is loaded into the engines as it arrives, so the
-  server holds one bucket at a time, never the model), ``finish`` (every manifest tensor arrived:
-  the weight version goes up and the prefix cache is reset, since cached K/V of the old weights
-  would otherwise be reused). A sync that fails half-way leaves the engines with mixed weights:
-  they are then marked stale and refuse to generate until a complete sync.
+  against the manifest, must arrive once, and is handed to vLLM's layer-wise in-place reload as it
+  arrives: a layer is re-processed, e.g. repacked for the CPU GEMM kernels, once all its tensors
+  are in, so the server holds about one bucket, never the model), ``finish`` (every manifest
+  tensor arrived: the reload is closed, the weight version goes up and the prefix cache is reset,
+  since cached K/V of the old weights would otherwise be reused). A sync that fails half-way
+  leaves the engines with mixed weights: they are then marked stale and refuse to generate until
+  a complete sync; so does any generate request while a sync is open.
 * ``/weights/read`` returns named HF tensors read back from engine 0 (un-fused from vLLM's packed
-  qkv / gate-up parameters), for ``--check_weight_sync``.
+  qkv / gate-up parameters; linear weights read through the layer's own kernel, because the CPU
+  backend drops the plain weight after repacking it); ``/weights/digest`` returns their sha256
+  only, for ``--check_weight_sync``.
 * SIGTERM / SIGINT: stop accepting requests, close the engines, exit 0.
 
 Log-probabilities: the engines run with ``logprobs_mode="processed_logprobs"`` so vLLM returns

@@ -17,9 +17,9 @@ Weight sync (``load_weights``), and why it is shaped this way:
   dtype the trainer sends. The server refuses a tensor that is not in it, that arrives twice, or
   with another shape or dtype, and a finish with tensors missing, naming them. A failed sync
   leaves the engine marked stale: it refuses to generate until a complete sync.
-* **Check.** ``check_weight_sync=True`` reads every bucket's tensors back from the engine right
-  after it is loaded and compares them with what was sent (exactly, after casting to the
-  engine's dtype).
+* **Check.** ``check_weight_sync=True`` keeps a sha256 of every tensor sent (in the engine's
+  dtype) and, after the sync, has the server digest each tensor read back from the engine as its
+  kernels use it: any difference names the tensors. Only digests are kept and exchanged.
 
 Transport on CPU: HTTP request bodies carrying safetensors-serialised buckets
 (:mod:`mvlm.rl.rollout.wire`). Errors on one rank are broadcast so that every rank of the job
