@@ -1,0 +1,101 @@
+"""The tiny LLaVA its tests build: a CLIP ViT (CLS token, learned positions, pre-LayerNorm), the
+2-layer GELU projector and a Qwen2 LLM with a ChatML template (the LLaVA-Interleave / OneVision
+layout; LLaVA-1.5's Llama LLM is the same module tree with another text config).
+
+The ViT sees 56 x 56 images (16 patches of 14 px): features come from ``vision_feature_layer=-2``
+with the CLS token dropped (``"default"``), so each image is 16 ``<image>`` tokens. Three ViT
+layers so the selected layer is not the first nor the last (the last one runs but is unused, as
+in LLaVA-1.5).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import transformers
+
+from mvlm.testing.tiny_models import DEFAULT_SYSTEM_PROMPT, TinySpec, check_vocab, text_fields
+
+IMAGE_TOKEN = "<image>"
+SPECIALS = (IMAGE_TOKEN,)
+IMAGE_SIZE = 56
+PATCH_SIZE = 14
+
+# ChatML with LLaVA's image token, written for this project: an image part is one ``<image>``
+# (the processor expands it to the ViT's patch count).
+CHAT_TEMPLATE = (
+    "{%- if not messages or messages[0]['role'] != 'system' -%}"
+    "{{- '<|im_start|>system\\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{%- for message in messages -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['content'] is string -%}"
+    "{{- message['content'] -}}"
+    "{%- else -%}"
+    "{%- for part in message['content'] -%}"
+    "{%- if part['type'] in ('image', 'image_url') -%}"
+    "{{- '<image>' -}}"
+    "{%- elif part['type'] == 'text' -%}"
+    "{{- part['text'] -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- endif -%}"
+    "{{- '<|im_end|>\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|im_start|>assistant\\n' -}}"
+    "{%- endif -%}"
+)
+
+_VISION = {
+    "default": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4},
+    "indivisible": {"hidden_size": 48, "intermediate_size": 96, "num_attention_heads": 3},
+    "bench": {"hidden_size": 512, "intermediate_size": 1376, "num_attention_heads": 8},
+}
+# Top-level LlavaConfig fields an override may set (the rest go to the text config).
+_TOP_FIELDS = ("tie_word_embeddings", "image_token_id", "vision_feature_layer",
+               "vision_feature_select_strategy", "projector_hidden_act",
+               "multimodal_projector_bias")
+
+
+def config(variant: str, ids: dict[str, int], overrides: dict[str, Any]
+           ) -> transformers.PretrainedConfig:
+    vision_overrides = overrides.pop("vision_config", None) or {}
+    top = {k: overrides.pop(k) for k in list(overrides) if k in _TOP_FIELDS}
+    text = text_fields(variant, ids)
+    text.update(rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+                tie_word_embeddings=False)
+    text.update(overrides)
+    check_vocab(text, ids)
+    vision = dict(_VISION[variant], num_hidden_layers=3, image_size=IMAGE_SIZE,
+                  patch_size=PATCH_SIZE, projection_dim=32, layer_norm_eps=1e-5,
+                  hidden_act="quick_gelu")
+    vision.update(vision_overrides)
+    cfg = {
+        "text_config": transformers.Qwen2Config(**text),
+        "vision_config": transformers.CLIPVisionConfig(**vision),
+        "image_token_id": ids[IMAGE_TOKEN],
+        "vision_feature_layer": -2,
+        "vision_feature_select_strategy": "default",
+        "projector_hidden_act": "gelu",
+        "multimodal_projector_bias": True,
+        "tie_word_embeddings": False,
+    }
+    cfg.update(top)
+    return transformers.LlavaConfig(**cfg)
+
+
+def processor(tokenizer: Any, config: transformers.PretrainedConfig) -> Any:
+    """CLIP preprocessing (shortest edge -> 56, center crop 56 x 56, CLIP mean/std) and
+    LLaVA's token count rule (patches + CLS, minus CLS for the ``default`` strategy)."""
+    size = config.vision_config.image_size
+    image_processor = transformers.CLIPImageProcessor(
+        size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    return transformers.LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer,
+        patch_size=config.vision_config.patch_size,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        num_additional_image_tokens=1, chat_template=CHAT_TEMPLATE, image_token=IMAGE_TOKEN)
+
+
+TINY = TinySpec(config=config, special_tokens=SPECIALS, chat_template=CHAT_TEMPLATE,
+                auto_class="AutoModelForImageTextToText", processor=processor)
