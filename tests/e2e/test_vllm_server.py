@@ -1,6 +1,7 @@
 """`mvlm rollout` (vLLM, in its own venv) + the trainer's VLLMServerEngine, on a tiny text Qwen2.
 
-One server and one 2-rank PP2 trainer launch (tests/e2e/_vllm_sync_worker.py) check:
+One server (two vLLM engines: ``--vllm_data_parallel_size 2``) and one 2-rank PP2 trainer
+launch (tests/e2e/_vllm_sync_worker.py) check:
 
 * vLLM greedy == transformers greedy on the same checkpoint;
 * engine vs trainer (Megatron full-sequence forward) ``token_mult_prob_error`` <= 1.01 on
@@ -104,11 +105,14 @@ def test_vllm_server_generate_sync_faults(tiny_ckpt, tmp_path):
     with open(log, "w") as f:
         server = subprocess.Popen(
             [sys.executable, "-m", "mvlm", "rollout", "--model", str(hf), "--port", str(port),
-             "--vllm_max_model_len", "256", "--torch_dtype", "float32"],
+             "--vllm_max_model_len", "256", "--torch_dtype", "float32",
+             # two engines: prompts are split over them, every bucket reaches both
+             "--vllm_data_parallel_size", "2", "--vllm_gpu_memory_utilization", "0.03"],
             stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     try:
         health = _wait_health(port, server, log)
         assert health["weight_version"] == 0 and health["stale"] is None
+        assert health["engines"] == 2 and health["dtype"] == "float32"
         from transformers import AutoTokenizer
 
         tok = AutoTokenizer.from_pretrained(hf)
