@@ -7,7 +7,7 @@ every chosen / rejected sequence (sum of log-softmax at the answer labels), and
 mvlm.train.objectives.dpo_losses -- held equal to TRL by tests/unit/test_dpo_losses.py -- turns
 those numbers into the expected loss. This checks the command, the flags' defaults (SimPO: beta
 2.0, loss type simpo, cpo_alpha 1), encoding, packing, the per-segment log-probs and the global
-NLL token mean against an independent forward. Bound: 1e-5 relative (floor 1).
+NLL token mean against an independent forward. Bound: 2e-6 relative (floor 1; measured 4.8e-7).
 """
 from __future__ import annotations
 
@@ -25,7 +25,7 @@ sys.path.insert(0, str(HERE))
 from test_dpo_objective import _rows  # noqa: E402
 from test_train_parity import common  # noqa: E402
 
-TOL = 1e-5
+TOL = 2e-6  # measured 4.8e-7 (simpo), 2.1e-7, 3.6e-7
 
 
 def _hf_scores(model_dir: Path, rows: list[dict], root: Path):
