@@ -87,6 +87,8 @@ def collate_padded(samples: Sequence[dict], pad_token_id: int,
     batch = {"input_ids": input_ids, "labels": labels, "loss_mask": (labels != -100).float(),
              "position_ids": position_ids, "attention_mask": attention_mask, "num_samples": b}
     batch.update(_vision(samples))
+    if any(s.get("extra") for s in samples):  # carried columns per row (RL rewards read them)
+        batch["extra"] = [dict(s.get("extra") or {}) for s in samples]
     return batch
 
 

@@ -4,7 +4,9 @@ learning signal.
 
 Tiny Qwen2 text model, fp32, one process, 4 prompts, 8 generations each, top-k 3 sampling, reward
 ``even_tokens`` from the plugin (fraction of even token ids in the completion), ``--beta 0`` (no
-reference model), constant LR. The mean reward of the last 3 of 8 steps is >= 0.9 and >= step 1's
+reference model), constant LR; a second plugin reward (weight 1, always 0) checks that the
+dataset's ``solution`` column reaches reward functions as a keyword argument. The mean reward
+of the last 3 of 8 steps is >= 0.9 and >= step 1's
 + 0.3 (measured: 0.69 at step 1, 1.0 from step 3 on), and the engine/trainer mismatch stays
 <= 1.0001 on every step. Flags the objective does not run are refused with the flag's name.
 """
@@ -25,7 +27,14 @@ class EvenTokens(ORM):
         return [sum(t % 2 == 0 for t in ids) / max(1, len(ids)) for ids in response_token_ids]
 
 
+class SolutionSeen(ORM):
+    # 0.0 when the row's `solution` column reached the function, else NaN (stops the run)
+    def __call__(self, completions, solution, **kwargs):
+        return [0.0 if str(s).startswith('sol-') else float('nan') for s in solution]
+
+
 orms['even_tokens'] = EvenTokens
+orms['solution_seen'] = SolutionSeen
 '''
 PROMPTS = ("Count to five.", "Name a colour.", "2+2?", "Say hi.")
 
@@ -34,12 +43,13 @@ def test_grpo_command_reward_rises(tmp_path, tiny_ckpt):
     hf = tiny_ckpt("qwen2")
     (tmp_path / "plugin.py").write_text(PLUGIN)
     data = tmp_path / "rl.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}]}) + "\n"
-                            for q in PROMPTS))
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}],
+                                        "solution": f"sol-{i}"}) + "\n"
+                            for i, q in enumerate(PROMPTS)))
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "mvlm", "rlhf", "--rlhf_type", "grpo", "--model", str(hf),
            "--dataset", str(data), "--external_plugins", str(tmp_path / "plugin.py"),
-           "--reward_funcs", "even_tokens", "--num_generations", "8",
+           "--reward_funcs", "even_tokens", "solution_seen", "--num_generations", "8",
            "--max_completion_length", "8", "--temperature", "1.0", "--top_k", "3",
            "--top_p", "1.0", "--beta", "0", "--use_vllm", "false", "--torch_dtype", "float32",
            "--train_iters", "8", "--micro_batch_size", "2", "--global_batch_size", "2",
@@ -59,6 +69,8 @@ def test_grpo_command_reward_rises(tmp_path, tiny_ckpt):
     assert late >= 0.9 and late >= rewards[0] + 0.3, rewards
     assert all(x["token_mult_prob_error"] <= 1.0001 for x in logs)
     assert all("rewards/even_tokens/mean" in x and "completions/mean_length" in x for x in logs)
+    # the dataset's `solution` column reached the plugin as a keyword argument on every step
+    assert all(x["rewards/solution_seen/mean"] == 0.0 for x in logs)
 
 
 @pytest.mark.parametrize("flags,needle", [

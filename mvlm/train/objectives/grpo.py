@@ -243,7 +243,9 @@ class GRPOObjective(Objective):
         check_logprob_mismatch({"token_mult_prob_error": mism[0], "logp_abs_diff_max": mism[1]},
                                self.cfgs.max_logprob_mismatch)
         comps = [c for g in groups for c in g.completions]
-        adv, rmetrics = self._advantages(trainer, comps, old, ref, out)
+        rows = [r for b in batches for r in (b.get("extra") or [{}] * len(b["input_ids"]))]
+        rows = [rows[g.prompt_index] for g in groups for _ in g.completions]
+        adv, rmetrics = self._advantages(trainer, comps, rows, old, ref, out)
         dp_size, dp_rank, dp_group = _dp()
         denoms = LossDenominators.from_masks([b["completion_mask"] for b in out],
                                              group=dp_group if dp_size > 1 else None)
@@ -375,15 +377,16 @@ class GRPOObjective(Objective):
         dist.all_reduce(mx, op=dist.ReduceOp.MAX)  # off the last stage both are 0
         return float(mx[0]), float(mx[1])
 
-    def _advantages(self, trainer: Trainer, comps: list, old: list, ref: list | None,
-                    batches: list[dict]) -> tuple[torch.Tensor, dict[str, float]]:
-        """This rank's advantages (from the rewards of every DP rank) and the reward metrics."""
+    def _advantages(self, trainer: Trainer, comps: list, rows: list[dict], old: list,
+                    ref: list | None, batches: list[dict]) -> tuple[torch.Tensor, dict[str, float]]:
+        """This rank's advantages (from the rewards of every DP rank) and the reward metrics.
+        ``rows``: each completion's dataset columns (e.g. ``solution``), reward kwargs."""
         from mvlm.rl.advantages import compute_advantages
 
         dp_size, dp_rank, dp_group = _dp()
         texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
                  if self.tokenizer is not None else "" for c in comps]
-        res = self.rewards(texts, None, response_token_ids=[c.token_ids for c in comps],
+        res = self.rewards(texts, rows, response_token_ids=[c.token_ids for c in comps],
                            trainer_state={"global_step": trainer.step})
         rpf = _all_gather_rows(res.rewards_per_func.to(torch.float32), dp_group, dp_size)
         cfg = self.cfgs.advantages
