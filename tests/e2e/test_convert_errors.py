@@ -26,13 +26,13 @@ def test_unknown_model_type(tiny_ckpt, tmp_path):
     src = tmp_path / "weird"
     shutil.copytree(tiny_ckpt("qwen2"), src)
     cfg = json.loads((src / "config.json").read_text())
-    cfg["model_type"] = "llama"  # transformers knows it, mvlm does not (yet)
+    cfg["model_type"] = "phi3"  # transformers knows it, mvlm does not (yet)
     (src / "config.json").write_text(json.dumps(cfg))
     out = tmp_path / "out"
     p = run_mvlm(["convert", "--to", "mcore", "--model", str(src), "--output", str(out)],
                  check=False)
     assert p.returncode == 2
-    assert "model_type 'llama' is not supported" in p.stderr
+    assert "model_type 'phi3' is not supported" in p.stderr
     assert "qwen2_5_vl" in p.stderr and "qwen3_moe" in p.stderr  # lists supported types
     _no_output(out)
 
