@@ -17,7 +17,7 @@ pytestmark = pytest.mark.dist
 
 # fp32 CPU bars, tighter than `--verify`'s default --verify_tol (1e-4, kept loose for bf16 users):
 # measured maxima 2026-12-02 over all cases below: max |dlogits| 6.0e-7 (Qwen3 at TP2; Qwen2.5-VL
-# at TP2 x PP2 5.4e-7, Llama at TP2 4.8e-7);
+# at TP2 x PP2 5.4e-7, Llama at TP2 4.8e-7, LLaVA at TP2 4.8e-7 on two images);
 # |dloss| 1e-6 as printed (6 decimals) on a loss of 6.9, i.e. 1.5e-7 relative
 LOGITS_TOL = 5e-6  # absolute on logits
 LOSS_TOL = 1e-6  # relative to the loss with a floor of 1: |dloss| <= LOSS_TOL * max(1, |loss|)
@@ -46,7 +46,15 @@ CASES = [
     # Llama: llama3 RoPE scaling, untied; Qwen3: q/k-norm, tied across pipeline stages
     ("llama", 2, ["--tp", "2"], [(1, []), (2, ["--pp", "2"])]),
     ("qwen3", 2, ["--pp", "2"], [(2, ["--tp", "2"])]),
+    # LLaVA: CLIP tower + MLP projector, Qwen2 LLM under language_model.
+    ("llava", 2, ["--tp", "2"], [(1, []), (2, ["--pp", "2"])]),
 ]
+
+
+def _is_vlm(family: str) -> bool:
+    from mvlm.models.registry import get_family
+
+    return get_family(family).is_vlm
 
 
 @pytest.mark.parametrize("family,nproc,layout,exports", CASES, ids=[c[0] for c in CASES])
@@ -56,14 +64,14 @@ def test_roundtrip(tiny_ckpt, tmp_path, family, nproc, layout, exports):
     p = run_mvlm(["convert", "--to", "mcore", "--model", str(hf), "--output", str(mcore),
                   *layout, "--verify"], nproc=nproc)
     print(f"{family} saved at {layout} on {nproc} ranks")
-    _check_verify_output(p.stdout, VL_CHECKS if "vl" in family else {"text"})
+    _check_verify_output(p.stdout, VL_CHECKS if _is_vlm(family) else {"text"})
     assert (mcore / "mvlm_meta.json").exists() and (mcore / "hf" / "config.json").exists()
     for i, (n, lay) in enumerate(exports):
         out = tmp_path / f"hf_{i}"
         p = run_mvlm(["convert", "--to", "hf", "--model", str(mcore), "--output", str(out),
                       *lay, "--verify"], nproc=n)
         print(f"{family} exported at {lay or 'TP1'} on {n} ranks")
-        _check_verify_output(p.stdout, VL_CHECKS if "vl" in family else {"text"})
+        _check_verify_output(p.stdout, VL_CHECKS if _is_vlm(family) else {"text"})
         count = assert_same_tensors(hf, out)
         print(f"  {count} tensors bit-identical to the original")
         names = {k for k in __import__("helpers").load_all_safetensors(out)}
@@ -72,7 +80,7 @@ def test_roundtrip(tiny_ckpt, tmp_path, family, nproc, layout, exports):
         for f in ("tokenizer.json", "tokenizer_config.json", "config.json",
                   "generation_config.json"):
             assert (out / f).exists(), f
-        if "vl" in family:
+        if _is_vlm(family):
             assert (out / "preprocessor_config.json").exists() or \
                 (out / "processor_config.json").exists()
         assert not [q for q in tmp_path.iterdir() if q.name.startswith(".")], "staging left"
