@@ -26,6 +26,7 @@ from mvlm.convert.publish import (  # noqa: F401 - re-exported (older import pat
     publish_dir,
     staged_publish,
 )
+from mvlm.models.registry import module_tree_prefixes
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -43,6 +44,15 @@ AUX_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".py", ".tiktoken", ".md")
 
 class CheckpointError(ValueError):
     """A missing or unreadable checkpoint file; the message says which file and what to do."""
+
+
+def _model_type(model_dir: Path) -> str | None:
+    """``config.json``'s model_type (None when the directory has no readable config): which
+    family's module-tree layout the reader accepts."""
+    try:
+        return json.loads((model_dir / "config.json").read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
 
 
 class SafetensorsReader:
@@ -78,6 +88,7 @@ class SafetensorsReader:
             self.weight_map = dict(weight_map)
             for fname in sorted(set(self.weight_map.values())):
                 self._validate(fname)
+        self._prefixes = module_tree_prefixes(_model_type(self.dir))
         self._aliases = self._hub_aliases()
 
     def _hub_aliases(self) -> dict[str, str]:
@@ -86,7 +97,7 @@ class SafetensorsReader:
         aliases: dict[str, str] = {}
         both = []
         for k in self.weight_map:
-            h = hub_name(k)
+            h = hub_name(k, self._prefixes)
             if h == k:
                 continue
             if h in self.weight_map:

@@ -206,15 +206,16 @@ class GatedMLP(Mapping):
         return [(gn, parts[:, 0].reshape(-1, *tail)), (un, parts[:, 1].reshape(-1, *tail))]
 
 
-def hub_name(name: str) -> str:
+def hub_name(name: str, prefixes: tuple[tuple[str, str], ...]) -> str:
     """Module-tree tensor name -> hub-layout name (unchanged when already in the hub layout).
 
     The weight tables name HF tensors in the hub layout; transformers 5's module tree may nest
-    them differently (each family declares how: ``FamilySpec.module_tree_prefixes``), and
-    checkpoints saved from a state dict contain the module-tree names."""
-    from mvlm.models.registry import module_tree_prefixes
-
-    for tree, hub in module_tree_prefixes():
+    them differently, and checkpoints saved from a state dict contain the module-tree names.
+    ``prefixes`` are the checkpoint's family's (module-tree prefix, hub prefix) pairs
+    (``FamilySpec.module_tree_prefixes``): families disagree (Qwen-VL's
+    ``model.language_model.`` is the hub's ``model.``, LLaVA's is ``language_model.model.``), so
+    the family must be known."""
+    for tree, hub in prefixes:
         if name.startswith(tree):
             return hub + name[len(tree):]
     return name

@@ -241,13 +241,15 @@ def get_family(model_type: str) -> FamilySpec:
         ) from None
 
 
-def module_tree_prefixes() -> tuple[tuple[str, str], ...]:
-    """Every family's (module-tree prefix, hub prefix) pairs: what a checkpoint reader that does
-    not know the family yet maps back to the hub layout."""
-    out: list[tuple[str, str]] = []
-    for spec in families():
-        out += [p for p in spec.module_tree_prefixes if p not in out]
-    return tuple(out)
+def module_tree_prefixes(model_type: str | None) -> tuple[tuple[str, str], ...]:
+    """The (module-tree prefix, hub prefix) pairs of ``model_type``'s family; none for an
+    unknown or missing model_type (the checkpoint is then read in the layout it is stored in,
+    and the family lookup that follows names what is supported)."""
+    if model_type is None:
+        return ()
+    _load_builtin()
+    spec = _REGISTRY.get(model_type)
+    return spec.module_tree_prefixes if spec is not None else ()
 
 
 def media_keys() -> dict[str, str]:
