@@ -6,7 +6,9 @@ token-level reward registered here (``even_tokens``: the fraction of even token 
 completion), so the rewards -- and so the advantages -- differ between completions.
 
 Spec (JSON, argv[1]): ``{"runs": [{"name", "argv", "out", "grpo": {flag: value}}], "result"}``.
-The runs go one after the other in one launch; the result holds each run's logging.jsonl.
+The runs go one after the other in one launch; the result holds each run's logging.jsonl, or the
+message of the LogprobMismatchError a run with ``trainer_temperature`` (the trainer's log-probs
+tempered unlike the engine's) stopped with.
 """
 from __future__ import annotations
 
@@ -46,20 +48,28 @@ def objective(flags: dict):
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     dist.init_process_group("gloo")
+    from mvlm.rl.grpo_loss import LogprobMismatchError
     from mvlm.train.args import parse_train_args
     from mvlm.train.trainer import train
 
-    logs = {}
+    logs, errors = {}, {}
     for run in spec["runs"]:
         cfg = parse_train_args(run["argv"], "sft")
         cfg.task = "rlhf"
         cfg.data.task = "rl"
-        train(cfg, objective(run["grpo"]))
+        obj = objective(run["grpo"])
+        if run.get("trainer_temperature"):  # the trainer tempers differently from the engine
+            obj.temperature = run["trainer_temperature"]
+        try:
+            train(cfg, obj)
+        except LogprobMismatchError as e:
+            errors[run["name"]] = str(e)
+            continue
         dist.barrier()
         log = Path(run["out"]) / "logging.jsonl"
         logs[run["name"]] = [json.loads(x) for x in log.read_text().splitlines()]
     if dist.get_rank() == 0:
-        Path(spec["result"]).write_text(json.dumps({"logs": logs}))
+        Path(spec["result"]).write_text(json.dumps({"logs": logs, "errors": errors}))
         print("WORKER OK", flush=True)
     dist.destroy_process_group()
 

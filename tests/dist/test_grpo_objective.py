@@ -4,8 +4,11 @@ Every run: 4 prompts, 3 optimizer steps of 2 prompts x 2 generations (2 micro-ba
 prompt's group each), ``--num_iterations 2`` (step 2 trains on step 1's rollout again, step 3
 rolls out the next prompts on the updated policy),
 ``--beta 0.04`` (frozen-copy reference), sampled at temperature 0.9 with a fixed seed, reward
-``even_tokens`` (registered by the worker: fraction of even token ids). One rank (the reference)
-and two ranks at TP2 and PP2. Checked:
+``even_tokens`` (registered by the worker: fraction of even token ids). One rank (the reference,
+and LoRA: the reference is the policy with its adapters off) and two ranks at TP2, PP2 and DP2
+(DP2 samples other completions: each DP rank's engine has its own seed, so it is checked for
+the invariants only).
+Checked:
 
 * step 1 on every layout: the policy is the rollout policy and the reference, so the ratio is 1
   and the KL 0 exactly (fp32), nothing is clipped; step 2 (same rollout, one update later) moves
@@ -15,7 +18,9 @@ and two ranks at TP2 and PP2. Checked:
   before the update): ``token_mult_prob_error`` <= 1.0001 (measured 1.0000002 worst) and max
   |dlogp| <= 2e-6 (measured 9.5e-7) on every layout;
 * TP2 and PP2 equal one rank over the 3 steps -- same completions (same rewards and lengths),
-  losses, KL, ratio and clip metrics within 1e-6 (relative, floor 1; measured 1.0e-7).
+  losses, KL, ratio and clip metrics within 1e-6 (relative, floor 1; measured 1.0e-7);
+* a run whose trainer tempers its log-probs unlike the engine stops on the first rollout with
+  ``--max_logprob_mismatch``'s error.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ from test_train_parity import common  # noqa: E402
 LAYOUTS = {"tp2": ["--tp", "2"], "pp2": ["--pp", "2"]}
 GRPO = {"num_generations": 2, "max_completion_length": 6, "temperature": 0.9, "top_k": 50,
         "top_p": 0.9, "num_iterations": 2, "beta": 0.04, "reward_funcs": ["even_tokens"]}
-COMPARED = ("loss", "kl", "ratio/mean", "clip_ratio/region_mean", "reward", "reward_std",
+COMPARED = ("loss", "kl", "ratio/mean", "entropy", "clip_ratio/region_mean", "reward", "reward_std",
             "completions/mean_length", "token_mult_prob_error")
 
 
@@ -51,8 +56,10 @@ def _launch(runs: list[dict], nproc: int, tmp: Path, name: str) -> dict:
                        capture_output=True, text=True, timeout=840,
                        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
     assert p.returncode == 0 and "WORKER OK" in p.stdout, (p.stdout + p.stderr)[-8000:]
-    return {k: [x for x in v if "loss" in x]
-            for k, v in json.loads(Path(spec["result"]).read_text())["logs"].items()}
+    res = json.loads(Path(spec["result"]).read_text())
+    out = {k: [x for x in v if "loss" in x] for k, v in res["logs"].items()}
+    out.update({f"error:{k}": v for k, v in res["errors"].items()})
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -63,22 +70,26 @@ def runs(tmp_path_factory, tiny_ckpt):
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}]}) + "\n"
                             for q in ("Count to five.", "Name a colour.", "2+2?", "Say hi.")))
 
-    def run(name: str, extra: list[str]) -> dict:
+    def run(name: str, extra: list[str], grpo: dict | None = None) -> dict:
         argv = common(hf, data, tmp / name, steps=3) + [
             "--micro_batch_size", "1", "--global_batch_size", "2", "--lr", "1e-3"] + extra
-        return {"name": name, "argv": argv, "out": str(tmp / name), "grpo": GRPO}
+        return {"name": name, "argv": argv, "out": str(tmp / name), "grpo": grpo or GRPO}
 
-    one = _launch([run("ref", [])], 1, tmp, "one")
-    two = _launch([run(k, v) for k, v in LAYOUTS.items()], 2, tmp, "two")
+    bad = run("mismatch", [], {**GRPO, "max_logprob_mismatch": 1.001})
+    bad["trainer_temperature"] = 0.5  # the engine samples at 0.9
+    lora = ["--train_type", "lora", "--lora_rank", "4", "--lora_dropout", "0", "--lr", "1e-2"]
+    one = _launch([run("ref", []), run("lora", lora), bad], 1, tmp, "one")
+    two = _launch([run(k, v) for k, v in LAYOUTS.items()] + [run("dp2", [])], 2, tmp, "two")
     return one | two
 
 
-@pytest.mark.parametrize("name", ["ref", *LAYOUTS])
+@pytest.mark.parametrize("name", ["ref", "lora", *LAYOUTS, "dp2"])
 def test_step0_ratio_one_kl_zero(runs, name):
     s1, s2, s3 = runs[name]
     print(name, json.dumps(runs[name], indent=1))
     assert s1["ratio/mean"] == 1.0 and s1["kl"] == 0.0, (s1["ratio/mean"], s1["kl"])
     assert s1["clip_ratio/region_mean"] == 0.0
+    assert 0.0 < s1["entropy"] < 6.91  # at most log 1000: the tiny model has 1000 tokens
     # step 2 trains on step 1's rollout (--num_iterations 2) after one update
     assert s2["time/rollout_s"] == 0.0 and s2["reward"] == s1["reward"]
     assert s2["kl"] > 0.0 and s2["ratio/mean"] != 1.0
@@ -86,7 +97,7 @@ def test_step0_ratio_one_kl_zero(runs, name):
     assert s3["time/rollout_s"] > 0.0 and s3["ratio/mean"] == 1.0 and s3["kl"] > 0.0
 
 
-@pytest.mark.parametrize("name", ["ref", *LAYOUTS])
+@pytest.mark.parametrize("name", ["ref", "lora", *LAYOUTS, "dp2"])
 def test_engine_matches_trainer(runs, name):
     for s in runs[name]:
         print(f"{name} step {s['step']}: token_mult_prob_error {s['token_mult_prob_error']!r}, "
@@ -105,3 +116,10 @@ def test_layouts_equal_one_rank(runs, name):
             worst = max(worst, (d, k, a["step"]))
             assert d <= 1e-6, (name, a["step"], k, a[k], b[k])
     print(f"{name} vs ref: max relative difference {worst[0]:.2e} ({worst[1]}, step {worst[2]})")
+
+
+def test_mismatch_stops_the_run(runs):
+    """Trainer log-probs tempered at 0.5 while the engine samples at 0.9: the first rollout's
+    check stops the run (before any update) with a message naming the metric and the flag."""
+    msg = runs["error:mismatch"]
+    assert "token_mult_prob_error" in msg and "--max_logprob_mismatch 1.001" in msg, msg

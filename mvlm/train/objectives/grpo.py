@@ -46,7 +46,8 @@ Step metrics (ms-swift / TRL names; written to ``logging.jsonl``): ``reward``, `
 max_length|clipped_ratio``, ``token_mult_prob_error``, ``logp_abs_diff_max``, ``time/rollout_s``
 and ``time/logps_s`` (the no-grad passes; the rest of ``step_time_s`` is the update), and from the
 loss ``kl``, ``clip_ratio/low_mean|high_mean|region_mean`` (or ``clip_ratio/cispo``),
-``ratio/mean``, ``rollout_is/*`` with ``--rollout_importance_sampling_mode``.
+``ratio/mean``, ``entropy`` (of the tempered policy at the completion tokens),
+``rollout_is/*`` with ``--rollout_importance_sampling_mode``.
 
 Refused with a message (not silently ignored): context parallelism (the built-in engine does not
 generate under CP), prompts with images (the per-prompt media split is not wired here yet),
@@ -74,10 +75,33 @@ STEP_METRICS = ("reward", "reward_std", "frac_reward_zero_std", "completions/mea
                 "token_mult_prob_error", "logp_abs_diff_max", "time/rollout_s", "time/logps_s")
 
 
-def tempered_output(model: Any, batch: dict, temperature: float) -> torch.Tensor:
+def vocab_parallel_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of ``softmax(logits)`` per position from vocab-parallel (TP-sharded) logits,
+    without gradient: max, sum exp and sum exp * z all-reduced over the TP group. Masked
+    (``-inf``) vocabulary padding contributes nothing."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    z = logits.detach().float()
+    mx = z.max(-1, keepdim=True).values
+    if tp > 1:
+        dist.all_reduce(mx, op=dist.ReduceOp.MAX, group=group)
+    zc = z - mx
+    e = zc.exp()
+    sums = torch.stack([e.sum(-1), torch.where(e > 0, e * zc, 0.0).sum(-1)])
+    if tp > 1:
+        dist.all_reduce(sums, group=group)
+    return sums[0].log() - sums[1] / sums[0]
+
+
+def tempered_output(model: Any, batch: dict, temperature: float,
+                    entropy: bool = False) -> torch.Tensor:
     """Per-token ``-log_softmax(logits / temperature)[label]`` (0 where ``labels < 0``) on the
     last stage, hidden states before it: the model's own loss head with the logits tempered
-    first, as the rollout engine tempers them (vocab-parallel cross-entropy on TP shards)."""
+    first, as the rollout engine tempers them (vocab-parallel cross-entropy on TP shards).
+    ``entropy``: also put the tempered distribution's per-token entropy in
+    ``batch["entropies"]`` (the loss of the same micro-batch reads it)."""
     from megatron.core import tensor_parallel
 
     out = model_forward(model, {k: v for k, v in batch.items() if k != "labels"})
@@ -87,6 +111,8 @@ def tempered_output(model: Any, batch: dict, temperature: float) -> torch.Tensor
     logits = out.float()
     if temperature != 1.0:
         logits = logits / temperature
+    if entropy:
+        batch["entropies"] = vocab_parallel_entropy(logits)
     ce = tensor_parallel.vocab_parallel_cross_entropy(
         logits.transpose(0, 1).contiguous(), labels.clamp(min=0).transpose(0, 1).contiguous())
     return ce.transpose(0, 1).contiguous() * (labels >= 0)
@@ -138,7 +164,7 @@ class GRPOObjective(Objective):
         self.temperature = sampling.temperature if sampling.temperature > 0 else 1.0
         lc = cfgs.loss
         self.needs_ref = lc.beta != 0.0
-        loss_m = ["ratio/mean"]
+        loss_m = ["ratio/mean", "entropy"]
         loss_m += (["clip_ratio/cispo"] if lc.loss_type == "cispo" else [] if
                    lc.loss_type == "sapo" else
                    ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"])
@@ -193,7 +219,7 @@ class GRPOObjective(Objective):
 
     # ---- before each step ----------------------------------------------------------------------
     def model_output(self, model: Any, batch: dict) -> torch.Tensor:
-        return tempered_output(model, batch, self.temperature)
+        return tempered_output(model, batch, self.temperature, entropy=True)
 
     def prepare_step(self, trainer: Trainer, batches: list[dict]) -> list[dict]:
         training = trainer.ddp_models[0].training
@@ -426,7 +452,8 @@ class GRPOObjective(Objective):
         res = grpo_loss(lp, batch.get("old_logps"), batch.get("ref_logps"), batch["advantages"],
                         batch["completion_mask"], lc, batch["denoms"],
                         rollout_logps=batch["rollout_logps"] if is_mode else None,
-                        sampling_logps=batch["sampling_logps"] if is_mode else None)
+                        sampling_logps=batch["sampling_logps"] if is_mode else None,
+                        entropies=batch.get("entropies"))
         n_seq = batch["denoms"].num_sequences
         rows = batch["input_ids"].shape[0]
         loss_sum = res.loss * n_seq
