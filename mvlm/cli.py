@@ -16,7 +16,7 @@ from mvlm.runtime.quiet import silence_startup_noise
 
 # Sub-commands whose flags mvlm.train.args parses: name -> what it does (for the help line).
 TRAIN_TASKS: dict[str, str] = {"pt": "continued pre-training", "sft": "supervised fine-tuning",
-                               "rlhf": "preference training (--rlhf_type dpo|cpo|simpo|orpo)"}
+                               "rlhf": "preference / RL (--rlhf_type dpo|cpo|simpo|orpo|grpo)"}
 
 
 def _setup_logging() -> None:

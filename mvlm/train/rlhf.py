@@ -41,9 +41,11 @@ def method_parser() -> argparse.ArgumentParser:
 
 
 def print_help() -> None:
+    from mvlm.rl.grpo_cli import grpo_parser
     from mvlm.train.args import build_parser
 
     print(method_parser().format_help())
+    print(grpo_parser().format_help())
     print(build_parser("sft").format_help().replace("mvlm sft", "mvlm rlhf", 1))
 
 
