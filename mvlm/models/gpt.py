@@ -144,7 +144,15 @@ def validate_arch(arch: TextArch) -> None:
                         f"{arch.activation!r} on an MoE config is not supported")
 
 
-def validate_layout(arch: TextArch, layout: ParallelLayout) -> None:
+def validate_layout(arch: TextArch, layout: ParallelLayout, *,
+                    sequence_parallel: bool | None = None) -> None:
+    """Refuse a layout the model cannot be split into, naming the fix.
+
+    ``sequence_parallel``: the training run's flag; None where nothing is trained (``mvlm
+    convert``, export), which may split MoE over TP without it. Megatron-Core's MoE layer raises
+    in the first training forward when TP > 1 without sequence parallel, so training refuses
+    that here, before any model is built.
+    """
     tp = layout.tp
     problems = []
     if arch.num_heads % tp:
@@ -169,6 +177,11 @@ def validate_layout(arch: TextArch, layout: ParallelLayout) -> None:
             + f". Choose --tp from {divisors}" + (
                 f" and --ep dividing {arch.num_experts}" if arch.num_experts else "")
         )
+    if arch.num_experts is not None and tp > 1 and sequence_parallel is False:
+        raise LayoutError(
+            f"MoE ({arch.num_experts} experts) at --tp {tp} trains only with sequence parallel "
+            "(Megatron-Core refuses MoE with tensor parallelism alone): add "
+            "--sequence_parallel true, or use --tp 1 (--ep splits the experts)")
     if arch.num_layers % layout.pp:
         raise LayoutError(
             f"PP={layout.pp} does not divide num_hidden_layers={arch.num_layers}: choose --pp "

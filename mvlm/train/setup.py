@@ -57,7 +57,8 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
     hf_config = AutoConfig.from_pretrained(src_dir)
     apply_hf_overrides(cfg, hf_config)  # [issue 9 / ms-swift flags] --moe_aux_loss_coeff
     family = get_family(hf_config.model_type)
-    validate_layout(family.text_arch(hf_config), layout)
+    validate_layout(family.text_arch(hf_config), layout,
+                    sequence_parallel=cfg.parallel.sequence_parallel)
     # layer-count checks of the recompute flags
     cfg.parallel.recompute.megatron_kwargs(family.text_arch(hf_config), layout)
     # [issue 9 / ms-swift flags] freeze_vit/aligner default to true: only explicit flags count
