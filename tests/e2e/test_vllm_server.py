@@ -145,8 +145,9 @@ def test_vllm_server_generate_sync_faults(tiny_ckpt, tmp_path):
                     "sampled_lp_mismatch", "sampled_lp_mismatch_after"):
             m = r[key]
             assert m["tokens"] >= 20, (key, m)
-            assert m["token_mult_prob_error"] <= 1.0001, (key, m)
-            assert m["max_abs_dlogp"] <= 1e-3, (key, m)
+            # measured 1.00000014 / 4.8e-7 (fp32 both sides; the gate is 1.01)
+            assert m["token_mult_prob_error"] <= 1.00001, (key, m)
+            assert m["max_abs_dlogp"] <= 1e-5, (key, m)
         # no sampling filter active: the sampling distribution is the trainer's
         assert r["sampled_slp_equal_lp"]
         # weights reached the engine, old prefix cache not reused
