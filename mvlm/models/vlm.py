@@ -125,7 +125,8 @@ class VLMModel(MegatronModule):
             if cfg.sequence_parallel:
                 emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
             decoder_input = emb
-        padding_mask = router_padding_mask(attention_mask, cfg, cp_size, cp_rank) \
+        padding_mask = router_padding_mask(attention_mask, cfg, cp_size, cp_rank,
+                                           packed_seq_params, position_ids) \
             if self.arch.num_experts else None
         if attention_mask is not None and attention_mask.dtype == torch.bool and \
                 attention_mask.dim() == 2:
@@ -171,17 +172,33 @@ class VLMModel(MegatronModule):
 
 
 def router_padding_mask(attention_mask: torch.Tensor | None, cfg, cp_size: int,
-                        cp_rank: int) -> torch.Tensor | None:
+                        cp_rank: int, packed_seq_params: PackedSeqParams | None = None,
+                        position_ids: torch.Tensor | None = None) -> torch.Tensor | None:
     """This rank's [b, s_local] pad mask (True = pad) for the MoE router, or None.
 
     Pads appended to even out lengths (PP: one shape per step; EP: one length over the EP ranks;
     a padded micro-batch) must not count in the router's aux loss or tokens-per-expert, else the
     layout changes the gradients (tests/dist/test_train_parity_more.py, padding cases).
+    Padded batches say where the pads are with their key-padding ``attention_mask``; packed rows
+    carry none, and their pads are the tail at or beyond ``cu_seqlens[-1]`` (the full,
+    pre-CP-split row; ``position_ids`` [.., b, S] give its shape). Not covered: under CP with
+    packing, the pads each sample gets to a multiple of 2*CP lie inside the (padded)
+    ``cu_seqlens`` the model is given, so they still reach the router.
     Megatron-Core takes ``padding_mask`` in the hidden states' local sequence layout: split for
     CP like the sequence, and cut to this TP rank's chunk under sequence parallel."""
-    if attention_mask is None or attention_mask.dtype != torch.bool or attention_mask.dim() != 2:
+    if attention_mask is not None and attention_mask.dtype == torch.bool and \
+            attention_mask.dim() == 2:
+        pad = ~attention_mask
+    elif packed_seq_params is not None and packed_seq_params.cu_seqlens_q is not None and \
+            position_ids is not None:
+        b, s = position_ids.shape[-2:]
+        end = int(packed_seq_params.cu_seqlens_q[-1])
+        if end >= s:
+            return None
+        pad = (torch.arange(s, device=position_ids.device) >= end).expand(b, s)
+    else:
         return None
-    pad = split_for_cp(~attention_mask, 1, cp_size, cp_rank)
+    pad = split_for_cp(pad, 1, cp_size, cp_rank)
     if cfg.sequence_parallel:
         tp = parallel_state.get_tensor_model_parallel_world_size()
         n = pad.shape[1] // tp
