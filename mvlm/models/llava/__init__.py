@@ -30,11 +30,15 @@ IMAGE = MediaKind("image", token_attr="image_token_id", features_key="pixel_valu
 ALIGNER_PREFIXES = ("vision_model.multi_modal_projector.",)
 # transformers 5's module tree nests the LLM's decoder, the ViT and the projector under
 # ``model.``; the hub layout (what save_pretrained writes, what the weight table names) is the
-# original LLaVA one, with the whole LLM under ``language_model.``.
+# original LLaVA one, with the whole LLM under ``language_model.``. Last: hub checkpoints saved
+# before transformers 5 (llava-hf/llava-1.5-*) nest the CLIP tower one level deeper,
+# ``vision_tower.vision_model.*``; the reader serves them under ``vision_tower.*`` too (last, so
+# PEFT paths still map ``vision_tower.`` to the module tree's ``model.vision_tower.``).
 MODULE_TREE_PREFIXES = (("model.language_model.", "language_model.model."),
                         ("lm_head.", "language_model.lm_head."),
                         ("model.vision_tower.", "vision_tower."),
-                        ("model.multi_modal_projector.", "multi_modal_projector."))
+                        ("model.multi_modal_projector.", "multi_modal_projector."),
+                        ("vision_tower.vision_model.", "vision_tower."))
 PEFT_TOWER_PREFIXES = ("model.vision_tower.", "model.multi_modal_projector.")
 
 
