@@ -51,3 +51,4 @@ def test_missing_vision_tower_is_refused_by_name(tiny_ckpt, tmp_path):
     assert p.returncode != 0
     assert "vision_tower.embeddings.class_embedding" in p.stderr + p.stdout
     assert "missing" in p.stderr + p.stdout and not out.exists()
+

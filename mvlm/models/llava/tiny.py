@@ -1,6 +1,7 @@
 """The tiny LLaVA its tests build: a CLIP ViT (CLS token, learned positions, pre-LayerNorm), the
-2-layer GELU projector and a Qwen2 LLM with a ChatML template (the LLaVA-Interleave / OneVision
-layout; LLaVA-1.5's Llama LLM is the same module tree with another text config).
+2-layer GELU projector and a Qwen2 LLM with a ChatML template (the LLaVA-Interleave layout;
+``text_model_type="llama"`` gives LLaVA-1.5's Llama LLM: the same module tree, another text
+config).
 
 The ViT sees 56 x 56 images (16 patches of 14 px): features come from ``vision_feature_layer=-2``
 with the CLS token dropped (``"default"``), so each image is 16 ``<image>`` tokens. Three ViT
@@ -57,12 +58,22 @@ _TOP_FIELDS = ("tie_word_embeddings", "image_token_id", "vision_feature_layer",
                "multimodal_projector_bias")
 
 
+# The LLM's config class per ``text_model_type`` override: Qwen2 (default; LLaVA-Interleave) or
+# Llama (LLaVA-1.5's Vicuna), with their RoPE bases.
+_TEXT = {"qwen2": (transformers.Qwen2Config, 1_000_000.0),
+         "llama": (transformers.LlamaConfig, 10_000.0)}
+
+
 def config(variant: str, ids: dict[str, int], overrides: dict[str, Any]
            ) -> transformers.PretrainedConfig:
     vision_overrides = overrides.pop("vision_config", None) or {}
+    text_type = overrides.pop("text_model_type", "qwen2")
+    if text_type not in _TEXT:
+        raise ValueError(f"text_model_type={text_type!r}: the tiny LLaVA has {sorted(_TEXT)}")
+    text_cls, theta = _TEXT[text_type]
     top = {k: overrides.pop(k) for k in list(overrides) if k in _TOP_FIELDS}
     text = text_fields(variant, ids)
-    text.update(rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+    text.update(rope_parameters={"rope_type": "default", "rope_theta": theta},
                 tie_word_embeddings=False)
     text.update(overrides)
     check_vocab(text, ids)
@@ -71,7 +82,7 @@ def config(variant: str, ids: dict[str, int], overrides: dict[str, Any]
                   hidden_act="quick_gelu")
     vision.update(vision_overrides)
     cfg = {
-        "text_config": transformers.Qwen2Config(**text),
+        "text_config": text_cls(**text),
         "vision_config": transformers.CLIPVisionConfig(**vision),
         "image_token_id": ids[IMAGE_TOKEN],
         "vision_feature_layer": -2,
