@@ -7,7 +7,8 @@ rolls out the next prompts on the updated policy),
 ``even_tokens`` (registered by the worker: fraction of even token ids). One rank (the reference,
 and LoRA: the reference is the policy with its adapters off) and two ranks at TP2, PP2 and DP2
 (DP2 samples other completions: each DP rank's engine has its own seed, so it is checked for
-the invariants only).
+the invariants only); one rank also runs rloo with ``--loss_type dapo`` and token_truncate
+rollout importance sampling.
 Checked:
 
 * step 1 on every layout: the policy is the rollout policy and the reference, so the ratio is 1
@@ -78,12 +79,14 @@ def runs(tmp_path_factory, tiny_ckpt):
     bad = run("mismatch", [], {**GRPO, "max_logprob_mismatch": 1.001})
     bad["trainer_temperature"] = 0.5  # the engine samples at 0.9
     lora = ["--train_type", "lora", "--lora_rank", "4", "--lora_dropout", "0", "--lr", "1e-2"]
-    one = _launch([run("ref", []), run("lora", lora), bad], 1, tmp, "one")
+    rloo = run("rloo", [], {**GRPO, "advantage_estimator": "rloo", "loss_type": "dapo",
+                            "rollout_importance_sampling_mode": "token_truncate"})
+    one = _launch([run("ref", []), run("lora", lora), rloo, bad], 1, tmp, "one")
     two = _launch([run(k, v) for k, v in LAYOUTS.items()] + [run("dp2", [])], 2, tmp, "two")
     return one | two
 
 
-@pytest.mark.parametrize("name", ["ref", "lora", *LAYOUTS, "dp2"])
+@pytest.mark.parametrize("name", ["ref", "lora", "rloo", *LAYOUTS, "dp2"])
 def test_step0_ratio_one_kl_zero(runs, name):
     s1, s2, s3 = runs[name]
     print(name, json.dumps(runs[name], indent=1))
@@ -97,7 +100,7 @@ def test_step0_ratio_one_kl_zero(runs, name):
     assert s3["time/rollout_s"] > 0.0 and s3["ratio/mean"] == 1.0 and s3["kl"] > 0.0
 
 
-@pytest.mark.parametrize("name", ["ref", "lora", *LAYOUTS, "dp2"])
+@pytest.mark.parametrize("name", ["ref", "lora", "rloo", *LAYOUTS, "dp2"])
 def test_engine_matches_trainer(runs, name):
     for s in runs[name]:
         print(f"{name} step {s['step']}: token_mult_prob_error {s['token_mult_prob_error']!r}, "
@@ -116,6 +119,14 @@ def test_layouts_equal_one_rank(runs, name):
             worst = max(worst, (d, k, a["step"]))
             assert d <= 1e-6, (name, a["step"], k, a[k], b[k])
     print(f"{name} vs ref: max relative difference {worst[0]:.2e} ({worst[1]}, step {worst[2]})")
+
+
+def test_rloo_kl_in_reward_rollout_is(runs):
+    """rloo (KL as a reward penalty by default: the reference pass feeds the advantages), dapo
+    token-mean, token_truncate rollout IS: the weight is old/engine, 1 within the mismatch."""
+    for s in runs["rloo"]:
+        assert abs(s["rollout_is/weight_mean"] - 1.0) <= 1e-6, s["rollout_is/weight_mean"]
+        assert s["rollout_is/clipped_frac"] == 0.0
 
 
 def test_mismatch_stops_the_run(runs):

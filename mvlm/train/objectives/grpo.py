@@ -327,7 +327,6 @@ class GRPOObjective(Objective):
             pos = torch.zeros((3, b, seq), dtype=torch.long)
             att = torch.zeros((b, seq), dtype=torch.bool)
             roll = torch.zeros((b, seq), dtype=torch.float32)
-            samp = torch.zeros((b, seq), dtype=torch.float32)
             trunc = torch.zeros(b, dtype=torch.bool)
             for i, (p, c) in enumerate(chunk):
                 full = p + list(c.token_ids)
@@ -337,7 +336,6 @@ class GRPOObjective(Objective):
                 pos[:, i, :n] = sequence_positions(trainer.bundle.hf_config, full)
                 att[i, :n] = True
                 roll[i, P - 1:P - 1 + T] = torch.tensor(c.logprobs)
-                samp[i, P - 1:P - 1 + T] = torch.tensor(c.sampling_logprobs)
                 trunc[i] = c.stop_reason == "length"
             mask = (labels >= 0).float()
             if self.cfgs.overlong_filter:
@@ -346,7 +344,7 @@ class GRPOObjective(Objective):
                 mask = overlong_filter(mask, trunc)[0]
             out.append({k2: v.to(dev) for k2, v in {
                 "input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": att,
-                "rollout_logps": roll, "sampling_logps": samp, "completion_mask": mask}.items()})
+                "rollout_logps": roll, "completion_mask": mask}.items()})
         return out
 
     def _logps_step(self, store: list):
@@ -451,8 +449,10 @@ class GRPOObjective(Objective):
         is_mode = lc.rollout_importance_sampling_mode is not None
         res = grpo_loss(lp, batch.get("old_logps"), batch.get("ref_logps"), batch["advantages"],
                         batch["completion_mask"], lc, batch["denoms"],
+                        # the engine's tempered full-vocabulary log-probs: the weight corrects
+                        # the engine/trainer mismatch, not top-k/top-p truncation (whose
+                        # processed log-probs would scale every weight down by the kept mass)
                         rollout_logps=batch["rollout_logps"] if is_mode else None,
-                        sampling_logps=batch["sampling_logps"] if is_mode else None,
                         entropies=batch.get("entropies"))
         n_seq = batch["denoms"].num_sequences
         rows = batch["input_ids"].shape[0]
