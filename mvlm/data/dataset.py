@@ -59,6 +59,8 @@ def _features(template: Template) -> datasets.Features:
         f["second_per_grid_ts"] = datasets.Sequence(datasets.Value("float32"))
         f["image_paths"] = datasets.Sequence(datasets.Value("string"))
         f["image_bytes"] = datasets.Sequence(datasets.Value("binary"))
+        # shape of pixel_values when the family has no grid to restore it (LLaVA: [n, 3, H, W])
+        f["pixel_shape"] = datasets.Sequence(datasets.Value("int32"))
     if template.cfg.task == "preference":
         f["rejected_input_ids"] = datasets.Sequence(datasets.Value("int32"))
         f["rejected_labels"] = datasets.Sequence(datasets.Value("int32"))
@@ -85,6 +87,8 @@ def to_storage(enc: dict, template: Template) -> dict[str, Any]:
         refs = enc.get("image_refs") or []
         row["image_paths"] = [r if isinstance(r, str) else "" for r in refs]
         row["image_bytes"] = [r if isinstance(r, bytes) else b"" for r in refs]
+        row["pixel_shape"] = np.asarray(enc["pixel_values"].shape, np.int32) \
+            if "pixel_values" in enc and "image_grid_thw" not in enc else np.zeros(0, np.int32)
     if template.cfg.task == "preference":
         row["rejected_input_ids"] = enc["rejected_input_ids"].numpy().astype(np.int32)
         row["rejected_labels"] = enc["rejected_labels"].numpy().astype(np.int32)
@@ -102,7 +106,7 @@ def _empty_row(template: Template, err: BadSampleError) -> dict[str, Any]:
         row.update(position_ids=np.zeros((3, 0), np.int32), pixel_values=f32,
                    pixel_values_videos=f32, image_grid_thw=np.zeros((0, 3), np.int32),
                    video_grid_thw=np.zeros((0, 3), np.int32), second_per_grid_ts=f32,
-                   image_paths=[], image_bytes=[])
+                   image_paths=[], image_bytes=[], pixel_shape=i32)
     if template.cfg.task == "preference":
         row.update(rejected_input_ids=i32, rejected_labels=i32)
         if template.is_multimodal:
@@ -125,6 +129,10 @@ def from_storage(row: dict) -> dict[str, Any]:
             pv = np.asarray(row[flat], dtype=np.float32)
             out[flat] = torch.from_numpy(pv.reshape(int(g.prod(-1).sum()), -1))
             out[grid] = torch.from_numpy(g)
+    shape = row.get("pixel_shape")
+    if shape is not None and len(shape) and "pixel_values" not in out:  # grid-less images
+        out["pixel_values"] = torch.from_numpy(
+            np.asarray(row["pixel_values"], dtype=np.float32).reshape(*map(int, shape)))
     if row.get("second_per_grid_ts") is not None and len(row["second_per_grid_ts"]):
         out["second_per_grid_ts"] = torch.as_tensor(np.asarray(row["second_per_grid_ts"],
                                                                dtype=np.float32))

@@ -85,3 +85,17 @@ def test_tower_equals_hf_image_features(ckpt):
     assert got.shape == (2 * 16, cfg.text_config.hidden_size)
     with pytest.raises(ValueError, match="no grid"):
         tower(pv, torch.ones(2, 3, dtype=torch.long))
+
+
+def test_storage_round_trip_keeps_gridless_pixels(ckpt):
+    """The encoded-dataset storage flattens pixels and restores them from the grid; LLaVA has no
+    grid, so the shape column must bring back [n, 3, H, W] (else training sees no image)."""
+    from mvlm.data.dataset import from_storage, to_storage
+
+    tpl = get_template(ckpt)
+    for row in _rows().values():
+        enc = tpl.encode(row)
+        back = from_storage(to_storage(enc, tpl))
+        assert ("pixel_values" in back) == ("pixel_values" in enc)
+        if "pixel_values" in enc:
+            assert torch.equal(back["pixel_values"], enc["pixel_values"])
