@@ -35,6 +35,31 @@ def run_mvlm(args: list[str], nproc: int = 1, timeout: int = 600, check: bool = 
     return p
 
 
+def launch_worker(worker: Path | str, nproc: int, args: list[str] | tuple = (), timeout: int = 840,
+                  env: dict | None = None, expect: str | None = "WORKER OK",
+                  tail: int = 12000) -> subprocess.CompletedProcess:
+    """Run a test worker script under torchrun on `nproc` local ranks (plain python for one).
+
+    Every dist test launches its worker the same way: a free local port, one OpenMP thread per
+    rank (2 cores are shared by all ranks), unbuffered output so a hang shows where it stopped.
+    Fails with the last `tail` characters of stdout+stderr when the launch exits non-zero or,
+    with `expect` set, when rank 0 never printed that marker (a worker that returned early).
+    """
+    if nproc == 1:
+        cmd = [sys.executable, str(worker), *map(str, args)]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(worker),
+               *map(str, args)]
+    e = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **(env or {}))
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=e, cwd=REPO)
+    if p.returncode != 0 or (expect is not None and expect not in p.stdout):
+        missing = "" if p.returncode != 0 else f", no {expect!r} in stdout"
+        raise AssertionError(f"{' '.join(cmd)} failed (rc={p.returncode}{missing}):\n"
+                             f"{(p.stdout + p.stderr)[-tail:]}")
+    return p
+
+
 def load_all_safetensors(d: Path) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for f in sorted(Path(d).glob("*.safetensors")):

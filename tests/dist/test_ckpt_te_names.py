@@ -12,9 +12,6 @@ logs.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +25,7 @@ LM = "language_model.decoder.layers."
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, tiny_ckpt):
-    from helpers import free_port
+    from helpers import launch_worker
     from test_train_parity import common, write_data
 
     tmp = tmp_path_factory.mktemp("te_names")
@@ -43,13 +40,7 @@ def results(tmp_path_factory, tiny_ckpt):
             "train": {n: run(n) for n in ("ref", "legacy", "te_like")}}
     f = tmp / "spec.json"
     f.write_text(json.dumps(spec))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-           "--master-addr=127.0.0.1", f"--master-port={free_port()}",
-           str(HERE / "_ckpt_te_names_worker.py"), str(f)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=840,  # < pytest's 900 s
-                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
-    if p.returncode != 0 or "WORKER OK" not in p.stdout:
-        raise AssertionError(f"worker failed ({p.returncode}):\n{(p.stdout + p.stderr)[-12000:]}")
+    launch_worker(HERE / "_ckpt_te_names_worker.py", 2, [f], timeout=840)  # < pytest's 900 s
     res = json.loads((tmp / "results.json").read_text())
     res["train_dir"] = str(tmp / "train")
     return res

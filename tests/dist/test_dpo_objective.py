@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -52,17 +50,12 @@ def _rows(root: Path) -> list[dict]:
 
 
 def _launch(runs: list[dict], nproc: int, tmp: Path, name: str) -> dict:
-    from helpers import free_port
+    from helpers import launch_worker
 
     spec = {"runs": runs, "result": str(tmp / f"{name}.json")}
     f = tmp / f"{name}_spec.json"
     f.write_text(json.dumps(spec))
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run",
-                        f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
-                        f"--master-port={free_port()}", str(HERE / "_dpo_worker.py"), str(f)],
-                       capture_output=True, text=True, timeout=840,
-                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
-    assert p.returncode == 0 and "WORKER OK" in p.stdout, (p.stdout + p.stderr)[-8000:]
+    launch_worker(HERE / "_dpo_worker.py", nproc, [f], timeout=840, tail=8000)
     return {k: [x for x in v if "loss" in x]
             for k, v in json.loads(Path(spec["result"]).read_text())["logs"].items()}
 

@@ -22,10 +22,7 @@ dirs themselves (``--adapters PEFT_DIR --merge_lora true``) merge into the same 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -37,18 +34,10 @@ TOL = 1e-5
 
 
 def _run(spec: dict, path: Path, nproc: int) -> dict:
-    from helpers import free_port
+    from helpers import launch_worker
 
     path.write_text(json.dumps(spec))
-    if nproc == 1:
-        cmd = [sys.executable, str(WORKER), str(path)]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(WORKER),
-               str(path)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=1200,
-                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
-    assert p.returncode == 0, p.stdout[-6000:] + p.stderr[-10000:]
+    launch_worker(WORKER, nproc, [path], timeout=1200, expect=None, tail=16000)
     return json.loads(Path(spec["out"]).read_text())
 
 

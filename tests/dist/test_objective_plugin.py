@@ -11,8 +11,6 @@ the extra metrics too.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -28,7 +26,7 @@ def _strip(rows: list[dict], drop: tuple[str, ...]) -> list[dict]:
 
 
 def test_reference_objective_plugs_in(tmp_path, tiny_ckpt):
-    from helpers import free_port
+    from helpers import launch_worker
 
     vl = tiny_ckpt("qwen2_5_vl")
     data, _ = write_data(tmp_path / "data")
@@ -37,12 +35,7 @@ def test_reference_objective_plugs_in(tmp_path, tiny_ckpt):
     spec = {"argv": argv, "out": str(tmp_path / "runs"), "result": str(tmp_path / "r.json")}
     f = tmp_path / "spec.json"
     f.write_text(json.dumps(spec))
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-                        "--master-addr=127.0.0.1", f"--master-port={free_port()}",
-                        str(HERE / "_objective_worker.py"), str(f)],
-                       capture_output=True, text=True, timeout=840,
-                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
-    assert p.returncode == 0 and "WORKER OK" in p.stdout, (p.stdout + p.stderr)[-8000:]
+    launch_worker(HERE / "_objective_worker.py", 2, [f], timeout=840, tail=8000)
     r = json.loads(Path(spec["result"]).read_text())
     sft, ref = r["logs"]["sft"], r["logs"]["ref"]
     extra = ("logp_minus_ref", "ref_logp", "eval_logp_minus_ref", "eval_ref_logp")

@@ -25,8 +25,6 @@ norm (absolute <= 6.5e-7 on grad norms of 5-7).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -45,7 +43,7 @@ def _lines(d: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def result(tmp_path_factory, tiny_ckpt):
-    from helpers import free_port
+    from helpers import launch_worker
     from test_train_parity import write_data
 
     tmp = tmp_path_factory.mktemp("packing_mbs")
@@ -78,13 +76,7 @@ def result(tmp_path_factory, tiny_ckpt):
         ]}
     f = tmp / "spec.json"
     f.write_text(json.dumps(spec))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-           "--master-addr=127.0.0.1", f"--master-port={free_port()}",
-           str(HERE / "_packing_mbs_worker.py"), str(f)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=840,  # < pytest's 900 s
-                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
-    if p.returncode != 0 or "WORKER OK" not in p.stdout:
-        raise AssertionError(f"launch failed ({p.returncode}):\n{(p.stdout + p.stderr)[-12000:]}")
+    p = launch_worker(HERE / "_packing_mbs_worker.py", 2, [f], timeout=840)  # < pytest's 900 s
     print("\n".join(x for x in p.stdout.splitlines() if x.startswith(("CASE", "RUN"))))
     res = json.loads((tmp / "result.json").read_text())
     return {"cases": res["cases"], "out": out}

@@ -10,9 +10,6 @@ a setting that silently did nothing cannot pass by matching the reference trivia
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,18 +21,11 @@ N_MICRO, LAYERS = 3, 4  # the worker's micro-batches per step and decoder layers
 
 @pytest.fixture(scope="module")
 def results(tmp_path_factory, tiny_ckpt):
-    from helpers import free_port
+    from helpers import launch_worker
 
     hf = tiny_ckpt("qwen2_5_vl", num_hidden_layers=4)
     out = tmp_path_factory.mktemp("recompute") / "results.json"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-           "--master-addr=127.0.0.1", f"--master-port={free_port()}",
-           str(HERE / "_recompute_worker.py"), str(hf), str(out)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
-                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
-    if p.returncode != 0 or "WORKER OK" not in p.stdout:
-        raise AssertionError(f"recompute worker failed ({p.returncode}):\n"
-                             f"{(p.stdout + p.stderr)[-12000:]}")
+    launch_worker(HERE / "_recompute_worker.py", 2, [hf, out], timeout=900)
     return json.loads(out.read_text())
 
 

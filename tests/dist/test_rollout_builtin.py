@@ -25,9 +25,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -95,7 +92,7 @@ def _hf_greedy(family: str, hf: Path, prompts: list[dict], rp: float) -> list[di
 
 @pytest.fixture(scope="module")
 def rollout_run(tiny_ckpt, tmp_path_factory):
-    from helpers import free_port
+    from helpers import launch_worker
 
     tmp = tmp_path_factory.mktemp("rollout")
     cases, refs = {}, {}
@@ -116,12 +113,8 @@ def rollout_run(tiny_ckpt, tmp_path_factory):
                                          "max_completion_length": T, **extra}
     spec = {"out": str(tmp / "out.json"), "cases": cases}
     (tmp / "spec.json").write_text(json.dumps(spec))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-           "--master-addr=127.0.0.1", f"--master-port={free_port()}",
-           str(HERE / "_rollout_builtin_worker.py"), str(tmp / "spec.json")]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=840,
-                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-8000:]
+    launch_worker(HERE / "_rollout_builtin_worker.py", 2, [tmp / "spec.json"], timeout=840,
+                  expect=None, tail=11000)
     ranks = json.loads(Path(spec["out"]).read_text())
     print("seconds per case (rank 0):",
           {k: round(v["seconds"], 1) for k, v in ranks[0].items()})

@@ -19,9 +19,6 @@ order). Each layout streams in every receivers mode and also cast to bf16. Check
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from collections import Counter
 from pathlib import Path
 
@@ -46,18 +43,14 @@ def _owners_expected(case: str, name: str) -> int:
 
 @pytest.mark.timeout(900)
 def test_iter_hf_tensors_modes_layouts(tiny_ckpt, tmp_path):
-    from helpers import free_port
+    from helpers import launch_worker
 
     spec = {"out": str(tmp_path / "out.json"),
             "cases": {k: {"hf": str(tiny_ckpt(fam)), "layout": lay}
                       for k, (fam, lay) in CASES.items()}}
     (tmp_path / "spec.json").write_text(json.dumps(spec))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-           "--master-addr=127.0.0.1", f"--master-port={free_port()}",
-           str(HERE / "_stream_worker.py"), str(tmp_path / "spec.json")]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=840,
-                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
-    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-8000:]
+    launch_worker(HERE / "_stream_worker.py", 2, [tmp_path / "spec.json"], timeout=840,
+                  expect=None, tail=11000)
     ranks = json.loads(Path(spec["out"]).read_text())
     for case in CASES:
         r0 = ranks[0][case]

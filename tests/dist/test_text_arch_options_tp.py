@@ -11,9 +11,6 @@ One conversion per torchrun launch (four launches).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +25,7 @@ LOGITS_TOL = 5e-6
 @pytest.mark.timeout(1200)
 def test_options_tp2_pp2_against_transformers(tmp_path):
     from arch_families import NAMES, build
-    from helpers import assert_same_tensors, free_port
+    from helpers import assert_same_tensors, launch_worker
 
     for name in NAMES:
         src = build(name, tmp_path / name / "hf")
@@ -40,12 +37,7 @@ def test_options_tp2_pp2_against_transformers(tmp_path):
             spec, out = tmp_path / f"{name}_{step}.json", tmp_path / f"{name}_{step}_out.json"
             spec.write_text(json.dumps({"argv": [*argv, "--verify", "--device", "cpu"],
                                         "out": str(out)}))
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-                   "--master-addr=127.0.0.1", f"--master-port={free_port()}",
-                   str(HERE / "_arch_options_worker.py"), str(spec)]
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
-                               env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
-            assert p.returncode == 0, p.stdout[-4000:] + p.stderr[-8000:]
+            launch_worker(HERE / "_arch_options_worker.py", 2, [spec], timeout=600, expect=None)
             (r,) = json.loads(out.read_text())
             lm, lh = r["loss"]
             print(f"{name} at {step}: max|dlogits| {r['dlogits']:.3e} loss mcore {lm:.6f} "

@@ -18,9 +18,6 @@ logging.jsonl must equal the uninterrupted run's bit for bit.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -39,18 +36,12 @@ def _rel(a: float, b: float) -> float:
 
 
 def _launch(spec: dict, nproc: int, tmp: Path, name: str, timeout: int = 900) -> str:
-    from helpers import free_port
+    from helpers import launch_worker
 
     f = tmp / f"spec_{name}.json"
     f.write_text(json.dumps(spec))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           "--master-addr=127.0.0.1", f"--master-port={free_port()}",
-           str(HERE / "_train_worker.py"), str(f)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    p = launch_worker(HERE / "_train_worker.py", nproc, [f], timeout=timeout)
     out = p.stdout + p.stderr
-    if p.returncode != 0 or "WORKER OK" not in p.stdout:
-        raise AssertionError(f"launch {name} failed ({p.returncode}):\n{out[-12000:]}")
     print("\n".join(x for x in p.stdout.splitlines() if x.startswith(("RUN", "VERIFY"))))
     return out
 

@@ -10,8 +10,6 @@ on any rank.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,7 +20,7 @@ LOSS_TOL = 2e-7  # relative to the reference loss, floor 1; measured 3.7e-8 (TP2
 
 @pytest.mark.timeout(1200)
 def test_lora_dora_tp2_pp2_parity(tiny_ckpt, tmp_path):
-    from helpers import free_port
+    from helpers import launch_worker
 
     hf = tiny_ckpt("qwen2_vl")
     cases = []
@@ -33,11 +31,7 @@ def test_lora_dora_tp2_pp2_parity(tiny_ckpt, tmp_path):
     spec = tmp_path / "spec.json"
     out = tmp_path / "out.json"
     spec.write_text(json.dumps({"hf": str(hf), "out": str(out), "cases": cases}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-           "--master-addr=127.0.0.1", f"--master-port={free_port()}",
-           str(HERE / "_tuners_worker.py"), str(spec)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=1200)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    launch_worker(HERE / "_tuners_worker.py", 2, [spec], timeout=1200, expect=None, tail=8000)
     res = json.loads(out.read_text())
     for kind in ("lora", "dora"):
         ref = res[f"{kind}_ref"]

@@ -10,9 +10,6 @@ per-query kernels as HF).
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -24,17 +21,11 @@ HERE = Path(__file__).resolve().parent
 
 
 def test_verify_under_sp_and_cp(tiny_ckpt, tmp_path):
-    from helpers import free_port
+    from helpers import launch_worker
 
     hf = tiny_ckpt("qwen2_5_vl")
     res_file, mcore = tmp_path / "res.json", tmp_path / "mcore_cp2"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2",
-           "--master-addr=127.0.0.1", f"--master-port={free_port()}",
-           str(HERE / "_verify_cp_sp_worker.py"), str(hf), str(res_file), str(mcore)]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=900,
-                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
-    out = p.stdout + p.stderr
-    assert p.returncode == 0 and "WORKER OK" in p.stdout, out[-12000:]
+    p = launch_worker(HERE / "_verify_cp_sp_worker.py", 2, [hf, res_file, mcore], timeout=900)
     res = json.loads(res_file.read_text())
     for lay in ("sp", "cp"):
         assert set(res[lay]["checks"]) == VL_CHECKS, res
