@@ -11,9 +11,12 @@ context-parallel chunks first) plus a ``[B, T]`` completion mask:
   tempered distribution the trainer computes (``log_softmax(logits / temperature)``; the engine's
   ``logprobs``), optional: the rollout/trainer mismatch metrics compare it with ``old``;
 * ``sampling_logps``: the engine's log-prob under the distribution it actually drew from (after
-  repetition penalty / top-k / top-p; ``sampling_logprobs``), optional: the importance weights of
-  ``--rollout_importance_sampling_mode`` correct for THAT distribution (``rollout_logps`` is used
-  when it is not given, i.e. when no such processor is active).
+  repetition penalty / top-k / top-p; ``sampling_logprobs``), optional: when given, the importance
+  weights of ``--rollout_importance_sampling_mode`` correct for THAT distribution, else for
+  ``rollout_logps``. The GRPO objective passes only ``rollout_logps`` (as ms-swift and veRL do):
+  the correction then targets the engine/trainer numerical mismatch and stays ~1, whereas weights
+  against a top-k/top-p-truncated distribution are ~the kept probability mass (0.08 on the tiny
+  test model), which mostly rescales the learning rate.
 
 Why global denominators: GRPO's losses are means (over sequences, or over tokens, or over
 ``N * max_completion_length``). Taking the mean inside each micro-batch and averaging the
