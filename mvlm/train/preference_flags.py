@@ -51,6 +51,10 @@ def add_dpo_args(p: argparse._ActionsContainer) -> None:
     a("--reference_free", type=str2bool, nargs="?", const=True, default=False,
       help="no reference model: reference log-probs taken as 0")
     a("--discopop_tau", type=float, default=0.05, help="DiscoPOP gate temperature")
+    a("--ref_model", default=None, metavar="DIR",
+      help="DPO reference: this HF model directory (frozen, the policy's parallel layout, no "
+      "optimizer; its architecture must be the policy's) instead of the policy's starting "
+      "weights (full training) or the adapter-free policy (LoRA)")
 
 
 def add_cpo_args(p: argparse._ActionsContainer) -> None:
@@ -65,7 +69,7 @@ def _refuse_unused(ns: Any, method: str, names: tuple[str, ...]) -> None:
     """Flags the method does not read, set away from their defaults, are refused."""
     defaults = {"loss_weights": None, "rpo_alpha": None, "reference_free": False,
                 "discopop_tau": 0.05, "label_smoothing": 0.0, "loss_type": None,
-                "dpo_loss_type": None, "cpo_alpha": 1.0, "simpo_gamma": 1.0}
+                "dpo_loss_type": None, "cpo_alpha": 1.0, "simpo_gamma": 1.0, "ref_model": None}
     for n in names:
         if getattr(ns, n, defaults[n]) != defaults[n]:
             raise ValueError(f"--{n} has no effect with --rlhf_type {method}: drop it")
@@ -95,6 +99,9 @@ def dpo_loss_config(ns: Any, notes: list[str] | None = None) -> DPOLossConfig:
     from mvlm.train.objectives.dpo_losses import DPOLossConfig
 
     _refuse_unused(ns, "dpo", ("cpo_alpha", "simpo_gamma"))
+    if getattr(ns, "ref_model", None) is not None and ns.reference_free:
+        raise ValueError("--ref_model with --reference_free: a reference-free run reads no "
+                         "reference model; drop one of them")
     return DPOLossConfig(beta=0.1 if ns.beta is None else ns.beta,
                          loss_type=tuple(resolve_dpo_loss_type(ns, notes)),
                          loss_weights=tuple(ns.loss_weights) if ns.loss_weights else None,
@@ -108,7 +115,7 @@ def cpo_loss_config(ns: Any, method: str = "cpo") -> CPOLossConfig:
     from mvlm.train.objectives.dpo_losses import CPOLossConfig
 
     _refuse_unused(ns, method, ("loss_weights", "rpo_alpha", "reference_free", "discopop_tau",
-                                "dpo_loss_type"))
+                                "dpo_loss_type", "ref_model"))
     lt = ns.loss_type or ["simpo" if method == "simpo" else "sigmoid"]
     if len(lt) != 1:
         raise ValueError(f"--rlhf_type {method} takes one --loss_type, got {' '.join(lt)}")
@@ -121,7 +128,7 @@ def orpo_beta(ns: Any) -> float:
     """ORPO's lambda (``--beta``, default 0.1); its other DPO/CPO flags are refused."""
     _refuse_unused(ns, "orpo", ("loss_weights", "rpo_alpha", "reference_free", "discopop_tau",
                                 "label_smoothing", "loss_type", "dpo_loss_type", "cpo_alpha",
-                                "simpo_gamma"))
+                                "simpo_gamma", "ref_model"))
     beta = 0.1 if ns.beta is None else ns.beta
     if not beta > 0:
         raise ValueError(f"--beta (ORPO's lambda) must be > 0, got {beta}")

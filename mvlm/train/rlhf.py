@@ -95,7 +95,7 @@ def run_dpo(ns: argparse.Namespace, rest: list[str]) -> int:
     loss_cfg = dpo_loss_config(ns, notes)  # validated before any process group
     cfg = train_config(rest)
     cfg.notes.extend(notes)  # rank 0 prints them with the run's other flag notes
-    return train(cfg, DPOObjective(loss_cfg)).exit_code
+    return train(cfg, DPOObjective(loss_cfg, ref_model=ns.ref_model)).exit_code
 
 
 def run_cpo(ns: argparse.Namespace, rest: list[str], method: str = "cpo") -> int:

@@ -217,18 +217,29 @@ class Trainer:
             shuffle=cfg.data.dataset_shuffle,
             num_workers=cfg.data.dataloader_num_workers))
 
-    def build_frozen_model(self) -> Any:
-        """A second copy of the run's starting weights on the same layout, frozen, in eval
-        mode: what an objective's :meth:`~Objective.setup` keeps as a reference model."""
+    def build_frozen_model(self, hf_dir: str | Path | None = None) -> Any:
+        """A second copy of the run's starting weights (or of the HF checkpoint ``hf_dir``,
+        whose architecture the caller has checked) on the same layout, frozen, in eval mode:
+        what an objective's :meth:`~Objective.setup` keeps as a reference model."""
         from mvlm.models.vlm import build_model
 
         b = self.bundle
-        ref = build_model(b.hf_config, self.layout, dtype=b.config.params_dtype,
+        hf_config = b.hf_config
+        if hf_dir is not None:
+            from transformers import AutoConfig
+
+            hf_config = AutoConfig.from_pretrained(hf_dir)
+        ref = build_model(hf_config, self.layout, dtype=b.config.params_dtype,
                           device=self.device, backend=b.backend,
                           sequence_parallel=self.cfg.parallel.sequence_parallel,
                           attn_impl=self.cfg.base.attn_impl or "auto",
                           perform_initialization=False, vocab_padded=b.vocab_padded)
-        load_initial_weights(self.cfg, ref)
+        if hf_dir is None:
+            load_initial_weights(self.cfg, ref)
+        else:
+            from mvlm.convert.bridge import load_hf_weights
+
+            load_hf_weights(ref, hf_dir)
         ref.config.calculate_per_token_loss = True
         for m in ref.models:
             m.requires_grad_(False)

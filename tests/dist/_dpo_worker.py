@@ -10,8 +10,10 @@ encoded by ``mvlm.data.preference``, pair micro-batches packed by the Collator
    loss is fp32 ln 2 exactly and rewards/chosen, rewards/rejected, rewards/margins are exactly 0;
 2. three steps move the policy: step 3's rewards/margins > 0 on the same pairs.
 
-Spec (JSON, argv[1]): ``{"runs": [{"name", "argv", "out", "reference": "copy" | "adapters"}],
-"result": FILE}`` -- the runs go one after the other in one launch.
+Spec (JSON, argv[1]): ``{"runs": [{"name", "argv", "out", "reference": "copy" | "adapters",
+"ref_model": DIR (optional), "expect_error": bool (optional)}], "result": FILE}`` -- the runs go
+one after the other in one launch; a run with ``expect_error`` records its ValueError's message
+under ``errors`` (it must come last: a failed run leaves Megatron's state behind).
 """
 from __future__ import annotations
 
@@ -32,16 +34,26 @@ def main() -> None:
     from mvlm.train.trainer import train
 
     logs = {}
+    errors = {}
     for run in spec["runs"]:
-        obj = DPOObjective(dl.DPOLossConfig(beta=0.1), reference=run["reference"])
+        obj = DPOObjective(dl.DPOLossConfig(beta=0.1), reference=run.get("reference", "auto"),
+                           ref_model=run.get("ref_model"))
         cfg = parse_train_args(run["argv"], "sft")
         cfg.data.task = "preference"  # the label mode `mvlm rlhf` sets: rows are pairs
+        if run.get("expect_error"):  # must be the launch's last run (no teardown after it)
+            try:
+                train(cfg, obj)
+            except ValueError as e:
+                errors[run["name"]] = str(e)
+            else:
+                errors[run["name"]] = None
+            continue
         train(cfg, obj)
         dist.barrier()
         log = Path(run["out"]) / "logging.jsonl"
         logs[run["name"]] = [json.loads(x) for x in log.read_text().splitlines()]
     if dist.get_rank() == 0:
-        Path(spec["result"]).write_text(json.dumps({"logs": logs}))
+        Path(spec["result"]).write_text(json.dumps({"logs": logs, "errors": errors}))
         print("WORKER OK", flush=True)
     dist.destroy_process_group()
 

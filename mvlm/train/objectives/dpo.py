@@ -10,9 +10,10 @@ each segment's summed log-prob is taken; the losses themselves are the functions
 
 Reference log-probs (DPO) come before the step (:meth:`PairObjective.prepare_step`): from a
 frozen copy of the starting weights on the same layout (full training;
-``Trainer.build_frozen_model``), or, under LoRA/DoRA, from the policy itself with its adapters
-switched off (no second copy) -- both in eval mode, without gradients. ``reference_free``, CPO,
-SimPO and ORPO skip the pass.
+``Trainer.build_frozen_model``), or of ``--ref_model DIR`` (any training; refused at set-up when
+its architecture differs from the policy's: :func:`check_reference_arch`), or, under
+LoRA/DoRA, from the policy itself with its adapters switched off (no second copy) -- all in
+eval mode, without gradients. ``reference_free``, CPO, SimPO and ORPO skip the pass.
 
 Reduction (the Trainer's per-unit contract): the unit is the pair. ``loss_sum`` is the sum of
 the micro-batch's per-pair losses and ``count`` its number of pairs; Megatron divides the
@@ -128,6 +129,52 @@ def eval_mode(models: list[Any]):
             m.train(t)
 
 
+def check_reference_arch(policy: Any, ref_dir: str) -> None:
+    """``--ref_model``'s HF directory must hold the policy's architecture (family, the language
+    model's :class:`~mvlm.models.gpt.TextArch` -- vocab included -- and the vision config): the
+    reference's log-probs are compared token by token with the policy's, on the same layout.
+    ``policy``: the run's :class:`~mvlm.models.vlm.ModelBundle`."""
+    import dataclasses
+
+    from transformers import AutoConfig
+
+    from mvlm.models.registry import get_family
+
+    try:
+        cfg = AutoConfig.from_pretrained(ref_dir)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--ref_model {ref_dir}: not an HF model directory ({e})") from e
+    what = f"--ref_model {ref_dir}"
+    src = getattr(policy.hf_config, "_name_or_path", "") or "the run's model"
+    pol = f"the policy ({policy.hf_config.model_type}, {src})"
+    if cfg.model_type != policy.hf_config.model_type:
+        raise ValueError(f"{what} is a {cfg.model_type} model but {pol} is not: the DPO "
+                         "reference must have the policy's architecture (pass a checkpoint of "
+                         "the same model, e.g. the SFT model the policy starts from)")
+    family = get_family(cfg.model_type)
+    arch = family.text_arch(cfg)
+    if arch != policy.arch:
+        diff = [f"{f.name} {getattr(arch, f.name)} vs {getattr(policy.arch, f.name)}"
+                for f in dataclasses.fields(arch)
+                if getattr(arch, f.name) != getattr(policy.arch, f.name)]
+        raise ValueError(f"{what}: its language model differs from {pol}: "
+                         f"{'; '.join(diff)} (reference vs policy); the DPO reference must "
+                         "have the policy's architecture")
+    rv, pv = getattr(cfg, "vision_config", None), getattr(policy.hf_config, "vision_config", None)
+    if (rv is None) != (pv is None) or (rv is not None and _vision_arch(rv) != _vision_arch(pv)):
+        raise ValueError(f"{what}: its vision tower differs from {pol}'s; the DPO reference "
+                         "must have the policy's architecture")
+
+
+def _vision_arch(vc: Any) -> dict:
+    """A vision config's shape fields (names and dtypes of a saved config are not shape)."""
+    d = vc.to_dict()
+    for k in ("torch_dtype", "dtype", "_name_or_path", "transformers_version", "architectures",
+              "_attn_implementation_autoset"):
+        d.pop(k, None)
+    return d
+
+
 class PairObjective(Objective):
     """What every pair method shares: packed pair rows, per-segment answer log-probs, the
     optional reference pass, the NLL term's global token mean, the per-pair reduction. A method
@@ -139,10 +186,14 @@ class PairObjective(Objective):
     metrics: tuple[str, ...] = ("loss",) + PAIR_METRICS
 
     def __init__(self, reference: str = "auto", uses_reference: bool = True,
-                 uses_nll: bool = False):
+                 uses_nll: bool = False, ref_model: str | None = None):
         if reference not in ("auto", "copy", "adapters"):
             raise ValueError(f"reference must be auto, copy or adapters, got {reference!r}")
-        self.reference = reference
+        if ref_model is not None and not uses_reference:
+            raise ValueError(f"--ref_model {ref_model}: this run has no reference model "
+                             "(--reference_free, or a method without one): drop --ref_model")
+        self.reference = "model" if ref_model is not None else reference
+        self.ref_model = ref_model
         self.uses_reference = uses_reference
         self.uses_nll = uses_nll
         self.ref: Any = None
@@ -152,6 +203,11 @@ class PairObjective(Objective):
         from mvlm.tuners.model import adapters
 
         if not self.uses_reference:
+            return
+        if self.ref_model is not None:
+            # refused before any weight is read, let alone a step taken
+            check_reference_arch(trainer.bundle, self.ref_model)
+            self.ref = trainer.build_frozen_model(self.ref_model)
             return
         has_adapters = bool(adapters(trainer.bundle))
         mode = self.reference
@@ -254,9 +310,11 @@ class DPOObjective(PairObjective):
 
     name = "dpo"
 
-    def __init__(self, loss_cfg: dl.DPOLossConfig, reference: str = "auto"):
+    def __init__(self, loss_cfg: dl.DPOLossConfig, reference: str = "auto",
+                 ref_model: str | None = None):
         super().__init__(reference, uses_reference=not loss_cfg.reference_free,
-                         uses_nll=bool(loss_cfg.rpo_alpha) or "sft" in loss_cfg.loss_type)
+                         uses_nll=bool(loss_cfg.rpo_alpha) or "sft" in loss_cfg.loss_type,
+                         ref_model=ref_model)
         self.loss_cfg = loss_cfg
 
     def pair_loss(self, batch: dict, output: torch.Tensor) -> dl.PreferenceLoss:

@@ -1,0 +1,145 @@
+"""DPO with ``--ref_model DIR`` (issue 11): the reference is loaded from an HF directory.
+
+One launch, one rank (TP1), full training of the tiny Qwen2-VL on two text pairs, one step of
+both pairs:
+* ``same``: the reference directory is the policy's own starting checkpoint, so step 1's loss is
+  fp32 ln 2 exactly and the rewards are exactly 0 (the directory's weights were loaded, not a
+  random init);
+* ``other``: a checkpoint of the same architecture with other weights (seed 1): step 1's loss
+  differs from ln 2 and equals the sigmoid DPO loss computed here from transformers' log-probs of
+  both models (bound 1e-6; the reference's weights reach the loss);
+* ``mismatch`` (last: the run fails): a Qwen2.5-VL reference for the Qwen2-VL policy is refused
+  at set-up, before any step, with a message naming both; a same-family reference whose vocab
+  differs is refused by :func:`check_reference_arch` naming the field and both values.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
+from test_dpo_objective import LN2_FP32  # noqa: E402
+from test_train_parity import common  # noqa: E402
+
+BETA = 0.1
+PAIRS = [{"messages": [{"role": "user", "content": "Capital of France?"}],
+          "chosen": "Paris.", "rejected": "Rome."},
+         {"messages": [{"role": "user", "content": "2+2?"}], "chosen": "4", "rejected": "5"}]
+
+
+def _launch(runs: list[dict], tmp: Path) -> dict:
+    from helpers import free_port
+
+    spec = {"runs": runs, "result": str(tmp / "result.json")}
+    f = tmp / "spec.json"
+    f.write_text(json.dumps(spec))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1",
+                        "--master-addr=127.0.0.1", f"--master-port={free_port()}",
+                        str(HERE / "_dpo_worker.py"), str(f)],
+                       capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+    assert p.returncode == 0 and "WORKER OK" in p.stdout, (p.stdout + p.stderr)[-8000:]
+    return json.loads(Path(spec["result"]).read_text())
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_ckpt):
+    from mvlm.testing.tiny_models import build_tiny_checkpoint
+
+    tmp = tmp_path_factory.mktemp("dpo_ref")
+    policy = tiny_ckpt("qwen2_vl")
+    other = build_tiny_checkpoint("qwen2_vl", tmp / "other_hf", seed=1)
+    data = tmp / "pref.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
+
+    def run(name: str, ref: Path, **kw) -> dict:
+        argv = common(policy, data, tmp / name, steps=1) + ["--global_batch_size", "2"]
+        return {"name": name, "argv": argv, "out": str(tmp / name), "ref_model": str(ref), **kw}
+
+    res = _launch([run("same", policy), run("other", other),
+                   run("mismatch", tiny_ckpt("qwen2_5_vl"), expect_error=True)], tmp)
+    return SimpleNamespace(tmp=tmp, policy=policy, other=other, data=data,
+                           logs={k: [x for x in v if "loss" in x] for k, v in res["logs"].items()},
+                           errors=res["errors"])
+
+
+def _hf_answer_logps(model_dir: Path, encs: list[dict]) -> torch.Tensor:
+    """[pair, (chosen, rejected)] summed answer log-probs from transformers, fp32."""
+    from transformers import AutoModelForImageTextToText
+
+    m = AutoModelForImageTextToText.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    out = torch.zeros(len(encs), 2, dtype=torch.float64)
+    with torch.no_grad():
+        for i, e in enumerate(encs):
+            for j, pre in enumerate(("", "rejected_")):
+                ids, labels = e[f"{pre}input_ids"].long(), e[f"{pre}labels"].long()
+                logits = m(input_ids=ids[None]).logits[0, :-1].float()
+                lp = torch.log_softmax(logits, -1).gather(-1, ids[1:, None])[:, 0]
+                out[i, j] = lp[labels[1:] >= 0].double().sum()
+    return out
+
+
+def test_ref_model_equal_to_policy_gives_ln2(setup):
+    s0 = setup.logs["same"][0]
+    print(json.dumps(s0))
+    assert s0["loss"] == LN2_FP32, s0["loss"] - LN2_FP32
+    for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"):
+        assert s0[k] == 0.0, (k, s0[k])
+
+
+def test_other_ref_model_loss_matches_transformers(setup):
+    from mvlm.data import preference as P
+    from mvlm.data.template import TemplateConfig, get_template
+
+    tpl = get_template(setup.policy, cfg=TemplateConfig(max_length=256, task="preference"))
+    encs = [P.encode_pair(tpl, r) for r in PAIRS]
+    pol, ref = _hf_answer_logps(setup.policy, encs), _hf_answer_logps(setup.other, encs)
+    logits = BETA * ((pol[:, 0] - ref[:, 0]) - (pol[:, 1] - ref[:, 1]))
+    want = float(-torch.nn.functional.logsigmoid(logits).mean())
+    got = setup.logs["other"][0]
+    print(f"other: loss {got['loss']!r}, transformers {want!r}, diff {got['loss'] - want:.2e}; "
+          f"rewards/chosen {got['rewards/chosen']!r} vs "
+          f"{float(BETA * (pol[:, 0] - ref[:, 0]).mean())!r}")
+    assert abs(got["loss"] - math.log(2)) > 1e-3
+    assert abs(got["loss"] - want) <= 1e-6
+    assert abs(got["rewards/chosen"] - float(BETA * (pol[:, 0] - ref[:, 0]).mean())) <= 1e-5
+
+
+def test_mismatched_ref_model_refused_before_training(setup, tiny_ckpt):
+    msg = setup.errors["mismatch"]
+    print(msg)
+    assert msg is not None, "a Qwen2.5-VL reference for a Qwen2-VL policy was accepted"
+    assert "--ref_model" in msg and "qwen2_5_vl" in msg and "qwen2_vl" in msg
+    assert str(tiny_ckpt("qwen2_5_vl")) in msg
+    assert not (setup.tmp / "mismatch" / "logging.jsonl").exists() or not any(
+        "loss" in json.loads(x)
+        for x in (setup.tmp / "mismatch" / "logging.jsonl").read_text().splitlines())
+
+
+def test_vocab_mismatch_names_the_field(setup, tmp_path):
+    from transformers import AutoConfig
+
+    from mvlm.models.registry import get_family
+    from mvlm.train.objectives.dpo import check_reference_arch
+
+    cfg = AutoConfig.from_pretrained(setup.policy)
+    family = get_family(cfg.model_type)
+    policy = SimpleNamespace(hf_config=cfg, family=family, arch=family.text_arch(cfg))
+    check_reference_arch(policy, str(setup.other))  # same architecture: accepted
+    bad = AutoConfig.from_pretrained(setup.policy)
+    for c in (bad, getattr(bad, "text_config", None)):
+        if c is not None and hasattr(c, "vocab_size"):
+            c.vocab_size = policy.arch.vocab_size + 64
+    bad.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"--ref_model .*vocab_size \d+ vs \d+"):
+        check_reference_arch(policy, str(tmp_path))
