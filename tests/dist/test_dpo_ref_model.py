@@ -143,3 +143,18 @@ def test_vocab_mismatch_names_the_field(setup, tmp_path):
     bad.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"--ref_model .*vocab_size \d+ vs \d+"):
         check_reference_arch(policy, str(tmp_path))
+
+
+@pytest.mark.parametrize("argv,err", [
+    (["--rlhf_type", "cpo", "--ref_model", "x"], "--ref_model has no effect with --rlhf_type cpo"),
+    (["--rlhf_type", "orpo", "--ref_model", "x"], "--ref_model has no effect"),
+    (["--ref_model", "x", "--reference_free", "true"], "--ref_model with --reference_free"),
+])
+def test_ref_model_flag_refused_where_unread(argv, err):
+    from mvlm.train.preference_flags import cpo_loss_config, dpo_loss_config, orpo_beta
+    from mvlm.train.rlhf import split_argv
+
+    ns, _ = split_argv(argv)
+    fn = {"dpo": dpo_loss_config, "cpo": cpo_loss_config, "orpo": orpo_beta}[ns.rlhf_type]
+    with pytest.raises(ValueError, match=err):
+        fn(ns)
