@@ -6,8 +6,6 @@ and pg_collection groups), because each rank pays ~8 s to import megatron.core.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -18,22 +16,12 @@ ROOT = HERE.parents[1]
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_cp_attention_matches_single_rank(world: int) -> None:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
-    env["OMP_NUM_THREADS"] = "1"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run",
-        "--standalone",  # rendezvous on a free local port
-        f"--nproc-per-node={world}",
-        str(HERE / "_attention_cp_worker.py"),
-    ]
-    proc = subprocess.run(
-        cmd, check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240
-    )
+    from helpers import launch_worker
+
+    pythonpath = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    # A non-zero exit means CP attention differed from CP=1 (or the launch failed).
+    proc = launch_worker(HERE / "_attention_cp_worker.py", world, timeout=240,
+                         env={"PYTHONPATH": pythonpath}, expect=None, tail=8000)
     report = [ln for ln in proc.stdout.splitlines() if ln.startswith(("[cp=", "CP="))]
     print("\n".join(sorted(report)))
-    assert proc.returncode == 0, (
-        f"CP={world} attention differs from CP=1 or the launch failed (rc={proc.returncode})\n"
-        + proc.stdout[-4000:] + proc.stderr[-4000:]
-    )
     assert any(ln.startswith(f"CP={world}:") and "OK" in ln for ln in report)
