@@ -37,15 +37,18 @@ def run_mvlm(args: list[str], nproc: int = 1, timeout: int = 600, check: bool = 
 
 def launch_worker(worker: Path | str, nproc: int, args: list[str] | tuple = (), timeout: int = 840,
                   env: dict | None = None, expect: str | None = "WORKER OK",
-                  tail: int = 12000) -> subprocess.CompletedProcess:
-    """Run a test worker script under torchrun on `nproc` local ranks (plain python for one).
+                  tail: int = 12000, plain_single: bool = False) -> subprocess.CompletedProcess:
+    """Run a test worker script under torchrun on `nproc` local ranks.
+
+    `plain_single` runs one rank as plain python (no RANK/WORLD_SIZE env) for workers that
+    take that path; otherwise one rank still goes through torchrun, as env:// init needs.
 
     Every dist test launches its worker the same way: a free local port, one OpenMP thread per
     rank (2 cores are shared by all ranks), unbuffered output so a hang shows where it stopped.
     Fails with the last `tail` characters of stdout+stderr when the launch exits non-zero or,
     with `expect` set, when rank 0 never printed that marker (a worker that returned early).
     """
-    if nproc == 1:
+    if nproc == 1 and plain_single:
         cmd = [sys.executable, str(worker), *map(str, args)]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",

@@ -37,7 +37,8 @@ def _run(spec: dict, path: Path, nproc: int) -> dict:
     from helpers import launch_worker
 
     path.write_text(json.dumps(spec))
-    launch_worker(WORKER, nproc, [path], timeout=1200, expect=None, tail=16000)
+    launch_worker(WORKER, nproc, [path], timeout=1200, expect=None, tail=16000,
+                  plain_single=True)
     return json.loads(Path(spec["out"]).read_text())
 
 
