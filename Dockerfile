@@ -54,6 +54,7 @@ RUN pip install --no-cache-dir \
         "tensorboard>=2.18" \
         "av>=14" \
         "peft>=0.20" \
+        "math-verify==0.9.0" \
         "nvidia-dali-cuda130==${DALI_VERSION}"
 
 # Transformer Engine and flash-attn: keep the image's build when it is the pinned version, else
