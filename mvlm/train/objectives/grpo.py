@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -142,7 +143,8 @@ class GRPOObjective(Objective):
 
     def __init__(self, cfgs: GRPOConfigs, sampling: SamplingParams, num_iterations: int = 1,
                  reference: str = "auto", engine_seed: int = 0,
-                 extra_rewards: tuple = ()) -> None:
+                 extra_rewards: tuple = (),
+                 engine_factory: Callable[[Trainer], Any] | None = None) -> None:
         from mvlm.rl.rewards import build_rewards
 
         if num_iterations < 1:
@@ -160,6 +162,11 @@ class GRPOObjective(Objective):
                              "--num_generations")
         self.cfgs, self.sampling, self.num_iterations = cfgs, sampling, num_iterations
         self.reference, self.engine_seed = reference, engine_seed
+        # None: the built-in engine on the training model. Otherwise a callable that builds the
+        # engine at set-up from the Trainer (e.g. a vLLM server client, :mod:`mvlm.rl.grpo_cli`);
+        # an engine that needs the new policy weights before a rollout implements
+        # ``before_rollout(trainer)``, called ahead of every generate.
+        self.engine_factory = engine_factory
         self.rewards = build_rewards(cfgs.rewards, extra=extra_rewards)
         self.temperature = sampling.temperature if sampling.temperature > 0 else 1.0
         lc = cfgs.loss
@@ -209,9 +216,12 @@ class GRPOObjective(Objective):
         if src is None:
             raise ValueError("GRPO needs the model's HF directory (stop tokens, tokenizer): build "
                              "the Trainer with src_dir")
-        self.engine = BuiltinRolloutEngine(trainer.bundle, eos_token_ids_from_hf_dir(src),
-                                           pad_token_id=trainer.pad_id,
-                                           seed=self.engine_seed * 1009 + dp_rank)
+        if self.engine_factory is not None:
+            self.engine = self.engine_factory(trainer)
+        else:
+            self.engine = BuiltinRolloutEngine(trainer.bundle, eos_token_ids_from_hf_dir(src),
+                                               pad_token_id=trainer.pad_id,
+                                               seed=self.engine_seed * 1009 + dp_rank)
         suppress = tuple(media_placeholder_token_ids(trainer.bundle))
         if suppress:
             self.sampling.suppress_token_ids = tuple(self.sampling.suppress_token_ids) + suppress
@@ -255,6 +265,9 @@ class GRPOObjective(Objective):
         """Roll out, score, build the training micro-batches (see the module docstring)."""
         t0 = time.time()
         prompts = self._prompts(batches)
+        before = getattr(self.engine, "before_rollout", None)
+        if before is not None:  # e.g. push the policy's weights to a vLLM server
+            before(trainer)
         groups = self.engine.generate(prompts, self.sampling)
         t_roll = time.time() - t0
         per_mb = [len(b["input_ids"]) for b in batches]
