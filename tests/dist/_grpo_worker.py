@@ -8,7 +8,9 @@ completion), so the rewards -- and so the advantages -- differ between completio
 Spec (JSON, argv[1]): ``{"runs": [{"name", "argv", "out", "grpo": {flag: value}}], "result"}``.
 The runs go one after the other in one launch; the result holds each run's logging.jsonl, or the
 message of the LogprobMismatchError a run with ``trainer_temperature`` (the trainer's log-probs
-tempered unlike the engine's) stopped with.
+tempered unlike the engine's) stopped with, and the prompts (unpadded token ids of DP rank 0's
+micro-batches) each training step received from the data loader and the number of images
+its training rows carried.
 """
 from __future__ import annotations
 
@@ -52,7 +54,7 @@ def main() -> None:
     from mvlm.train.args import parse_train_args
     from mvlm.train.trainer import train
 
-    logs, errors = {}, {}
+    logs, errors, prompts = {}, {}, {}
     for run in spec["runs"]:
         cfg = parse_train_args(run["argv"], "sft")
         cfg.task = "rlhf"
@@ -60,6 +62,18 @@ def main() -> None:
         obj = objective(run["grpo"])
         if run.get("trainer_temperature"):  # the trainer tempers differently from the engine
             obj.temperature = run["trainer_temperature"]
+        prompts[run["name"]] = seen = []
+        prepare = obj.prepare_step
+
+        def record(trainer, batches, prepare=prepare, seen=seen):
+            out = prepare(trainer, batches)
+            if trainer.ddp_models[0].training:  # the loader's prompts, the rows' images
+                seen.append({"prompts": [r[m].tolist() for b in batches for r, m in zip(
+                    b["input_ids"].cpu(), b["attention_mask"].cpu())],
+                    "images": sum(len(b.get("image_grid_thw", ())) for b in out)})
+            return out
+
+        obj.prepare_step = record
         try:
             train(cfg, obj)
         except LogprobMismatchError as e:
@@ -69,7 +83,8 @@ def main() -> None:
         log = Path(run["out"]) / "logging.jsonl"
         logs[run["name"]] = [json.loads(x) for x in log.read_text().splitlines()]
     if dist.get_rank() == 0:
-        Path(spec["result"]).write_text(json.dumps({"logs": logs, "errors": errors}))
+        Path(spec["result"]).write_text(json.dumps({"logs": logs, "errors": errors,
+                                                   "prompts": prompts}))
         print("WORKER OK", flush=True)
     dist.destroy_process_group()
 

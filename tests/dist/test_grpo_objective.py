@@ -21,7 +21,13 @@ Checked:
 * TP2 and PP2 equal one rank over the 3 steps -- same completions (same rewards and lengths),
   losses, KL, ratio and clip metrics within 1e-6 (relative, floor 1; measured 1.0e-7);
 * a run whose trainer tempers its log-probs unlike the engine stops on the first rollout with
-  ``--max_logprob_mismatch``'s error.
+  ``--max_logprob_mismatch``'s error;
+* ``--num_iterations 2`` consumes the data once per rollout: the reusing step is handed the
+  rollout's prompts again, and the 2 rollouts of 3 steps see every prompt of the file once;
+* image prompts (tiny Qwen2-VL, the demo's shapes questions, with one text-only prompt so some
+  micro-batches carry no image) at one rank and TP2: each prompt's ``pixel_values`` /
+  ``image_grid_thw`` reach the engine and the training rows (mRoPE positions), the same
+  invariants hold, and TP2 equals one rank.
 """
 from __future__ import annotations
 
@@ -53,19 +59,38 @@ def _launch(runs: list[dict], nproc: int, tmp: Path, name: str) -> dict:
     res = json.loads(Path(spec["result"]).read_text())
     out = {k: [x for x in v if "loss" in x] for k, v in res["logs"].items()}
     out.update({f"error:{k}": v for k, v in res["errors"].items()})
+    out.update({f"prompts:{k}": v for k, v in res["prompts"].items()})
     return out
+
+
+def _vl_data(root: Path) -> Path:
+    """RL rows of the demo's shapes task (image + question, ``solution``) and one text-only row,
+    so that some micro-batches carry no image."""
+    from mvlm.demo_data import write_demo_dataset
+
+    demo = write_demo_dataset(root / "demo", n_train=3, n_val=1, image_size=56, seed=3)
+    rows = []
+    for x in demo.train.read_text().splitlines():
+        r = json.loads(x)
+        rows.append({"messages": r["messages"][:1], "solution": r["messages"][1]["content"],
+                     "images": [str((demo.train.parent / p).resolve()) for p in r["images"]]})
+    rows.insert(1, {"messages": [{"role": "user", "content": "Say hi."}], "solution": "hi"})
+    f = root / "vl_rl.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return f
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_ckpt):
     tmp = tmp_path_factory.mktemp("grpo")
-    hf = tiny_ckpt("qwen2")
+    hf, vl_hf = tiny_ckpt("qwen2"), tiny_ckpt("qwen2_vl")
+    vl_data = _vl_data(tmp)
     data = tmp / "rl.jsonl"
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}]}) + "\n"
                             for q in ("Count to five.", "Name a colour.", "2+2?", "Say hi.")))
 
-    def run(name: str, extra: list[str], grpo: dict | None = None) -> dict:
-        argv = common(hf, data, tmp / name, steps=3) + [
+    def run(name: str, extra: list[str], grpo: dict | None = None, vl: bool = False) -> dict:
+        argv = common(vl_hf if vl else hf, vl_data if vl else data, tmp / name, steps=3) + [
             "--micro_batch_size", "1", "--global_batch_size", "2", "--lr", "1e-3"] + extra
         return {"name": name, "argv": argv, "out": str(tmp / name), "grpo": grpo or GRPO}
 
@@ -74,12 +99,17 @@ def runs(tmp_path_factory, tiny_ckpt):
     lora = ["--train_type", "lora", "--lora_rank", "4", "--lora_dropout", "0", "--lr", "1e-2"]
     rloo = run("rloo", [], {**GRPO, "advantage_estimator": "rloo", "loss_type": "dapo",
                             "rollout_importance_sampling_mode": "token_truncate"})
-    one = _launch([run("ref", []), run("lora", lora), rloo, bad], 1, tmp, "one")
-    two = _launch([run(k, v) for k, v in LAYOUTS.items()] + [run("dp2", [])], 2, tmp, "two")
-    return one | two
+    one = _launch([run("ref", []), run("lora", lora), rloo, bad, run("vl", [], vl=True)], 1,
+                  tmp, "one")
+    two = _launch([run(k, v) for k, v in LAYOUTS.items()] + [
+        run("dp2", []), run("vl_tp2", ["--tp", "2"], vl=True)], 2, tmp, "two")
+    return one | two | {"vl_hf": str(vl_hf)}
 
 
-@pytest.mark.parametrize("name", ["ref", "lora", "rloo", *LAYOUTS, "dp2"])
+ALL = ["ref", "lora", "rloo", *LAYOUTS, "dp2", "vl", "vl_tp2"]
+
+
+@pytest.mark.parametrize("name", ALL)
 def test_step0_ratio_one_kl_zero(runs, name):
     s1, s2, s3 = runs[name]
     print(name, json.dumps(runs[name], indent=1))
@@ -93,7 +123,7 @@ def test_step0_ratio_one_kl_zero(runs, name):
     assert s3["time/rollout_s"] > 0.0 and s3["ratio/mean"] == 1.0 and s3["kl"] > 0.0
 
 
-@pytest.mark.parametrize("name", ["ref", "lora", "rloo", *LAYOUTS, "dp2"])
+@pytest.mark.parametrize("name", ALL)
 def test_engine_matches_trainer(runs, name):
     for s in runs[name]:
         print(f"{name} step {s['step']}: token_mult_prob_error {s['token_mult_prob_error']!r}, "
@@ -102,10 +132,10 @@ def test_engine_matches_trainer(runs, name):
         assert s["logp_abs_diff_max"] <= 2e-6
 
 
-@pytest.mark.parametrize("name", list(LAYOUTS))
+@pytest.mark.parametrize("name", [*LAYOUTS, "vl_tp2"])
 def test_layouts_equal_one_rank(runs, name):
     worst = (0.0, "", 0)
-    for a, b in zip(runs[name], runs["ref"], strict=True):
+    for a, b in zip(runs[name], runs["vl" if name == "vl_tp2" else "ref"], strict=True):
         assert a["completions/mean_length"] == b["completions/mean_length"]
         for k in COMPARED:
             d = abs(a[k] - b[k]) / max(1.0, abs(b[k]))
@@ -127,3 +157,27 @@ def test_mismatch_stops_the_run(runs):
     check stops the run (before any update) with a message naming the metric and the flag."""
     msg = runs["error:mismatch"]
     assert "token_mult_prob_error" in msg and "--max_logprob_mismatch 1.001" in msg, msg
+
+
+@pytest.mark.parametrize("name", ["ref", "vl", "dp2"])
+def test_num_iterations_repeats_prompts(runs, name):
+    """--num_iterations 2: the step reusing a rollout gets the rollout's prompts again (TRL's
+    RepeatSampler order), so the two rollouts of the 3 steps see the 4 prompts of the file once
+    each on one rank (DP2: each rank its own prompt per rollout, 2 per rank)."""
+    s1, s2, s3 = (s["prompts"] for s in runs[f"prompts:{name}"])
+    assert s1 == s2 and s3 != s1, (s1, s2, s3)
+    seen = [tuple(p) for p in s1 + s3]
+    assert len(set(seen)) == len(seen) == (2 if name == "dp2" else 4), seen
+
+
+
+@pytest.mark.parametrize("name", ["vl", "vl_tp2"])
+def test_image_rows_reach_training(runs, name):
+    """Each training row (prompt + completion) of an image prompt carries that prompt's image:
+    images per step = --num_generations x the step's prompts holding the image token; the
+    text-only prompt's rows carry none (its micro-batch has no media keys)."""
+    tok = json.loads((Path(runs["vl_hf"]) / "config.json").read_text())["image_token_id"]
+    steps = runs[f"prompts:{name}"]
+    with_img = [sum(tok in p for p in s["prompts"]) for s in steps]
+    assert [s["images"] for s in steps] == [GRPO["num_generations"] * n for n in with_img]
+    assert 0 < min(with_img) and max(with_img) == len(steps[0]["prompts"]) > min(with_img)

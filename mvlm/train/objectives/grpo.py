@@ -188,6 +188,7 @@ class GRPOObjective(Objective):
         self.tokenizer: Any = None
         self._buffer: list[dict] | None = None
         self._uses = 0
+        self._prompt_ids: list[torch.Tensor] = []
 
     # ---- set-up --------------------------------------------------------------------------------
     def setup(self, trainer: Trainer) -> None:
@@ -234,6 +235,7 @@ class GRPOObjective(Objective):
     def prepare_step(self, trainer: Trainer, batches: list[dict]) -> list[dict]:
         training = trainer.ddp_models[0].training
         if training and self._buffer is not None and self._uses < self.num_iterations:
+            self._check_repeated(batches)
             self._uses += 1
             reuse = [dict(b) for b in self._buffer]
             if "step_reports" in reuse[0]:  # describes the same rollout; no rollout time now
@@ -245,26 +247,48 @@ class GRPOObjective(Objective):
         out = self.rollout_batches(trainer, batches)
         if training:
             self._buffer, self._uses = out, 1
+            if self.num_iterations > 1:
+                self._repeat_prompts(trainer, batches)
         return out
 
-    def _prompts(self, batches: list[dict]) -> list[Any]:
+    def _repeat_prompts(self, trainer: Trainer, batches: list[dict]) -> None:
+        """TRL's ``RepeatSampler`` order: the k-1 steps that reuse a rollout see the same prompt
+        micro-batches again, so the data advances by one global batch per rollout, not per
+        optimizer step (no prompt is skipped). The Trainer reads its next micro-batches from
+        ``trainer._data_iter``; the rollout's batches are put in front of it k-1 times."""
+        import itertools
+
+        k = self.num_iterations - 1
+        self._prompt_ids = [b["input_ids"] for b in batches]
+        again = [dict(b) for _ in range(k) for b in batches]
+        trainer._data_iter = itertools.chain(again, trainer._data_iter)
+
+    def _check_repeated(self, batches: list[dict]) -> None:
+        ids = [b["input_ids"] for b in batches]
+        if len(ids) != len(self._prompt_ids) or not all(
+                a.shape == b.shape and torch.equal(a, b) for a, b in zip(ids, self._prompt_ids)):
+            raise RuntimeError("--num_iterations: a step reusing a rollout got other prompts than "
+                               "the rollout's; the data iterator was advanced by someone else")
+
+    def _prompts(self, trainer: Trainer, batches: list[dict]) -> list[Any]:
+        """One RolloutPrompt per row: its tokens (the attention mask's length) and its own
+        media (the micro-batch's concatenated media split by rows, :mod:`mvlm.rl.media`)."""
+        from mvlm.rl.media import split_media_rows
         from mvlm.rl.rollout.base import RolloutPrompt
 
-        media = sorted(k for b in batches for k in unwrap_family_keys(b) if b.get(k) is not None)
-        if media:
-            raise ValueError(f"GRPO prompts with media ({media}) are not wired into the GRPO "
-                             "objective yet: use text prompts")
+        b0 = trainer.bundle
         prompts = []
         for b in batches:
+            media = split_media_rows(b, b0.family, b0.hf_config)
             lens = b["attention_mask"].sum(-1).tolist()
-            for row, n in zip(b["input_ids"].cpu(), lens):
-                prompts.append(RolloutPrompt(input_ids=row[:int(n)].tolist()))
+            for row, n, m in zip(b["input_ids"].cpu(), lens, media):
+                prompts.append(RolloutPrompt(input_ids=row[:int(n)].tolist(), media=m))
         return prompts
 
     def rollout_batches(self, trainer: Trainer, batches: list[dict]) -> list[dict]:
         """Roll out, score, build the training micro-batches (see the module docstring)."""
         t0 = time.time()
-        prompts = self._prompts(batches)
+        prompts = self._prompts(trainer, batches)
         before = getattr(self.engine, "before_rollout", None)
         if before is not None:  # e.g. push the policy's weights to a vLLM server
             before(trainer)
@@ -320,12 +344,14 @@ class GRPOObjective(Objective):
         from mvlm.rl.rollout.builtin import sequence_positions
 
         k = self.sampling.num_generations
+        from mvlm.rl.media import join_media
+
         rows = []
         for g in groups:
-            p = list(prompts[g.prompt_index].input_ids)
+            pr = prompts[g.prompt_index]
             for c in g.completions:
-                rows.append((p, c))
-        seq = max(len(p) + len(c.token_ids) for p, c in rows)
+                rows.append((list(pr.input_ids), c, pr.media))
+        seq = max(len(p) + len(c.token_ids) for p, c, _ in rows)
         mult = trainer.layout.tp if trainer.cfg.parallel.sequence_parallel else 1
         seq = -(-seq // mult) * mult
         pad = int(trainer.pad_id if trainer.pad_id is not None else self.engine.pad_token_id)
@@ -341,12 +367,13 @@ class GRPOObjective(Objective):
             att = torch.zeros((b, seq), dtype=torch.bool)
             roll = torch.zeros((b, seq), dtype=torch.float32)
             trunc = torch.zeros(b, dtype=torch.bool)
-            for i, (p, c) in enumerate(chunk):
+            for i, (p, c, _) in enumerate(chunk):
                 full = p + list(c.token_ids)
                 n, P, T = len(full), len(p), len(c.token_ids)
                 ids[i, :n] = torch.tensor(full)
                 labels[i, P - 1:P - 1 + T] = torch.tensor(c.token_ids)
-                pos[:, i, :n] = sequence_positions(trainer.bundle.hf_config, full)
+                # the prompt's media: the family's (mRoPE) positions of the whole row
+                pos[:, i, :n] = sequence_positions(trainer.bundle.hf_config, full, chunk[i][2])
                 att[i, :n] = True
                 roll[i, P - 1:P - 1 + T] = torch.tensor(c.logprobs)
                 trunc[i] = c.stop_reason == "length"
@@ -355,9 +382,13 @@ class GRPOObjective(Objective):
                 from mvlm.rl.advantages import overlong_filter
 
                 mask = overlong_filter(mask, trunc)[0]
-            out.append({k2: v.to(dev) for k2, v in {
+            mb = {k2: v.to(dev) for k2, v in {
                 "input_ids": ids, "labels": labels, "position_ids": pos, "attention_mask": att,
-                "rollout_logps": roll, "completion_mask": mask}.items()})
+                "rollout_logps": roll, "completion_mask": mask}.items()}
+            # each row carries its prompt's images (repeated per completion); a micro-batch
+            # without any has no media keys, and model_forward keeps the tower in the graph
+            mb.update(join_media([r[2] for r in chunk], dev))
+            out.append(mb)
         return out
 
     def _logps_step(self, store: list):
@@ -483,9 +514,3 @@ class GRPOObjective(Objective):
                 [step[i], torch.tensor(1.0, dtype=torch.float64)])
         return loss_sum, count, reports
 
-
-def unwrap_family_keys(batch: dict) -> list[str]:
-    """Media keys a prompt micro-batch may carry."""
-    from mvlm.models.registry import media_keys
-
-    return [k for k in media_keys() if k in batch]
