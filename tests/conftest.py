@@ -24,3 +24,36 @@ def tiny_ckpt(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+# ---- where CI time goes, independent of machine load (issue 16) ----------------------------------
+# Wall-clock durations (--durations) swell when other jobs share the 2 cores; CPU seconds of the
+# test process and of its waited-for children (torchrun ranks, mvlm subprocesses) do not, so the
+# per-file CPU totals printed at the end are what to trim against.
+_CPU_BY_FILE: dict[str, float] = {}
+
+
+def _cpu_now() -> float:
+    import resource
+
+    s, c = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    t0 = _cpu_now()
+    yield
+    f = item.nodeid.split("::")[0]
+    _CPU_BY_FILE[f] = _CPU_BY_FILE.get(f, 0.0) + _cpu_now() - t0
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _CPU_BY_FILE:
+        return
+    top = sorted(_CPU_BY_FILE.items(), key=lambda kv: -kv[1])
+    tr = terminalreporter
+    total = sum(_CPU_BY_FILE.values())
+    tr.write_sep("=", f"CPU seconds by test file (self + children), total {total:.0f}")
+    for f, s in top[:40]:
+        tr.write_line(f"{s:9.1f}  {f}")
