@@ -11,10 +11,19 @@ flags (:func:`mvlm.rl.flags.add_grpo_args`), the sampling flags
 read first; everything else is `mvlm sft`'s command line with the data task ``rl`` (rows are
 prompts; a final assistant turn is kept as the ``response`` column). The run is the ordinary
 Trainer with :class:`mvlm.train.objectives.grpo.GRPOObjective`.
+
+Rollout engines: ``--use_vllm false`` samples on the training model (the built-in engine);
+``--use_vllm true --vllm_mode server`` asks an ``mvlm rollout`` server (ms-swift's ``swift
+rollout``) at ``--vllm_server_host/--vllm_server_port`` or ``--vllm_server_base_url`` and pushes
+the policy's weights to it after every optimizer step (:mod:`mvlm.rl.rollout.server_mode`).
+``--vllm_mode colocate`` (ms-swift's default mode: vLLM inside the training processes, slept and
+woken around each update) is refused with the reason: it needs GPUs, and mvlm does not run it.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from typing import Any
 
 from mvlm.data.flags import str2bool
@@ -32,8 +41,83 @@ def grpo_parser() -> argparse.ArgumentParser:
     p.add_argument("--num_iterations", type=int, default=1,
                    help="optimizer steps per rollout batch (clipped ratio to the rollout policy)")
     p.add_argument("--use_vllm", type=str2bool, nargs="?", const=True, default=False,
-                   help="false: generate with the built-in engine on the training model")
+                   help="false: generate with the built-in engine on the training model; true: "
+                        "with vLLM (--vllm_mode)")
+    add_vllm_args(p.add_argument_group("rollout (vLLM)"))
     return p
+
+
+# Server-mode flags and their defaults; None in the parser = not given (a flag given without
+# --use_vllm true --vllm_mode server is refused rather than ignored).
+SERVER_DEFAULTS = {"vllm_server_host": ["127.0.0.1"], "vllm_server_port": [8000],
+                   "vllm_server_base_url": None, "vllm_server_timeout": 240.0,
+                   "weight_sync_bucket_mb": 512.0, "check_weight_sync": False}
+
+
+def add_vllm_args(p: argparse._ActionsContainer) -> None:
+    """ms-swift's vLLM rollout flags (server mode) on ``p``."""
+    a = p.add_argument
+    a("--vllm_mode", default="colocate", choices=["server", "colocate"],
+      help="server: an `mvlm rollout` server generates (ms-swift's `swift rollout`); colocate "
+           "(ms-swift's default) needs GPUs and is refused")
+    a("--vllm_server_host", nargs="+", default=None,
+      help="the rollout server's host (one server; default 127.0.0.1)")
+    a("--vllm_server_port", nargs="+", type=int, default=None,
+      help="the rollout server's port (default 8000)")
+    a("--vllm_server_base_url", nargs="+", default=None,
+      help="http://HOST:PORT of the rollout server (instead of host and port)")
+    a("--vllm_server_timeout", type=float, default=None,
+      help="seconds to wait for the server at start-up (default 240)")
+    a("--weight_sync_bucket_mb", type=float, default=None,
+      help="weights travel to the server in buckets of at most this many MB (default 512)")
+    a("--check_weight_sync", type=str2bool, nargs="?", const=True, default=None,
+      help="after every sync, read the engine's weights back and compare (sha256) with what "
+           "the trainer sent")
+
+
+def _one(ns: argparse.Namespace, flag: str):
+    v = getattr(ns, flag)
+    if v is None:
+        return SERVER_DEFAULTS[flag][0] if isinstance(SERVER_DEFAULTS[flag], list) else None
+    if len(v) != 1:
+        raise ValueError(f"--{flag} {' '.join(map(str, v))}: mvlm trains against one rollout "
+                         "server; give one value (start it with `mvlm rollout "
+                         "--vllm_data_parallel_size N` for N engines behind it)")
+    return v[0]
+
+
+def server_config(ns: argparse.Namespace) -> Any:
+    """:class:`VLLMServerConfig` from the server-mode flags (errors name the flag)."""
+    from mvlm.rl.rollout.vllm_server import VLLMServerConfig
+
+    def val(flag: str):
+        v = getattr(ns, flag)
+        return SERVER_DEFAULTS[flag] if v is None else v
+
+    return VLLMServerConfig(
+        vllm_server_host=_one(ns, "vllm_server_host"),
+        vllm_server_port=int(_one(ns, "vllm_server_port")),
+        vllm_server_base_url=_one(ns, "vllm_server_base_url"),
+        vllm_server_timeout=float(val("vllm_server_timeout")),
+        weight_sync_bucket_mb=float(val("weight_sync_bucket_mb")),
+        check_weight_sync=bool(val("check_weight_sync")))
+
+
+def _colocate_refusal() -> str:
+    why = ("--use_vllm true --vllm_mode colocate runs vLLM inside the training processes, "
+           "sharing each GPU with training (sleep/wake around every update)")
+    try:
+        import torch
+
+        gpu = torch.cuda.is_available()
+    except ImportError:
+        gpu = False
+    if not gpu:
+        return (f"{why}: it needs GPUs and this machine has none. Start a rollout server "
+                "(`mvlm rollout --model MODEL --port 8000 &`) and pass --vllm_mode server "
+                "--vllm_server_host 127.0.0.1 --vllm_server_port 8000, or --use_vllm false")
+    return (f"{why}: mvlm does not run that mode. Use --vllm_mode server with `mvlm rollout` "
+            "on GPUs set aside for it, or --use_vllm false")
 
 
 def grpo_objective(ns: argparse.Namespace, seed: int = 0) -> Any:
@@ -42,13 +126,22 @@ def grpo_objective(ns: argparse.Namespace, seed: int = 0) -> Any:
     from mvlm.rl.rollout.flags import sampling_params
     from mvlm.train.objectives.grpo import GRPOObjective
 
-    if ns.use_vllm:
-        raise ValueError("--use_vllm true: the vLLM rollout engines are not wired into mvlm rlhf "
-                         "yet; pass --use_vllm false (the built-in engine)")
+    server = ns.use_vllm and ns.vllm_mode == "server"
+    given = [f"--{k}" for k in SERVER_DEFAULTS if getattr(ns, k) is not None]
+    if given and not server:
+        raise ValueError(f"{' '.join(given)}: server-mode flags, used only with --use_vllm true "
+                         "--vllm_mode server (an `mvlm rollout` server); add those or drop these")
+    if ns.use_vllm and ns.vllm_mode == "colocate":
+        raise ValueError(_colocate_refusal())
+    factory = None
+    if server:
+        from mvlm.rl.rollout.server_mode import server_engine_factory
+
+        factory = server_engine_factory(server_config(ns))
     cfgs = grpo_configs(ns, num_generations=ns.num_generations,
                         max_completion_length=ns.max_completion_length)
     return GRPOObjective(cfgs, sampling_params(ns), num_iterations=ns.num_iterations,
-                         engine_seed=seed)
+                         engine_seed=seed, engine_factory=factory)
 
 
 def run_grpo(argv: list[str]) -> int:
@@ -61,4 +154,11 @@ def run_grpo(argv: list[str]) -> int:
     cfg.task = "rlhf"
     cfg.data.task = "rl"
     objective = grpo_objective(ns, seed=cfg.seed)  # validated before any process group
-    return train(cfg, objective).exit_code
+    from mvlm.rl.rollout.vllm_server import RolloutServerError
+
+    try:
+        return train(cfg, objective).exit_code
+    except RolloutServerError as e:  # the same message on every rank: say it once
+        if os.environ.get("RANK", "0") == "0":
+            print(f"mvlm rlhf: error: {e}", file=sys.stderr, flush=True)
+        return 1
