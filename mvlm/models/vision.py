@@ -1,10 +1,10 @@
 """Vision towers kept in their HF implementation, wrapped to one calling convention.
 
 The tower and its aligner (Qwen's patch merger) run on the first pipeline stage, replicated on
-every TP rank: each rank computes the same image embeddings, whose gradients are also identical
-across TP (the decoder's first column-parallel layer all-reduces its input grad), so no extra
-collective is needed. The cost is that the ViT's FLOPs are repeated TP times; sharding it is a
-later step. Keeping HF's module makes the vision weights map 1:1 and its numerics exact.
+every TP and CP rank. Keeping HF's module makes the vision weights map 1:1 and its numerics
+exact. Under TP/CP > 1 the micro-batch's images are divided over those ranks and the features
+gathered back (:mod:`mvlm.models.vision_parallel`, on by default), so the ViT's FLOPs are not
+repeated TP x CP times; :func:`media_features` picks the path.
 """
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from mvlm.models.registry import MediaKind
+from mvlm.models.vision_parallel import VisionSplit, split_tower_outputs
 
 
 def vision_attn_impl(device: str) -> str:
@@ -46,21 +47,34 @@ def build_hf_vision(module_path: str, class_name: str, vision_config: Pretrained
     return HFVisionTower(module)
 
 
-def merge_at_placeholders(tower: nn.Module, emb: torch.Tensor, input_ids: torch.Tensor,
-                          media: Mapping[str, torch.Tensor], kinds: Sequence[MediaKind],
-                          token_ids: Mapping[str, int]) -> torch.Tensor:
-    """Embeddings [s, b, h] with each media kind's tower features written, in order, into the
-    positions of its placeholder token (the default ``VisionSpec.merge``).
+def media_features(tower: nn.Module, media: Mapping[str, torch.Tensor],
+                   kinds: Sequence[MediaKind], split: VisionSplit | None = None
+                   ) -> dict[str, torch.Tensor]:
+    """Tower features [rows, hidden] per media kind present in ``media`` (by kind name, in the
+    family's order). With ``split`` the items of all kinds are divided over its ranks in one
+    partition and gathered back (collective over ``split.group``: every rank of it must call
+    this with the same media); without, the tower runs every item here."""
+    present = [k for k in kinds if media.get(k.features_key) is not None]
+    inputs = [(media[k.features_key], media.get(k.grid_key) if k.grid_key else None)
+              for k in present]
+    if split is not None and inputs:
+        outs = split_tower_outputs(tower, inputs, split)
+    else:
+        outs = [tower(px, grid) for px, grid in inputs]
+    return {k.name: out for k, out in zip(present, outs)}
 
-    Kinds are merged in the family's order (images, then videos for Qwen-VL); a kind whose
-    features key is absent from ``media`` is skipped. The placeholder count must equal the
-    number of feature rows, or the sample was expanded for another geometry."""
+
+def scatter_features(emb: torch.Tensor, input_ids: torch.Tensor,
+                     features: Mapping[str, torch.Tensor], kinds: Sequence[MediaKind],
+                     token_ids: Mapping[str, int]) -> torch.Tensor:
+    """Embeddings [s, b, h] with each kind's features written, in order, into the positions of
+    its placeholder token. The placeholder count must equal the number of feature rows, or the
+    sample was expanded for another geometry."""
     for kind in kinds:
-        feats_in = media.get(kind.features_key)
-        if feats_in is None:
+        feats = features.get(kind.name)
+        if feats is None:
             continue
-        grid = media.get(kind.grid_key) if kind.grid_key else None
-        feats = tower(feats_in, grid).to(emb.dtype)
+        feats = feats.to(emb.dtype)
         mask = (input_ids == token_ids[kind.name]).transpose(0, 1)  # [s, b]
         n = int(mask.sum())
         if n != feats.shape[0]:
@@ -71,3 +85,16 @@ def merge_at_placeholders(tower: nn.Module, emb: torch.Tensor, input_ids: torch.
         emb = emb.transpose(0, 1).masked_scatter(mask.transpose(0, 1)[..., None],
                                                  feats).transpose(0, 1)
     return emb
+
+
+def merge_at_placeholders(tower: nn.Module, emb: torch.Tensor, input_ids: torch.Tensor,
+                          media: Mapping[str, torch.Tensor], kinds: Sequence[MediaKind],
+                          token_ids: Mapping[str, int],
+                          split: VisionSplit | None = None) -> torch.Tensor:
+    """Embeddings [s, b, h] with each media kind's tower features written, in order, into the
+    positions of its placeholder token (the default ``VisionSpec.merge``).
+
+    Kinds are merged in the family's order (images, then videos for Qwen-VL); a kind whose
+    features key is absent from ``media`` is skipped. ``split``: see :func:`media_features`."""
+    feats = media_features(tower, media, kinds, split)
+    return scatter_features(emb, input_ids, feats, kinds, token_ids)

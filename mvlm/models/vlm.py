@@ -3,7 +3,9 @@
 Order of operations on the first pipeline stage, and why:
 1. word embeddings of the FULL sequence (every CP rank sees the whole sample, so image tokens in
    any chunk can be filled);
-2. image/video embeddings from the vision tower scattered into the image-pad positions;
+2. image/video embeddings from the vision tower scattered into the image-pad positions (under
+   TP/CP > 1 each rank of the TP x CP group runs the tower on its share of the images and the
+   features are all-gathered: :mod:`mvlm.models.vision_parallel`);
 3. slice to this CP rank's load-balanced chunks (rank r keeps chunks r and 2CP-1-r);
 4. scatter to sequence-parallel ranks when SP is on.
 Position ids always have 3 rows (mRoPE; equal rows for text-only models) over the full
@@ -34,7 +36,8 @@ from mvlm.models.gpt import (
     transformer_config,
 )
 from mvlm.models.registry import FamilySpec, get_family
-from mvlm.models.vision import merge_at_placeholders
+from mvlm.models.vision import media_features, scatter_features
+from mvlm.models.vision_parallel import SplitTower, VisionSplit
 from mvlm.runtime.compat import mark_tp_weights
 from mvlm.runtime.cp import split_for_cp
 from mvlm.runtime.parallel import ParallelLayout
@@ -45,7 +48,8 @@ class VLMModel(MegatronModule):
 
     def __init__(self, family: FamilySpec, hf_config: PretrainedConfig, arch: TextArch,
                  config: TransformerConfig, backend: str, vocab_padded: int, device: str,
-                 pre_process: bool, post_process: bool, vp_stage: int | None = None) -> None:
+                 pre_process: bool, post_process: bool, vp_stage: int | None = None,
+                 vit_parallel: bool = True) -> None:
         super().__init__(config=config)
         self.model_type = ModelType.encoder_or_decoder  # read by Megatron-Core's schedules
         self.family = family
@@ -61,6 +65,10 @@ class VLMModel(MegatronModule):
         self.token_ids = family.token_ids(hf_config)
         if family.is_vlm and pre_process:
             self.vision_model = family.vision.build(hf_config, config.params_dtype, device)
+        # The TP x CP group the tower's images are divided over (None: every rank runs all).
+        self.vision_split: VisionSplit | None = None
+        if self.vision_model is not None and vit_parallel:
+            self.vision_split = VisionSplit.from_parallel_state()
         self.share_embeddings_and_output_weights = arch.tie_word_embeddings
 
     # Pipeline plumbing -------------------------------------------------------------------
@@ -82,9 +90,18 @@ class VLMModel(MegatronModule):
             return emb
         vision = self.family.vision
         if vision.merge is not None:
-            return vision.merge(self.vision_model, emb, input_ids, media, self.hf_config)
-        return merge_at_placeholders(self.vision_model, emb, input_ids, media, vision.media,
-                                     self.token_ids)
+            tower = self.vision_model if self.vision_split is None else \
+                SplitTower(self.vision_model, self.vision_split)
+            return vision.merge(tower, emb, input_ids, media, self.hf_config)
+        return scatter_features(emb, input_ids, self.vision_features(media), vision.media,
+                                self.token_ids)
+
+    def vision_features(self, media: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The tower's features per media kind (``{"image": [rows, hidden], ...}``), the same on
+        every rank; divided over the TP x CP group when ``vision_split`` is set (then every rank
+        of that group must call it with the same media)."""
+        return media_features(self.vision_model, media, self.family.vision.media,
+                              self.vision_split)
 
     def media_inputs(self, media: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
         """The family's media tensors out of ``media`` (None values dropped); a tensor under a
@@ -225,9 +242,11 @@ def build_model(hf_config: PretrainedConfig, layout: ParallelLayout, *, dtype: t
                 recompute_granularity: str | None = None, perform_initialization: bool = True,
                 vocab_padded: int | None = None, dropout: float = 0.0,
                 recompute: RecomputeConfig | None = None, attn_impl: str = "auto",
-                ) -> ModelBundle:
+                vit_parallel: bool = True) -> ModelBundle:
     """Build this rank's model chunks (one, or VPP of them) for an HF config. ``recompute`` and
-    ``attn_impl``: see :func:`mvlm.models.gpt.transformer_config`."""
+    ``attn_impl``: see :func:`mvlm.models.gpt.transformer_config`. ``vit_parallel``: divide the
+    vision tower's images over the TP x CP ranks (:mod:`mvlm.models.vision_parallel`; exact, so
+    on by default); False runs every image on every rank."""
     family = get_family(hf_config.model_type)
     arch = family.text_arch(hf_config)
     config = transformer_config(arch, layout, dtype=dtype, device=device,
@@ -244,7 +263,8 @@ def build_model(hf_config: PretrainedConfig, layout: ParallelLayout, *, dtype: t
         vp_stage = vp if layout.vpp else None
         pre = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
         post = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-        m = VLMModel(family, hf_config, arch, config, backend, vpad, device, pre, post, vp_stage)
+        m = VLMModel(family, hf_config, arch, config, backend, vpad, device, pre, post, vp_stage,
+                     vit_parallel=vit_parallel)
         if device == "cuda":
             m.cuda(torch.cuda.current_device())
         models.append(m)
