@@ -2,8 +2,9 @@
 
 Everything a family needs to say about its language model is in ``TextArch`` (read off the HF
 config by the family file); this module turns it into Megatron-Core objects for one parallel
-layout. Numerics-relevant choices are explicit: no fused kernels that would change rounding on
-CPU, HF's norms (``mvlm.models.norm``), explicit 3-row position ids for every family (``mrope``),
+layout. Numerics-relevant choices are explicit: fused kernels only on CUDA, decided in
+``mvlm.runtime.fusions`` (none on CPU, where they would change rounding), HF's norms
+(``mvlm.models.norm``), explicit 3-row position ids for every family (``mrope``),
 so packed samples restart their positions and CP slices them the same way for text-only and
 multimodal models.
 
@@ -30,6 +31,7 @@ from mvlm.models.recompute import RecomputeConfig, RecomputeError  # noqa: F401 
 from mvlm.models.rope import RopeScaling, rope_inv_freq
 from mvlm.models.spec import decoder_block_spec
 from mvlm.runtime.cpu import batch_p2p_comm_supported
+from mvlm.runtime.fusions import FusionChoice, ModelFeatures, choose_fusions, probe_installed
 from mvlm.runtime.parallel import ParallelLayout
 
 VOCAB_PAD_MULTIPLE = 128
@@ -215,6 +217,21 @@ class MvlmTransformerConfig(TransformerConfig):
     yarn_rotary_scaling_factor: float = 1.0
     yarn_mscale: float | None = None
     yarn_mscale_all_dim: float | None = None
+    packed_qkv_format: str = "sbhd"
+    """How packed rows reach the attention (``mvlm.train.steps.packed_params``): ``sbhd`` with
+    ``cu_seqlens``, or ``thd`` where a varlen kernel runs it (``mvlm.runtime.fusions``)."""
+
+
+def fusion_choice(arch: TextArch, layout: ParallelLayout, device: str,
+                  backend: str | None = None) -> FusionChoice:
+    """The fused kernels of ``arch`` at ``layout`` on ``device`` with the ``backend`` spec (None:
+    the one ``choose_backend`` picks by default), from what this process has installed."""
+    from mvlm.models.spec import choose_backend
+
+    features = ModelFeatures(activation=arch.activation, gated_mlp=arch.gated_mlp,
+                             add_bias_linear=arch.attn_out_bias and arch.mlp_bias,
+                             moe=bool(arch.num_experts), context_parallel=layout.cp)
+    return choose_fusions(device, backend or choose_backend(device), probe_installed(), features)
 
 
 def transformer_config(arch: TextArch, layout: ParallelLayout, *, dtype: torch.dtype,
@@ -222,9 +239,12 @@ def transformer_config(arch: TextArch, layout: ParallelLayout, *, dtype: torch.d
                        recompute_granularity: str | None = None,
                        recompute: RecomputeConfig | None = None, attn_impl: str = "auto",
                        perform_initialization: bool = True, dropout: float = 0.0,
-                       moe_dispatcher: str | None = None) -> TransformerConfig:
+                       moe_dispatcher: str | None = None,
+                       backend: str | None = None) -> TransformerConfig:
     """The Megatron-Core config of ``arch`` at ``layout``. ``recompute_granularity`` alone is a
-    shorthand for ``RecomputeConfig(granularity)`` (full -> uniform, 1 layer per checkpoint)."""
+    shorthand for ``RecomputeConfig(granularity)`` (full -> uniform, 1 layer per checkpoint).
+    ``backend``: the layer spec the config is for ("te" | "local"; None: the default choice),
+    which decides the fused kernels with the device (:func:`fusion_choice`)."""
     validate_arch(arch)
     validate_layout(arch, layout)
     if recompute is not None and recompute_granularity is not None:
@@ -249,15 +269,16 @@ def transformer_config(arch: TextArch, layout: ParallelLayout, *, dtype: torch.d
             moe_router_score_function="softmax",
             moe_router_load_balancing_type="aux_loss" if arch.moe_aux_loss_coeff else "none",
             moe_aux_loss_coeff=arch.moe_aux_loss_coeff,
-            moe_grouped_gemm=False,
             # gloo lacks the variable all-to-all the alltoall dispatcher needs on CPU.
             moe_token_dispatcher_type=moe_dispatcher or ("alltoall" if device == "cuda"
                                                          else "allgather"),
             moe_shared_expert_intermediate_size=arch.moe_shared_expert_size,
             moe_permute_fusion=False,
         )
+    fused = fusion_choice(arch, layout, device, backend)
     return MvlmTransformerConfig(
         core_attn_impl=attn_impl,
+        packed_qkv_format=fused.packed_qkv_format,
         attention_backend=te_backend if device == "cuda" else AttnBackend.auto,
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -293,12 +314,9 @@ def transformer_config(arch: TextArch, layout: ParallelLayout, *, dtype: torch.d
         fp16=dtype == torch.float16,
         use_cpu_initialization=device == "cpu",
         perform_initialization=perform_initialization,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        apply_rope_fusion=False,
+        # fused kernels per device / spec / installed packages: mvlm.runtime.fusions (CPU: none)
+        **fused.config_kwargs(),
         persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
         **recompute_kw,
         batch_p2p_comm=batch_p2p_comm_supported(device),  # off over gloo: see runtime/cpu.py
         **moe,

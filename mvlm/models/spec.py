@@ -145,7 +145,8 @@ def te_layer_spec(config: TransformerConfig) -> ModuleSpec:
 
     return get_gpt_layer_with_transformer_engine_spec(
         num_experts=config.num_moe_experts,
-        moe_grouped_gemm=bool(config.num_moe_experts),
+        # TEGroupedMLP for MoE (mvlm.runtime.fusions sets moe_grouped_gemm for the TE spec)
+        moe_grouped_gemm=bool(config.num_moe_experts) and config.moe_grouped_gemm,
         qk_layernorm=config.qk_layernorm,
     )
 

@@ -57,6 +57,9 @@ def wrap_ddp(bundle: ModelBundle, cfg: TrainConfig) -> list[Any]:
     """Megatron-Core DDP around each model chunk (fp32 grad accumulation and reduction)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
+    from mvlm.runtime.collectives import install as skip_collectives_on_one_rank
+
+    skip_collectives_on_one_rank()  # a DP group of one reduces nothing (runtime/collectives.py)
     ddp_cfg = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,

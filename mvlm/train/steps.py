@@ -39,13 +39,34 @@ def to_device(batch: dict, device: str) -> dict:
             for k, v in batch.items()}
 
 
-def packed_params(batch: dict) -> PackedSeqParams | None:
+def packed_params(batch: dict, qkv_format: str = "sbhd") -> PackedSeqParams | None:
+    """The sample boundaries of a packed micro-batch (one row) for Megatron-Core, or None.
+
+    ``sbhd`` (CPU, and wherever no varlen kernel runs): ``cu_seqlens`` as collated; mvlm's
+    attention builds the segment mask from it. ``thd`` (``config.packed_qkv_format``, chosen by
+    :mod:`mvlm.runtime.fusions` on CUDA with TE or flash-attn): the same boundaries, plus
+    ``cu_seqlens_*_padded`` whose last entry is the row length, so the pad tail after the last
+    sample belongs to it as padding: TE's kernel skips it, and Megatron's THD RoPE maps its
+    per-token frequencies by offset (it needs the padded ends to cover the row). The real
+    ``cu_seqlens`` keep the pads out of the MoE router (``vlm.router_padding_mask``)."""
     cu = batch.get("cu_seqlens")
     if cu is None:
         return None
     cu = cu.to(torch.int32)
     m = int(batch.get("max_seqlen") or int((cu[1:] - cu[:-1]).max()))
-    return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+    if qkv_format == "sbhd":
+        return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                               max_seqlen_q=m, max_seqlen_kv=m)
+    if qkv_format != "thd":
+        raise ValueError(f"packed_qkv_format must be 'sbhd' or 'thd', got {qkv_format!r}")
+    row = int(batch["input_ids"].shape[-1])
+    padded = None
+    if int(cu[-1]) < row:
+        padded = cu.clone()
+        padded[-1] = row
+        m = max(m, int(padded[-1] - padded[-2]))
+    return PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                           cu_seqlens_q_padded=padded, cu_seqlens_kv_padded=padded,
                            max_seqlen_q=m, max_seqlen_kv=m)
 
 
@@ -84,7 +105,8 @@ def model_forward(model: Any, batch: dict) -> torch.Tensor:
     media = {k: batch[k] for k in m.family.batch_keys if batch.get(k) is not None}
     out = model(batch["input_ids"], batch["position_ids"],
                 attention_mask=batch.get("attention_mask"), labels=batch.get("labels"),
-                packed_seq_params=packed_params(batch), **media)
+                packed_seq_params=packed_params(
+                    batch, getattr(m.config, "packed_qkv_format", "sbhd")), **media)
     if m.pre_process and not any(k.features_key in media for k in m.family.media) and \
             torch.is_grad_enabled():
         zero = _vision_zero_term(model)
@@ -165,10 +187,10 @@ def checked_optimizer_step(optimizer: Any, models: list[Any], step: int, loss: f
     have no overflow check (only fp16 loss scaling looks for inf), so a NaN gradient would already
     be in every weight. With ``check`` (``--check_for_nan_in_loss_and_grad``): the loss, already
     reduced over the world by :func:`reduce_stats`, is looked at first; then the gradients are
-    prepared and their global norm taken -- the reduction clipping does, once more, over the
-    same groups, so every rank sees the same number and takes the same branch. Only a finite step
-    reaches ``optimizer.step()`` (whose ``prepare_grads`` repeats an idempotent copy for the
-    fp32/bf16 optimizers mvlm builds; fp16 is refused by the flags).
+    prepared and their global norm taken -- the reduction clipping does, over the same groups,
+    so every rank sees the same number and takes the same branch. Only a finite step is applied,
+    by :func:`step_with_grad_norm`: the rest of ``optimizer.step()`` with that norm, so the norm
+    is computed once per step, not twice (fp16 is refused by the flags).
 
     A bad step is skipped -- no update, no scheduler step, its gradients dropped with the next
     ``zero_grad`` -- while at most ``max_skipped`` steps were; the next one raises
@@ -195,8 +217,7 @@ def checked_optimizer_step(optimizer: Any, models: list[Any], step: int, loss: f
         if not math.isfinite(norm):
             bad = "grad norm"
     if bad is None:
-        ok, step_norm, _ = optimizer.step()
-        return UpdateOutcome(bool(ok), norm if step_norm is None else float(step_norm))
+        return UpdateOutcome(step_with_grad_norm(optimizer, norm), norm)
     where = first_nonfinite_grad(models) if bad == "grad norm" else None
     skipped += 1
     detail = (f"step {step}: the {bad} is not finite (loss={loss}, grad_norm={norm}"
@@ -210,6 +231,25 @@ def checked_optimizer_step(optimizer: Any, models: list[Any], step: int, loss: f
     logging.getLogger("mvlm.train").warning(
         "%s: update skipped (%d of --max_skipped_steps %d)", detail, skipped, max_skipped)
     return UpdateOutcome(False, norm, bad)
+
+
+def step_with_grad_norm(optimizer: Any, grad_norm: float) -> bool:
+    """What Megatron-Core's ``optimizer.step()`` does after ``prepare_grads()`` and the global
+    grad norm, given that norm: clip every (chained) optimizer's main grads by it, then
+    ``step_with_ready_grads()``. Same arithmetic as ``step()`` (the clip factor is computed from
+    the same float), without ``step()``'s second ``prepare_grads`` and second norm reduction.
+    Returns whether the update was applied."""
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        if getattr(opt, "is_stub_optimizer", False) or opt.config.clip_grad <= 0.0:
+            continue
+        params = opt.get_parameters()
+        if params:
+            clip_grad_by_total_norm_fp32(
+                params, max_norm=opt.config.clip_grad, total_norm=grad_norm,
+                use_decoupled_grad=opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    return bool(optimizer.step_with_ready_grads())
 
 
 def first_nonfinite_grad(models: list[Any]) -> str | None:

@@ -1,0 +1,270 @@
+"""Training-step overhead on CPU: mvlm (Megatron-Core, TP1, the real Trainer) vs transformers +
+torch AdamW, same model, batch, optimizer, dtype and threads, in one process.
+
+    .venv/bin/python bench/train_overhead.py [--hidden 384] [--layers 4] [--rows 4]
+        [--seq 256] [--steps 12] [--warmup 2] [--threads 1] [--profile 3]
+
+Why one process with the two sides interleaved: the box is a 2-core CPU shared with other jobs,
+so its speed drifts by tens of percent over minutes. Both models are built once; then rounds of
+one mvlm step and one transformers step alternate (order flipped every round), so drift hits
+both sides alike. The first ``--warmup`` steps of each side are not timed.
+
+The work is the same on both sides:
+
+* model: a random tiny Qwen2 checkpoint (``mvlm.testing.tiny_models``, ``--hidden`` /
+  ``--layers``, fp32) written once; mvlm loads it through its conversion code
+  (``load_hf_weights``), transformers with ``from_pretrained`` (SDPA attention);
+* batch: ``--rows`` rows of ``--seq`` random tokens, every token a label (mvlm gets the shifted
+  labels Megatron expects, HF shifts inside its loss), so the mean token loss is the same number;
+* optimizer: AdamW, lr 1e-4, betas (0.9, 0.95), eps 1e-8, no weight decay, gradient clipping at
+  1.0 (transformers: ``clip_grad_norm_`` + ``torch.optim.AdamW``; mvlm: Megatron-Core's
+  distributed optimizer, fp32 main grads, the NaN guard on, as ``mvlm sft`` runs it).
+
+Reported: median step time and tokens/s of each side, the ratio mvlm / transformers, the same
+per CPU second of the process (``time.process_time``: what the step cost, whatever else the
+shared machine ran meanwhile), the
+first-step losses (equal up to fp32 rounding: proof of the same work), and with ``--profile N``
+the top-5 operators of N profiled mvlm steps by self CPU time (``torch.profiler``) next to the
+share of the step spent outside any operator (Python and framework bookkeeping).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+LR, BETAS, EPS, CLIP = 1e-4, (0.9, 0.95), 1e-8, 1.0
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hidden", type=int, default=384)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=6)
+    p.add_argument("--kv_heads", type=int, default=2)
+    p.add_argument("--intermediate", type=int, default=1024)
+    p.add_argument("--rows", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--steps", type=int, default=12, help="timed steps per side")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per side")
+    p.add_argument("--threads", type=int, default=1, help="torch threads (both sides)")
+    p.add_argument("--profile", type=int, default=3,
+                   help="mvlm steps to profile after the timing (0: none)")
+    p.add_argument("--work_dir", default=None)
+    p.add_argument("--out", default=None, help="write the JSON summary here")
+    return p.parse_args(argv)
+
+
+def build_checkpoint(args: argparse.Namespace, work: Path) -> Path:
+    import torch
+
+    from mvlm.testing.tiny_models import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(
+        "qwen2", work / "hf", dtype=torch.float32, hidden_size=args.hidden,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads,
+        num_key_value_heads=args.kv_heads, intermediate_size=args.intermediate)
+
+
+def make_batches(args: argparse.Namespace, vocab: int, n: int = 2) -> list[Any]:
+    import torch
+
+    out = []
+    for seed in range(n):
+        g = torch.Generator().manual_seed(seed)
+        out.append(torch.randint(3, vocab, (args.rows, args.seq), generator=g))
+    return out
+
+
+class HFSide:
+    """transformers' Qwen2ForCausalLM with torch.optim.AdamW and clip_grad_norm_."""
+
+    def __init__(self, hf_dir: Path) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        self.model = AutoModelForCausalLM.from_pretrained(
+            hf_dir, dtype=torch.float32, attn_implementation="sdpa").train()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=LR, betas=BETAS, eps=EPS,
+                                     weight_decay=0.0)
+
+    def step(self, ids: Any) -> float:
+        import torch
+
+        out = self.model(input_ids=ids, labels=ids)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), CLIP)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        return float(out.loss.detach())
+
+
+class MvlmSide:
+    """mvlm's Trainer.train_step with the ``sft`` objective, as ``mvlm sft`` runs it at TP1."""
+
+    def __init__(self, hf_dir: Path, args: argparse.Namespace) -> None:
+        import torch
+        from transformers import AutoConfig
+
+        from mvlm.config import (
+            FreezeConfig,
+            OptimConfig,
+            ParallelConfig,
+            ScheduleConfig,
+            TrainConfig,
+        )
+        from mvlm.convert.bridge import load_hf_weights
+        from mvlm.models.vlm import build_model
+        from mvlm.runtime.parallel import ParallelLayout
+        from mvlm.runtime.startup import startup
+        from mvlm.train.objectives import get_objective
+        from mvlm.train.trainer import Trainer
+
+        layout = ParallelLayout(tp=1)
+        device = startup(layout, seed=1234, device="cpu").device
+        hf_config = AutoConfig.from_pretrained(hf_dir)
+        bundle = build_model(hf_config, layout, dtype=torch.float32, device=device,
+                             backend="local", perform_initialization=False)
+        load_hf_weights(bundle, hf_dir)
+        cfg = TrainConfig(
+            task="sft", output_dir=str(Path(args.work_dir) / "mvlm_out"),
+            optim=OptimConfig(lr=LR, min_lr=LR, lr_decay_style="constant", weight_decay=0.0,
+                              adam_beta1=BETAS[0], adam_beta2=BETAS[1], adam_eps=EPS,
+                              clip_grad=CLIP, check_for_nan_in_loss_and_grad=True),
+            freeze=FreezeConfig(freeze_vit=False, freeze_aligner=False, freeze_llm=False),
+            parallel=ParallelConfig(use_distributed_optimizer=True, overlap_grad_reduce=False),
+            schedule=ScheduleConfig(micro_batch_size=args.rows, global_batch_size=args.rows))
+        self.trainer = Trainer(cfg, bundle, layout, objective=get_objective("sft"),
+                               device=device)
+        self.trainer.build_scheduler(10**6)
+        for m in self.trainer.ddp_models:
+            m.train()
+
+    @staticmethod
+    def batch(ids: Any) -> dict:
+        import torch
+
+        labels = torch.full_like(ids, -100)
+        labels[:, :-1] = ids[:, 1:]  # Megatron's targets: labels[t] = token t + 1
+        pos = torch.arange(ids.shape[1]).expand(3, *ids.shape).contiguous()
+        return {"input_ids": ids, "labels": labels, "position_ids": pos}
+
+    def step(self, batch: dict) -> float:
+        return self.trainer.train_step([batch]).stats.loss
+
+
+def profile_top(step: Any, n: int, k: int = 5) -> dict[str, Any]:
+    """Top-``k`` operators by self CPU time over ``n`` calls of ``step``, and the share of the
+    wall time no operator accounts for (host-side Python/framework work)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    t = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(n):
+            step()
+    wall_us = (time.perf_counter() - t) * 1e6
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    top = [{"op": e.key, "self_ms_per_step": round(e.self_cpu_time_total / 1e3 / n, 2),
+            "share": round(e.self_cpu_time_total / total, 3), "calls_per_step": e.count // n}
+           for e in events[:k]]
+    return {"steps": n, "wall_ms_per_step": round(wall_us / 1e3 / n, 1),
+            "ops_ms_per_step": round(total / 1e3 / n, 1),
+            "outside_ops_share": round(max(0.0, 1 - total / wall_us), 3),
+            "op_calls_per_step": sum(e.count for e in events) // n, "top": top}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(args.threads)
+    work = Path(args.work_dir)
+    hf_dir = build_checkpoint(args, work)
+    mv = MvlmSide(hf_dir, args)  # first: start-up installs the CPU adaptation for both sides
+    hf = HFSide(hf_dir)
+    vocab = hf.model.config.vocab_size
+    ids = make_batches(args, vocab)
+    mv_batches = [MvlmSide.batch(x) for x in ids]
+    times: dict[str, list[float]] = {"mvlm": [], "transformers": []}
+    cpu: dict[str, list[float]] = {"mvlm": [], "transformers": []}
+    losses: dict[str, list[float]] = {"mvlm": [], "transformers": []}
+    sides = {"mvlm": lambda k: mv.step(mv_batches[k % 2]),
+             "transformers": lambda k: hf.step(ids[k % 2])}
+    for k in range(args.warmup + args.steps):
+        order = ("mvlm", "transformers") if k % 2 == 0 else ("transformers", "mvlm")
+        for name in order:
+            t, c = time.perf_counter(), time.process_time()
+            loss = sides[name](k)
+            dt, dc = time.perf_counter() - t, time.process_time() - c
+            losses[name].append(loss)
+            if k >= args.warmup:
+                times[name].append(dt)
+                cpu[name].append(dc)
+    tokens = args.rows * args.seq
+    res: dict[str, Any] = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "torch": torch.__version__, "threads": args.threads,
+        "model": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads,
+                  "kv_heads": args.kv_heads, "intermediate": args.intermediate,
+                  "vocab": vocab, "params": sum(p.numel() for p in hf.model.parameters())},
+        "tokens_per_step": tokens, "steps": args.steps, "warmup": args.warmup, "sides": {}}
+    for name in times:
+        med, med_cpu = statistics.median(times[name]), statistics.median(cpu[name])
+        res["sides"][name] = {"median_step_s": round(med, 4), "tokens_per_s": round(tokens / med),
+                              "median_cpu_s": round(med_cpu, 4),
+                              "tokens_per_cpu_s": round(tokens / med_cpu),
+                              "min_step_s": round(min(times[name]), 4),
+                              "first_loss": losses[name][0], "last_loss": losses[name][-1]}
+    s = res["sides"]
+    res["ratio_mvlm_over_transformers"] = round(
+        s["mvlm"]["tokens_per_s"] / s["transformers"]["tokens_per_s"], 3)
+    res["ratio_cpu_time"] = round(
+        s["mvlm"]["tokens_per_cpu_s"] / s["transformers"]["tokens_per_cpu_s"], 3)
+    res["first_loss_diff"] = abs(s["mvlm"]["first_loss"] - s["transformers"]["first_loss"])
+    if args.profile:
+        res["mvlm_profile"] = profile_top(lambda: mv.step(mv_batches[0]), args.profile)
+        res["transformers_profile"] = profile_top(lambda: hf.step(ids[0]), args.profile)
+    return res
+
+
+def format_table(res: dict[str, Any]) -> str:
+    lines = ["| side | median step s | tokens/s | CPU s/step | tokens/CPU-s | first loss |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for name, r in res["sides"].items():
+        lines.append(f"| {name} | {r['median_step_s']} | {r['tokens_per_s']} | "
+                     f"{r['median_cpu_s']} | {r['tokens_per_cpu_s']} | {r['first_loss']:.6f} |")
+    lines.append(f"\nratio mvlm / transformers: tokens/s {res['ratio_mvlm_over_transformers']}, "
+                 f"tokens per CPU second {res['ratio_cpu_time']}")
+    for side in ("mvlm", "transformers"):
+        prof = res.get(f"{side}_profile")
+        if not prof:
+            continue
+        lines.append(f"\n{side} profile: {prof['wall_ms_per_step']} ms/step wall, "
+                     f"{prof['ops_ms_per_step']} ms in ops, {prof['outside_ops_share']:.1%} "
+                     f"outside ops, {prof['op_calls_per_step']} op calls/step")
+        for t in prof["top"]:
+            lines.append(f"  {t['op']}: {t['self_ms_per_step']} ms/step "
+                         f"({t['share']:.1%}, {t['calls_per_step']} calls)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="mvlm_train_overhead_") as tmp:
+        args.work_dir = args.work_dir or tmp
+        res = run(args)
+    if args.out:
+        Path(args.out).write_text(json.dumps(res, indent=1) + "\n")
+    print(json.dumps(res))
+    print(format_table(res))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""mvlm.runtime.fusions: the fused kernels chosen per device / spec / installed packages / model,
+their wiring into the TransformerConfig, the THD packed layout (equal to sbhd on CPU), and
+mvlm.runtime.collectives (DDP collectives skipped on a group of one)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from mvlm.runtime.fusions import FUSION_FLAGS, Installed, ModelFeatures, choose_fusions
+
+NOTHING = Installed()
+FLASH = Installed(flash_attn=True)
+APEX = Installed(apex_wgrad=True)
+TE = Installed(transformer_engine=True)
+EVERYTHING = Installed(transformer_engine=True, apex_wgrad=True, flash_attn=True)
+
+
+@pytest.mark.parametrize("backend", ["local", "te"])
+@pytest.mark.parametrize("installed", [NOTHING, EVERYTHING])
+@pytest.mark.parametrize("moe", [False, True])
+def test_cpu_turns_everything_off(backend, installed, moe):
+    c = choose_fusions("cpu", backend, installed, ModelFeatures(moe=moe))
+    assert not any(c.config_kwargs().values()), c
+    assert c.packed_qkv_format == "sbhd"
+    assert set(c.reasons) == {*FUSION_FLAGS, "packed_qkv_format"}
+
+
+def test_cuda_without_te():
+    c = choose_fusions("cuda", "local", NOTHING, ModelFeatures())
+    assert c.config_kwargs() == {
+        "bias_activation_fusion": True, "bias_dropout_fusion": True, "apply_rope_fusion": False,
+        "masked_softmax_fusion": False, "gradient_accumulation_fusion": False,
+        "moe_grouped_gemm": False}
+    assert c.packed_qkv_format == "sbhd"  # no varlen kernel: SDPA with a segment mask
+    # flash-attn's varlen kernel: THD, but not under CP (mvlm splits whole rows)
+    assert choose_fusions("cuda", "local", FLASH, ModelFeatures()).packed_qkv_format == "thd"
+    assert choose_fusions("cuda", "local", FLASH,
+                          ModelFeatures(context_parallel=2)).packed_qkv_format == "sbhd"
+    # apex's wgrad extension enables gradient-accumulation fusion on the local spec
+    assert choose_fusions("cuda", "local", APEX, ModelFeatures()).gradient_accumulation_fusion
+    # the local GroupedMLP layout is not in the conversion tables
+    assert not choose_fusions("cuda", "local", EVERYTHING, ModelFeatures(moe=True)) \
+        .moe_grouped_gemm
+
+
+def test_cuda_with_te():
+    c = choose_fusions("cuda", "te", TE, ModelFeatures(moe=True))
+    assert c.config_kwargs() == {
+        "bias_activation_fusion": True, "bias_dropout_fusion": True, "apply_rope_fusion": True,
+        "masked_softmax_fusion": False, "gradient_accumulation_fusion": True,
+        "moe_grouped_gemm": True}
+    assert c.packed_qkv_format == "thd"
+    assert not choose_fusions("cuda", "te", TE, ModelFeatures()).moe_grouped_gemm  # dense
+    # TE installed but the local spec asked for: TE's RoPE kernel still applies, TE's wgrad not
+    local = choose_fusions("cuda", "local", TE, ModelFeatures())
+    assert local.apply_rope_fusion and not local.gradient_accumulation_fusion
+    assert local.packed_qkv_format == "sbhd"
+
+
+@pytest.mark.parametrize("activation,gated,bias,on", [
+    ("silu", True, False, True), ("gelu", True, False, True), ("gelu", False, True, True),
+    ("gelu", False, False, False), ("silu", False, False, False),
+    ("gelu_pytorch_tanh", True, False, False), ("relu2", False, False, False)])
+def test_activation_fusion_follows_the_model(activation, gated, bias, on):
+    f = ModelFeatures(activation=activation, gated_mlp=gated, add_bias_linear=bias)
+    c = choose_fusions("cuda", "local", NOTHING, f)
+    assert c.bias_activation_fusion is on, c.reasons["bias_activation_fusion"]
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="backend"):
+        choose_fusions("cuda", "tex", NOTHING, ModelFeatures())
+
+
+def test_transformer_config_on_cpu_has_no_fusions():
+    from transformers import AutoConfig
+
+    from mvlm.models.gpt import transformer_config
+    from mvlm.models.registry import get_family
+    from mvlm.runtime.parallel import ParallelLayout
+    from mvlm.testing.tiny_models import tiny_config
+
+    hf = tiny_config("qwen2")
+    assert isinstance(hf, AutoConfig.for_model("qwen2").__class__)
+    arch = get_family("qwen2").text_arch(hf)
+    for backend in (None, "local", "te"):
+        cfg = transformer_config(arch, ParallelLayout(), dtype=torch.float32, device="cpu",
+                                 backend=backend)
+        assert not any(getattr(cfg, k) for k in FUSION_FLAGS)
+        assert cfg.packed_qkv_format == "sbhd"
+
+
+class _Group:
+    def __init__(self, n: int) -> None:
+        self.n = n
+
+    def size(self) -> int:
+        return self.n
+
+
+def test_collectives_skipped_on_a_group_of_one():
+    from mvlm.runtime.collectives import skip_on_group_of_one
+
+    calls = []
+
+    def collective(output, input, op=None, group=None, async_op=False):
+        calls.append(group.size())
+        return "handle"
+
+    f = skip_on_group_of_one(collective)
+    buf = torch.arange(6.0)
+    assert f(buf, buf, op=None, group=_Group(1), async_op=False) is None and calls == []
+    out = torch.zeros(6)
+    f(out, buf, group=_Group(1))  # distinct memory: a local copy
+    assert torch.equal(out, buf) and calls == []
+    assert f(buf, buf, group=_Group(2)) == "handle" and calls == [2]
+    assert f(buf, buf, group=_Group(1), async_op=True) == "handle"  # caller waits on a handle
+    assert skip_on_group_of_one(f) is f
+
+
+_THD_SCRIPT = textwrap.dedent("""
+    import json, torch
+    from mvlm.models.vlm import build_model
+    from mvlm.runtime.parallel import ParallelLayout, destroy_distributed
+    from mvlm.runtime.startup import startup
+    from mvlm.testing.tiny_models import tiny_config
+    from mvlm.train.steps import model_forward
+
+    startup(ParallelLayout(), seed=3, device="cpu")
+    hf = tiny_config("qwen2", hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, intermediate_size=128)
+    bundle = build_model(hf, ParallelLayout(), dtype=torch.float32, device="cpu")
+    model = bundle.models[0]
+    lens, tail = [5, 9, 4], 6
+    real, seq = sum(lens), sum(lens) + tail
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 900, (1, seq), generator=g)
+    pos = torch.zeros(3, 1, seq, dtype=torch.long)
+    pos[:, 0, :real] = torch.cat([torch.arange(n) for n in lens])
+    labels = torch.full((1, seq), -100)
+    labels[0, :real - 1] = ids[0, 1:real]
+    batch = {"input_ids": ids, "position_ids": pos, "labels": labels,
+             "cu_seqlens": torch.tensor([0, 5, 14, 18], dtype=torch.int32), "max_seqlen": 9}
+    res = {}
+    for fmt in ("sbhd", "thd"):
+        model.config.packed_qkv_format = fmt
+        model.zero_grad(set_to_none=True)
+        out = model_forward(model, batch)  # per-token loss [1, seq]
+        out[:, :real - 1].sum().backward()
+        res[fmt] = (out[:, :real].detach(),
+                    torch.cat([p.grad.flatten() for p in model.parameters()]))
+    # each sample alone, unpacked: what both layouts must equal
+    model.config.packed_qkv_format = "sbhd"
+    alone, start = [], 0
+    for n in lens:
+        b = {"input_ids": ids[:, start:start + n], "position_ids": pos[:, :, start:start + n],
+             "labels": labels[:, start:start + n]}
+        alone.append(model_forward(model, b).detach())
+        start += n
+    alone = torch.cat(alone, dim=1)[:, :real - 1]
+    print(json.dumps({
+        "loss_diff": float((res["sbhd"][0] - res["thd"][0]).abs().max()),
+        "grad_diff": float((res["sbhd"][1] - res["thd"][1]).abs().max()),
+        "grad_max": float(res["sbhd"][1].abs().max()),
+        "alone_diff": float((res["thd"][0][:, :real - 1] - alone).abs().max())}))
+    destroy_distributed()
+""")
+
+
+def test_thd_packed_rows_equal_sbhd_on_cpu():
+    """The THD layout (what CUDA runs with TE / flash-attn get): the same per-token losses and
+    gradients as sbhd, and as each sample run alone, with a pad tail after the last sample."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+    out = subprocess.run([sys.executable, "-c", _THD_SCRIPT], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["grad_max"] > 0
+    assert res["loss_diff"] <= 1e-6, res
+    assert res["grad_diff"] <= 1e-6, res
+    assert res["alone_diff"] <= 1e-5, res
