@@ -32,9 +32,10 @@ Packing (:func:`collate_pairs`): a pair is two sequences, prompt+chosen and prom
 side by side in one THD row with their own ``cu_seqlens`` segments (positions restart, attention
 never crosses), so a pair costs one forward pass; many pairs can share a row. The batch says
 which segment is which (``chosen_index`` / ``rejected_index``). The pair's pixels are stored
-once; in the batch the rejected segment lists the same tensors again, because the model merges
-one vision feature per placeholder token in order -- so the vision tower still runs on them
-twice. Running it once would need ``VLMModel.embed`` to take a feature index (a model change).
+once; in the batch the rejected segment lists the same tensors again (the model merges one
+vision feature per placeholder token, in order), and ``pair_media`` says how many rows and items
+each pair has, so that the preference objectives run the vision tower on each pair's media once
+and repeat the features (:mod:`mvlm.train.objectives.pair_media`).
 """
 from __future__ import annotations
 
@@ -284,8 +285,10 @@ def parse_preference_row(row: Any, kind: str = PAIR) -> PreferenceRow:
 def kto_kl_rows(rows: Sequence[PreferenceRow]) -> list[tuple[PreferenceRow, list[dict]]]:
     """Each KTO row with a mismatched answer for KTO's KL reference point: row i's prompt with
     row i-1's answer (cyclically), the pairing TRL's KTO collator makes within a batch."""
-    if len(rows) < 2:
-        raise ValueError("KTO's KL estimate needs at least 2 rows to mismatch answers")
+    if not rows:
+        return []
+    # a lone row (the last encode batch of a dataset, --lazy_tokenize) is matched with its own
+    # answer, as TRL's shift of a one-row batch does
     return [(r, rows[i - 1].chosen) for i, r in enumerate(rows)]
 
 
@@ -311,8 +314,7 @@ def _answer_only(labels: Any, n_answer_turns: int, n_prompt_turns: int, strategy
     return out
 
 
-def _finish_pair(template: Any, pr: PreferenceRow, enc: dict, second: list[dict],
-                 second_key: str) -> dict:
+def _finish_pair(template: Any, pr: PreferenceRow, enc: dict, second: list[dict]) -> dict:
     """Answer-only labels for both sequences; both must keep the same vision blocks."""
     strategy = template.cfg.truncation_strategy
     n_prompt = sum(m["role"] == "assistant" for m in pr.prompt)
@@ -330,9 +332,6 @@ def _finish_pair(template: Any, pr: PreferenceRow, enc: dict, second: list[dict]
     # ``length`` of a pair = the tokens it takes in a packed row (both sequences): what packing
     # plans and the dataset stats count
     enc["length"] = int(enc["length"]) + int(enc["rejected_length"])
-    if second_key != "rejected":
-        for k in _SEQ_KEYS:
-            enc[f"{second_key}_{k}"] = enc.pop(f"rejected_{k}")
     return enc
 
 
@@ -345,8 +344,10 @@ def encode_preference_rows(template: Any, rows: Sequence[Any], base_dir: str | N
     A pair: ``input_ids`` / ``labels`` / ``position_ids`` / ``length`` of prompt+chosen and the
     same under ``rejected_*`` for prompt+rejected (``length`` is the pair's: both sequences);
     the vision tensors once. KTO (``kind="kto"``):
-    the row's conversation, and its KL conversation (this prompt, the previous row's answer)
-    under ``kl_*``; ``extra["label"]`` is the row's label. Labels are unshifted (HF style)."""
+    the row's conversation, and its KL conversation (this prompt, the previous good row's
+    answer in this encode batch, TRL's mismatched pairs) under the same ``rejected_*`` keys (the
+    dataset stores one layout for both kinds); ``extra["label"]`` is the row's label and marks
+    the row as KTO. Labels are unshifted (HF style)."""
     if template.cfg.task not in ("sft", "preference"):
         raise ValueError(f"preference rows are chat conversations: the template's task must be "
                          f"sft or preference, not {template.cfg.task!r}")
@@ -364,8 +365,6 @@ def encode_preference_rows(template: Any, rows: Sequence[Any], base_dir: str | N
     if not good:
         return results
     if kind == KTO:
-        if len(good) < 2:
-            raise ValueError("KTO's KL estimate needs at least 2 good rows in an encode batch")
         pairs = kto_kl_rows([parsed[i] for i in good])
         samples = [pr.pair_sample(second) for pr, second in pairs]
         seconds = [second for _, second in pairs]
@@ -378,8 +377,7 @@ def encode_preference_rows(template: Any, rows: Sequence[Any], base_dir: str | N
             results[i] = enc
             continue
         try:
-            results[i] = _finish_pair(template, parsed[i], enc, second or parsed[i].rejected,
-                                      "kl" if kind == KTO else "rejected")
+            results[i] = _finish_pair(template, parsed[i], enc, second or parsed[i].rejected)
         except BadSampleError as e:
             results[i] = e
     return results
@@ -391,8 +389,25 @@ def encode_rows(template: Any, rows: Sequence[Any], base_dir: str | None = None,
     :func:`encode_preference_rows` when the template's task is ``preference``, every other task
     through ``Template.encode_batch``."""
     if template.cfg.task == "preference":
-        return encode_preference_rows(template, rows, base_dir, with_pixels=with_pixels)
+        return encode_preference_rows(template, rows, base_dir, kind=row_kind(rows),
+                                      with_pixels=with_pixels)
     return template.encode_batch(list(rows), base_dir, with_pixels)
+
+
+def is_kto_row(row: Any) -> bool:
+    """A KTO row: a ``label`` and no second answer (``chosen`` / ``rejected`` /
+    ``rejected_response``)."""
+    return isinstance(row, dict) and "label" in row and not any(
+        row.get(k) is not None for k in ("chosen", "rejected", "rejected_response"))
+
+
+def row_kind(rows: Sequence[Any]) -> str:
+    """The kind of an encode batch of preference rows: ``kto`` when any row is a KTO row (the
+    batch's other rows are then validated as KTO rows and refused with the reason, e.g. a pair
+    row as ``paired_row_for_kto``), else ``pair``. Why from the rows: the dataset layer has one
+    preference task for both kinds; which objective reads them is checked per micro-batch
+    (``kto_label`` present or not)."""
+    return KTO if any(is_kto_row(r) for r in rows) else PAIR
 
 
 def encode_pair(template: Any, row: Any, base_dir: str | None = None,
@@ -447,7 +462,7 @@ def read_preference_file(path: str, template: Any, counter: BadSampleCounter | s
 def pair_sequences(enc: dict) -> list[dict]:
     """An encoded pair (or KTO row) -> its two sequences as collator samples: [chosen,
     rejected] (KTO: [answer, kl]). Both list the pair's vision tensors (the same objects)."""
-    second = "kl" if "kl_input_ids" in enc else "rejected"
+    second = "rejected"
     vision = {k: enc[k] for k in _VISION_KEYS if k in enc}
     keys = ("input_ids", "labels", "position_ids")  # ``length`` is the pair's, not a sequence's
     first = {k: enc[k] for k in keys if enc.get(k) is not None} | vision
@@ -474,7 +489,9 @@ def collate_pairs(items: Sequence[Any], pad_token_id: int, pad_to_multiple_of: i
 
     * ``chosen_index`` / ``rejected_index`` (long [P]): each pair's two segments of
       ``cu_seqlens`` (KTO: the answer's and the KL answer's);
-    * ``num_pairs`` = P; ``kto_label`` (bool [P]) when the pairs are KTO rows.
+    * ``num_pairs`` = P; ``kto_label`` (bool [P]) when the pairs are KTO rows;
+    * ``pair_keys``: each pair's :func:`pair_key` (``--precompute_ref_log_probs``);
+    * ``pair_media``: each pair's media rows / items (:func:`pair_media`), when it has media.
     """
     import torch
 
@@ -488,12 +505,62 @@ def collate_pairs(items: Sequence[Any], pad_token_id: int, pad_to_multiple_of: i
     batch["chosen_index"] = torch.arange(0, 2 * p, 2, dtype=torch.long)
     batch["rejected_index"] = batch["chosen_index"] + 1
     batch["num_pairs"] = p
-    if any("kl_input_ids" in e for e in pairs):
-        labels = [(e.get("extra") or {}).get("label") for e in pairs]
+    batch["pair_keys"] = [pair_key(e) for e in pairs]
+    media = pair_media(pairs)
+    if media:
+        batch["pair_media"] = media
+    labels = [(e.get("extra") or {}).get("label") for e in pairs]
+    if any(lab is not None for lab in labels):
         if any(lab is None for lab in labels):
-            raise ValueError("a KTO micro-batch mixes rows without 'label'")
+            raise ValueError("a micro-batch mixes KTO rows (with 'label') and pair rows: a "
+                             "dataset holds one kind (--rlhf_type kto reads KTO rows, the "
+                             "pair methods chosen/rejected pairs)")
         batch["kto_label"] = torch.tensor(labels, dtype=torch.bool)
     return batch
+
+
+# media key -> the key that counts its items (None: each row of the tensor is an item)
+_MEDIA_ITEMS = {"pixel_values": "image_grid_thw", "pixel_values_videos": "video_grid_thw"}
+
+
+def pair_media(pairs: Sequence[dict]) -> dict[str, dict[str, list[int]]]:
+    """Per media key, each pair's pixel ``rows`` and ``items`` (images, videos, tiles): what
+    :mod:`mvlm.train.objectives.pair_media` needs to run the tower on a pair's media once although
+    the batch lists them for both segments."""
+    out: dict[str, dict[str, list[int]]] = {}
+    for fk, gk in _MEDIA_ITEMS.items():
+        if not any(e.get(fk) is not None for e in pairs):
+            continue
+        rows, items = [], []
+        for e in pairs:
+            px = e.get(fk)
+            rows.append(0 if px is None else int(px.shape[0]))
+            g = e.get(gk)
+            items.append(0 if px is None else int(g.shape[0]) if g is not None
+                         else int(px.shape[0]))
+        out[fk] = {"rows": rows, "items": items}
+    return out
+
+
+def pair_key(enc: dict) -> str:
+    """A digest of everything a pair's log-probs depend on (both sequences' ids, labels and
+    positions, the media tensors): ``--precompute_ref_log_probs`` finds a pair's stored
+    reference log-probs by it, whatever micro-batch, row or epoch the pair lands in."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.blake2b(digest_size=16)
+    for k in sorted(enc):
+        v = enc[k]
+        if torch.is_tensor(v):
+            h.update(k.encode())
+            h.update(str(tuple(v.shape)).encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        elif k == "image_refs" and v:  # pixels still to load: the files / bytes name them
+            h.update(repr([r if isinstance(r, str) else hashlib.sha1(r).hexdigest()
+                           for r in v]).encode())
+    return h.hexdigest()
 
 
 def sequence_sums(per_token: Any, cu_seqlens: Any) -> Any:
@@ -511,5 +578,6 @@ def sequence_sums(per_token: Any, cu_seqlens: Any) -> Any:
 
 
 __all__ = ["PreferenceRow", "parse_preference_row", "kto_kl_rows", "encode_preference_rows",
-           "encode_rows", "encode_pair", "read_preference_file", "pair_sequences", "pair_length",
-           "collate_pairs", "sequence_sums", "PAIR", "KTO"]
+           "encode_rows", "encode_pair", "is_kto_row", "row_kind", "read_preference_file",
+           "pair_sequences", "pair_length",
+           "collate_pairs", "pair_key", "pair_media", "sequence_sums", "PAIR", "KTO"]

@@ -1,4 +1,4 @@
-"""`mvlm rlhf --rlhf_type dpo|cpo|simpo|orpo ...`: preference training, ms-swift's command line.
+"""`mvlm rlhf --rlhf_type dpo|cpo|simpo|orpo|kto|rm ...`: preference training, ms-swift flags.
 
     NPROC_PER_NODE=4 mvlm rlhf --rlhf_type dpo --model Qwen/Qwen2.5-VL-7B-Instruct \\
         --dataset preference_data.jsonl --train_type lora --lora_rank 64 --beta 0.1 \\
@@ -20,13 +20,15 @@ import argparse
 import importlib
 from typing import Any
 
-from mvlm.train.preference_flags import add_cpo_args, add_dpo_args
+from mvlm.train.preference_flags import add_cpo_args, add_dpo_args, add_kto_args, add_rm_args
 
 # --rlhf_type -> "module:function(method_ns, train_argv) -> exit code"
 RLHF_METHODS: dict[str, str] = {"dpo": "mvlm.train.rlhf:run_dpo",
                                 "cpo": "mvlm.train.rlhf:run_cpo",
                                 "simpo": "mvlm.train.rlhf:run_simpo",
-                                "orpo": "mvlm.train.rlhf:run_orpo"}
+                                "orpo": "mvlm.train.rlhf:run_orpo",
+                                "kto": "mvlm.train.rlhf:run_kto",
+                                "rm": "mvlm.train.rlhf:run_rm"}
 
 
 def method_parser() -> argparse.ArgumentParser:
@@ -37,6 +39,11 @@ def method_parser() -> argparse.ArgumentParser:
     add_dpo_args(p.add_argument_group("DPO (--rlhf_type dpo; --beta, --loss_type and "
                                       "--label_smoothing also for cpo / simpo, --beta for orpo)"))
     add_cpo_args(p.add_argument_group("CPO / SimPO (--rlhf_type cpo | simpo)"))
+    add_kto_args(p.add_argument_group("KTO (--rlhf_type kto; rows with 'label': true | false; "
+                                      "--beta, --loss_type kto | apo_zero_unpaired, "
+                                      "--ref_model as DPO)"))
+    add_rm_args(p.add_argument_group("Reward model (--rlhf_type rm; chosen/rejected pairs; "
+                                     "export: mvlm.train.reward_export)"))
     return p
 
 
@@ -54,8 +61,7 @@ def split_argv(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     ns, rest = method_parser().parse_known_args(argv)
     if ns.rlhf_type not in RLHF_METHODS:
         raise ValueError(f"--rlhf_type {ns.rlhf_type}: mvlm rlhf runs "
-                         f"{', '.join(sorted(RLHF_METHODS))} (kto and rm have their losses in "
-                         "mvlm.train.objectives.dpo_losses but no objective yet)")
+                         f"{', '.join(sorted(RLHF_METHODS))} and grpo")
     return ns, rest
 
 
@@ -95,7 +101,9 @@ def run_dpo(ns: argparse.Namespace, rest: list[str]) -> int:
     loss_cfg = dpo_loss_config(ns, notes)  # validated before any process group
     cfg = train_config(rest)
     cfg.notes.extend(notes)  # rank 0 prints them with the run's other flag notes
-    return train(cfg, DPOObjective(loss_cfg, ref_model=ns.ref_model)).exit_code
+    return train(cfg, DPOObjective(loss_cfg, ref_model=ns.ref_model,
+                                   precompute_ref_log_probs=ns.precompute_ref_log_probs)
+                 ).exit_code
 
 
 def run_cpo(ns: argparse.Namespace, rest: list[str], method: str = "cpo") -> int:
@@ -119,3 +127,24 @@ def run_orpo(ns: argparse.Namespace, rest: list[str]) -> int:
 
     beta = orpo_beta(ns)
     return train(train_config(rest), ORPOObjective(beta)).exit_code
+
+
+def run_kto(ns: argparse.Namespace, rest: list[str]) -> int:
+    from mvlm.train.objectives.kto import KTOObjective
+    from mvlm.train.preference_flags import kto_loss_config
+    from mvlm.train.trainer import train
+
+    loss_cfg = kto_loss_config(ns)  # validated before any process group
+    obj = KTOObjective(loss_cfg, ref_model=ns.ref_model,
+                       precompute_ref_log_probs=ns.precompute_ref_log_probs)
+    return train(train_config(rest), obj).exit_code
+
+
+def run_rm(ns: argparse.Namespace, rest: list[str]) -> int:
+    from mvlm.train.objectives.rm import RewardModelObjective
+    from mvlm.train.preference_flags import rm_center_coefficient
+    from mvlm.train.trainer import train
+
+    coef = rm_center_coefficient(ns)  # validated before any process group
+    cfg = train_config(rest)
+    return train(cfg, RewardModelObjective(coef, seed=cfg.seed or 0)).exit_code

@@ -91,6 +91,7 @@ class Trainer:
         self.out_dir, self.src_dir = out_dir, src_dir
         mcfg = bundle.config
         mcfg.calculate_per_token_loss = True  # count-mean over the global batch (steps.py)
+        objective.extend_model(self)  # e.g. the reward model's value head, before DDP
         self.ddp_models = wrap_ddp(bundle, cfg)
         self.optimizer = build_optimizer(self.ddp_models, bundle, cfg)
         mcfg.finalize_model_grads_func = finalize_model_grads
@@ -479,6 +480,7 @@ class Trainer:
         adapter dir for adapter runs, see mvlm.tuners)."""
         from mvlm.convert.command import export_to_hf
 
+        after = self.objective.before_export(self)
         if self.adapter_run:
             from mvlm.tuners.train_hooks import export_adapters
 
@@ -487,6 +489,8 @@ class Trainer:
         else:
             hf_out = self.out_dir / "hf"
             export_to_hf(self.bundle, self.src_dir, hf_out, self.export_dtype, overwrite=True)
+        if after is not None:
+            after(hf_out)
         if self.rank == 0:
             log.info("HF safetensors: %s", hf_out)
             print(f"mvlm {self.cfg.task}: HF model written to {hf_out}", flush=True)

@@ -10,8 +10,14 @@ encoded by ``mvlm.data.preference``, pair micro-batches packed by the Collator
    loss is fp32 ln 2 exactly and rewards/chosen, rewards/rejected, rewards/margins are exactly 0;
 2. three steps move the policy: step 3's rewards/margins > 0 on the same pairs.
 
+A run with ``"objective": "rm"`` trains a reward model (value head, Bradley-Terry) on the
+pairs. A run with ``"objective": "kto"`` trains KTO instead (rows with ``label``; beta 0.1,
+undesirable weight 1.5): step 0's loss is 1 - sigmoid(0) per row, weighted.
+
 Spec (JSON, argv[1]): ``{"runs": [{"name", "argv", "out", "reference": "copy" | "adapters",
-"ref_model": DIR (optional), "expect_error": bool (optional)}], "result": FILE}`` -- the runs go
+"ref_model": DIR (optional), "objective": "kto" | "rm" (optional),
+"center_rewards_coefficient" (rm, optional), "expect_error": bool
+(optional)}], "result": FILE}`` -- the runs go
 one after the other in one launch; a run with ``expect_error`` records its ValueError's message
 under ``errors`` (it must come last: a failed run leaves Megatron's state behind).
 """
@@ -35,9 +41,22 @@ def main() -> None:
 
     logs = {}
     errors = {}
+    from mvlm.train.objectives.kto import KTOObjective
+
     for run in spec["runs"]:
-        obj = DPOObjective(dl.DPOLossConfig(beta=0.1), reference=run.get("reference", "auto"),
-                           ref_model=run.get("ref_model"))
+        if run.get("objective") == "rm":
+            from mvlm.train.objectives.rm import RewardModelObjective
+
+            obj = RewardModelObjective(run.get("center_rewards_coefficient"))
+        elif run.get("objective") == "kto":
+            obj = KTOObjective(dl.KTOLossConfig(beta=0.1, undesirable_weight=1.5),
+                               reference=run.get("reference", "auto"))
+        else:
+            obj = DPOObjective(dl.DPOLossConfig(beta=0.1), reference=run.get("reference", "auto"),
+                               ref_model=run.get("ref_model"),
+                               precompute_ref_log_probs=run.get("precompute", False))
+        if run.get("share_pair_media") is False:  # the tower on both copies of a pair's media
+            obj.share_pair_media = False
         cfg = parse_train_args(run["argv"], "sft")
         cfg.data.task = "preference"  # the label mode `mvlm rlhf` sets: rows are pairs
         if run.get("expect_error"):  # must be the launch's last run (no teardown after it)

@@ -7,7 +7,10 @@ off) and two-rank runs at TP2, PP2, CP2 and LoRA at TP2, three steps each on the
 * after an update the reference no longer equals the policy (rewards != 0) and the policy has
   moved towards the chosen answers (margins > 0, loss < ln 2);
 * every layout's losses and DPO metrics equal the one-rank run's over the 3 steps (bound
-  1e-5 relative, floor 1).
+  1e-5 relative, floor 1);
+* KTO (same launches: one rank and TP2) on the pairs split into 2 desirable + 2 undesirable
+  rows: step-1 loss 0.625 exactly (0.5 per row, undesirable weight 1.5), rewards and kl 0;
+  TP2 equals one rank.
 """
 from __future__ import annotations
 
@@ -28,6 +31,8 @@ from test_train_parity import common  # noqa: E402
 LN2_FP32 = float(torch.tensor(math.log(2.0), dtype=torch.float32))
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
            "rewards/margins", "logps/chosen", "logps/rejected")
+KTO_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
+               "logps/rejected", "kl")
 LAYOUTS = {"tp2": ["--tp", "2"], "pp2": ["--pp", "2"], "cp2": ["--cp", "2"]}
 
 
@@ -49,6 +54,20 @@ def _rows(root: Path) -> list[dict]:
     ]
 
 
+def _kto_rows(pairs: list[dict]) -> list[dict]:
+    """KTO rows from the pairs: pairs 0 and 2 give their chosen answer (desirable), 1 and 3
+    their rejected one (undesirable); images stay with their prompts."""
+    out = []
+    for i, p in enumerate(pairs):
+        row = {k: v for k, v in p.items() if k not in ("chosen", "rejected")}
+        ans = p["chosen"] if i % 2 == 0 else p["rejected"]
+        row["messages"] = p["messages"] + [ans if isinstance(ans, dict) else
+                                           {"role": "assistant", "content": ans}]
+        row["label"] = i % 2 == 0
+        out.append(row)
+    return out
+
+
 def _launch(runs: list[dict], nproc: int, tmp: Path, name: str) -> dict:
     from helpers import launch_worker
 
@@ -67,24 +86,57 @@ def runs(tmp_path_factory, tiny_ckpt):
     data = tmp / "pref.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in _rows(tmp)))
 
-    def run(name: str, extra: list[str], reference: str = "copy") -> dict:
+    kto_data = tmp / "kto.jsonl"
+    kto_data.write_text("".join(json.dumps(r) + "\n" for r in _kto_rows(_rows(tmp))))
+
+    def run(name: str, extra: list[str], reference: str = "copy", kto: bool = False) -> dict:
         # all 4 pairs in every step (2 micro-batches of 2 pairs): the steps see the same pairs
-        argv = common(vl, data, tmp / name, steps=3) + [
+        # (KTO: the 4 rows of kto.jsonl, 2 desirable, 2 undesirable)
+        argv = common(vl, kto_data if kto else data, tmp / name, steps=3) + [
             "--micro_batch_size", "2", "--global_batch_size", "4", "--lr", "5e-3"] + extra
         if reference == "adapters":
             # no adapter dropout: its masks depend on the layout (as in the LoRA parity tests)
             argv += ["--train_type", "lora", "--lora_rank", "4", "--lora_dropout", "0",
                      "--lr", "5e-2"]
-        return {"name": name, "argv": argv, "out": str(tmp / name), "reference": reference}
+        out = {"name": name, "argv": argv, "out": str(tmp / name), "reference": reference}
+        return out | ({"objective": "kto"} if kto else {})
 
-    one = _launch([run("ref", []), run("lora", [], "adapters")], 1, tmp, "one")
+    one = _launch([run("ref", []), run("lora", [], "adapters"), run("kto", [], kto=True)], 1,
+                  tmp, "one")
     two = _launch([run(k, v) for k, v in LAYOUTS.items()]
-                  + [run("lora_tp2", ["--tp", "2"], "adapters")], 2, tmp, "two")
+                  + [run("lora_tp2", ["--tp", "2"], "adapters"),
+                     run("kto_tp2", ["--tp", "2"], kto=True)], 2, tmp, "two")
     return one | two
 
 
 def _close(a: float, b: float, tol: float = 1e-5) -> bool:
     return abs(a - b) <= tol * max(1.0, abs(b))
+
+
+@pytest.mark.parametrize("name", ["kto", "kto_tp2"])
+def test_kto_step0_and_learning(runs, name):
+    """KTO (--rlhf_type kto) on the Trainer, reference = the frozen copy: at step 1 every row's
+    loss is 1 - sigmoid(0) = 0.5, weighted (2 desirable x 1.0, 2 undesirable x 1.5: mean 0.625
+    exactly), rewards and the KL estimate exactly 0; later steps move the policy towards the
+    desirable answers."""
+    logs = runs[name]
+    print(name, json.dumps(logs, indent=1))
+    assert [x["step"] for x in logs] == [1, 2, 3]
+    s0 = logs[0]
+    assert s0["loss"] == 0.625, s0["loss"] - 0.625
+    for k in ("rewards/chosen", "rewards/rejected", "rewards/margins", "kl"):
+        assert s0[k] == 0.0, (k, s0[k])
+    assert logs[1]["rewards/chosen"] != 0.0 and logs[1]["kl"] >= 0.0
+    assert logs[-1]["rewards/margins"] > 0 and logs[-1]["loss"] < 0.625
+
+
+def test_kto_tp2_equals_one_rank(runs):
+    worst = 0.0
+    for a, b in zip(runs["kto_tp2"], runs["kto"], strict=True):
+        for k in KTO_METRICS:
+            worst = max(worst, abs(a[k] - b[k]) / max(1.0, abs(b[k])))
+            assert _close(a[k], b[k]), ("kto_tp2", a["step"], k, a[k], b[k])
+    print(f"kto_tp2 vs kto: max relative difference {worst:.2e}")
 
 
 @pytest.mark.parametrize("name", ["ref", "lora", *LAYOUTS, "lora_tp2"])

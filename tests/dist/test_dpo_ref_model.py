@@ -1,13 +1,15 @@
 """DPO with ``--ref_model DIR`` (issue 11): the reference is loaded from an HF directory.
 
-One launch, one rank (TP1), full training of the tiny Qwen2-VL on two text pairs, one step of
-both pairs:
+Two launches (one rank; two ranks), full training of the tiny Qwen2-VL on two text pairs, steps
+of both pairs:
 * ``same``: the reference directory is the policy's own starting checkpoint, so step 1's loss is
   fp32 ln 2 exactly and the rewards are exactly 0 (the directory's weights were loaded, not a
   random init);
 * ``other``: a checkpoint of the same architecture with other weights (seed 1): step 1's loss
   differs from ln 2 and equals the sigmoid DPO loss computed here from transformers' log-probs of
   both models (bound 1e-6; the reference's weights reach the loss);
+* ``other_pre`` (one rank), ``other_tp2``, ``other_pre_pp2`` (two ranks): the same reference
+  with ``--precompute_ref_log_probs`` and/or at TP2 / PP2: both steps equal ``other``'s;
 * ``mismatch`` (last: the run fails): a Qwen2.5-VL reference for the Qwen2-VL policy is refused
   at set-up, before any step, with a message naming both; a same-family reference whose vocab
   differs is refused by :func:`check_reference_arch` naming the field and both values.
@@ -37,13 +39,13 @@ PAIRS = [{"messages": [{"role": "user", "content": "Capital of France?"}],
          {"messages": [{"role": "user", "content": "2+2?"}], "chosen": "4", "rejected": "5"}]
 
 
-def _launch(runs: list[dict], tmp: Path) -> dict:
+def _launch(runs: list[dict], tmp: Path, nproc: int = 1) -> dict:
     from helpers import free_port
 
-    spec = {"runs": runs, "result": str(tmp / "result.json")}
-    f = tmp / "spec.json"
+    spec = {"runs": runs, "result": str(tmp / f"result{nproc}.json")}
+    f = tmp / f"spec{nproc}.json"
     f.write_text(json.dumps(spec))
-    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1",
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                         "--master-addr=127.0.0.1", f"--master-port={free_port()}",
                         str(HERE / "_dpo_worker.py"), str(f)],
                        capture_output=True, text=True, timeout=600,
@@ -62,14 +64,20 @@ def setup(tmp_path_factory, tiny_ckpt):
     data = tmp / "pref.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
 
-    def run(name: str, ref: Path, **kw) -> dict:
-        argv = common(policy, data, tmp / name, steps=1) + ["--global_batch_size", "2"]
+    def run(name: str, ref: Path, steps: int = 1, extra: tuple = (), **kw) -> dict:
+        argv = common(policy, data, tmp / name, steps=steps) + ["--global_batch_size", "2",
+                                                                *extra]
         return {"name": name, "argv": argv, "out": str(tmp / name), "ref_model": str(ref), **kw}
 
-    res = _launch([run("same", policy), run("other", other),
+    res = _launch([run("same", policy), run("other", other, steps=2),
+                   run("other_pre", other, steps=2, precompute=True),
                    run("mismatch", tiny_ckpt("qwen2_5_vl"), expect_error=True)], tmp)
+    two = _launch([run("other_tp2", other, steps=2, extra=("--tp", "2")),
+                   run("other_pre_pp2", other, steps=2, extra=("--pp", "2"), precompute=True)],
+                  tmp, nproc=2)
+    logs = res["logs"] | two["logs"]
     return SimpleNamespace(tmp=tmp, policy=policy, other=other, data=data,
-                           logs={k: [x for x in v if "loss" in x] for k, v in res["logs"].items()},
+                           logs={k: [x for x in v if "loss" in x] for k, v in logs.items()},
                            errors=res["errors"])
 
 
@@ -113,6 +121,29 @@ def test_other_ref_model_loss_matches_transformers(setup):
     assert abs(got["loss"] - math.log(2)) > 1e-3
     assert abs(got["loss"] - want) <= 1e-6
     assert abs(got["rewards/chosen"] - float(BETA * (pol[:, 0] - ref[:, 0]).mean())) <= 1e-5
+
+
+DPO_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
+            "rewards/margins", "logps/chosen", "logps/rejected")
+
+
+@pytest.mark.parametrize("name,tol", [("other_pre", 1e-6), ("other_tp2", 1e-5),
+                                      ("other_pre_pp2", 1e-5)])
+def test_ref_model_layouts_and_precompute_equal_one_rank(setup, name, tol):
+    """--ref_model at TP2, and with --precompute_ref_log_probs (one pass of the reference
+    before step 1, then no reference forward; at PP2 the stored log-probs live on the last
+    stage): both steps' loss and metrics equal the one-rank on-the-fly run's (step 2 is the
+    second epoch, the pairs reshuffled into other micro-batches)."""
+    ref = setup.logs["other"]
+    got = setup.logs[name]
+    assert [x["step"] for x in got] == [x["step"] for x in ref] == [1, 2]
+    worst = 0.0
+    for a, b in zip(got, ref):
+        for k in DPO_KEYS:
+            d = abs(a[k] - b[k]) / max(1.0, abs(b[k]))
+            worst = max(worst, d)
+            assert d <= tol, (name, a["step"], k, a[k], b[k])
+    print(f"{name} vs other: max relative difference {worst:.2e}")
 
 
 def test_mismatched_ref_model_refused_before_training(setup, tiny_ckpt):

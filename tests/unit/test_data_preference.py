@@ -179,16 +179,26 @@ def test_kto_rows_label_and_kl_answer(setup):
     encs = P.encode_preference_rows(tpl, rows, str(d), kind="kto")
     dec = tpl.tokenizer.decode
     for i, e in enumerate(encs):
-        own, kl = e["labels"], e["kl_labels"]
+        own, kl = e["labels"], e["rejected_labels"]  # KTO's KL sequence: the rejected slot
         assert dec(own[own != -100]) == prs[i].chosen[0]["content"] + "<|im_end|>"
         # KL sequence: this row's prompt, the previous row's answer (cyclic, as TRL's collator)
         assert dec(kl[kl != -100]) == prs[i - 1].chosen[0]["content"] + "<|im_end|>"
-        assert _image_tokens(tpl, e["input_ids"]) == _image_tokens(tpl, e["kl_input_ids"])
+        assert _image_tokens(tpl, e["input_ids"]) == _image_tokens(tpl, e["rejected_input_ids"])
         assert e["extra"]["label"] == prs[i].label
     b = P.collate_pairs(encs, tpl.pad_token_id)
     assert b["kto_label"].tolist() == [True, False, True] and b["num_pairs"] == 3
-    with pytest.raises(ValueError, match="at least 2"):
-        P.encode_preference_rows(tpl, rows[:1], str(d), kind="kto")
+    # a lone row's KL sequence is its own conversation (TRL's shift of a one-row batch)
+    one = P.encode_preference_rows(tpl, rows[:1], str(d), kind="kto")[0]
+    assert torch.equal(one["rejected_input_ids"], one["input_ids"])
+    # the dataset layer tells the kinds apart by the rows: any KTO row makes a batch KTO
+    assert P.row_kind(rows) == P.KTO and P.row_kind([GUIDE_ROW]) == P.PAIR
+    assert P.row_kind([GUIDE_ROW, rows[1]]) == P.KTO
+    batch = [rows[1], GUIDE_ROW]
+    mixed = P.encode_preference_rows(tpl, batch, str(d), kind=P.row_kind(batch))
+    assert isinstance(mixed[1], BadSampleError) and mixed[1].reason == "paired_row_for_kto"
+    pair = P.encode_preference_rows(tpl, [GUIDE_ROW], str(d))
+    with pytest.raises(ValueError, match="mixes KTO rows"):
+        P.collate_pairs([encs[0], pair[0]], tpl.pad_token_id)
 
 
 HAND = [  # (row, kind, reason)
@@ -300,3 +310,42 @@ def test_file_errors_are_located_and_skips_counted(setup, tmp_path):
     assert len(out) == 2
     assert counter.counts == {"no_rejected_response": 1, "bad_json": 1, "missing_media": 1}
     assert "pref.jsonl, line 5: missing_media" in counter.examples["missing_media"]
+
+
+def test_pair_media_tower_once_equals_both_copies(setup):
+    """Packed pairs list each pair's images for both segments; pair_media's dedup runs a
+    tower on one copy and repeats its features into the placeholder order -- equal to the
+    tower on the duplicated media, rows and gradients (a merge-by-4 stand-in tower)."""
+    from types import SimpleNamespace
+
+    from mvlm.train.objectives.pair_media import dedup_media
+
+    d, tpl = setup
+    rows = [dict(GUIDE_ROW), {"messages": [_u("2+2?")], "chosen": "4", "rejected": "5"},
+            {"images": ["a.png", "a.png"], "messages": [_u("<image><image>Same?")],
+             "chosen": "Yes.", "rejected": "No."}]
+    encs = P.encode_preference_rows(tpl, rows, str(d))
+    b = P.collate_pairs(encs, tpl.pad_token_id)
+    info = b["pair_media"]["pixel_values"]
+    assert info["items"] == [1, 0, 2]
+    assert info["rows"] == [int(e["pixel_values"].shape[0]) if "pixel_values" in e else 0
+                            for e in encs]
+    w = torch.randn(b["pixel_values"].shape[1], 8, dtype=torch.float64, requires_grad=True)
+
+    def tower(px):  # 4 patch rows -> 1 feature row, items independent (Qwen-VL's merger)
+        return (px.double() @ w).reshape(-1, 4, 8).sum(1).tanh()
+
+    kind = SimpleNamespace(name="image", features_key="pixel_values",
+                           grid_key="image_grid_thw", extra_keys=())
+    px = b["pixel_values"].double()
+    want = tower(px)
+    unique, expand = dedup_media(b | {"pixel_values": px}, [kind])
+    assert unique["pixel_values"].shape[0] * 2 == px.shape[0]
+    assert unique["image_grid_thw"].tolist() == [g.tolist() for e in encs
+                                                 for g in e.get("image_grid_thw", [])]
+    got = expand["image"](tower(unique["pixel_values"]))
+    assert torch.equal(got, want)
+    g = torch.randn_like(want)
+    (gw,) = torch.autograd.grad((want * g).sum(), w)
+    (gg,) = torch.autograd.grad((got * g).sum(), w)
+    assert torch.allclose(gw, gg, rtol=1e-12, atol=1e-12)

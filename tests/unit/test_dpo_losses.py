@@ -308,6 +308,66 @@ def test_kto_equals_trl(loss_type, weights):
     _check_metrics(dl.summarize_metrics(res.metrics), tm, names)
 
 
+@pytest.mark.parametrize("loss_type", dl.KTO_LOSS_TYPES)
+def test_kto_objective_on_a_packed_row_equals_trl(monkeypatch, loss_type):
+    """The Trainer objective (``--rlhf_type kto``): rows and their mismatched KL sequences packed
+    as segment pairs of one row, the model output the per-token cross-entropy, the reference's
+    per-segment log-probs attached -- its loss (sum / count, the Trainer's reduction) and
+    metrics equal TRL's KTOTrainer on the same per-token log-probs."""
+    from mvlm.train.objectives import dpo as dpo_mod
+    from mvlm.train.objectives.kto import KTOObjective
+
+    monkeypatch.setattr(dpo_mod, "_cp", lambda: (1, 0, None))  # one rank, no process group
+    gen = torch.Generator().manual_seed(12)
+    n = 2 * B
+    label = torch.rand(n, generator=gen) > 0.4
+    mask, kl_mask = _completion_mask(n, gen), _completion_mask(n, gen)
+    pol, ref = _per_token(mask, gen), _per_token(mask, gen)
+    kl_pol, kl_ref = _per_token(kl_mask, gen), _per_token(kl_mask, gen)
+    ids, kl_ids = torch.zeros(n, T, dtype=torch.long), torch.ones(n, T, dtype=torch.long)
+
+    def model(input_ids, **kw):
+        lp = kl_pol if input_ids is kl_ids else pol
+        return SimpleNamespace(log_probs=lp, entropy=torch.zeros_like(lp),
+                               mean_logits=torch.zeros_like(lp))
+
+    stub = _stub(KTOTrainer, beta=0.1, loss_type=loss_type, desirable_weight=1.0,
+                 undesirable_weight=1.33, precompute_ref_logps=True,
+                 calculate_KL=loss_type == "kto")
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(mask), "completion_mask": mask,
+             "KL_input_ids": kl_ids, "KL_attention_mask": torch.ones_like(kl_mask),
+             "KL_completion_mask": kl_mask, "label": label, "ref_logps": ref.sum(1),
+             "ref_KL_logps": kl_ref.sum(1)}
+    theirs = KTOTrainer._compute_loss(stub, model, batch, return_outputs=False)
+    tm = {k: v[-1] for k, v in stub._metrics["train"].items()}
+    # mvlm's packed row: [answer_0, kl_0, answer_1, kl_1, ...], T-1 positions per segment
+    seg_lp = torch.stack([pol, kl_pol], 1).reshape(1, -1)
+    seg_mask = torch.stack([mask[:, 1:], kl_mask[:, 1:]], 1).reshape(1, -1)
+    cu = torch.arange(0, 2 * n + 1, dtype=torch.int32) * (T - 1)
+    packed = {"input_ids": torch.zeros_like(seg_mask), "cu_seqlens": cu,
+              "position_ids": torch.zeros_like(seg_mask),
+              "labels": torch.where(seg_mask.bool(), 1, -100),
+              "chosen_index": torch.arange(0, 2 * n, 2), "rejected_index":
+              torch.arange(1, 2 * n, 2), "kto_label": label,
+              "ref_logps": torch.stack([ref.sum(1), kl_ref.sum(1)], 1).reshape(-1)}
+    packed["seq_tokens"] = dpo_mod.sequence_tokens(packed)
+    obj = KTOObjective(dl.KTOLossConfig(beta=0.1, loss_type=loss_type, desirable_weight=1.0,
+                                        undesirable_weight=1.33))
+    obj.check_batch(packed)
+    loss_sum, count, reports = obj.loss(packed, -seg_lp)
+    assert int(count) == n
+    assert abs(float(loss_sum) / n - float(theirs)) <= TOL
+    assert abs(float(reports["loss"][0] / reports["loss"][1]) - float(theirs)) <= TOL
+    mine = {k: float(v[0] / v[1]) for k, v in reports.items() if k != "loss"}
+    _check_metrics(mine, tm, list(obj.metrics[1:]))
+    assert ("kl" in obj.metrics) == (loss_type == "kto")
+    # a DPO objective refuses KTO rows, KTO refuses pairs: each names the fix
+    with pytest.raises(ValueError, match="use --rlhf_type kto"):
+        dpo_mod.DPOObjective(dl.DPOLossConfig()).check_batch(packed)
+    with pytest.raises(ValueError, match="or use --rlhf_type dpo"):
+        obj.check_batch({k: v for k, v in packed.items() if k != "kto_label"})
+
+
 def test_kto_kl_is_clamped_and_required():
     cfg = dl.KTOLossConfig()
     with pytest.raises(ValueError, match="KL estimate"):

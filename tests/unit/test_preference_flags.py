@@ -55,8 +55,8 @@ def test_help_lists_every_loss_type_without_importing_torch():
     assert out.stdout.strip() == "False", out.stderr
 
 
-def test_cpo_simpo_orpo_settings_follow_ms_swift():
-    from mvlm.train.preference_flags import cpo_loss_config, orpo_beta
+def test_cpo_simpo_orpo_kto_settings_follow_ms_swift():
+    from mvlm.train.preference_flags import cpo_loss_config, kto_loss_config, orpo_beta
     from mvlm.train.rlhf import method_parser, split_argv
 
     def ns(argv):
@@ -75,7 +75,19 @@ def test_cpo_simpo_orpo_settings_follow_ms_swift():
         dpo_loss_config(ns(["--simpo_gamma", "0.5"]))
     with pytest.raises(ValueError, match="CPO --loss_type 'bco_pair' is unknown"):
         cpo_loss_config(ns(["--loss_type", "bco_pair"]), "cpo")
-    with pytest.raises(ValueError, match="mvlm rlhf runs cpo, dpo, orpo, simpo"):
-        split_argv(["--rlhf_type", "kto"])
+    with pytest.raises(ValueError, match="mvlm rlhf runs cpo, dpo, kto, orpo, simpo"):
+        split_argv(["--rlhf_type", "ppo"])
+    k = kto_loss_config(ns(["--desirable_weight", "1.5", "--undesirable_weight", "0.5"]))
+    assert (k.loss_type, k.beta, k.desirable_weight, k.undesirable_weight) == \
+        ("kto", 0.1, 1.5, 0.5)
+    assert kto_loss_config(ns(["--loss_type", "apo_zero_unpaired"])).uses_kl is False
+    with pytest.raises(ValueError, match="KTO --loss_type 'sigmoid' is unknown"):
+        kto_loss_config(ns(["--loss_type", "sigmoid"]))
+    with pytest.raises(ValueError, match="--label_smoothing has no effect with --rlhf_type kto"):
+        kto_loss_config(ns(["--label_smoothing", "0.1"]))
+    with pytest.raises(ValueError, match="--desirable_weight has no effect with --rlhf_type dpo"):
+        dpo_loss_config(ns(["--desirable_weight", "2"]))
+    with pytest.raises(ValueError, match="--undesirable_weight must be >= 0"):
+        kto_loss_config(ns(["--undesirable_weight", "-1"]))
     m, rest = split_argv(["--rlhf_type", "simpo", "--beta", "2.5", "--model", "M", "--lr", "1"])
     assert m.rlhf_type == "simpo" and m.beta == 2.5 and rest == ["--model", "M", "--lr", "1"]

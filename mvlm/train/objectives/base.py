@@ -74,6 +74,16 @@ class Objective(ABC):
         """Once, after the trainer has built its model and optimizer (before any step)."""
         return None
 
+    def extend_model(self, trainer: Trainer) -> None:
+        """Once, before DDP and the optimizer are built: add trainable modules the method owns
+        (the reward model's value head) to ``trainer.bundle``'s models."""
+        return None
+
+    def before_export(self, trainer: Trainer) -> Any:
+        """Before the HF export: may return a callable ``f(hf_dir)`` run after it (the reward
+        model writes its head there)."""
+        return None
+
     def prepare_step(self, trainer: Trainer, batches: list[dict]) -> list[dict]:
         """Before each step's schedule (train and eval): may attach tensors to the micro-batches."""
         return batches

@@ -39,6 +39,7 @@ import torch
 
 from mvlm.train.objectives import dpo_losses as dl
 from mvlm.train.objectives.base import LossOutput, Objective, token_logps
+from mvlm.train.objectives.pair_media import pair_forward
 from mvlm.train.steps import model_forward, unwrap
 
 if TYPE_CHECKING:
@@ -186,7 +187,11 @@ class PairObjective(Objective):
     metrics: tuple[str, ...] = ("loss",) + PAIR_METRICS
 
     def __init__(self, reference: str = "auto", uses_reference: bool = True,
-                 uses_nll: bool = False, ref_model: str | None = None):
+                 uses_nll: bool = False, ref_model: str | None = None,
+                 precompute_ref_log_probs: bool = False):
+        if precompute_ref_log_probs and not uses_reference:
+            raise ValueError("--precompute_ref_log_probs: this run has no reference model "
+                             "(--reference_free, or a method without one): drop the flag")
         if reference not in ("auto", "copy", "adapters"):
             raise ValueError(f"reference must be auto, copy or adapters, got {reference!r}")
         if ref_model is not None and not uses_reference:
@@ -197,6 +202,27 @@ class PairObjective(Objective):
         self.uses_reference = uses_reference
         self.uses_nll = uses_nll
         self.ref: Any = None
+        self.precompute = precompute_ref_log_probs
+        self.ref_cache: dict[str, tuple[float, float]] | None = None
+
+    share_pair_media = True  # the tower once per pair (pair_media); False: on both copies
+
+    def forward_pair(self, model: Any, batch: dict) -> torch.Tensor:
+        """One chunk on a pair micro-batch (per-token label cross-entropy on the last stage),
+        the vision tower run once per pair (:mod:`mvlm.train.objectives.pair_media`)."""
+        if not self.share_pair_media:
+            return model_forward(model, batch)
+        return pair_forward(model, batch)
+
+    def model_output(self, model: Any, batch: dict) -> torch.Tensor:
+        return self.forward_pair(model, batch)
+
+    def check_batch(self, batch: dict) -> None:
+        if batch.get("kto_label") is not None:
+            raise ValueError(f"--rlhf_type {self.name} reads chosen/rejected pairs, but the data "
+                             "holds KTO rows (one answer with 'label' per row): use --rlhf_type "
+                             "kto, or give each row 'chosen' and 'rejected'")
+        super().check_batch(batch)
 
     # ---- set-up --------------------------------------------------------------------------------
     def setup(self, trainer: Trainer) -> None:
@@ -224,7 +250,7 @@ class PairObjective(Objective):
     def _ref_step(self, store: list):
         def step(data_iterator, model):
             batch = next(data_iterator)
-            out = model_forward(model, batch)
+            out = self.forward_pair(model, batch)
             if not unwrap(model).post_process:
                 return out, None
             store.append(sequence_logps(batch, out).detach())
@@ -247,12 +273,68 @@ class PairObjective(Objective):
             trainer.forward_only(self.ref.models, batches, self._ref_step(store))
         return store
 
+    def precompute_reference(self, trainer: Trainer) -> None:
+        """``--precompute_ref_log_probs``: one pass of the reference over the train (and val)
+        pairs, before the first step; each pair's two reference log-probs are kept by
+        :func:`~mvlm.data.preference.pair_key` (gathered over DP, so a pair is found on
+        whichever rank a later epoch sends it) and the frozen reference copy is dropped."""
+        import torch.distributed as dist
+        from megatron.core import parallel_state
+
+        from mvlm.train.batches import same_length
+        from mvlm.train.steps import to_device
+
+        cache: dict[str, tuple[float, float]] = {}
+        splits = ["train"] + (["val"] if getattr(trainer.data, "val", None) is not None else [])
+        k = max(1, trainer.num_microbatches)
+        for split in splits:
+            it = iter(trainer._loader(split, shuffle=False, num_epochs=1))
+            while True:
+                chunk = [b for _, b in zip(range(k), it)]
+                if not chunk:
+                    break
+                chunk = same_length([to_device(b, trainer.device) for b in chunk],
+                                    trainer.layout.pp, trainer.layout.ep, trainer.pad_id)
+                for b, r in zip(chunk, self.reference_logps(trainer, chunk)):
+                    r = r.float().cpu().tolist()
+                    for key, c, j in zip(b["pair_keys"], b["chosen_index"].tolist(),
+                                         b["rejected_index"].tolist()):
+                        cache[key] = (r[c], r[j])
+        every: list = [None] * parallel_state.get_data_parallel_world_size()
+        dist.all_gather_object(every, cache, group=parallel_state.get_data_parallel_group())
+        for c in every:
+            cache.update(c)
+        self.ref_cache = cache
+        self.ref = None  # the frozen copy (if any) is no longer read
+
+    def cached_reference(self, batch: dict) -> torch.Tensor | None:
+        """The stored reference log-probs of a micro-batch's segments (None off the last PP
+        stage, which holds none)."""
+        if not self.ref_cache:
+            return None
+        n = len(batch["cu_seqlens"]) - 1
+        ref = torch.zeros(n, dtype=torch.float32, device=batch["input_ids"].device)
+        for key, c, j in zip(batch["pair_keys"], batch["chosen_index"].tolist(),
+                             batch["rejected_index"].tolist()):
+            if key not in self.ref_cache:
+                raise RuntimeError("--precompute_ref_log_probs: a pair without stored reference "
+                                   "log-probs (the data changed after the first pass?)")
+            ref[c], ref[j] = self.ref_cache[key]
+        return ref
+
     def prepare_step(self, trainer: Trainer, batches: list[dict]) -> list[dict]:
         import torch.distributed as dist
         from megatron.core import parallel_state
 
         out = [dict(b) for b in batches]
-        if self.uses_reference:
+        if self.uses_reference and self.precompute:
+            if self.ref_cache is None:
+                self.precompute_reference(trainer)
+            for b in out:
+                r = self.cached_reference(b)
+                if r is not None:
+                    b["ref_logps"] = r
+        elif self.uses_reference:
             refs = self.reference_logps(trainer, batches)
             if refs:
                 for b, r in zip(out, refs, strict=True):
@@ -311,10 +393,10 @@ class DPOObjective(PairObjective):
     name = "dpo"
 
     def __init__(self, loss_cfg: dl.DPOLossConfig, reference: str = "auto",
-                 ref_model: str | None = None):
+                 ref_model: str | None = None, precompute_ref_log_probs: bool = False):
         super().__init__(reference, uses_reference=not loss_cfg.reference_free,
                          uses_nll=bool(loss_cfg.rpo_alpha) or "sft" in loss_cfg.loss_type,
-                         ref_model=ref_model)
+                         ref_model=ref_model, precompute_ref_log_probs=precompute_ref_log_probs)
         self.loss_cfg = loss_cfg
 
     def pair_loss(self, batch: dict, output: torch.Tensor) -> dl.PreferenceLoss:
