@@ -5,7 +5,8 @@ GRPO objective (built-in engine on the training model, seeded sampling) and a de
 token-level reward registered here (``even_tokens``: the fraction of even token ids in the
 completion), so the rewards -- and so the advantages -- differ between completions.
 
-Spec (JSON, argv[1]): ``{"runs": [{"name", "argv", "out", "grpo": {flag: value}}], "result"}``.
+Spec (JSON, argv[1]): ``{"runs": [{"name", "argv", "out", "grpo": {flag: value}}], "result"}``;
+a run with ``"sft": true`` is a plain ``mvlm sft`` run of its argv instead.
 The runs go one after the other in one launch; the result holds each run's logging.jsonl, or the
 message of the LogprobMismatchError a run with ``trainer_temperature`` (the trainer's log-probs
 tempered unlike the engine's) stopped with, and the prompts (unpadded token ids of DP rank 0's
@@ -57,6 +58,12 @@ def main() -> None:
     logs, errors, prompts = {}, {}, {}
     for run in spec["runs"]:
         cfg = parse_train_args(run["argv"], "sft")
+        if run.get("sft"):  # a plain SFT run (e.g. CHORD's expert data, for comparison)
+            train(cfg)
+            dist.barrier()
+            logs[run["name"]] = [json.loads(x) for x in
+                                 (Path(run["out"]) / "logging.jsonl").read_text().splitlines()]
+            continue
         cfg.task = "rlhf"
         cfg.data.task = "rl"
         obj = objective(run["grpo"])

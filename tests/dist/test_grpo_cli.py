@@ -75,7 +75,7 @@ def test_grpo_command_reward_rises(tmp_path, tiny_ckpt):
 
 @pytest.mark.parametrize("flags,needle", [
     (["--use_vllm", "true"], "--use_vllm"),
-    (["--dynamic_sample"], "--dynamic_sample"),
+    (["--chord_mu_peak", "0.5"], "--chord_mu_peak"),
     (["--num_iterations", "0"], "--num_iterations"),
     (["--max_logprob_mismatch", "0.5"], "--max_logprob_mismatch"),
     (["--loss_type", "dr_grpo", "--max_completion_length", "0"], "--max_completion_length"),

@@ -99,8 +99,19 @@ def runs(tmp_path_factory, tiny_ckpt):
     lora = ["--train_type", "lora", "--lora_rank", "4", "--lora_dropout", "0", "--lr", "1e-2"]
     rloo = run("rloo", [], {**GRPO, "advantage_estimator": "rloo", "loss_type": "dapo",
                             "rollout_importance_sampling_mode": "token_truncate"})
-    one = _launch([run("ref", []), run("lora", lora), rloo, bad, run("vl", [], vl=True)], 1,
-                  tmp, "one")
+    # CHORD, mu = 0.5 throughout; the expert file's 2 rows are one expert micro-batch
+    expert = tmp / "expert.jsonl"
+    expert.write_text("".join(json.dumps({"messages": [
+        {"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
+        for q, a in (("Count to five.", "1 2 3 4 5"), ("Say hi.", "hi"))))
+    chord = run("chord", ["--train_iters", "1"], {
+        **GRPO, "chord_sft_dataset": str(expert), "chord_mu_peak": 0.5, "chord_mu_valley": 0.5,
+        "chord_sft_per_device_train_batch_size": 2})
+    sft = {"name": "sft", "sft": True, "out": str(tmp / "sft"), "argv": common(
+        hf, expert, tmp / "sft", steps=1) + ["--micro_batch_size", "2", "--global_batch_size",
+                                            "2"]}
+    one = _launch([run("ref", []), run("lora", lora), rloo, bad, run("vl", [], vl=True), chord,
+                   sft], 1, tmp, "one")
     two = _launch([run(k, v) for k, v in LAYOUTS.items()] + [
         run("dp2", []), run("vl_tp2", ["--tp", "2"], vl=True)], 2, tmp, "two")
     return one | two | {"vl_hf": str(vl_hf)}
@@ -159,7 +170,7 @@ def test_mismatch_stops_the_run(runs):
     assert "token_mult_prob_error" in msg and "--max_logprob_mismatch 1.001" in msg, msg
 
 
-@pytest.mark.parametrize("name", ["ref", "vl", "dp2"])
+@pytest.mark.parametrize("name", ["ref", "dp2"])
 def test_num_iterations_repeats_prompts(runs, name):
     """--num_iterations 2: the step reusing a rollout gets the rollout's prompts again (TRL's
     RepeatSampler order), so the two rollouts of the 3 steps see the 4 prompts of the file once
@@ -181,3 +192,16 @@ def test_image_rows_reach_training(runs, name):
     with_img = [sum(tok in p for p in s["prompts"]) for s in steps]
     assert [s["images"] for s in steps] == [GRPO["num_generations"] * n for n in with_img]
     assert 0 < min(with_img) and max(with_img) == len(steps[0]["prompts"]) > min(with_img)
+
+
+def test_chord_mixes_the_sft_loss(runs):
+    """CHORD at mu = 0.5: step 1 rolls out exactly as the plain run (same policy, seeds, prompts),
+    so its loss is 0.5 x the plain run's GRPO loss + 0.5 x the SFT token mean of the expert
+    batch, and that SFT term equals `mvlm sft`'s step-1 loss on the same 2 rows."""
+    (c,), ref, sft = runs["chord"], runs["ref"][0], runs["sft"]
+    sft1 = next(x for x in sft if "loss" in x)["loss"]
+    print(f"chord loss {c['loss']!r}, ref {ref['loss']!r}, sft term {c['chord/sft_loss']!r}, "
+          f"mvlm sft {sft1!r}")
+    assert c["chord/mu"] == 0.5 and c["reward"] == ref["reward"]
+    assert abs(c["chord/sft_loss"] - sft1) <= 1e-6 * sft1
+    assert abs(c["loss"] - (0.5 * ref["loss"] + 0.5 * c["chord/sft_loss"])) <= 1e-6

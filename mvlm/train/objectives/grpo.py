@@ -149,12 +149,6 @@ class GRPOObjective(Objective):
 
         if num_iterations < 1:
             raise ValueError(f"--num_iterations {num_iterations} must be >= 1")
-        if cfgs.dynamic_sample:
-            raise ValueError("--dynamic_sample is not wired into the GRPO objective yet: drop it "
-                             "(mvlm.rl.advantages.DynamicSampleBuffer holds the logic)")
-        if cfgs.chord.chord_sft_dataset:
-            raise ValueError("CHORD (--chord_sft_dataset) is not wired into the GRPO objective "
-                             "yet: drop the chord flags")
         if reference not in ("auto", "copy", "adapters"):
             raise ValueError(f"reference must be auto, copy or adapters, got {reference!r}")
         if cfgs.advantages.num_generations != sampling.num_generations:
@@ -179,9 +173,13 @@ class GRPOObjective(Objective):
             loss_m.append("kl")
         if lc.rollout_importance_sampling_mode:
             loss_m += ["rollout_is/weight_mean", "rollout_is/clipped_frac"]
+        if cfgs.chord.enabled:
+            loss_m += ["chord/mu", "chord/sft_loss"]
         self.loss_metrics = tuple(loss_m)
         per_func = tuple(f"rewards/{n}/{s}" for n in self.rewards.names for s in ("mean", "std"))
-        self.step_metrics = STEP_METRICS + per_func
+        ds = (("dynamic_sample/dropped_groups", "dynamic_sample/zero_std_groups_used",
+               "dynamic_sample/rollouts") if cfgs.dynamic_sample else ())
+        self.step_metrics = STEP_METRICS + per_func + ds
         self.metrics = ("loss",) + self.loss_metrics + self.step_metrics
         self.ref: Any = None
         self.engine: Any = None
@@ -189,6 +187,9 @@ class GRPOObjective(Objective):
         self._buffer: list[dict] | None = None
         self._uses = 0
         self._prompt_ids: list[torch.Tensor] = []
+        self._expert_data: Any = None
+        self._expert_it: Any = None
+        self._expert_epoch = 0
 
     # ---- set-up --------------------------------------------------------------------------------
     def setup(self, trainer: Trainer) -> None:
@@ -202,6 +203,10 @@ class GRPOObjective(Objective):
         if trainer.layout.cp > 1:
             raise ValueError("GRPO with the built-in rollout engine runs without context "
                              "parallelism: use --context_parallel_size 1")
+        if self.cfgs.chord.enabled and trainer.layout.pp > 1:
+            raise ValueError("CHORD (--chord_sft_dataset) adds an expert micro-batch of its own "
+                             "shape to each step, which pipeline stages cannot exchange: use "
+                             "--pipeline_model_parallel_size 1 with CHORD")
         has_adapters = bool(adapters(trainer.bundle))
         mode = self.reference
         if mode == "auto":
@@ -226,13 +231,20 @@ class GRPOObjective(Objective):
         suppress = tuple(media_placeholder_token_ids(trainer.bundle))
         if suppress:
             self.sampling.suppress_token_ids = tuple(self.sampling.suppress_token_ids) + suppress
-        self.tokenizer = trainer.data.template.tokenizer if trainer.data is not None else None
 
     # ---- before each step ----------------------------------------------------------------------
     def model_output(self, model: Any, batch: dict) -> torch.Tensor:
+        if "chord_tokens" in batch:  # CHORD's expert batch: the model's own (untempered) CE
+            return model_forward(model, batch)
         return tempered_output(model, batch, self.temperature, entropy=True)
 
     def prepare_step(self, trainer: Trainer, batches: list[dict]) -> list[dict]:
+        out = self._grpo_batches(trainer, batches)
+        if trainer.ddp_models[0].training and self.cfgs.chord.enabled:
+            out = self._with_chord(trainer, out)
+        return out
+
+    def _grpo_batches(self, trainer: Trainer, batches: list[dict]) -> list[dict]:
         training = trainer.ddp_models[0].training
         if training and self._buffer is not None and self._uses < self.num_iterations:
             self._check_repeated(batches)
@@ -250,6 +262,63 @@ class GRPOObjective(Objective):
             if self.num_iterations > 1:
                 self._repeat_prompts(trainer, batches)
         return out
+
+    def _with_chord(self, trainer: Trainer, out: list[dict]) -> list[dict]:
+        """CHORD: ``loss = (1 - mu) * L_GRPO + mu * L_SFT`` with ``mu`` on its schedule
+        (:class:`mvlm.rl.chord.ChordConfig`, 0-based optimizer step). The GRPO micro-batches
+        are scaled by ``1 - mu``; one expert micro-batch per DP rank
+        (``--chord_sft_per_device_train_batch_size`` rows of ``--chord_sft_dataset``, encoded
+        like SFT data) joins the step with ``mu`` x its share of the SFT token mean over the
+        step's global expert-token count (:func:`mvlm.rl.chord.chord_sft_loss`). It reports 0
+        units, so Megatron's division by the summed count (the GRPO completions) leaves both
+        terms as they are. At ``mu == 0`` no expert batch is drawn."""
+        from mvlm.train import steps
+
+        mu = self.cfgs.chord.mu(trainer.step)
+        out = [dict(b, chord_mu=mu) for b in out]
+        if mu == 0.0:
+            return out
+        b = steps.to_device(self._next_expert(trainer), trainer.device)
+        keys = ("input_ids", "labels", "position_ids", "attention_mask",
+                *trainer.bundle.family.batch_keys)
+        e = {k: b[k] for k in keys if b.get(k) is not None}
+        n = torch.tensor([float((e["labels"] >= 0).sum())], dtype=torch.float64)
+        dp_size, dp_rank, dp_group = _dp()
+        if dp_size > 1:
+            dist.all_reduce(n, group=dp_group)
+        e.update(chord_tokens=float(n[0]), chord_mu=mu, denoms=out[0]["denoms"],
+                 chord_report=1.0 if dp_rank == 0 else 0.0)
+        return out + [e]
+
+    def _next_expert(self, trainer: Trainer) -> dict:
+        """The next expert micro-batch of this DP rank; the expert data is read once (after the
+        Trainer attached its data: the same template and flags, task ``sft``) and cycled."""
+        import dataclasses
+
+        from mvlm.data.encode import build_dataloader, build_train_dataset
+
+        cfg, ch = trainer.cfg, self.cfgs.chord
+        dp_size, dp_rank, _ = _dp()
+        if self._expert_data is None:
+            dcfg = dataclasses.replace(
+                cfg.data, dataset=list(ch.chord_sft_dataset), val_dataset=[],
+                split_dataset_ratio=0.0, cached_dataset=None, task="sft", packing=False,
+                streaming=False)
+            self._expert_data = build_train_dataset(dcfg, str(trainer.src_dir), dp_rank=dp_rank,
+                                                    dp_size=dp_size)
+        for _ in range(2):
+            if self._expert_it is None:
+                self._expert_it = iter(build_dataloader(
+                    self._expert_data, micro_batch_size=(ch.chord_sft_per_device_train_batch_size
+                                                         or cfg.schedule.micro_batch_size),
+                    dp_rank=dp_rank, dp_size=dp_size, seed=cfg.seed + self._expert_epoch,
+                    shuffle=cfg.data.dataset_shuffle))
+            try:
+                return next(self._expert_it)
+            except StopIteration:
+                self._expert_it, self._expert_epoch = None, self._expert_epoch + 1
+        raise ValueError(f"--chord_sft_dataset {ch.chord_sft_dataset}: no expert micro-batch "
+                         "(the dataset is empty after encoding)")
 
     def _repeat_prompts(self, trainer: Trainer, batches: list[dict]) -> None:
         """TRL's ``RepeatSampler`` order: the k-1 steps that reuse a rollout see the same prompt
@@ -288,11 +357,7 @@ class GRPOObjective(Objective):
     def rollout_batches(self, trainer: Trainer, batches: list[dict]) -> list[dict]:
         """Roll out, score, build the training micro-batches (see the module docstring)."""
         t0 = time.time()
-        prompts = self._prompts(trainer, batches)
-        before = getattr(self.engine, "before_rollout", None)
-        if before is not None:  # e.g. push the policy's weights to a vLLM server
-            before(trainer)
-        groups = self.engine.generate(prompts, self.sampling)
+        prompts, groups, res, ds_metrics = self._collect(trainer, batches)
         t_roll = time.time() - t0
         per_mb = [len(b["input_ids"]) for b in batches]
         out = self._rows(trainer, prompts, groups, per_mb)
@@ -306,9 +371,8 @@ class GRPOObjective(Objective):
         check_logprob_mismatch({"token_mult_prob_error": mism[0], "logp_abs_diff_max": mism[1]},
                                self.cfgs.max_logprob_mismatch)
         comps = [c for g in groups for c in g.completions]
-        rows = [r for b in batches for r in (b.get("extra") or [{}] * len(b["input_ids"]))]
-        rows = [rows[g.prompt_index] for g in groups for _ in g.completions]
-        adv, rmetrics = self._advantages(trainer, comps, rows, old, ref, out)
+        adv, rmetrics = self._advantages(res, old, ref, out, len(comps))
+        rmetrics.update(ds_metrics)
         dp_size, dp_rank, dp_group = _dp()
         denoms = LossDenominators.from_masks([b["completion_mask"] for b in out],
                                              group=dp_group if dp_size > 1 else None)
@@ -445,26 +509,85 @@ class GRPOObjective(Objective):
         dist.all_reduce(mx, op=dist.ReduceOp.MAX)  # off the last stage both are 0
         return float(mx[0]), float(mx[1])
 
-    def _advantages(self, trainer: Trainer, comps: list, rows: list[dict], old: list,
-                    ref: list | None, batches: list[dict]) -> tuple[torch.Tensor, dict[str, float]]:
-        """This rank's advantages (from the rewards of every DP rank) and the reward metrics.
-        ``rows``: each completion's dataset columns (e.g. ``solution``), reward kwargs."""
+    def _score(self, trainer: Trainer, comps: list, rows: list[dict]) -> Any:
+        """Rewards of this rank's completions (``rows``: each completion's dataset columns, e.g.
+        ``solution``, passed to the reward functions as keyword arguments)."""
+        if self.tokenizer is None:  # set-up runs before the Trainer attaches its data
+            self.tokenizer = trainer.data.template.tokenizer
+        texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in comps]
+        return self.rewards(texts, rows, response_token_ids=[c.token_ids for c in comps],
+                            trainer_state={"global_step": trainer.step})
+
+    def _rollout_once(self, trainer: Trainer, batches: list[dict]) -> tuple[list, list, Any]:
+        """Prompts of the micro-batches, their rollout groups, and the completions' rewards."""
+        prompts = self._prompts(trainer, batches)
+        before = getattr(self.engine, "before_rollout", None)
+        if before is not None:  # e.g. push the policy's weights to a vLLM server
+            before(trainer)
+        groups = self.engine.generate(prompts, self.sampling)
+        comps = [c for g in groups for c in g.completions]
+        extra = [r for b in batches for r in (b.get("extra") or [{}] * len(b["input_ids"]))]
+        rows = [extra[g.prompt_index] for g in groups for _ in g.completions]
+        return prompts, groups, self._score(trainer, comps, rows)
+
+    def _collect(self, trainer: Trainer, batches: list[dict]) -> tuple[list, list, Any, dict]:
+        """One rollout of the step's prompts; with ``--dynamic_sample`` (DAPO) also up to
+        ``--max_resample_times`` rollouts of further prompt batches from the loader, keeping the
+        groups whose rewards differ (:class:`mvlm.rl.advantages.DynamicSampleBuffer`) until the
+        step's group count is reached, topped up with zero-std groups when the retries run out.
+        Every rank rolls out as long as any rank still needs groups (one decision, all-reduced),
+        and fills its own share of the step."""
+        from mvlm.rl.advantages import DynamicSampleBuffer
+        from mvlm.rl.rollout.base import RolloutGroup
+
+        prompts, groups, res = self._rollout_once(trainer, batches)
+        if not self.cfgs.dynamic_sample:
+            return prompts, groups, res, {}
+        k = self.sampling.num_generations
+        buf = DynamicSampleBuffer(target_groups=len(groups), num_generations=k,
+                                  max_resample_times=self.cfgs.max_resample_times)
+        while True:
+            rpf = res.rewards_per_func
+            buf.add(res.weighted(), [(prompts[g.prompt_index], g, rpf[i * k:(i + 1) * k])
+                                     for i, g in enumerate(groups)])
+            more = torch.tensor([float(buf.need_more)])
+            dist.all_reduce(more, op=dist.ReduceOp.MAX)
+            if not bool(more[0]):
+                break
+            prompts, groups, res = self._rollout_once(trainer, trainer.next_batches())
+        kept, stats = buf.take()
+        prompts = [p for p, _, _ in kept]
+        groups = []
+        for i, (_, g, _) in enumerate(kept):
+            for c in g.completions:
+                c.prompt_index = i
+            groups.append(RolloutGroup(i, list(g.completions)))
+        res = type(res)(torch.cat([r for _, _, r in kept]), res.names, res.weights, res.skipped)
+        counts = torch.tensor([stats["dynamic_sample/dropped_groups"],
+                               stats["dynamic_sample/zero_std_groups_used"]], dtype=torch.float64)
+        dp_size, _, dp_group = _dp()
+        if dp_size > 1:
+            dist.all_reduce(counts, group=dp_group)
+        return prompts, groups, res, {"dynamic_sample/dropped_groups": float(counts[0]),
+                                      "dynamic_sample/zero_std_groups_used": float(counts[1]),
+                                      "dynamic_sample/rollouts": float(stats[
+                                          "dynamic_sample/rollouts"])}
+
+    def _advantages(self, res: Any, old: list, ref: list | None, batches: list[dict], n: int
+                    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """This rank's advantages (from the rewards ``res`` of every DP rank) and the reward
+        metrics; ``n`` = this rank's completions."""
         from mvlm.rl.advantages import compute_advantages
 
         dp_size, dp_rank, dp_group = _dp()
-        texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True)
-                 if self.tokenizer is not None else "" for c in comps]
-        res = self.rewards(texts, rows, response_token_ids=[c.token_ids for c in comps],
-                           trainer_state={"global_step": trainer.step})
         rpf = _all_gather_rows(res.rewards_per_func.to(torch.float32), dp_group, dp_size)
         cfg = self.cfgs.advantages
         kl = None
         if cfg.kl_enters_reward:
-            kl = self._sequence_kl(old, ref, batches, len(comps))
+            kl = self._sequence_kl(old, ref, batches, n)
             kl = _all_gather_rows(kl, dp_group, dp_size)
         full = type(res)(rpf, res.names, res.weights, res.skipped)
         a = compute_advantages(full.weighted(), cfg, kl)
-        n = len(comps)
         metrics = {k: v for k, v in full.metrics().items() if not k.endswith("/skipped")}
         metrics["frac_reward_zero_std"] = a.frac_reward_zero_std
         return a.advantages[dp_rank * n:(dp_rank + 1) * n], metrics
@@ -488,6 +611,8 @@ class GRPOObjective(Objective):
     def loss(self, batch: dict, output: torch.Tensor) -> LossOutput:
         from mvlm.rl.grpo_loss import grpo_loss
 
+        if "chord_tokens" in batch:
+            return self._chord_loss(batch, output)
         lc = self.cfgs.loss
         lp = token_logps(output).float()
         is_mode = lc.rollout_importance_sampling_mode is not None
@@ -500,7 +625,8 @@ class GRPOObjective(Objective):
                         entropies=batch.get("entropies"))
         n_seq = batch["denoms"].num_sequences
         rows = batch["input_ids"].shape[0]
-        loss_sum = res.loss * n_seq
+        mu = batch.get("chord_mu", 0.0)
+        loss_sum = res.loss * (1.0 - mu) * n_seq
         count = torch.tensor(rows, dtype=torch.int, device=loss_sum.device)
         reports = {"loss": torch.stack([loss_sum.detach().double(),
                                         torch.tensor(float(rows), dtype=torch.float64,
@@ -509,8 +635,26 @@ class GRPOObjective(Objective):
         for k in self.loss_metrics:
             reports[k] = res.sums.get(k, zero)
         step = batch.get("step_reports")
+        if self.cfgs.chord.enabled and step is not None:
+            reports["chord/mu"] = torch.tensor([mu, 1.0], dtype=torch.float64)
         for i, k in enumerate(self.step_metrics):
             reports[k] = zero if step is None else torch.stack(
                 [step[i], torch.tensor(1.0, dtype=torch.float64)])
         return loss_sum, count, reports
 
+
+    def _chord_loss(self, batch: dict, output: torch.Tensor) -> LossOutput:
+        """The expert micro-batch's term: ``mu`` x its share of the SFT token mean, in the GRPO
+        batches' unit (x the step's completions), counting 0 units (see :meth:`_with_chord`)."""
+        from mvlm.rl.chord import chord_sft_loss
+
+        ch = self.cfgs.chord
+        sft = chord_sft_loss(token_logps(output).float(), batch["labels"] >= 0,
+                             batch["chord_tokens"], ch.chord_enable_phi_function)
+        loss_sum = batch["chord_mu"] * sft * batch["denoms"].num_sequences
+        zero = torch.zeros(2, dtype=torch.float64)
+        reports = {k: zero for k in self.metrics}
+        reports["loss"] = torch.stack([loss_sum.detach().double(), zero[0]])
+        reports["chord/sft_loss"] = torch.tensor([float(sft), batch["chord_report"]],
+                                                 dtype=torch.float64)
+        return loss_sum, torch.tensor(0, dtype=torch.int, device=loss_sum.device), reports
