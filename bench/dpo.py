@@ -10,7 +10,11 @@ own child process so that each high-water mark is its own:
 * ``dpo``: full training, sigmoid DPO, the frozen copy of the start weights as reference (a
   reference forward pass each step, then one forward+backward with chosen and rejected packed
   into one row per pair);
+* ``dpo_pre``: the same with ``--precompute_ref_log_probs`` (the reference's pass over the data
+  happens once, inside the warm-up step; the timed steps have no reference forward);
 * ``sft``: the same rows with the chosen answer only (prompt + chosen), SFT's objective.
+
+Both DPO modes run the vision tower once per pair (``mvlm.train.objectives.pair_media``).
 
 Same global batch (``--pairs`` rows), micro-batch, seed and step count. Per child: the median
 ``step_time_s`` of ``logging.jsonl`` over the steps after the first (warm-up), and
@@ -49,7 +53,7 @@ def child(args: argparse.Namespace) -> dict:
     start_kb = _status_kb("VmRSS")
     dist.init_process_group("gloo")
     out = Path(args.work) / args.child
-    data = Path(args.work) / ("pairs.jsonl" if args.child == "dpo" else "sft.jsonl")
+    data = Path(args.work) / ("sft.jsonl" if args.child == "sft" else "pairs.jsonl")
     argv = ["--model", str(Path(args.work) / "hf"), "--dataset", str(data),
             "--train_type", "full", "--torch_dtype", "float32",
             "--train_iters", str(args.steps + 1), "--micro_batch_size", str(args.micro),
@@ -59,9 +63,10 @@ def child(args: argparse.Namespace) -> dict:
             "--report_to", "none", "--disable_tqdm", "true",
             "--freeze_vit", "false", "--freeze_aligner", "false"]
     cfg = parse_train_args(argv, "sft")
-    if args.child == "dpo":
+    if args.child in ("dpo", "dpo_pre"):
         cfg.data.task = "preference"
-        train(cfg, DPOObjective(dl.DPOLossConfig(beta=0.1), reference="copy"))
+        train(cfg, DPOObjective(dl.DPOLossConfig(beta=0.1), reference="copy",
+                                precompute_ref_log_probs=args.child == "dpo_pre"))
     else:
         train(cfg)
     peak_kb = _status_kb("VmHWM")
@@ -98,7 +103,7 @@ def main() -> None:
     p.add_argument("--micro", type=int, default=2)
     p.add_argument("--steps", type=int, default=3, help="timed steps (after 1 warm-up)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--child", choices=["dpo", "sft"], default=None)
+    p.add_argument("--child", choices=["dpo", "dpo_pre", "sft"], default=None)
     p.add_argument("--work", default=None)
     args = p.parse_args()
     if args.child:
@@ -114,7 +119,7 @@ def main() -> None:
     build_tiny_checkpoint("qwen2_vl", work / "hf", variant="bench", num_hidden_layers=args.layers)
     write_data(work, args.pairs * (args.steps + 1))
     res = {}
-    for mode in ("sft", "dpo"):
+    for mode in ("sft", "dpo", "dpo_pre"):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -133,7 +138,11 @@ def main() -> None:
                           f"{os.cpu_count()} cores", "args": vars(args) | {"work": str(work)},
                **res,
                "step_time_ratio": round(res["dpo"]["step_s"] / res["sft"]["step_s"], 3),
-               "peak_mem_ratio": round(res["dpo"]["peak_mb"] / res["sft"]["peak_mb"], 3)}
+               "peak_mem_ratio": round(res["dpo"]["peak_mb"] / res["sft"]["peak_mb"], 3),
+               "precomputed_step_time_ratio": round(res["dpo_pre"]["step_s"]
+                                                    / res["sft"]["step_s"], 3),
+               "precomputed_peak_mem_ratio": round(res["dpo_pre"]["peak_mb"]
+                                                   / res["sft"]["peak_mb"], 3)}
     print(json.dumps(summary, indent=1))
 
 

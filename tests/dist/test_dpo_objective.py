@@ -10,7 +10,8 @@ off) and two-rank runs at TP2, PP2, CP2 and LoRA at TP2, three steps each on the
   1e-5 relative, floor 1);
 * KTO (same launches: one rank and TP2) on the pairs split into 2 desirable + 2 undesirable
   rows: step-1 loss 0.625 exactly (0.5 per row, undesirable weight 1.5), rewards and kl 0;
-  TP2 equals one rank.
+  TP2 equals one rank;
+* the vision tower once per pair equals the tower on both copies (``ref_dup``).
 """
 from __future__ import annotations
 
@@ -101,8 +102,9 @@ def runs(tmp_path_factory, tiny_ckpt):
         out = {"name": name, "argv": argv, "out": str(tmp / name), "reference": reference}
         return out | ({"objective": "kto"} if kto else {})
 
-    one = _launch([run("ref", []), run("lora", [], "adapters"), run("kto", [], kto=True)], 1,
-                  tmp, "one")
+    dup = run("ref_dup", []) | {"share_pair_media": False}
+    one = _launch([run("ref", []), dup, run("lora", [], "adapters"), run("kto", [], kto=True)],
+                  1, tmp, "one")
     two = _launch([run(k, v) for k, v in LAYOUTS.items()]
                   + [run("lora_tp2", ["--tp", "2"], "adapters"),
                      run("kto_tp2", ["--tp", "2"], kto=True)], 2, tmp, "two")
@@ -111,6 +113,18 @@ def runs(tmp_path_factory, tiny_ckpt):
 
 def _close(a: float, b: float, tol: float = 1e-5) -> bool:
     return abs(a - b) <= tol * max(1.0, abs(b))
+
+
+def test_tower_once_per_pair_equals_both_copies(runs):
+    """The objective runs the vision tower once per pair and repeats the features into both
+    segments (pair_media); ``ref_dup`` runs it on both copies: same losses and metrics over the
+    3 steps (image pairs 0 and 2)."""
+    worst = 0.0
+    for a, b in zip(runs["ref"], runs["ref_dup"], strict=True):
+        for k in METRICS:
+            worst = max(worst, abs(a[k] - b[k]) / max(1.0, abs(b[k])))
+            assert _close(a[k], b[k], 1e-6), ("ref", a["step"], k, a[k], b[k])
+    print(f"ref (tower once) vs ref_dup (twice): max relative difference {worst:.2e}")
 
 
 @pytest.mark.parametrize("name", ["kto", "kto_tp2"])
