@@ -12,8 +12,10 @@ megatron-core until its wheel is installed). What it does, in one run:
    through Megatron-Core's forward_backward_func, the NaN guard) on synthetic image+text batches;
 3. **hf** (a second subprocess, so peak memory is not shared): the same batches through
    ``Qwen2_5_VLForConditionalGeneration`` in bf16 with ``torch.optim.AdamW``;
-4. prints tokens/s, MFU and peak memory for both as a short table LAST, and writes every number
-   (per-step times and losses, shapes, FLOP counts, versions, device) to ``--out``.
+4. prints tokens/s, MFU and peak memory for both as a short table LAST, just below the kernels
+   mvlm ran with (fused kernels on and off with the reason, from ``mvlm.runtime.fusions``; the
+   attention kernel each layer used; the packed-row layout), and writes every number (per-step
+   times and losses, shapes, FLOP counts, versions, device, kernels) to ``--out``.
 
 The first-step loss of both sides is reported too: the same weights and batch must give nearly
 the same loss (bf16), which checks the conversion on the GPU at full scale.
@@ -228,10 +230,14 @@ def shape_from_args(args: argparse.Namespace) -> Shape:
 
 def format_table(rows: list[dict[str, Any]], peak: float | None, peak_src: str,
                  device: str) -> str:
-    """The short table printed last (it may be all that is read)."""
-    lines = [f"gpu_check on {device}; MFU vs {peak if peak else '?'} TFLOP/s ({peak_src})",
-             f"{'side':<38} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak mem':>9} "
-             f"{'step s':>7} {'loss@1':>8}"]
+    """The short block printed last (it may be all that is read): the kernels each side ran
+    with, then the table (its rows are the last lines)."""
+    lines = [f"gpu_check on {device}; MFU vs {peak if peak else '?'} TFLOP/s ({peak_src})"]
+    for r in rows:
+        if r.get("kernels"):
+            lines.extend(kernel_lines(r["label"], r["kernels"]))
+    lines.append(f"{'side':<38} {'tokens/s':>10} {'TFLOP/s':>8} {'MFU':>6} {'peak mem':>9} "
+                 f"{'step s':>7} {'loss@1':>8}")
     for r in rows:
         if "error" in r:
             lines.append(f"{r['label']:<38} FAILED: {r['error'][:60]}")
@@ -241,6 +247,38 @@ def format_table(rows: list[dict[str, Any]], peak: float | None, peak_src: str,
                      f"{mfu:>6} {r['peak_mem_gib']:>7.1f}Gi {r['step_s']:>7.3f} "
                      f"{r['losses'][0]:>8.4f}")
     return "\n".join(lines)
+
+
+def kernel_lines(label: str, k: dict[str, Any]) -> list[str]:
+    """What ran on a side, next to its numbers: fused kernels on, the ones off (with why), the
+    attention kernels the forward passes used, the packed-row layout."""
+    on = [n for n, v in k["fusions"].items() if v["on"]]
+    off = [f"{n} ({v['why']})" for n, v in k["fusions"].items() if not v["on"]]
+    return [f"kernels of {label}: spec {k['backend']}; attention {', '.join(k['attention'])}"
+            f"; vision attention {k['vision_attention']}; packed rows {k['packed_qkv_format']}",
+            f"  fused: {', '.join(on) or 'none'}",
+            f"  not fused: {'; '.join(off) or 'none'}"]
+
+
+def kernels_used(bundle: Any, layout: Any, device: str) -> dict[str, Any]:
+    """The kernels mvlm's model ran with: the fusion switches as its TransformerConfig holds
+    them (with the reasons of :func:`mvlm.runtime.fusions.choose_fusions`), the attention kernel
+    each decoder layer's core attention recorded (``kernel_used``; TE's for the TE spec), and the
+    HF vision tower's attention implementation. Call after at least one forward pass."""
+    from mvlm.models.gpt import fusion_choice
+    from mvlm.runtime.fusions import FUSION_FLAGS
+
+    choice = fusion_choice(bundle.arch, layout, device, bundle.backend).report()
+    cfg = bundle.config
+    fusions = {n: {"on": bool(getattr(cfg, n)), "why": choice[n]["why"]} for n in FUSION_FLAGS}
+    attention = sorted({str(getattr(m, "kernel_used", None) or type(m).__name__)
+                        for model in bundle.models for name, m in model.named_modules()
+                        if name.endswith("core_attention")})
+    vision = getattr(bundle.hf_config, "vision_config", None)
+    return {"backend": bundle.backend, "fusions": fusions, "attention": attention,
+            "packed_qkv_format": f"{getattr(cfg, 'packed_qkv_format', 'sbhd')} "
+                                 f"({choice['packed_qkv_format']['why']})",
+            "vision_attention": getattr(vision, "_attn_implementation", None) or "n/a"}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -418,6 +456,7 @@ def run_mcore_side(args: argparse.Namespace, s: Shape, hf_dir: Path) -> dict[str
     times, losses = _timed_steps(step, batches, args.warmup, args.steps)
     return {"label": f"mvlm Megatron-Core (local+SDPA, {_dtype_name(args)})",
             "times": times, "losses": losses,
+            "kernels": kernels_used(bundle, layout, device),
             "peak_mem_bytes": _peak_memory(), "hf_load_s": load_s,
             "optimizer": "mvlm.train: Megatron-Core distributed Adam, fp32 main grads and states"}
 

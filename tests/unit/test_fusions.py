@@ -186,3 +186,27 @@ def test_thd_packed_rows_equal_sbhd_on_cpu():
     assert res["loss_diff"] <= 1e-6, res
     assert res["grad_diff"] <= 1e-6, res
     assert res["alone_diff"] <= 1e-5, res
+
+
+def test_gpu_check_prints_the_kernels_above_its_table():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check_kernels", path)
+    gc = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = gc  # its dataclasses look their module up
+    spec.loader.exec_module(gc)
+    choice = choose_fusions("cuda", "local", NOTHING, ModelFeatures()).report()
+    kernels = {"backend": "local", "attention": ["flash_attn"], "vision_attention": "sdpa",
+               "packed_qkv_format": "sbhd (no varlen kernel)",
+               "fusions": {n: {"on": choice[n]["on"], "why": choice[n]["why"]}
+                           for n in FUSION_FLAGS}}
+    row = {"label": "mvlm", "tokens_per_s": 1e4, "tflops": 100.0, "mfu": 0.1,
+           "peak_mem_gib": 10.0, "step_s": 1.0, "losses": [1.0], "kernels": kernels}
+    lines = gc.format_table([row], 989.0, "H200", "H200").splitlines()
+    assert lines[-2].startswith("side") and lines[-1].startswith("mvlm")
+    text = "\n".join(lines[:-2])
+    assert "attention flash_attn" in text and "packed rows sbhd" in text
+    assert "fused: bias_activation_fusion, bias_dropout_fusion" in text
+    assert "apply_rope_fusion (Megatron-Core's fused RoPE kernel comes from TE" in text
