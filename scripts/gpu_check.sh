@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # GPU check for one H100/H200: mvlm (Megatron-Core, local spec + SDPA, bf16) vs transformers +
 # torch AdamW on a ~1B-parameter Qwen2.5-VL-shaped random model. Prints tokens/s, MFU and peak
-# memory for both as a short table LAST; full numbers go to the results JSON.
+# memory for both as a short table LAST, just below the kernels mvlm ran with (the fused kernels
+# mvlm.runtime.fusions turned on and off with the reason, the attention kernel of each layer, the
+# packed-row layout); full numbers go to the results JSON.
 #
 # Usage:  scripts/gpu_check.sh [WHEEL_DIR] [-- options for bench/gpu_check.py]
 #   WHEEL_DIR  folder with megatron-core (and any small pure-Python deps, e.g. einops) as .whl
