@@ -31,9 +31,22 @@ training micro-batches:
    layout computes the same loss.
 
 With ``--num_iterations`` k, one rollout batch is trained on for k consecutive optimizer steps
-(the ratio to the rollout policy is then no longer 1 after the first); the loader's prompt
-batches of the k-1 reusing steps are not rolled out (the data advances by one global batch per
-optimizer step, as for every objective).
+(the ratio to the rollout policy is then no longer 1 after the first). As TRL's
+``RepeatSampler`` does, the k-1 reusing steps are handed the rollout's prompt batches again (put
+in front of the Trainer's data iterator), so the data advances by one global batch per rollout
+and no prompt is skipped; a reusing step checks that it got them.
+
+Prompts with images: each prompt's media (``pixel_values`` / ``image_grid_thw`` or whatever keys
+the family declares) are split out of the loader's micro-batch (:mod:`mvlm.rl.media`) and go to
+the engine with the prompt, and again with every training row of that prompt (repeated per
+completion), whose position ids are the family's (mRoPE) positions of prompt + completion. A
+training micro-batch without images has no media keys; ``model_forward`` keeps the vision tower
+in the graph with a zero term, so DP ranks reduce the same gradients.
+
+``--dynamic_sample`` (DAPO): groups whose rewards are all equal are dropped and further prompt
+batches are rolled out (up to ``--max_resample_times``), see :meth:`GRPOObjective._collect`.
+CHORD (``--chord_sft_dataset``): an expert SFT micro-batch joins each step, see
+:meth:`GRPOObjective._with_chord`.
 
 Reduction (the Trainer's per-unit contract): ``grpo_loss`` returns each micro-batch's share of
 the step loss, already divided by the global counts. The unit reported to Megatron is the
@@ -50,8 +63,8 @@ loss ``kl``, ``clip_ratio/low_mean|high_mean|region_mean`` (or ``clip_ratio/cisp
 ``rollout_is/*`` with ``--rollout_importance_sampling_mode``.
 
 Refused with a message (not silently ignored): context parallelism (the built-in engine does not
-generate under CP), prompts with images (the per-prompt media split is not wired here yet),
-``--dynamic_sample`` and CHORD.
+generate under CP) and CHORD with pipeline parallelism (the expert micro-batch has its own
+shape).
 """
 from __future__ import annotations
 
