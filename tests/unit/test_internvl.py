@@ -4,7 +4,8 @@ multi-turn, text-only): input_ids, pixel values and tile counts exactly equal, l
 assistant turns. Also: the tile count predicted from the image header equals the processor's,
 truncation never splits an image's ``<img> ... </img>`` run, deferred pixels equal eager ones,
 storage keeps the tiles, the tower equals transformers' ``get_image_features``, and a checkpoint
-whose config says InternVL but whose weights lack the vision tower is refused by name.
+whose config says InternVL but whose weights lack the vision tower (or are LLaVA's) is refused
+before any output, the missing tensor named.
 """
 import re
 import shutil
@@ -140,13 +141,21 @@ def _rewrite(src: Path, dst: Path, fn) -> Path:
     return dst
 
 
-def test_missing_vision_tower_is_refused_by_name(ckpt, tmp_path):
-    bad = _rewrite(ckpt, tmp_path / "novis", lambda sd: {
-        k: v for k, v in sd.items() if not k.startswith("vision_tower.")})
+@pytest.mark.parametrize("case", ["no_vision_tower", "llava_weights"])
+def test_wrong_weights_are_refused_by_name(ckpt, tiny_ckpt, tmp_path, case):
+    """An ``internvl`` config over weights without the vision tower, or over a LLaVA
+    checkpoint's weights (CLIP tower, other projector): refused before any output, naming the
+    first InternViT tensor it lacks."""
+    if case == "no_vision_tower":
+        bad = _rewrite(ckpt, tmp_path / case, lambda sd: {
+            k: v for k, v in sd.items() if not k.startswith("vision_tower.")})
+    else:
+        llava = load_file(tiny_ckpt("llava") / "model.safetensors")
+        bad = _rewrite(ckpt, tmp_path / case, lambda sd: llava)
     out = tmp_path / "mc"
     p = run_mvlm(["convert", "--to", "mcore", "--model", str(bad), "--output", str(out)],
                  check=False)
     log = p.stderr + p.stdout
     assert p.returncode != 0
     assert "missing" in log and re.search(r"vision_tower\.embeddings\.cls_token", log), log[-3000:]
-    assert not out.exists()
+    assert "is this a internvl checkpoint" in log and not out.exists()
