@@ -134,6 +134,22 @@ def test_tower_equals_hf_image_features(ckpt):
         tower(pv, torch.ones(2, 3, dtype=torch.long))
 
 
+@pytest.mark.parametrize("top,text", [(True, False), (False, True)])
+def test_tying_follows_the_top_level_flag(top, text):
+    """transformers ties lm_head to the embeddings by the top-level flag alone; so does the
+    family's TextArch (a text config saying otherwise must not tie)."""
+    import copy
+
+    from mvlm.testing.tiny_models import tiny_config
+
+    cfg = tiny_config("internvl", tie_word_embeddings=top)
+    cfg.text_config.tie_word_embeddings = text
+    hf = InternVLForConditionalGeneration(copy.deepcopy(cfg))
+    tied = hf.lm_head.weight is hf.model.language_model.embed_tokens.weight
+    assert tied == top
+    assert get_family("internvl").text_arch(cfg).tie_word_embeddings == tied
+
+
 def _rewrite(src: Path, dst: Path, fn) -> Path:
     shutil.copytree(src, dst)
     sd = load_file(dst / "model.safetensors")

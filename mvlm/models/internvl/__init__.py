@@ -40,9 +40,9 @@ ALIGNER_PREFIXES = ("vision_model.multi_modal_projector.",)
 def internvl_text_arch(cfg: PretrainedConfig) -> TextArch:
     """The LLM's architecture, from the family registered for ``text_config.model_type``.
 
-    Tying: transformers ties ``lm_head`` to the embeddings when the top-level
+    Tying: transformers ties ``lm_head`` to the embeddings exactly when the top-level
     ``tie_word_embeddings`` says so (InternVL's default is True, as in InternVL3-1B); the text
-    config's own flag is what the LLM alone would do, so either one ties."""
+    config's own flag is ignored by ``InternVLForConditionalGeneration``, so it is here too."""
     tc = cfg.text_config
     text_family = get_family(tc.model_type)
     if text_family.is_vlm:
@@ -50,8 +50,7 @@ def internvl_text_arch(cfg: PretrainedConfig) -> TextArch:
                          "vision-language family: the LLM of an InternVL checkpoint must be a "
                          "text model")
     arch = text_family.text_arch(tc)
-    arch.tie_word_embeddings = bool(getattr(cfg, "tie_word_embeddings", False)
-                                    or getattr(tc, "tie_word_embeddings", False))
+    arch.tie_word_embeddings = bool(cfg.tie_word_embeddings)
     return arch
 
 
