@@ -75,7 +75,7 @@ def test_cpo_simpo_orpo_kto_settings_follow_ms_swift():
         dpo_loss_config(ns(["--simpo_gamma", "0.5"]))
     with pytest.raises(ValueError, match="CPO --loss_type 'bco_pair' is unknown"):
         cpo_loss_config(ns(["--loss_type", "bco_pair"]), "cpo")
-    with pytest.raises(ValueError, match="mvlm rlhf runs cpo, dpo, kto, orpo, simpo"):
+    with pytest.raises(ValueError, match="mvlm rlhf runs cpo, dpo, kto, orpo, rm, simpo and grpo"):
         split_argv(["--rlhf_type", "ppo"])
     k = kto_loss_config(ns(["--desirable_weight", "1.5", "--undesirable_weight", "0.5"]))
     assert (k.loss_type, k.beta, k.desirable_weight, k.undesirable_weight) == \
@@ -89,5 +89,21 @@ def test_cpo_simpo_orpo_kto_settings_follow_ms_swift():
         dpo_loss_config(ns(["--desirable_weight", "2"]))
     with pytest.raises(ValueError, match="--undesirable_weight must be >= 0"):
         kto_loss_config(ns(["--undesirable_weight", "-1"]))
+    from mvlm.train.preference_flags import rm_center_coefficient
+
+    assert rm_center_coefficient(ns([])) is None
+    assert rm_center_coefficient(ns(["--center_rewards_coefficient", "0.01"])) == 0.01
+    with pytest.raises(ValueError, match="--beta has no effect with --rlhf_type rm"):
+        rm_center_coefficient(ns(["--beta", "0.2"]))
+    with pytest.raises(ValueError, match="--ref_model has no effect with --rlhf_type rm"):
+        rm_center_coefficient(ns(["--ref_model", "x"]))
+    with pytest.raises(ValueError, match="--precompute_ref_log_probs has no effect with "
+                       "--rlhf_type cpo"):
+        cpo_loss_config(ns(["--precompute_ref_log_probs", "true"]), "cpo")
+    with pytest.raises(ValueError, match="--precompute_ref_log_probs with --reference_free"):
+        dpo_loss_config(ns(["--precompute_ref_log_probs", "--reference_free", "true"]))
+    assert dpo_loss_config(ns(["--precompute_ref_log_probs"])).reference_free is False
+    m, _ = split_argv(["--rlhf_type", "rm"])
+    assert m.rlhf_type == "rm"
     m, rest = split_argv(["--rlhf_type", "simpo", "--beta", "2.5", "--model", "M", "--lr", "1"])
     assert m.rlhf_type == "simpo" and m.beta == 2.5 and rest == ["--model", "M", "--lr", "1"]
