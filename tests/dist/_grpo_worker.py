@@ -3,7 +3,9 @@
 Each run is a whole ``mvlm.train.trainer.train`` on an RL prompt file (data task ``rl``) with the
 GRPO objective (built-in engine on the training model, seeded sampling) and a deterministic
 token-level reward registered here (``even_tokens``: the fraction of even token ids in the
-completion), so the rewards -- and so the advantages -- differ between completions.
+completion), so the rewards -- and so the advantages -- differ between completions;
+``flat_or_even`` gives the rows whose ``flat`` column is true a constant reward (for
+``--dynamic_sample``).
 
 Spec (JSON, argv[1]): ``{"runs": [{"name", "argv", "out", "grpo": {flag: value}}], "result"}``;
 a run with ``"sft": true`` is a plain ``mvlm sft`` run of its argv instead.
@@ -28,6 +30,13 @@ def even_tokens(completions, response_token_ids, **kwargs):
     return [sum(t % 2 == 0 for t in ids) / max(1, len(ids)) for ids in response_token_ids]
 
 
+def flat_or_even(completions, response_token_ids, flat=None, **kwargs):
+    """0.5 for a row whose ``flat`` column is true (its group has zero reward std), else
+    ``even_tokens``: makes ``--dynamic_sample`` drop those groups and resample."""
+    even = even_tokens(completions, response_token_ids)
+    return [0.5 if f else e for f, e in zip(flat or [False] * len(even), even)]
+
+
 def objective(flags: dict):
     from mvlm.rl.flags import add_grpo_args, grpo_configs
     from mvlm.rl.rewards import register
@@ -35,6 +44,7 @@ def objective(flags: dict):
     from mvlm.train.objectives.grpo import GRPOObjective
 
     register("even_tokens", even_tokens, origin="test_grpo_objective")
+    register("flat_or_even", flat_or_even, origin="test_grpo_objective")
     p = argparse.ArgumentParser()
     add_grpo_args(p)
     add_rollout_args(p)

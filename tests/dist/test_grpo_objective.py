@@ -24,6 +24,10 @@ Checked:
   ``--max_logprob_mismatch``'s error;
 * ``--num_iterations 2`` consumes the data once per rollout: the reusing step is handed the
   rollout's prompts again, and the 2 rollouts of 3 steps see every prompt of the file once;
+* ``--dynamic_sample`` with a reward constant on one prompt (column ``flat``): the rollout
+  holding it drops that group and rolls out more loader batches; every trained batch has
+  reward std in every group; CHORD at mu 0.5: the step-1 loss is 0.5 x the plain run's GRPO loss
+  + 0.5 x the SFT term, which equals ``mvlm sft``'s step-1 loss on the same expert rows;
 * image prompts (tiny Qwen2-VL, the demo's shapes questions, with one text-only prompt so some
   micro-batches carry no image) at one rank and TP2: each prompt's ``pixel_values`` /
   ``image_grid_thw`` reach the engine and the training rows (mRoPE positions), the same
@@ -86,7 +90,9 @@ def runs(tmp_path_factory, tiny_ckpt):
     hf, vl_hf = tiny_ckpt("qwen2"), tiny_ckpt("qwen2_vl")
     vl_data = _vl_data(tmp)
     data = tmp / "rl.jsonl"
-    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}]}) + "\n"
+    # `flat`: a column only the dynamic-sample run's reward reads (constant reward there)
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}],
+                                        "flat": q == "Say hi."}) + "\n"
                             for q in ("Count to five.", "Name a colour.", "2+2?", "Say hi.")))
 
     def run(name: str, extra: list[str], grpo: dict | None = None, vl: bool = False) -> dict:
@@ -110,14 +116,16 @@ def runs(tmp_path_factory, tiny_ckpt):
     sft = {"name": "sft", "sft": True, "out": str(tmp / "sft"), "argv": common(
         hf, expert, tmp / "sft", steps=1) + ["--micro_batch_size", "2", "--global_batch_size",
                                             "2"]}
+    dyn = run("dyn", [], {**GRPO, "reward_funcs": ["flat_or_even"], "dynamic_sample": "true",
+                          "max_resample_times": 3})
     one = _launch([run("ref", []), run("lora", lora), rloo, bad, run("vl", [], vl=True), chord,
-                   sft], 1, tmp, "one")
+                   sft, dyn], 1, tmp, "one")
     two = _launch([run(k, v) for k, v in LAYOUTS.items()] + [
         run("dp2", []), run("vl_tp2", ["--tp", "2"], vl=True)], 2, tmp, "two")
     return one | two | {"vl_hf": str(vl_hf)}
 
 
-ALL = ["ref", "lora", "rloo", *LAYOUTS, "dp2", "vl", "vl_tp2"]
+ALL = ["ref", "lora", "rloo", *LAYOUTS, "dp2", "vl", "vl_tp2", "dyn"]
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -146,13 +154,14 @@ def test_engine_matches_trainer(runs, name):
 @pytest.mark.parametrize("name", [*LAYOUTS, "vl_tp2"])
 def test_layouts_equal_one_rank(runs, name):
     worst = (0.0, "", 0)
-    for a, b in zip(runs[name], runs["vl" if name == "vl_tp2" else "ref"], strict=True):
+    base = "vl" if name == "vl_tp2" else "ref"
+    for a, b in zip(runs[name], runs[base], strict=True):
         assert a["completions/mean_length"] == b["completions/mean_length"]
         for k in COMPARED:
             d = abs(a[k] - b[k]) / max(1.0, abs(b[k]))
             worst = max(worst, (d, k, a["step"]))
             assert d <= 1e-6, (name, a["step"], k, a[k], b[k])
-    print(f"{name} vs ref: max relative difference {worst[0]:.2e} ({worst[1]}, step {worst[2]})")
+    print(f"{name} vs {base}: max relative difference {worst[0]:.2e} ({worst[1]}, step {worst[2]})")
 
 
 def test_rloo_kl_in_reward_rollout_is(runs):
@@ -205,3 +214,18 @@ def test_chord_mixes_the_sft_loss(runs):
     assert c["chord/mu"] == 0.5 and c["reward"] == ref["reward"]
     assert abs(c["chord/sft_loss"] - sft1) <= 1e-6 * sft1
     assert abs(c["loss"] - (0.5 * ref["loss"] + 0.5 * c["chord/sft_loss"])) <= 1e-6
+
+
+def test_dynamic_sample_through_the_trainer(runs):
+    """--dynamic_sample with a reward that is constant on the prompt "Say hi." (column `flat`):
+    the rollout that holds it drops that group and rolls out further loader batches until 2
+    groups with signal are kept, so every trained batch has reward std in every group."""
+    steps, prompts = runs["dyn"], runs["prompts:dyn"]
+    for s in steps:
+        print({k: v for k, v in s.items()
+               if k.startswith("dynamic_sample/") or k == "frac_reward_zero_std"})
+    assert sum(s["dynamic_sample/dropped_groups"] for s in steps[::2]) >= 1
+    for s in steps[::2]:  # the rollout steps (step 2 reuses step 1's)
+        assert s["frac_reward_zero_std"] == 0.0 and s["dynamic_sample/zero_std_groups_used"] == 0
+        assert (s["dynamic_sample/rollouts"] > 1) == (s["dynamic_sample/dropped_groups"] > 0)
+    assert prompts[0]["prompts"] == prompts[1]["prompts"]  # reuse gets the rollout's prompts
