@@ -3,7 +3,7 @@ have equal rewards for even prompt tokens and differing rewards for odd ones, a 
 function, and a stub trainer whose loader hands out further prompt batches. Checked: the groups
 kept (in order, re-indexed, with their own rewards), how many further batches were drawn, the
 top-up from the earliest zero-std groups when ``--max_resample_times`` runs out, and the
-metrics; no resample when every group already has signal."""
+metrics; no resample when every group already has signal, nor in evaluation."""
 from __future__ import annotations
 
 import argparse
@@ -56,7 +56,8 @@ def one_rank(tmp_path_factory):
         dist.destroy_process_group()
 
 
-def _run(monkeypatch, first: dict, later: list[dict], max_resample_times: int):
+def _run(monkeypatch, first: dict, later: list[dict], max_resample_times: int,
+         training: bool = True):
     register("first_token", first_token, origin="test_rl_dynamic_sample")
     p = argparse.ArgumentParser()
     add_grpo_args(p)
@@ -70,6 +71,7 @@ def _run(monkeypatch, first: dict, later: list[dict], max_resample_times: int):
     tok = SimpleNamespace(decode=lambda ids, skip_special_tokens: " ".join(map(str, ids)))
     trainer = SimpleNamespace(
         step=0, next_batches=lambda: [queue.pop(0)],
+        ddp_models=[SimpleNamespace(training=training)],
         data=SimpleNamespace(template=SimpleNamespace(tokenizer=tok)),
         bundle=SimpleNamespace(family=SimpleNamespace(media=(), is_vlm=False), hf_config=None))
     prompts, groups, res, metrics = obj._collect(trainer, [first])
@@ -102,3 +104,12 @@ def test_no_resample_when_every_group_has_signal(monkeypatch):
     assert obj.engine.calls == [[1, 3]] and len(queue) == 1
     assert [p.input_ids for p in prompts] == [[1], [3]]
     assert m["dynamic_sample/rollouts"] == 1.0 and m["dynamic_sample/dropped_groups"] == 0.0
+
+
+def test_evaluation_does_not_resample(monkeypatch):
+    """In evaluation the step's own prompts are scored as they are (more prompts would have to
+    come from the train loader)."""
+    obj, prompts, _, _, m, queue = _run(monkeypatch, _batch(2, 3), [_batch(5, 7)], 3,
+                                        training=False)
+    assert obj.engine.calls == [[2, 3]] and len(queue) == 1
+    assert [p.input_ids for p in prompts] == [[2], [3]] and m["dynamic_sample/rollouts"] == 1.0

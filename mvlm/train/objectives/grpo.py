@@ -554,8 +554,13 @@ class GRPOObjective(Objective):
         from mvlm.rl.rollout.base import RolloutGroup
 
         prompts, groups, res = self._rollout_once(trainer, batches)
+        # evaluation scores its own prompts as they come (more would come from the train loader)
         if not self.cfgs.dynamic_sample:
             return prompts, groups, res, {}
+        if not trainer.ddp_models[0].training:
+            return prompts, groups, res, {"dynamic_sample/dropped_groups": 0.0,
+                                          "dynamic_sample/zero_std_groups_used": 0.0,
+                                          "dynamic_sample/rollouts": 1.0}
         k = self.sampling.num_generations
         buf = DynamicSampleBuffer(target_groups=len(groups), num_generations=k,
                                   max_resample_times=self.cfgs.max_resample_times)
