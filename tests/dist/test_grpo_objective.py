@@ -31,7 +31,9 @@ Checked:
 * image prompts (tiny Qwen2-VL, the demo's shapes questions, with one text-only prompt so some
   micro-batches carry no image) at one rank and TP2: each prompt's ``pixel_values`` /
   ``image_grid_thw`` reach the engine and the training rows (mRoPE positions), the same
-  invariants hold, and TP2 equals one rank.
+  invariants hold, and TP2 equals one rank; at DP2 the 2 rollouts cover the 4 prompts, so the
+  rollout holding the text prompt trains one rank's micro-batch with an image while the other
+  rank's has none (the vision tower's zero term keeps the DP gradient reduction in step).
 """
 from __future__ import annotations
 
@@ -121,11 +123,12 @@ def runs(tmp_path_factory, tiny_ckpt):
     one = _launch([run("ref", []), run("lora", lora), rloo, bad, run("vl", [], vl=True), chord,
                    sft, dyn], 1, tmp, "one")
     two = _launch([run(k, v) for k, v in LAYOUTS.items()] + [
-        run("dp2", []), run("vl_tp2", ["--tp", "2"], vl=True)], 2, tmp, "two")
+        run("dp2", []), run("vl_tp2", ["--tp", "2"], vl=True), run("vl_dp2", [], vl=True)],
+        2, tmp, "two")
     return one | two | {"vl_hf": str(vl_hf)}
 
 
-ALL = ["ref", "lora", "rloo", *LAYOUTS, "dp2", "vl", "vl_tp2", "dyn"]
+ALL = ["ref", "lora", "rloo", *LAYOUTS, "dp2", "vl", "vl_tp2", "vl_dp2", "dyn"]
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -229,3 +232,15 @@ def test_dynamic_sample_through_the_trainer(runs):
         assert s["frac_reward_zero_std"] == 0.0 and s["dynamic_sample/zero_std_groups_used"] == 0
         assert (s["dynamic_sample/rollouts"] > 1) == (s["dynamic_sample/dropped_groups"] > 0)
     assert prompts[0]["prompts"] == prompts[1]["prompts"]  # reuse gets the rollout's prompts
+
+
+def test_vl_dp2_text_prompt_beside_an_image(runs):
+    """DP2 with image prompts: the 2 rollouts cover the file's 4 prompts (3 images, 1 text; the
+    --num_iterations test shows the coverage), so one rollout has a rank without images beside
+    a rank with one; the run finished with the invariants above, and rank 0's rows carry
+    exactly their prompts' images."""
+    tok = json.loads((Path(runs["vl_hf"]) / "config.json").read_text())["image_token_id"]
+    steps = runs["prompts:vl_dp2"]
+    assert [len(s["prompts"]) for s in steps] == [1, 1, 1]
+    assert [s["images"] for s in steps] == [
+        GRPO["num_generations"] * sum(tok in p for p in s["prompts"]) for s in steps]
