@@ -16,7 +16,7 @@ from torch import nn
 from transformers import PretrainedConfig
 
 from mvlm.models.registry import MediaKind
-from mvlm.models.vision_parallel import VisionSplit, split_tower_outputs
+from mvlm.models.vision_parallel import TrainableParam, VisionSplit, split_tower_outputs
 
 
 def vision_attn_impl(device: str) -> str:
@@ -48,17 +48,19 @@ def build_hf_vision(module_path: str, class_name: str, vision_config: Pretrained
 
 
 def media_features(tower: nn.Module, media: Mapping[str, torch.Tensor],
-                   kinds: Sequence[MediaKind], split: VisionSplit | None = None
+                   kinds: Sequence[MediaKind], split: VisionSplit | None = None,
+                   trainable: Sequence[TrainableParam] | None = None
                    ) -> dict[str, torch.Tensor]:
     """Tower features [rows, hidden] per media kind present in ``media`` (by kind name, in the
     family's order). With ``split`` the items of all kinds are divided over its ranks in one
     partition and gathered back (collective over ``split.group``: every rank of it must call
-    this with the same media); without, the tower runs every item here."""
+    this with the same media; ``trainable``: see ``split_tower_outputs``); without, the tower
+    runs every item here."""
     present = [k for k in kinds if media.get(k.features_key) is not None]
     inputs = [(media[k.features_key], media.get(k.grid_key) if k.grid_key else None)
               for k in present]
     if split is not None and inputs:
-        outs = split_tower_outputs(tower, inputs, split)
+        outs = split_tower_outputs(tower, inputs, split, trainable)
     else:
         outs = [tower(px, grid) for px, grid in inputs]
     return {k.name: out for k, out in zip(present, outs)}

@@ -32,9 +32,11 @@ Gradients, so that they equal the unsplit run (and the single-rank run):
   DP x CP. So the parts must be summed over TP exactly once and left to DDP over CP. This is
   done inside autograd: the trainable tower parameters enter the forward through an identity
   whose backward all-reduces (sums) their gradients over the TP group, in one flat buffer per
-  dtype. The gradients are thus right the moment backward returns (whatever reads them:
-  Megatron's DDP hooks, adapters added after the model was built, tests), instead of relying on
-  ``finalize_model_grads`` and a parameter attribute that adapters would also need. The price
+  dtype. That covers parameters outside the tower's tree that its forward reads (LoRA/DoRA
+  adapters hooked onto its linears, passed in by the model). The gradients are thus right the
+  moment backward returns (whatever reads them: Megatron's DDP hooks, tests), instead of
+  relying on ``finalize_model_grads`` and a parameter attribute that every adapter created
+  after the model would also need. The price
   is one reduction per micro-batch rather than per step; with the ms-swift default (ViT frozen,
   aligner trained) that is the aligner's gradient only.
 
@@ -47,7 +49,8 @@ on every rank alike.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -185,23 +188,54 @@ def _check_no_checkpointing(tower: nn.Module) -> None:
                          "or build the model with vit_parallel=False")
 
 
+TrainableParam = tuple[nn.Module, str]  # (module, attribute name) of a parameter
+
+
+def tower_trainable(tower: nn.Module, extra: Sequence[nn.Module] = ()) -> list[TrainableParam]:
+    """The trainable parameters the tower's forward reads: its own and those of ``extra``
+    modules that act on it from outside its tree (adapters hooked onto its linears)."""
+    out: list[TrainableParam] = []
+    for mod in (*tower.modules(), *extra):
+        out += [(mod, n) for n, p in mod.named_parameters(recurse=False) if p.requires_grad]
+    return out
+
+
+@contextmanager
+def _swapped(params: Sequence[TrainableParam], values: Sequence[torch.Tensor]) -> Iterator[None]:
+    """The parameters replaced by ``values`` (what ``torch.func.functional_call`` does, for
+    parameters that may live outside one module tree), restored on exit."""
+    saved = [mod._parameters[n] for mod, n in params]
+    try:
+        for (mod, n), v in zip(params, values):
+            mod._parameters[n] = v
+        yield
+    finally:
+        for (mod, n), p in zip(params, saved):
+            mod._parameters[n] = p
+
+
 def split_tower_outputs(tower: nn.Module,
                         inputs: Sequence[tuple[torch.Tensor, torch.Tensor | None]],
-                        split: VisionSplit) -> list[torch.Tensor]:
+                        split: VisionSplit,
+                        trainable: Sequence[TrainableParam] | None = None
+                        ) -> list[torch.Tensor]:
     """``[tower(pixels, grid) for pixels, grid in inputs]`` with the items of all inputs divided
     over ``split.group`` (one partition over all of them, balanced by rows) and gathered back:
-    the same values on every rank of the group, in the same order. Collective over the group."""
+    the same values on every rank of the group, in the same order. Collective over the group.
+    ``trainable``: the trainable parameters the tower reads (default: :func:`tower_trainable`
+    of the tower alone); their gradients are summed over TP (module docstring)."""
     rows = [item_rows(px, grid) for px, grid in inputs]
     flat = [(k, i) for k, r in enumerate(rows) for i in range(len(r))]
     start, end = balanced_blocks([rows[k][i] for k, i in flat], split.size)[split.rank]
     mine = flat[start:end]
-    trainable = [p for p in tower.parameters() if p.requires_grad]
-    differentiable = bool(trainable) and torch.is_grad_enabled()
-    params = None
+    if trainable is None:
+        trainable = tower_trainable(tower)
+    leaves = [mod._parameters[n] for mod, n in trainable]
+    differentiable = bool(leaves) and torch.is_grad_enabled()
+    used = leaves
     if differentiable and dist.get_world_size(split.tp_group) > 1:
         _check_no_checkpointing(tower)
-        names = [n for n, p in tower.named_parameters() if p.requires_grad]
-        params = dict(zip(names, _SumGradsOverGroup.apply(split.tp_group, *trainable)))
+        used = list(_SumGradsOverGroup.apply(split.tp_group, *leaves))
     dtype = next(tower.parameters()).dtype
     local: list[torch.Tensor] = []
     counts: list[int] = []
@@ -213,8 +247,11 @@ def split_tower_outputs(tower: nn.Module,
         r0 = sum(rows[k][: idx[0]])
         r1 = r0 + sum(rows[k][idx[0]: idx[-1] + 1])
         args = (px[r0:r1], grid[idx[0]: idx[-1] + 1] if grid is not None else None)
-        out = tower(*args) if params is None else \
-            torch.func.functional_call(tower, params, args, strict=False)
+        if used is leaves:
+            out = tower(*args)
+        else:
+            with _swapped(trainable, used):
+                out = tower(*args)
         local.append(out.to(dtype))
         counts.append(int(out.shape[0]))
     width = int(local[0].shape[-1]) if local else 0
@@ -229,8 +266,7 @@ def split_tower_outputs(tower: nn.Module,
     else:
         block = torch.zeros((0, width), dtype=dtype, device=device)
         if differentiable:  # same backward collectives as the ranks that ran the tower
-            ps = params.values() if params is not None else trainable
-            block = block + sum(p.sum() for p in ps) * 0.0
+            block = block + sum(p.sum() for p in used) * 0.0
     lengths = [sum(row[:-1]) for row in table]
     gathered = _GatherRows.apply(block, lengths, split.rank, split.group, split.cp_group)
     # gathered = [rank0: kind0 rows, kind1 rows, ...; rank1: ...] -> per kind, rank order
@@ -245,14 +281,17 @@ def split_tower_outputs(tower: nn.Module,
 
 class SplitTower(nn.Module):
     """A callable with the tower's signature (``(pixels, grid) -> features``) that divides each
-    call over ``split``; for families with their own ``VisionSpec.merge``. Holds the tower by
-    reference (it is not registered as a submodule, so no parameter is listed twice)."""
+    call over ``split``; for families with their own ``VisionSpec.merge``. Holds the tower and
+    its trainable-parameter list by reference (not as submodules: nothing is listed twice)."""
 
-    def __init__(self, tower: nn.Module, split: VisionSplit) -> None:
+    def __init__(self, tower: nn.Module, split: VisionSplit,
+                 trainable: Sequence[TrainableParam] | None = None) -> None:
         super().__init__()
         object.__setattr__(self, "_tower", tower)
         self.split = split
+        self.trainable = trainable
 
     def forward(self, pixel_values: torch.Tensor, grid: torch.Tensor | None = None
                 ) -> torch.Tensor:
-        return split_tower_outputs(self._tower, [(pixel_values, grid)], self.split)[0]
+        return split_tower_outputs(self._tower, [(pixel_values, grid)], self.split,
+                                   self.trainable)[0]

@@ -37,7 +37,7 @@ from mvlm.models.gpt import (
 )
 from mvlm.models.registry import FamilySpec, get_family
 from mvlm.models.vision import media_features, scatter_features
-from mvlm.models.vision_parallel import SplitTower, VisionSplit
+from mvlm.models.vision_parallel import SplitTower, TrainableParam, VisionSplit, tower_trainable
 from mvlm.runtime.compat import mark_tp_weights
 from mvlm.runtime.cp import split_for_cp
 from mvlm.runtime.parallel import ParallelLayout
@@ -91,7 +91,7 @@ class VLMModel(MegatronModule):
         vision = self.family.vision
         if vision.merge is not None:
             tower = self.vision_model if self.vision_split is None else \
-                SplitTower(self.vision_model, self.vision_split)
+                SplitTower(self.vision_model, self.vision_split, self.vision_trainable())
             return vision.merge(tower, emb, input_ids, media, self.hf_config)
         return scatter_features(emb, input_ids, self.vision_features(media), vision.media,
                                 self.token_ids)
@@ -100,8 +100,19 @@ class VLMModel(MegatronModule):
         """The tower's features per media kind (``{"image": [rows, hidden], ...}``), the same on
         every rank; divided over the TP x CP group when ``vision_split`` is set (then every rank
         of that group must call it with the same media)."""
+        if self.vision_split is None:
+            return media_features(self.vision_model, media, self.family.vision.media)
         return media_features(self.vision_model, media, self.family.vision.media,
-                              self.vision_split)
+                              self.vision_split, self.vision_trainable())
+
+    def vision_trainable(self) -> list[TrainableParam]:
+        """Trainable parameters the tower's forward reads: its own, and those of modules that
+        act on it from outside its tree -- LoRA/DoRA adapters (:mod:`mvlm.tuners`) live in the
+        model's adapter store and name their target by ``global_name`` (``vision_model.*``).
+        Read at every call: adapters and freezing come after the model is built."""
+        extra = [m for m in self.modules()
+                 if str(getattr(m, "global_name", "")).startswith("vision_model.")]
+        return tower_trainable(self.vision_model, extra)
 
     def media_inputs(self, media: Mapping[str, torch.Tensor | None]) -> dict[str, torch.Tensor]:
         """The family's media tensors out of ``media`` (None values dropped); a tensor under a

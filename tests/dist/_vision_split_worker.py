@@ -6,6 +6,8 @@ One launch, three layouts in turn on the same tiny Qwen2-VL and Qwen2.5-VL check
 2. TP2 with the split (the default): each case's features on every rank, the loss, every
    parameter gradient gathered to HF tensors, and each rank's own vision-parameter gradients;
 3. CP2 with the split: the same, after summing the gradients over CP (what Megatron's DDP does).
+With three images the ``SplitTower`` callable (what a family's own ``VisionSpec.merge`` gets)
+must give the same features too.
 Cases: one image, two and three images of different sizes, a text-only micro-batch, and three
 images with the ViT frozen and the merger trained (ms-swift's default). Bar: max|diff| /
 max(1, max|reference|) <= 1e-6 for all of them (printed per case).
@@ -195,6 +197,16 @@ def main(workdir: str) -> int:
                     refs[key] = out
                     continue
                 diffs = compare(refs[key], out)
+                if case == "three images":  # the callable a family's own VisionSpec.merge gets
+                    from mvlm.models.vision_parallel import SplitTower
+
+                    media = make_batch(cfg, family, grids, seed=i)["media"]
+                    with torch.no_grad():
+                        alone = SplitTower(m.vision_model, split)(
+                            media["pixel_values"], media["image_grid_thw"])
+                    ref = refs[key]["feats"]["image"]
+                    diffs["SplitTower"] = ((alone - ref).abs().max().item()
+                                           / max(1.0, ref.abs().max().item()), "image")
                 good = all(d <= TOL for d, _ in diffs.values())
                 ok &= good
                 print(f"[{name} rank {rank}] {fam} {case}: " + "; ".join(
