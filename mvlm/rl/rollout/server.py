@@ -178,7 +178,26 @@ def _load_weights_rpc(worker, tensors):
 def _sync_finish_rpc(worker):
     from vllm.model_executor.model_loader.reload import finalize_layerwise_reload
 
-    finalize_layerwise_reload(_model(worker), worker.model_runner.model_config)
+    model = _model(worker)
+    finalize_layerwise_reload(model, worker.model_runner.model_config)
+    _reprocess_tied_lm_head(model)
+
+
+def _reprocess_tied_lm_head(model) -> None:
+    """A tied ``lm_head`` shares ``embed_tokens``' weight but receives no tensor of its own in a
+    sync, so the layer-wise reload never re-processes it: on CPU its GEMM kernel keeps the
+    packed copy of the *old* embeddings made at start-up, and the logits would come from the old
+    output layer while every hidden state uses the new weights (found in GRPO, where the tied
+    embeddings train: engine vs trainer log-probs drifted apart step by step). Re-run the
+    layer's post-load processing on the shared, already updated weight."""
+    lm = getattr(model, "lm_head", None)
+    emb = getattr(getattr(model, "model", None), "embed_tokens", None)
+    w = getattr(lm, "weight", None)
+    if w is None or emb is None or w is not getattr(emb, "weight", None):
+        return
+    qm = getattr(lm, "quant_method", None)
+    if qm is not None and hasattr(qm, "process_weights_after_loading"):
+        qm.process_weights_after_loading(lm)
 
 
 def _packed_source(model, hf_name: str):
