@@ -1,15 +1,22 @@
-"""Conversion benchmark: wall time and peak memory of HF -> mcore -> HF on a ~1.5 GB model.
+"""Conversion benchmark: wall time, CPU time, throughput and peak memory of HF <-> mcore.
 
 Builds a random Qwen2.5-VL-shaped bf16 checkpoint (real vocabulary size, so the embedding is the
-largest tensor, as in real checkpoints), then in separate processes:
+largest tensor, as in real checkpoints), then, in one run and each in its own process:
 
-* baseline: ``transformers`` ``from_pretrained`` + a full ``state_dict()`` (what a naive
-  converter does before it can reshape anything);
-* ``mvlm convert --to mcore`` on 2 ranks (TP=2) and ``mvlm convert --to hf`` on 1 rank.
+* disk: the safetensors files read raw (``readinto`` one reused buffer), the speed any loader is
+  bounded by. The files were just written, so this is the warm page cache (dropping caches needs
+  privileges this machine does not give); every row below reads the same warm files;
+* plain load: ``transformers`` ``from_pretrained`` + ``state_dict()``, without a copy (the fair
+  memory comparison) and with ``v.clone()`` of every tensor (what the old baseline row did);
+* ``mvlm convert --to mcore`` at TP=1 and TP=2, and ``--to hf`` at TP=1 and TP=2 (from the TP=1
+  mcore output; each rank loads its shard of it).
 
-Memory is peak RSS per process above its own post-import RSS. The Megatron model itself has to
-live in memory (a rank's parameters), so the figure of merit is the overhead: peak above
-(baseline + the rank's own parameter bytes), compared with the largest single tensor.
+Times: "convert" is inside the process, after imports and process-group start-up (what a
+converter's work costs), wall and CPU seconds (user+sys, forked writers included; the CPU column
+is the steadier one on a shared machine). MB/s = checkpoint bytes / convert wall seconds.
+Memory is peak RSS per process above its own post-import RSS; the figure of merit is the
+overhead above the bytes of the rank's own parameters (which any converter must hold), compared
+with the largest single tensor.
 
     python bench/convert.py [--workdir /tmp/mvlm_bench_convert] [--record]
 """
@@ -30,18 +37,36 @@ REPO = Path(__file__).resolve().parents[1]
 
 BASELINE = textwrap.dedent("""
     import resource, sys, time, psutil, torch, transformers
+    def cpu():
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return r.ru_utime + r.ru_stime
     start = psutil.Process().memory_info().rss / 2**20
-    t = time.time()
+    t, c = time.time(), cpu()
     m = transformers.AutoModelForImageTextToText.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
-    sd = {k: v.clone() for k, v in m.state_dict().items()}
+    sd = m.state_dict()
+    if sys.argv[2] == "clone":
+        sd = {k: v.clone() for k, v in sd.items()}
     n = sum(v.numel() for v in sd.values())
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"BASELINE start_mb={start:.0f} peak_mb={peak:.0f} params={n} "
-          f"seconds={time.time() - t:.1f}")
+          f"seconds={time.time() - t:.2f} cpu_s={cpu() - c:.2f}")
+""")
+
+DISK = textwrap.dedent("""
+    import sys, time, torch
+    files, n = sys.argv[1:], 0
+    buf = torch.empty(256 * 2**20, dtype=torch.uint8).numpy()  # touch it before timing
+    buf[:] = 0
+    t = time.time()
+    for f in files:
+        with open(f, "rb", buffering=0) as h:
+            while (k := h.readinto(buf)):
+                n += k
+    print(f"DISK bytes={n} seconds={time.time() - t:.3f}")
 """)
 
 RX = re.compile(r"rank (\d+) memory start_mb=(\d+) peak_mb=(\d+) params_mb=(\d+) "
-                r"seconds=([\d.]+)")
+                r"seconds=([\d.]+) cpu_s=([\d.]+) phases=(\S*)")
 
 
 def build(workdir: Path, args) -> Path:
@@ -100,59 +125,82 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--ffn", type=int, default=6144)
     ap.add_argument("--vocab", type=int, default=151936)
-    ap.add_argument("--record", action="store_true", help="append to docs/benchmarks.md")
+    ap.add_argument("--record", action="store_true",
+                    help="replace the Conversion section of docs/benchmarks.md")
     args = ap.parse_args()
     wd = Path(args.workdir)
     wd.mkdir(parents=True, exist_ok=True)
     hf = build(wd, args)
     big, total = largest_tensor_mb(hf)
-    print(f"checkpoint: {total:.0f} MB bf16, largest tensor {big:.0f} MB")
+    print(f"checkpoint: {total:.0f} MB bf16, largest tensor {big:.0f} MB", flush=True)
 
-    out, wall = run([sys.executable, "-c", BASELINE, str(hf)])
-    m = re.search(r"start_mb=(\d+) peak_mb=(\d+) params=(\d+) seconds=([\d.]+)", out)
-    base = dict(wall=wall, start=int(m.group(1)), peak=int(m.group(2)),
-                work=float(m.group(4)))
-    rows = [("baseline: transformers from_pretrained + state_dict()", 0, base["wall"],
-             base["work"], base["peak"] - base["start"], total, None)]
+    out, _ = run([sys.executable, "-c", DISK, *map(str, sorted(hf.glob("*.safetensors")))])
+    m = re.search(r"bytes=(\d+) seconds=([\d.]+)", out)
+    disk_mbs = int(m.group(1)) / 2**20 / float(m.group(2))
+    print(f"disk (warm page cache): {disk_mbs:.0f} MB/s", flush=True)
 
-    mc = wd / "mcore"
-    out, wall = run(mvlm(2, ["convert", "--to", "mcore", "--model", str(hf), "--output",
-                             str(mc), "--tp", "2", "--torch_dtype", "bfloat16",
-                             "--overwrite"]))
-    for r, start, peak, params, sec in RX.findall(out):
-        rows.append((f"mvlm convert --to mcore (TP=2), rank {r}", int(r), wall, float(sec),
-                     int(peak) - int(start), int(params), None))
-    back = wd / "hf_back"
-    out, wall = run(mvlm(1, ["convert", "--to", "hf", "--model", str(mc), "--output",
-                             str(back), "--overwrite"]))
-    for r, start, peak, params, sec in RX.findall(out):
-        rows.append((f"mvlm convert --to hf (TP=1), rank {r}", int(r), wall, float(sec),
-                     int(peak) - int(start), int(params), None))
+    rows = []  # name, process wall, convert wall, convert cpu, rss above start, params MB
+    for mode in ("plain", "clone"):
+        out, wall = run([sys.executable, "-c", BASELINE, str(hf), mode])
+        m = re.search(r"start_mb=(\d+) peak_mb=(\d+) params=(\d+) seconds=([\d.]+) "
+                      r"cpu_s=([\d.]+)", out)
+        name = ("transformers from_pretrained + state_dict()" if mode == "plain" else
+                "transformers from_pretrained + state_dict() + clone()")
+        rows.append((name, wall, float(m.group(4)), float(m.group(5)),
+                     int(m.group(2)) - int(m.group(1)), total, ""))
+        print(rows[-1], flush=True)
 
-    lines = ["| step | wall s (process) | convert s | peak RSS above start, MB | rank's "
-             "params, MB | overhead above params, MB (x largest tensor) |",
-             "|---|---|---|---|---|---|"]
-    for name, _, wall, work, above, params, _ in rows:
+    def convert(label: str, nproc: int, cli: list[str]) -> None:
+        out, wall = run(mvlm(nproc, ["convert", *cli, "--overwrite"]))
+        for r, start, peak, params, sec, cpu, phases in RX.findall(out):
+            rows.append((f"{label}, rank {r}", wall, float(sec), float(cpu),
+                         int(peak) - int(start), int(params), phases))
+            print(rows[-1], flush=True)
+
+    mc = {tp: wd / f"mcore_tp{tp}" for tp in (1, 2)}
+    for tp in (1, 2):
+        convert(f"mvlm convert --to mcore (TP={tp})", tp,
+                ["--to", "mcore", "--model", str(hf), "--output", str(mc[tp]), "--tp", str(tp),
+                 "--torch_dtype", "bfloat16"])
+    for tp in (1, 2):
+        convert(f"mvlm convert --to hf (TP={tp})", tp,
+                ["--to", "hf", "--model", str(mc[1]), "--output", str(wd / f"hf_back_tp{tp}"),
+                 "--tp", str(tp)])
+
+    lines = ["| step | process wall s | convert wall s | convert CPU s | MB/s (wall) | "
+             "peak RSS above start, MB | rank's params, MB | overhead above params, MB "
+             "(x largest tensor) | phases wall/CPU s |",
+             "|---|---|---|---|---|---|---|---|---|",
+             f"| disk: raw read of the safetensors files (warm page cache) | | | | "
+             f"{disk_mbs:.0f} | | | | |"]
+    for name, wall, work, cpu, above, params, phases in rows:
         over = above - params
-        lines.append(f"| {name} | {wall:.1f} | {work:.1f} | {above:.0f} | {params:.0f} | "
-                     f"{over:.0f} ({over / big:.2f}x) |")
+        lines.append(f"| {name} | {wall:.1f} | {work:.2f} | {cpu:.2f} | {total / work:.0f} | "
+                     f"{above:.0f} | {params:.0f} | {over:.0f} ({over / big:.2f}x) | "
+                     f"{phases.replace(',', ', ')} |")
     table = "\n".join(lines)
     print(table)
-    result = {"total_mb": total, "largest_tensor_mb": big, "rows": rows,
-              "date": str(date.today())}
+    result = {"total_mb": total, "largest_tensor_mb": big, "disk_mb_s": disk_mbs,
+              "rows": rows, "date": str(date.today())}
     (wd / "result.json").write_text(json.dumps(result, indent=2))
     if args.record:
-        doc = REPO / "docs" / "benchmarks.md"
-        doc.parent.mkdir(exist_ok=True)
-        text = doc.read_text() if doc.exists() else "# Benchmarks\n"
-        section = (
-            f"\n## Conversion ({date.today()}, 2-core CPU, no GPU)\n\n"
-            f"Command: `python bench/convert.py --record` (Qwen2.5-VL-shaped, hidden "
-            f"{args.hidden}, {args.layers} layers, vocab {args.vocab}; {total:.0f} MB bf16, "
-            f"largest tensor {big:.0f} MB). Peak RSS is per process, above its RSS after "
-            "imports; 'overhead' subtracts the rank's own parameters, which any converter "
-            "must hold.\n\n" + table + "\n")
-        doc.write_text(text + section)
+        record(args, total, big, table)
+
+
+def record(args, total: float, big: float, table: str) -> None:
+    """Replace the Conversion section of docs/benchmarks.md (up to the next ``## ``)."""
+    doc = REPO / "docs" / "benchmarks.md"
+    text = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    section = (
+        f"## Conversion ({date.today()}, 2-core CPU shared with other jobs, no GPU)\n\n"
+        f"Command: `python bench/convert.py --record` (Qwen2.5-VL-shaped, hidden "
+        f"{args.hidden}, {args.layers} layers, vocab {args.vocab}; {total:.0f} MB bf16, "
+        f"largest tensor {big:.0f} MB). One run; every row is its own process. Peak RSS is "
+        "per process, above its RSS after imports; 'overhead' subtracts the rank's own "
+        "parameters, which any converter must hold.\n\n" + table + "\n\n")
+    m = re.search(r"^## Conversion.*?(?=^## |\Z)", text, flags=re.S | re.M)
+    text = text[:m.start()] + section + text[m.end():] if m else text + "\n" + section
+    doc.write_text(text)
 
 
 if __name__ == "__main__":

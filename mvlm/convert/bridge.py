@@ -1,15 +1,18 @@
 """HF <-> sharded Megatron-Core model, streaming, each rank touching only what it owns.
 
 Load: every rank walks its own parameters, finds the mapping for each, and reads just its
-TP/EP slice from the memory-mapped safetensors. Nothing is broadcast, so loading scales with
-the ranks and peak memory per rank is about one tensor slice.
+TP/EP slice from the safetensors files straight into the parameter (``Mapping.load_into``,
+``SafetensorsReader.read_into``). Nothing is broadcast, so loading scales with the ranks, and
+nothing but the model's own parameters is allocated (one slice-sized buffer when the file's
+dtype differs from the model's).
 
 Export: every rank computes, without data, the list of HF tensors it will write (names, shapes,
 dtypes); the lists are exchanged as metadata so that file names and the index are known before
-any tensor moves. Then ``mvlm.convert.stream.iter_hf_tensors`` gathers one parameter at a time
-over its (TP or expert-TP) group and the group's first rank appends the converted tensors to its
-own safetensors file. Writers on different pipeline stages and expert ranks work in parallel;
-nothing is funnelled through rank 0.
+any tensor moves. Then one parameter at a time is gathered onto its writer, a rank of its (TP or
+expert-TP) group chosen round-robin, which appends the converted tensors to its own safetensors
+file. All ranks of a TP group write (a share each), as do pipeline stages and expert ranks, in
+parallel; nothing is funnelled through rank 0. The tied-embedding and "which replica speaks"
+rules are :mod:`mvlm.convert.stream`'s.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from mvlm.convert.hf_io import (
     StreamingSafetensorsWriter,
     write_index,
 )
-from mvlm.convert.mapping import Mapping, ShardCtx, find_mapping
+from mvlm.convert.mapping import Mapping, ShardCtx, ShardShapeError, find_mapping
 from mvlm.models.vlm import ModelBundle
 
 log = logging.getLogger(__name__)
@@ -120,13 +123,13 @@ def load_hf_weights(bundle: ModelBundle, hf_dir: str | Path,
                 f"{hf_dir}: tensors {missing} needed for {e.global_name} are missing (looked "
                 "for the hub layout and transformers' module-tree layout, e.g. model.layers.* "
                 f"or model.language_model.layers.*); is this a {bundle.family.name} checkpoint?")
-        t = e.mapping.load(reader, e.idx, ctx)
-        if tuple(t.shape) != tuple(e.param.shape):
+        try:  # straight into the parameter: no full-size temporary, no second copy
+            e.mapping.load_into(reader, e.idx, ctx, e.param.data)
+        except ShardShapeError as err:
             raise CheckpointError(
-                f"{e.global_name}: HF tensors {names} give shape {tuple(t.shape)} but the "
+                f"{e.global_name}: HF tensors {names} give shape {err.shape} but the "
                 f"Megatron shard is {tuple(e.param.shape)}; config.json does not match the "
-                "weights")
-        e.param.data.copy_(t.to(e.param.dtype))
+                "weights") from None
         used.update(reader.disk_name(n) for n in names)
     if check_coverage:
         all_used: list[set[str]] = [set()] * dist.get_world_size()
@@ -148,6 +151,64 @@ _skip_on_export = _stream.skip_on_export
 _full_shape = _stream.full_shape
 
 
+def _writer(i: int, ctx: ShardCtx) -> int:
+    """The TP (expert-TP) group rank that writes entry ``i``: round-robin, so every member of the
+    group receives and writes about 1/size of the tensors, in parallel with the others."""
+    return i % ctx.tp_size
+
+
+def _gather_to(e: ParamEntry, ctx: ShardCtx, writer: int) -> torch.Tensor | None:
+    """The whole Megatron tensor on group rank ``writer`` (None elsewhere).
+
+    Point to point instead of ``all_gather`` (what :mod:`mvlm.convert.stream` does for the
+    receivers that all need the tensor): the writer allocates the full tensor once and receives
+    each shard into its place (row shards land directly; column shards go through one
+    shard-sized buffer); the other ranks send their shard and allocate nothing. Gloo's
+    all_gather would hold the shards, a flat receive buffer and the concatenation on every
+    rank: 3x the tensor, which at TP2 broke the 2x-largest-tensor memory bound."""
+    shard = e.param.detach()
+    dim = e.mapping.split_dim
+    if dim is None or ctx.tp_size == 1:
+        return shard if ctx.tp_rank == writer else None
+    group = _group(e.mapping)
+    ranks = dist.get_process_group_ranks(group)
+    if ctx.tp_rank != writer:
+        dist.send(shard.contiguous(), dst=ranks[writer], group=group)
+        return None
+    full = torch.empty(_full_shape(e, ctx), dtype=shard.dtype)
+    per = shard.shape[dim]
+    buf = None
+    for r in range(ctx.tp_size):
+        dst = full.narrow(dim, r * per, per)
+        if r == ctx.tp_rank:
+            dst.copy_(shard)
+        elif dst.is_contiguous():
+            dist.recv(dst, src=ranks[r], group=group)
+        else:
+            buf = torch.empty_like(shard, memory_format=torch.contiguous_format) \
+                if buf is None else buf
+            dist.recv(buf, src=ranks[r], group=group)
+            dst.copy_(buf)
+    return full
+
+
+def _writer_stream(bundle: ModelBundle, entries: list[ParamEntry], dtype: torch.dtype | None):
+    """(HF name, tensor) for the entries this rank writes, in ``entries`` order. Every rank of
+    every group walks the same list, so the sends and receives pair up in one order."""
+    for i, e in enumerate(entries):
+        if not _participates(e.mapping):
+            continue
+        ctx = shard_ctx(bundle, e.mapping)
+        full = _gather_to(e, ctx, _writer(i, ctx))
+        if full is None:
+            continue
+        hf = e.mapping.to_hf(full, e.idx, ctx)
+        del full
+        while hf:
+            name, t = hf.pop(0)
+            yield name, (t if dtype is None else t.to(dtype))
+
+
 @torch.no_grad()
 def export_hf_weights(bundle: ModelBundle, out_dir: Path, dtype: torch.dtype | None = None,
                       max_shard_bytes: int = 5 * 2**30) -> dict[str, str]:
@@ -156,11 +217,11 @@ def export_hf_weights(bundle: ModelBundle, out_dir: Path, dtype: torch.dtype | N
     entries = [e for e in param_entries(bundle) if not _skip_on_export(bundle, e)]
     # 1. Plan (metadata only).
     my_specs: list[tuple[str, torch.dtype, list[int]]] = []
-    for e in entries:
+    for i, e in enumerate(entries):
         if not _participates(e.mapping):
             continue
         ctx = shard_ctx(bundle, e.mapping)
-        if ctx.tp_rank != 0:
+        if ctx.tp_rank != _writer(i, ctx):
             continue
         for name, shape in e.mapping.hf_shapes(_full_shape(e, ctx), e.idx, ctx):
             my_specs.append((name, dtype or e.param.dtype, shape))
@@ -194,7 +255,7 @@ def export_hf_weights(bundle: ModelBundle, out_dir: Path, dtype: torch.dtype | N
     writer = None
     file_iter = iter(my_files)
     remaining = 0
-    for name, tensor in _stream.iter_hf_tensors(bundle, entries=entries, dtype=dtype):
+    for name, tensor in _writer_stream(bundle, entries, dtype):
         if remaining == 0:
             if writer is not None:
                 writer.close()

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -86,32 +87,41 @@ def run_convert(cfg: ConvertConfig) -> int:
     device = startup(layout, seed=1234, device=cfg.device).device
     t0 = time.time()
     rss_start = _rss_mb()
+    clock = PhaseClock()
     backend = choose_backend(device, cfg.transformer_impl)
     try:
         if cfg.to == "mcore":
             dtype = dtype_from_name(cfg.torch_dtype, _hf_dtype(hf_config) or torch.float32)
             if cfg.verify and cfg.torch_dtype is None:
                 dtype = torch.float32
-            bundle = build_model(hf_config, layout, dtype=dtype, device=device, backend=backend,
-                                 perform_initialization=False)
-            load_hf_weights(bundle, src)
+            with clock("build"):
+                bundle = build_model(hf_config, layout, dtype=dtype, device=device,
+                                     backend=backend, perform_initialization=False)
+            with clock("read"):
+                load_hf_weights(bundle, src)
             if cfg.verify:
-                _verify(bundle, src, cfg.verify_tol, device)
-            save_mcore(bundle, out, layout, hf_src=src, overwrite=cfg.overwrite,
-                       extra_meta={"hf_dtype": str(_hf_dtype(hf_config) or "")})
+                with clock("verify"):
+                    _verify(bundle, src, cfg.verify_tol, device)
+            with clock("write"):
+                save_mcore(bundle, out, layout, hf_src=src, overwrite=cfg.overwrite,
+                           extra_meta={"hf_dtype": str(_hf_dtype(hf_config) or "")})
         else:
             dtype = dtype_from_name(cfg.torch_dtype) if cfg.torch_dtype else None
-            bundle, meta = load_mcore(src, layout, device=device, dtype=dtype, backend=backend)
+            with clock("read"):  # includes building the model
+                bundle, meta = load_mcore(src, layout, device=device, dtype=dtype,
+                                          backend=backend)
             export_dtype = _hf_dtype(bundle.hf_config) or bundle.config.params_dtype
             check = None
             if cfg.verify:
                 def check(staged: Path) -> None:
-                    _verify(bundle, staged, cfg.verify_tol, device)
-            export_to_hf(bundle, src / "hf", out, export_dtype, cfg.overwrite,
-                         parse_size(cfg.max_shard_size), before_publish=check)
+                    with clock("verify"):
+                        _verify(bundle, staged, cfg.verify_tol, device)
+            with clock("write"):
+                export_to_hf(bundle, src / "hf", out, export_dtype, cfg.overwrite,
+                             parse_size(cfg.max_shard_size), before_publish=check)
         params_mb = sum(p.numel() * p.element_size() for m in bundle.models
                         for p in m.parameters()) / 2**20
-        _report_memory(rss_start, params_mb, time.time() - t0)
+        _report_memory(rss_start, params_mb, time.time() - t0, clock)
         if dist.get_rank() == 0:
             log.info("converted %s -> %s (%s) in %.1fs", src, out, cfg.to, time.time() - t0)
             print(f"mvlm convert: wrote {out}")
@@ -153,16 +163,49 @@ def _rss_mb() -> float:
     return psutil.Process().memory_info().rss / 2**20
 
 
-def _report_memory(rss_start: float, params_mb: float, seconds: float) -> None:
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its reaped children (Megatron-Core's checkpoint writer
+    forks): on a shared machine a steadier measure of the work than the wall clock."""
+    import resource
+
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(
+        resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+class PhaseClock:
+    """Wall and CPU seconds per named phase (``with clock("read"): ...``), for the report."""
+
+    def __init__(self) -> None:
+        self.phases: dict[str, tuple[float, float]] = {}
+        self.cpu0 = _cpu_seconds()
+
+    @contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        w, c = time.time(), _cpu_seconds()
+        try:
+            yield
+        finally:
+            pw, pc = self.phases.get(name, (0.0, 0.0))
+            self.phases[name] = (pw + time.time() - w, pc + _cpu_seconds() - c)
+
+    def summary(self) -> str:
+        return ",".join(f"{k}:{w:.2f}/{c:.2f}" for k, (w, c) in self.phases.items())
+
+
+def _report_memory(rss_start: float, params_mb: float, seconds: float,
+                   clock: PhaseClock) -> None:
     """One line per rank (rank order): peak RSS above the post-import baseline, next to the
-    bytes of this rank's own parameters, so conversion overhead is visible."""
+    bytes of this rank's own parameters, so conversion overhead is visible; wall and CPU
+    seconds in total and per phase (``phases=name:wall/cpu,...``)."""
     import resource
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    row = [dist.get_rank(), rss_start, peak, params_mb, seconds]
+    row = [dist.get_rank(), rss_start, peak, params_mb, seconds,
+           _cpu_seconds() - clock.cpu0, clock.summary()]
     rows: list = [None] * dist.get_world_size()
     dist.all_gather_object(rows, row)
     if dist.get_rank() == 0:
-        for r, start, pk, pm, sec in rows:
+        for r, start, pk, pm, sec, cpu, phases in rows:
             print(f"mvlm convert: rank {r} memory start_mb={start:.0f} peak_mb={pk:.0f} "
-                  f"params_mb={pm:.0f} seconds={sec:.1f}")
+                  f"params_mb={pm:.0f} seconds={sec:.2f} cpu_s={cpu:.2f} phases={phases}")

@@ -1,10 +1,12 @@
 """HF checkpoint I/O: a lazy safetensors reader and a streaming writer, both peak ~one tensor.
 
-Reading: ``safe_open`` memory-maps each shard and ``get_slice`` copies only the rows/columns a
-rank owns, so a TP rank never holds the full weight. Writing: safetensors' own ``save_file``
-needs every tensor of a file in memory at once; our writer computes the header from the planned
-(name, dtype, shape) list first, then appends each tensor's bytes as it arrives, so export
-memory is bounded by the largest tensor rather than by the shard or the model.
+Reading: the header says where each tensor's bytes are; ``read_into`` reads only the rows (or,
+per row, the columns) a rank owns with ``preadv``, straight into the destination parameter, so
+a TP rank never holds the full weight and loading makes no intermediate copy. Writing:
+safetensors' own ``save_file`` needs every tensor of a file in memory at once; our writer
+computes the header from the planned (name, dtype, shape) list first, then appends each
+tensor's bytes as it arrives (no copy of them), so export memory is bounded by the largest
+tensor rather than by the shard or the model.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import os
 import shutil
 import struct
 from contextlib import AbstractContextManager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -40,6 +43,20 @@ _DTYPE_TO_ST = {
 # Everything in an HF model directory that is not weights: configs, tokenizer, processor,
 # chat template. Copied verbatim on export so the result loads like the original download.
 AUX_SUFFIXES = (".json", ".txt", ".model", ".jinja", ".py", ".tiktoken", ".md")
+
+
+_ST_TO_DTYPE = {v: k for k, v in _DTYPE_TO_ST.items()}
+
+
+@dataclass(frozen=True)
+class _TensorLoc:
+    """Where one tensor's bytes are: file, absolute byte offset, dtype, shape."""
+
+    name: str
+    file: str
+    offset: int
+    dtype: torch.dtype
+    shape: list[int]
 
 
 class CheckpointError(ValueError):
@@ -82,6 +99,7 @@ class SafetensorsReader:
                 f"no {SINGLE_NAME} or {INDEX_NAME} in {self.dir}: point --model at a Hugging "
                 "Face model directory with safetensors weights")
         self._shapes: dict[str, list[int]] = {}
+        self._locs: dict[str, _TensorLoc] = {}
         if weight_map is None:
             self.weight_map = {k: SINGLE_NAME for k in self._validate(SINGLE_NAME)}
         else:
@@ -119,14 +137,25 @@ class SafetensorsReader:
         output exists; remember shapes so planning needs no further opens."""
         h = self._open(fname)
         keys = list(h.keys())
+        del h
+        with open(self.dir / fname, "rb") as f:  # safe_open checked the header above
+            n = struct.unpack("<Q", f.read(8))[0]
+            header = json.loads(f.read(n))
         for k in keys:
-            self._shapes[k] = list(h.get_slice(k).get_shape())
+            info = header[k]
+            self._shapes[k] = list(info["shape"])
+            if info["dtype"] not in _ST_TO_DTYPE:
+                raise CheckpointError(f"{self.dir / fname}: tensor {k!r} has dtype "
+                                      f"{info['dtype']}, which mvlm convert does not read; "
+                                      f"supported: {sorted(_ST_TO_DTYPE)}")
+            self._locs[k] = _TensorLoc(k, fname, 8 + n + info["data_offsets"][0],
+                                       _ST_TO_DTYPE[info["dtype"]], list(info["shape"]))
         return keys
 
     def _open(self, fname: str):
-        # Deliberately not cached: a long-lived memory map keeps every page this rank touched
-        # resident, so RSS would grow to the size of all slices read. Reopening per tensor
-        # (a header parse) keeps peak memory at about one tensor.
+        # Only used to validate a shard (safetensors checks header and sizes); data is read
+        # with plain preadv (see read_into), never through a long-lived memory map, which would
+        # keep every page this rank touched resident.
         path = self.dir / fname
         if not path.exists():
             raise CheckpointError(
@@ -153,28 +182,97 @@ class SafetensorsReader:
 
     def read(self, name: str, dim: int | None = None, start: int | None = None,
              stop: int | None = None) -> torch.Tensor:
-        name = self.disk_name(name)
-        if name not in self.weight_map:
+        """A new tensor with the slice ``[start:stop]`` along ``dim`` (whole tensor if None),
+        in the dtype on disk."""
+        loc = self._loc(name)
+        out = torch.empty(self._slice_shape(loc, dim, start, stop), dtype=loc.dtype)
+        self._read(loc, out, dim, start, stop)
+        return out
+
+    def read_into(self, name: str, out: torch.Tensor, dim: int | None = None,
+                  start: int | None = None, stop: int | None = None) -> None:
+        """Copy the slice ``[start:stop]`` along ``dim`` straight from the file into ``out``.
+
+        Why not ``safe_open(...).get_slice``: that builds a new tensor (one copy), which a
+        converter then has to copy into its parameter (a second copy, and a second buffer the
+        size of the slice). Here the bytes go from the page cache into ``out``'s own memory with
+        ``preadv``: no mmap (so nothing stays resident after the call) and no temporary, unless
+        ``out`` has another dtype than the file (then one slice-sized buffer, cast into ``out``).
+        """
+        loc = self._loc(name)
+        shape = self._slice_shape(loc, dim, start, stop)
+        if list(out.shape) != shape:
+            raise ValueError(f"read_into {name!r}: destination has shape {list(out.shape)}, "
+                             f"the slice has {shape}")
+        if out.dtype == loc.dtype and out.is_contiguous() and out.device.type == "cpu":
+            self._read(loc, out, dim, start, stop)
+        else:
+            buf = torch.empty(shape, dtype=loc.dtype)
+            self._read(loc, buf, dim, start, stop)
+            out.copy_(buf)
+
+    def _loc(self, name: str) -> _TensorLoc:
+        disk = self.disk_name(name)
+        if disk not in self.weight_map:
             raise CheckpointError(f"tensor {name!r} not found in {self.dir}")
-        handle = self._open(self.weight_map[name])
-        sl = handle.get_slice(name)
-        try:
-            if dim is None:
-                t = sl[:]
-            elif dim == 0:
-                t = sl[start:stop]
-            elif dim == 1:
-                t = sl[:, start:stop]
-            else:
-                raise ValueError(f"slicing along dim {dim} is not supported")
-        except Exception as e:
-            if isinstance(e, ValueError) and "not supported" in str(e):
-                raise
-            raise CheckpointError(f"reading {name!r} from {self.dir} failed ({e}); the shard "
-                                  "is likely corrupt: re-download it") from e
-        t = t.clone() if t.is_contiguous() else t.contiguous()
-        del sl, handle
-        return t
+        return self._locs[disk]
+
+    def _slice_shape(self, loc: _TensorLoc, dim: int | None, start: int | None,
+                     stop: int | None) -> list[int]:
+        shape = list(loc.shape)
+        if dim is None:
+            return shape
+        if dim not in (0, 1) or dim >= len(shape):
+            raise ValueError(f"slicing along dim {dim} is not supported")
+        lo = 0 if start is None else start
+        hi = shape[dim] if stop is None else stop
+        if not 0 <= lo <= hi <= shape[dim]:
+            raise CheckpointError(f"reading {loc.name!r} from {self.dir}: slice [{start}:{stop}] "
+                                  f"along dim {dim} is outside its shape {shape}")
+        shape[dim] = hi - lo
+        return shape
+
+    def _read(self, loc: _TensorLoc, out: torch.Tensor, dim: int | None, start: int | None,
+              stop: int | None) -> None:
+        """Fill contiguous CPU ``out`` (the file's dtype) with the slice, by direct reads."""
+        if out.numel() == 0:
+            return
+        dst = memoryview(out.reshape(-1).view(torch.uint8).numpy()).cast("B")
+        esize = out.element_size()
+        shape = loc.shape
+        path = self.dir / loc.file
+        with open(path, "rb", buffering=0) as f:
+            fd = f.fileno()
+            if dim is None or dim == 0:
+                # whole rows: one contiguous byte range of the file
+                row = esize * _numel(shape[1:])
+                lo = (start or 0) if dim == 0 else 0
+                _pread_full(fd, dst, loc.offset + lo * row, path)
+                return
+            # dim 1: every row contributes one contiguous run of columns
+            lo = start or 0
+            inner = esize * _numel(shape[2:])
+            src_row, run = shape[1] * inner, out.shape[1] * inner
+            base = loc.offset + lo * inner
+            for r in range(shape[0]):
+                _pread_full(fd, dst[r * run:(r + 1) * run], base + r * src_row, path)
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def _pread_full(fd: int, dst: memoryview, offset: int, path: Path) -> None:
+    done = 0
+    while done < len(dst):
+        n = os.preadv(fd, [dst[done:]], offset + done)
+        if n <= 0:
+            raise CheckpointError(f"shard {path} is corrupt or truncated (ends before byte "
+                                  f"{offset + len(dst)}); re-download it")
+        done += n
 
 
 class StreamingSafetensorsWriter:
@@ -204,15 +302,18 @@ class StreamingSafetensorsWriter:
             raise RuntimeError(
                 f"streaming writer expected {exp_name} {dtype} {shape}, got {name} "
                 f"{tensor.dtype} {list(tensor.shape)}")
-        t = tensor.detach().contiguous().cpu()
-        self._f.write(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        t = tensor.detach().cpu().contiguous()
+        if t.numel():  # the tensor's own bytes, no bytes() copy of it
+            self._f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
         self._next += 1
 
     def close(self) -> None:
         if self._next != len(self.specs):
             raise RuntimeError(f"{self.path}: wrote {self._next} of {len(self.specs)} tensors")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        # No fsync per file: what makes an output trustworthy is the staged directory renamed
+        # into place only when every file is complete (mvlm.convert.publish), which a killed
+        # process cannot break; durability across a power loss is the filesystem's, as for
+        # transformers' save_pretrained. An fsync here cost the disk's full write time per shard.
         self._f.close()
         fault_point("mid_write", self.path)  # tests: a kill lands with one shard complete
 

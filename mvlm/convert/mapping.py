@@ -22,6 +22,25 @@ class TensorReader(Protocol):
     def shape(self, name: str) -> list[int]: ...
 
 
+class ShardShapeError(ValueError):
+    """The HF tensors give a shard of another shape than the Megatron parameter (config.json
+    does not match the weights); ``shape`` is what the HF tensors give."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__(f"HF tensors give a shard of shape {shape}")
+        self.shape = tuple(shape)
+
+
+def _read_into(reader: TensorReader, name: str, out: torch.Tensor, dim: int | None = None,
+               start: int | None = None, stop: int | None = None) -> None:
+    """``reader.read_into`` when the reader has it (no intermediate tensor), else read + copy."""
+    fast = getattr(reader, "read_into", None)
+    if fast is not None:
+        fast(name, out, dim, start, stop)
+    else:
+        out.copy_(reader.read(name, dim, start, stop))
+
+
 @dataclass(frozen=True)
 class ShardCtx:
     """Where this rank's shard sits: TP rank/size (ETP for expert mappings), true and padded
@@ -72,6 +91,18 @@ class Mapping:
     def load(self, reader: TensorReader, idx: dict[str, str], ctx: ShardCtx) -> torch.Tensor:
         raise NotImplementedError
 
+    def load_into(self, reader: TensorReader, idx: dict[str, str], ctx: ShardCtx,
+                  out: torch.Tensor) -> None:
+        """Fill ``out`` (this rank's shard, e.g. the parameter itself) with what ``load`` returns.
+
+        Subclasses read each HF slice straight into its place in ``out`` when the HF shapes are
+        the ones this shard implies (``_direct_ok``); otherwise, and here, ``load`` + copy, which
+        raises ``ShardShapeError`` on a mismatch as before."""
+        t = self.load(reader, idx, ctx)
+        if tuple(t.shape) != tuple(out.shape):
+            raise ShardShapeError(tuple(t.shape))
+        out.copy_(t)
+
     def to_hf(self, full: torch.Tensor, idx: dict[str, str], ctx: ShardCtx
               ) -> list[tuple[str, torch.Tensor]]:
         raise NotImplementedError
@@ -100,6 +131,12 @@ class Replicated(Mapping):
     def load(self, reader, idx, ctx):
         return reader.read(self.hf_names(idx)[0])
 
+    def load_into(self, reader, idx, ctx, out):
+        name = self.hf_names(idx)[0]
+        if list(reader.shape(name)) != list(out.shape):
+            raise ShardShapeError(tuple(reader.shape(name)))
+        _read_into(reader, name, out)
+
     def to_hf(self, full, idx, ctx):
         return [(self.hf_names(idx)[0], full)]
 
@@ -114,6 +151,14 @@ class Column(Mapping):
         lo, hi = _rows(ctx, reader.shape(name)[0])
         return reader.read(name, 0, lo, hi)
 
+    def load_into(self, reader, idx, ctx, out):
+        name = self.hf_names(idx)[0]
+        shape = list(reader.shape(name))
+        lo, hi = _rows(ctx, shape[0])
+        if [hi - lo, *shape[1:]] != list(out.shape):
+            raise ShardShapeError((hi - lo, *shape[1:]))
+        _read_into(reader, name, out, 0, lo, hi)
+
     def to_hf(self, full, idx, ctx):
         return [(self.hf_names(idx)[0], full)]
 
@@ -127,6 +172,14 @@ class Row(Mapping):
         name = self.hf_names(idx)[0]
         lo, hi = _rows(ctx, reader.shape(name)[1])
         return reader.read(name, 1, lo, hi)
+
+    def load_into(self, reader, idx, ctx, out):
+        name = self.hf_names(idx)[0]
+        shape = list(reader.shape(name))
+        lo, hi = _rows(ctx, shape[1])
+        if [shape[0], hi - lo, *shape[2:]] != list(out.shape):
+            raise ShardShapeError((shape[0], hi - lo, *shape[2:]))
+        _read_into(reader, name, out, 1, lo, hi)
 
     def to_hf(self, full, idx, ctx):
         return [(self.hf_names(idx)[0], full)]
@@ -154,6 +207,19 @@ class VocabColumn(Mapping):
             out = torch.zeros((hi - lo, hidden), dtype=dtype)
         return out
 
+    def load_into(self, reader, idx, ctx, out):
+        name = self.hf_names(idx)[0]
+        v, hidden = reader.shape(name)
+        if v != ctx.vocab_size:
+            raise ValueError(f"{name} has {v} rows but config vocab_size is {ctx.vocab_size}")
+        lo, hi = _rows(ctx, ctx.vocab_padded)
+        if [hi - lo, hidden] != list(out.shape):
+            raise ShardShapeError((hi - lo, hidden))
+        n = max(0, min(hi, v) - lo)
+        if n:
+            _read_into(reader, name, out[:n], 0, lo, lo + n)
+        out[n:].zero_()  # padding rows
+
     def to_hf(self, full, idx, ctx):
         return [(self.hf_names(idx)[0], full[: ctx.vocab_size])]
 
@@ -177,6 +243,23 @@ class QKV(Mapping):
         return torch.cat([q.reshape(n, hpg * d, *tail), k.reshape(n, d, *tail),
                           v.reshape(n, d, *tail)], dim=1).reshape(-1, *tail)
 
+    def load_into(self, reader, idx, ctx, out):
+        qn, kn, vn = self.hf_names(idx)
+        d, ng = ctx.head_dim, ctx.num_kv_heads
+        hpg = ctx.num_heads // ng
+        g0, g1 = _rows(ctx, ng)
+        qs, ks, vs = (list(reader.shape(x)) for x in (qn, kn, vn))
+        tail = qs[1:]
+        n = g1 - g0
+        if (qs[0] != ng * hpg * d or ks != vs or ks != [ng * d, *tail]
+                or list(out.shape) != [n * (hpg + 2) * d, *tail] or not out.is_contiguous()):
+            return super().load_into(reader, idx, ctx, out)  # concatenate, report the shape
+        grp = out.view(n, (hpg + 2) * d, *tail)
+        for i, g in enumerate(range(g0, g1)):  # each query group: its heads, then K, then V
+            _read_into(reader, qn, grp[i, : hpg * d], 0, g * hpg * d, (g + 1) * hpg * d)
+            _read_into(reader, kn, grp[i, hpg * d: (hpg + 1) * d], 0, g * d, (g + 1) * d)
+            _read_into(reader, vn, grp[i, (hpg + 1) * d:], 0, g * d, (g + 1) * d)
+
     def to_hf(self, full, idx, ctx):
         qn, kn, vn = self.hf_names(idx)
         d, ng = ctx.head_dim, ctx.num_kv_heads
@@ -197,6 +280,15 @@ class GatedMLP(Mapping):
         gn, un = self.hf_names(idx)
         lo, hi = _rows(ctx, reader.shape(gn)[0])
         return torch.cat([reader.read(gn, 0, lo, hi), reader.read(un, 0, lo, hi)], dim=0)
+
+    def load_into(self, reader, idx, ctx, out):
+        gn, un = self.hf_names(idx)
+        gs, us = list(reader.shape(gn)), list(reader.shape(un))
+        lo, hi = _rows(ctx, gs[0])
+        if gs != us or [2 * (hi - lo), *gs[1:]] != list(out.shape):
+            return super().load_into(reader, idx, ctx, out)
+        _read_into(reader, gn, out[: hi - lo], 0, lo, hi)
+        _read_into(reader, un, out[hi - lo:], 0, lo, hi)
 
     def to_hf(self, full, idx, ctx):
         gn, un = self.hf_names(idx)
