@@ -16,7 +16,8 @@ from mvlm.runtime.quiet import silence_startup_noise
 
 # Sub-commands whose flags mvlm.train.args parses: name -> what it does (for the help line).
 TRAIN_TASKS: dict[str, str] = {"pt": "continued pre-training", "sft": "supervised fine-tuning",
-                               "rlhf": "preference / RL (--rlhf_type dpo|cpo|simpo|orpo|grpo)"}
+                               "rlhf": "preference / RL "
+                                       "(--rlhf_type dpo|cpo|simpo|orpo|kto|rm|grpo)"}
 
 
 def _setup_logging() -> None:
