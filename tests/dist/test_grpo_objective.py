@@ -112,9 +112,9 @@ def runs(tmp_path_factory, tiny_ckpt):
     expert.write_text("".join(json.dumps({"messages": [
         {"role": "user", "content": q}, {"role": "assistant", "content": a}]}) + "\n"
         for q, a in (("Count to five.", "1 2 3 4 5"), ("Say hi.", "hi"))))
-    chord = run("chord", ["--train_iters", "1"], {
-        **GRPO, "chord_sft_dataset": str(expert), "chord_mu_peak": 0.5, "chord_mu_valley": 0.5,
-        "chord_sft_per_device_train_batch_size": 2})
+    chord_flags = {**GRPO, "chord_sft_dataset": str(expert), "chord_mu_peak": 0.5,
+                   "chord_mu_valley": 0.5, "chord_sft_per_device_train_batch_size": 2}
+    chord = run("chord", ["--train_iters", "1"], chord_flags)
     sft = {"name": "sft", "sft": True, "out": str(tmp / "sft"), "argv": common(
         hf, expert, tmp / "sft", steps=1) + ["--micro_batch_size", "2", "--global_batch_size",
                                             "2"]}
@@ -123,8 +123,8 @@ def runs(tmp_path_factory, tiny_ckpt):
     one = _launch([run("ref", []), run("lora", lora), rloo, bad, run("vl", [], vl=True), chord,
                    sft, dyn], 1, tmp, "one")
     two = _launch([run(k, v) for k, v in LAYOUTS.items()] + [
-        run("dp2", []), run("vl_tp2", ["--tp", "2"], vl=True), run("vl_dp2", [], vl=True)],
-        2, tmp, "two")
+        run("dp2", []), run("vl_tp2", ["--tp", "2"], vl=True), run("vl_dp2", [], vl=True),
+        run("chord_tp2", ["--tp", "2", "--train_iters", "1"], chord_flags)], 2, tmp, "two")
     return one | two | {"vl_hf": str(vl_hf)}
 
 
@@ -244,3 +244,12 @@ def test_vl_dp2_text_prompt_beside_an_image(runs):
     assert [len(s["prompts"]) for s in steps] == [1, 1, 1]
     assert [s["images"] for s in steps] == [
         GRPO["num_generations"] * sum(tok in p for p in s["prompts"]) for s in steps]
+
+
+def test_chord_tp2_equals_one_rank(runs):
+    """CHORD at TP2: the expert batch's vocab-parallel cross-entropy and the mixed loss equal
+    one rank's (<= 1e-6 relative)."""
+    (a,), (b,) = runs["chord_tp2"], runs["chord"]
+    for k in ("loss", "chord/sft_loss", "chord/mu", "reward"):
+        assert abs(a[k] - b[k]) <= 1e-6 * max(1.0, abs(b[k])), (k, a[k], b[k])
+    print("chord tp2 vs one rank:", {k: abs(a[k] - b[k]) for k in ("loss", "chord/sft_loss")})
