@@ -7,7 +7,7 @@ off) and two-rank runs at TP2, PP2, CP2 and LoRA at TP2, three steps each on the
 * after an update the reference no longer equals the policy (rewards != 0) and the policy has
   moved towards the chosen answers (margins > 0, loss < ln 2);
 * every layout's losses and DPO metrics equal the one-rank run's over the 3 steps (bound
-  1e-5 relative, floor 1);
+  1e-5 relative, floor 1; LoRA at TP2 2e-5, see TOLS);
 * KTO (same launches: one rank and TP2) on the pairs split into 2 desirable + 2 undesirable
   rows: step-1 loss 0.625 exactly (0.5 per row, undesirable weight 1.5), rewards and kl 0;
   TP2 equals one rank;
@@ -28,6 +28,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from test_train_parity import common  # noqa: E402
+
+# two launches of 5 and 6 short runs: ~5 min on an idle 2-core box, more under CI load
+pytestmark = pytest.mark.timeout(1800)
 
 LN2_FP32 = float(torch.tensor(math.log(2.0), dtype=torch.float32))
 METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies",
@@ -167,12 +170,18 @@ def test_step0_reference_equals_policy(runs, name):
     assert logs[-1]["rewards/margins"] > 0 and logs[-1]["loss"] < LN2_FP32
 
 
+# LoRA at TP2 (lr 5e-2): measured 1.02e-5 on rewards/margins at step 3 since the vision tower's
+# images are divided over the TP ranks (mvlm.models.vision_parallel: another reduction order of
+# the adapters' gradients); the full-training layouts stay below 1e-6
+TOLS = {"lora_tp2": 2e-5}
+
+
 @pytest.mark.parametrize("name,ref", [(k, "ref") for k in LAYOUTS] + [("lora_tp2", "lora")])
 def test_layouts_equal_one_rank(runs, name, ref):
     worst = (0.0, "", 0)
     for a, b in zip(runs[name], runs[ref], strict=True):
         for k in METRICS:
             worst = max(worst, (abs(a[k] - b[k]) / max(1.0, abs(b[k])), k, a["step"]))
-            assert _close(a[k], b[k]), (name, a["step"], k, a[k], b[k])
+            assert _close(a[k], b[k], TOLS.get(name, 1e-5)), (name, a["step"], k, a[k], b[k])
     print(f"{name} vs {ref}: max relative difference {worst[0]:.2e} ({worst[1]}, step "
           f"{worst[2]})")
