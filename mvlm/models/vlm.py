@@ -264,7 +264,8 @@ def build_model(hf_config: PretrainedConfig, layout: ParallelLayout, *, dtype: t
                                 sequence_parallel=sequence_parallel,
                                 recompute_granularity=recompute_granularity,
                                 recompute=recompute, attn_impl=attn_impl,
-                                perform_initialization=perform_initialization, dropout=dropout)
+                                perform_initialization=perform_initialization, dropout=dropout,
+                                backend=backend)
     vpad = vocab_padded or padded_vocab_size(arch.vocab_size, layout.tp)
     if vpad % layout.tp:
         raise ValueError(f"padded vocabulary {vpad} is not divisible by TP={layout.tp}")
