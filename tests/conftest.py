@@ -29,8 +29,11 @@ def tiny_ckpt(tmp_path_factory):
 # ---- where CI time goes, independent of machine load (issue 16) ----------------------------------
 # Wall-clock durations (--durations) swell when other jobs share the 2 cores; CPU seconds of the
 # test process and of its waited-for children (torchrun ranks, mvlm subprocesses) do not, so the
-# per-file CPU totals printed at the end are what to trim against.
+# per-file CPU totals printed at the end are what to trim against. Each test's CPU seconds ride on
+# its teardown report (user_properties), so the totals also add up under pytest-xdist, where the
+# tests run in worker processes and the summary is printed by the controller.
 _CPU_BY_FILE: dict[str, float] = {}
+_CPU_START: dict[str, float] = {}
 
 
 def _cpu_now() -> float:
@@ -40,12 +43,26 @@ def _cpu_now() -> float:
     return s.ru_utime + s.ru_stime + c.ru_utime + c.ru_stime
 
 
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    _CPU_START[item.nodeid] = _cpu_now()
+
+
 @pytest.hookimpl(hookwrapper=True)
-def pytest_runtest_protocol(item, nextitem):
-    t0 = _cpu_now()
-    yield
-    f = item.nodeid.split("::")[0]
-    _CPU_BY_FILE[f] = _CPU_BY_FILE.get(f, 0.0) + _cpu_now() - t0
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    if call.when == "teardown" and item.nodeid in _CPU_START:
+        cpu = _cpu_now() - _CPU_START.pop(item.nodeid)
+        outcome.get_result().user_properties.append(("cpu_s", cpu))
+
+
+def pytest_runtest_logreport(report):
+    if report.when != "teardown":
+        return
+    for k, v in report.user_properties:
+        if k == "cpu_s":
+            f = report.nodeid.split("::")[0]
+            _CPU_BY_FILE[f] = _CPU_BY_FILE.get(f, 0.0) + v
 
 
 def pytest_terminal_summary(terminalreporter):
