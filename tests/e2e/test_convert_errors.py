@@ -114,8 +114,8 @@ def test_failed_verification_leaves_nothing(tiny_ckpt, tmp_path):
     script.write_text(textwrap.dedent(f"""
         import sys
         import mvlm.convert.mapping as m
-        orig = m.Row.load
-        m.Row.load = lambda self, *a: orig(self, *a) + 1e-2
+        orig = m.Row.load_into  # the loader reads into the parameter with load_into
+        m.Row.load_into = lambda self, *a: (orig(self, *a), a[-1].add_(1e-2))
         from mvlm.cli import main
         sys.exit(main(["convert", "--to", "mcore", "--model", {str(tiny_ckpt("qwen2"))!r},
                        "--output", {str(out)!r}, "--verify"]))
