@@ -61,7 +61,10 @@ def add_grpo_args(p: argparse._ActionsContainer) -> None:
       help="stop when token_mult_prob_error (mean exp|dlogp| engine vs trainer) exceeds this")
     a("--reward_funcs", nargs="+", default=[],
       help="accuracy format cosine repetition soft_overlong, or names from --external_plugins")
-    a("--reward_weights", nargs="+", type=float, default=None, help="one per reward function")
+    a("--reward_model", nargs="+", default=[],
+      help="reward model dirs (mvlm rlhf --rlhf_type rm exports), scored after --reward_funcs")
+    a("--reward_weights", nargs="+", type=float, default=None,
+      help="one per reward function, then one per --reward_model")
     a("--external_plugins", nargs="+", default=[], help="python files registering orms[...]")
     a("--on_reward_error", default="raise", choices=["raise", "skip"],
       help="a reward function that raises / returns bad values: stop, or count and skip")
@@ -117,6 +120,7 @@ def grpo_configs(ns: Any, *, num_generations: int, max_completion_length: int) -
         max_completion_length=max_completion_length)
     rew = RewardConfig(
         reward_funcs=list(ns.reward_funcs), reward_weights=ns.reward_weights,
+        reward_model=list(getattr(ns, "reward_model", None) or []),
         external_plugins=list(ns.external_plugins), on_reward_error=ns.on_reward_error,
         max_completion_length=max_completion_length,
         cosine_min_len_value_wrong=ns.cosine_min_len_value_wrong,

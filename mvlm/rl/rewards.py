@@ -105,6 +105,7 @@ class RewardConfig:
 
     reward_funcs: list[str] = field(default_factory=list)
     reward_weights: list[float] | None = None
+    reward_model: list[str] = field(default_factory=list)
     external_plugins: list[str] = field(default_factory=list)
     on_reward_error: str = "raise"
     max_completion_length: int = 512
@@ -119,6 +120,8 @@ class RewardConfig:
     soft_cache_length: int | None = None
 
     def __post_init__(self) -> None:
+        for d in self.reward_model:
+            check_reward_model_dir(d)
         if self.on_reward_error not in ON_REWARD_ERROR:
             raise ValueError(f"--on_reward_error {self.on_reward_error!r}: choose raise (stop at "
                              "the first bad reward) or skip (count it and leave it unscored)")
@@ -160,7 +163,7 @@ def _reward_cfg(args: Any) -> RewardConfig:
     from dataclasses import fields
 
     return RewardConfig(**{f.name: getattr(args, f.name) for f in fields(RewardConfig)
-                           if f.name not in ("reward_funcs", "external_plugins")
+                           if f.name not in ("reward_funcs", "external_plugins", "reward_model")
                            and getattr(args, f.name, None) is not None})
 
 
@@ -455,9 +458,13 @@ class RewardSet:
 
     def __call__(self, completions: Sequence[str], rows: Sequence[Mapping[str, Any]] | None = None,
                  *, response_token_ids: Sequence[Sequence[int]] | None = None,
-                 trainer_state: Any = None) -> RewardResult:
+                 trainer_state: Any = None,
+                 prompt_token_ids: Sequence[Sequence[int]] | None = None,
+                 prompt_media: Sequence[Mapping[str, Any]] | None = None) -> RewardResult:
         """``rows``: the dataset row of each completion (one per completion, repeated over a
-        group); every column reaches the functions as a keyword argument holding a list."""
+        group); every column reaches the functions as a keyword argument holding a list.
+        ``prompt_token_ids`` / ``prompt_media``: each completion's encoded prompt and its media
+        (what a ``--reward_model`` scores the completion after); passed when given."""
         n = len(completions)
         rows = list(rows) if rows is not None else [{} for _ in range(n)]
         if len(rows) != n:
@@ -467,7 +474,8 @@ class RewardSet:
         for r in rows:
             for k in r:
                 kwargs.setdefault(k, None)
-        for k in ("completions", "response_token_ids", "trainer_state"):
+        for k in ("completions", "response_token_ids", "trainer_state", "prompt_token_ids",
+                  "prompt_media"):
             if k in kwargs:
                 raise ValueError(f"dataset column '{k}' clashes with the reward-function argument "
                                  f"of that name: rename the column")
@@ -476,6 +484,11 @@ class RewardSet:
             if len(response_token_ids) != n:
                 raise ValueError(f"{len(response_token_ids)} token-id lists for {n} completions")
             kwargs["response_token_ids"] = [list(x) for x in response_token_ids]
+        for key, val in (("prompt_token_ids", prompt_token_ids), ("prompt_media", prompt_media)):
+            if val is not None:
+                if len(val) != n:
+                    raise ValueError(f"{len(val)} {key} entries for {n} completions")
+                kwargs[key] = list(val)
         kwargs["trainer_state"] = trainer_state
         out = torch.full((n, len(self.funcs)), float("nan"), dtype=torch.float32)
         skipped: dict[str, int] = {}
@@ -544,10 +557,11 @@ def build_rewards(cfg: RewardConfig, args: Any = None,
     """Load ``--external_plugins``, resolve ``--reward_funcs`` and ``--reward_weights``.
 
     ``args``: what reward classes receive as ``args`` (the run's flags; default ``cfg``).
-    ``extra``: further (name, callable) rewards, e.g. a ``--reward_model``, weighted after the
-    named functions in the order given."""
+    ``extra``: further (name, callable) rewards, weighted after the named functions in the order
+    given; the ``--reward_model`` directories come last (ms-swift's order of the weights)."""
     if cfg.external_plugins:
         load_external_plugins(cfg.external_plugins)
+    extra = list(extra) + _reward_models(cfg.reward_model, taken=set(cfg.reward_funcs))
     names = list(cfg.reward_funcs) + [n for n, _ in extra]
     if not names:
         raise ValueError("GRPO needs a reward: pass --reward_funcs (built-ins: "
@@ -569,6 +583,98 @@ def build_rewards(cfg: RewardConfig, args: Any = None,
         raise ValueError(f"--reward_weights has {len(weights)} values for {len(names)} reward "
                          f"functions ({', '.join(names)}): give one weight per function")
     return RewardSet(names, funcs, [float(w) for w in weights], cfg.on_reward_error)
+
+
+# --------------------------------------------------------------------------- reward models
+
+def check_reward_model_dir(path: str) -> None:
+    """Refuse a ``--reward_model`` that is not an ``mvlm rlhf --rlhf_type rm`` export (cheap:
+    files only, so a bad path fails while the flags are parsed)."""
+    import json
+
+    from mvlm.rl.reward_model import META_FILE
+
+    p = Path(path)
+    fix = ("pass the hf/ directory an `mvlm rlhf --rlhf_type rm` run exported (docs/preference.md)")
+    if not p.is_dir():
+        raise ValueError(f"--reward_model {path}: no such directory; {fix}")
+    missing = [f for f in (META_FILE, "config.json") if not (p / f).is_file()]
+    if missing:
+        raise ValueError(f"--reward_model {path}: not a reward model, {' and '.join(missing)} "
+                         f"missing; {fix}")
+    try:
+        meta = json.loads((p / META_FILE).read_text())
+    except ValueError as e:
+        raise ValueError(f"--reward_model {path}: {META_FILE} is not JSON ({e}); {fix}") from e
+    head = meta.get("head") if isinstance(meta, dict) else None
+    if head == "value_head":
+        if not (p / str(meta.get("file", ""))).is_file():
+            raise ValueError(f"--reward_model {path}: {META_FILE} names the value head file "
+                             f"{meta.get('file')!r}, which is missing; {fix}")
+    elif head != "sequence_classification":
+        raise ValueError(f"--reward_model {path}: {META_FILE} has head {head!r}, not "
+                         f"sequence_classification or value_head; {fix}")
+
+
+class RewardModelReward:
+    """A ``--reward_model`` as a reward function: the model's score of each completion's prompt
+    token ids followed by its completion token ids (with the prompt's media), i.e. the
+    conversation the policy produced. Token ids rather than re-encoded text, so the reward model
+    must use the policy's tokenizer (trained from the same base, as ms-swift assumes too); an id
+    outside its vocabulary is refused. Runs wherever the rewards are computed (every rank, on its
+    own completions), on the current CUDA device when there is one."""
+
+    def __init__(self, name: str, model: Any) -> None:
+        self.name, self.model = name, model
+        self._placed = False
+
+    def __call__(self, completions: list[str], *, prompt_token_ids: Sequence[Sequence[int]]
+                 | None = None, response_token_ids: Sequence[Sequence[int]] | None = None,
+                 prompt_media: Sequence[Mapping[str, Any]] | None = None,
+                 **kwargs: Any) -> list[float]:
+        if prompt_token_ids is None or response_token_ids is None:
+            raise ValueError(f"--reward_model {self.model.path} scores prompt + completion token "
+                             "ids; this batch has no prompt_token_ids / response_token_ids")
+        if not self._placed:
+            if torch.cuda.is_available():
+                self.model.model.to(torch.device("cuda", torch.cuda.current_device()))
+            self._placed = True
+        vocab = self.model.model.get_input_embeddings().num_embeddings
+        out = []
+        for i, (p, c) in enumerate(zip(prompt_token_ids, response_token_ids, strict=True)):
+            ids = list(p) + list(c)
+            if max(ids) >= vocab:
+                raise ValueError(f"--reward_model {self.model.path}: token id {max(ids)} of "
+                                 f"completion {i} is outside its vocabulary ({vocab}); the reward "
+                                 "model must share the policy's tokenizer")
+            media = dict(prompt_media[i]) if prompt_media is not None else {}
+            out.append(float(self.model.score_ids(torch.tensor(ids), **media)))
+        return out
+
+
+def _reward_models(dirs: Sequence[str], taken: set[str]) -> list[tuple[str, Any]]:
+    """(name, reward function) per ``--reward_model`` directory; the name (in metrics as
+    ``rewards/<name>/mean``) is the directory's basename, made unique with ``_2``, ``_3``..."""
+    from mvlm.rl.reward_model import load_reward_model
+
+    out: list[tuple[str, Any]] = []
+    taken = set(taken)
+    for d in dirs:
+        check_reward_model_dir(d)
+        base = Path(d).resolve().name or "reward_model"
+        name, k = base, 1
+        while name in taken:
+            k += 1
+            name = f"{base}_{k}"
+        taken.add(name)
+        try:
+            rm = load_reward_model(d)
+        except Exception as e:
+            raise ValueError(f"--reward_model {d}: loading it with transformers failed: "
+                             f"{type(e).__name__}: {e}") from e
+        _ORIGIN[name] = f"--reward_model {d}"
+        out.append((name, RewardModelReward(name, rm)))
+    return out
 
 
 def _builtin_names() -> set[str]:

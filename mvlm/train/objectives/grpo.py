@@ -522,14 +522,18 @@ class GRPOObjective(Objective):
         dist.all_reduce(mx, op=dist.ReduceOp.MAX)  # off the last stage both are 0
         return float(mx[0]), float(mx[1])
 
-    def _score(self, trainer: Trainer, comps: list, rows: list[dict]) -> Any:
+    def _score(self, trainer: Trainer, comps: list, rows: list[dict],
+               prompts: list | None = None) -> Any:
         """Rewards of this rank's completions (``rows``: each completion's dataset columns, e.g.
         ``solution``, passed to the reward functions as keyword arguments)."""
         if self.tokenizer is None:  # set-up runs before the Trainer attaches its data
             self.tokenizer = trainer.data.template.tokenizer
         texts = [self.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in comps]
         return self.rewards(texts, rows, response_token_ids=[c.token_ids for c in comps],
-                            trainer_state={"global_step": trainer.step})
+                            trainer_state={"global_step": trainer.step},
+                            prompt_token_ids=None if prompts is None else
+                            [list(p.input_ids) for p in prompts],
+                            prompt_media=None if prompts is None else [p.media for p in prompts])
 
     def _rollout_once(self, trainer: Trainer, batches: list[dict]) -> tuple[list, list, Any]:
         """Prompts of the micro-batches, their rollout groups, and the completions' rewards."""
@@ -541,7 +545,8 @@ class GRPOObjective(Objective):
         comps = [c for g in groups for c in g.completions]
         extra = [r for b in batches for r in (b.get("extra") or [{}] * len(b["input_ids"]))]
         rows = [extra[g.prompt_index] for g in groups for _ in g.completions]
-        return prompts, groups, self._score(trainer, comps, rows)
+        return prompts, groups, self._score(trainer, comps, rows, [
+            prompts[g.prompt_index] for g in groups for _ in g.completions])
 
     def _collect(self, trainer: Trainer, batches: list[dict]) -> tuple[list, list, Any, dict]:
         """One rollout of the step's prompts; with ``--dynamic_sample`` (DAPO) also up to
