@@ -26,6 +26,10 @@ Built-ins (``--reward_funcs``), with ms-swift's flags and defaults:
 * ``soft_overlong`` (DAPO): 0 up to ``--soft_max_length - --soft_cache_length`` tokens, then
   linearly down to -1 at ``--soft_max_length`` (default ``--max_completion_length``), -1 beyond.
 
+``--reward_model DIR ...``: each reward-model export (``mvlm rlhf --rlhf_type rm``) is one more
+function, named by the directory's basename, scoring prompt + completion token ids
+(:class:`RewardModelReward`); they come after ``--reward_funcs`` in the weights.
+
 ``--reward_weights`` gives one weight per function (default 1 each). Errors are located: a function
 that raises, returns the wrong number of values, a non-number, NaN or inf stops the run with the
 function's name and origin, or with ``--on_reward_error skip`` its values for that batch become
