@@ -46,10 +46,23 @@ def test_grpo_command_reward_rises(tmp_path, tiny_ckpt):
     data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": q}],
                                         "solution": f"sol-{i}"}) + "\n"
                             for i, q in enumerate(PROMPTS)))
+    # a reward model (random tiny Qwen2ForSequenceClassification on the policy's tokenizer) at
+    # weight 0: scored and logged on every step without changing the learning signal
+    import torch
+    import transformers
+
+    rm = tmp_path / "tiny_rm"
+    rm_cfg = transformers.AutoConfig.from_pretrained(hf)
+    rm_cfg.num_labels = 1
+    torch.manual_seed(0)
+    transformers.Qwen2ForSequenceClassification(rm_cfg).save_pretrained(rm)
+    transformers.AutoTokenizer.from_pretrained(hf).save_pretrained(rm)
+    (rm / "reward_model.json").write_text('{"head": "sequence_classification"}')
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "mvlm", "rlhf", "--rlhf_type", "grpo", "--model", str(hf),
            "--dataset", str(data), "--external_plugins", str(tmp_path / "plugin.py"),
-           "--reward_funcs", "even_tokens", "solution_seen", "--num_generations", "8",
+           "--reward_funcs", "even_tokens", "solution_seen", "--reward_model", str(rm),
+           "--reward_weights", "1", "1", "0", "--num_generations", "8",
            "--max_completion_length", "8", "--temperature", "1.0", "--top_k", "3",
            "--top_p", "1.0", "--beta", "0", "--use_vllm", "false", "--torch_dtype", "float32",
            "--train_iters", "8", "--micro_batch_size", "2", "--global_batch_size", "2",
@@ -71,6 +84,8 @@ def test_grpo_command_reward_rises(tmp_path, tiny_ckpt):
     assert all("rewards/even_tokens/mean" in x and "completions/mean_length" in x for x in logs)
     # the dataset's `solution` column reached the plugin as a keyword argument on every step
     assert all(x["rewards/solution_seen/mean"] == 0.0 for x in logs)
+    rm_means = [x["rewards/tiny_rm/mean"] for x in logs]
+    assert all(abs(v) < 1e3 for v in rm_means) and len(set(rm_means)) > 1, rm_means
 
 
 @pytest.mark.parametrize("flags,needle", [
