@@ -1,4 +1,4 @@
-"""torchrun worker of test_internvl: InternVL conversions at several layouts, then training runs,
+"""torchrun worker of test_internvl_layouts: InternVL conversions at several layouts, then training runs,
 all in ONE launch (``import megatron`` and the process group are paid once).
 
 Spec (JSON, argv[1]): ``{"convert": [{"name", "hf", "save_at"?, "layouts": [...]}], "out": DIR,

@@ -109,7 +109,9 @@ def _check(out: Path) -> list[dict]:
     assert train and all(k in train[0] for k in ("step", "loss", "lr", "grad_norm",
                                                   "consumed_samples", "tokens_per_sec"))
     assert any("eval_loss" in r for r in recs)
-    assert (out / "latest").exists() and (out / "hf" / "model.safetensors").exists()
+    hf = out / "hf"  # one file, or one shard per writing rank with an index (TP>1 export)
+    assert (out / "latest").exists()
+    assert (hf / "model.safetensors").exists() or (hf / "model.safetensors.index.json").exists()
     return train
 
 

@@ -593,6 +593,7 @@ def test_megatron_full_script_with_epoch_saves_tb_dir_and_name_freezing(tiny_ckp
     sequence parallel, full recompute, frozen ViT/aligner) plus the trainer-level ms-swift flags
     this issue added: --save_strategy epoch (checkpoint + eval at each epoch's last step),
     --tensorboard_dir, --freeze_parameters (layer 0 of the LLM stays bit-identical)."""
+    from helpers import load_all_safetensors
     from safetensors.torch import load_file
 
     from mvlm.demo_data import write_demo_dataset
@@ -639,7 +640,8 @@ def test_megatron_full_script_with_epoch_saves_tb_dir_and_name_freezing(tiny_ckp
     assert saved == [2, 3], saved
     assert list((work / "tb").glob("events.out.tfevents.*")) and not (out / "runs").exists()
     before = load_file(str(vl / "model.safetensors"))
-    after = load_file(str(out / "hf" / "model.safetensors"))
+    # a TP>1 export writes one shard per writing rank (model-0000k-of-0000n + index)
+    after = load_all_safetensors(out / "hf")
     layer0 = [k for k in before if ".layers.0." in k and "visual" not in k]
     layer1 = [k for k in before if ".layers.1." in k and "visual" not in k]
     assert layer0 and layer1
