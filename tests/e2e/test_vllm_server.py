@@ -304,7 +304,13 @@ def test_guide_grpo_server_mode(served, tmp_path):
     assert [r["step"] for r in recs] == list(range(1, 9))  # 32 rows / (2 x 2) a step
     # rollouts at steps 1, 3, 5, 7 (--num_iterations 2), each on freshly pushed weights
     assert all(m <= 1.01 for m in mism[::2]), mism
-    assert sum(rewards[-2:]) / 2 >= rewards[0] + 0.1, rewards
+    # One rollout scores 32 completions x 8 tokens: its mean reward has a sampling std of ~0.03,
+    # and bf16 training at lr 5e-3 wobbles (a CI run went 0.49 -> 0.62 -> 0.67 -> 0.59). Learning
+    # is asserted on the mean of the three later rollouts against the first, and the last one
+    # must still be above the start.
+    per_rollout = rewards[::2]
+    assert sum(per_rollout[1:]) / 3 >= per_rollout[0] + 0.05, rewards
+    assert per_rollout[-1] > per_rollout[0], rewards
     h = _wait_health(served.port, served.proc, served.log)
     assert h["stale"] is None and h["last_sync"]["tensors"] > 0, h
 
