@@ -9,6 +9,8 @@ Layout of ``<output_dir>/checkpoint-<step>/`` (a superset of :mod:`mvlm.convert.
     model/               torch_dist: {"model": ..., "optimizer": ...} (optimizer optional)
     trainer_state.json   step, consumed_samples, scheduler state, layout, world size, skipped
     rng/rank_<r>.pt      python/numpy/torch/Megatron-tracker RNG states of rank r
+    rank_state/rank_<r>.pt  the Trainer's per-rank state (batches queued for repeat, the
+                         objective's own, e.g. GRPO's rollout buffer), when it has any
 
 Atomicity: everything goes into a hidden staging directory; after every rank has finished,
 rank 0 renames it into place and only then rewrites ``<output_dir>/latest`` (temp file +
@@ -128,8 +130,10 @@ def _sharded_state(bundle: ModelBundle, optimizer, is_loading: bool,
 
 def save_checkpoint(out_dir: Path, step: int, bundle: ModelBundle, optimizer, scheduler,
                     layout: ParallelLayout, hf_src: Path, state: dict[str, Any],
-                    save_total_limit: int | None = None, save_optim: bool = True) -> Path:
-    """Collective: write ``checkpoint-<step>`` atomically, point ``latest`` at it, prune."""
+                    save_total_limit: int | None = None, save_optim: bool = True,
+                    rank_state: Any = None) -> Path:
+    """Collective: write ``checkpoint-<step>`` atomically, point ``latest`` at it, prune.
+    ``rank_state``: this rank's picklable trainer state (:func:`rank_state_file`)."""
     from megatron.core import dist_checkpointing
 
     out_dir = Path(out_dir)
@@ -148,6 +152,9 @@ def save_checkpoint(out_dir: Path, step: int, bundle: ModelBundle, optimizer, sc
                                 str(staging / "model"))
         fault_point("mid_write", staging)  # tests: torch_dist written, the rest not yet
         torch.save(_rng_state(), staging / "rng" / f"rank_{dist.get_rank():05d}.pt")
+        if rank_state is not None:
+            rank_state_file(staging).parent.mkdir(exist_ok=True)
+            torch.save(rank_state, rank_state_file(staging))
         if dist.get_rank() == 0:
             full_state = {**state, "step": step, "layout": asdict(layout),
                           "world_size": dist.get_world_size(), "has_optimizer": save_optim,
@@ -164,6 +171,11 @@ def save_checkpoint(out_dir: Path, step: int, bundle: ModelBundle, optimizer, sc
             copy_aux_files(Path(hf_src), hf)
             bundle.hf_config.save_pretrained(hf)
     return final
+
+
+def rank_state_file(path: Path) -> Path:
+    """Where this rank's trainer state lives in checkpoint ``path``."""
+    return Path(path) / "rank_state" / f"rank_{dist.get_rank():05d}.pt"
 
 
 def write_latest(out_dir: Path, name: str) -> None:

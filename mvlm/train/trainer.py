@@ -107,6 +107,7 @@ class Trainer:
         self.adapter_run = False
         self.export_dtype: torch.dtype | None = None
         self._data_iter: Any = None
+        self._repeats: list[dict] = []  # micro-batches handed out again (repeat_batches)
         self._tlog: Any = None
         self._stopper: Any = None
         self._fb = get_forward_backward_func()
@@ -249,12 +250,32 @@ class Trainer:
 
     # ---- one step ------------------------------------------------------------------------------
     def next_batches(self, it: Any = None, n: int | None = None) -> list[dict]:
-        """The next ``n`` (default: a step's) micro-batches of this DP rank from the loader."""
-        it = self._data_iter if it is None else it
+        """The next ``n`` (default: a step's) micro-batches of this DP rank: the ones queued by
+        :meth:`repeat_batches` first, then the loader's. ``consumed`` counts loader reads only
+        (all DP ranks), so it is where a resumed run reopens the loader."""
+        n = self.num_microbatches if n is None else n
+        if it is None and self._repeats:
+            out, self._repeats = self._repeats[:n], self._repeats[n:]
+            return out
+        own = it is None
+        it = self._data_iter if own else it
         if it is None:
             raise RuntimeError("this Trainer has no data: build it with Trainer.from_config or "
                                "pass batches to train_step")
-        return [next(it) for _ in range(self.num_microbatches if n is None else n)]
+        out = [next(it) for _ in range(n)]
+        if own:
+            from megatron.core import parallel_state
+
+            self.consumed += n * self.cfg.schedule.micro_batch_size * \
+                parallel_state.get_data_parallel_world_size()
+        return out
+
+    def repeat_batches(self, batches: list[dict], times: int) -> None:
+        """Hand ``batches`` (micro-batches of this DP rank) to the next ``times`` calls of
+        :meth:`next_batches` again before the loader moves on: an objective that trains on one
+        batch for several steps (GRPO's ``--num_iterations``, TRL's ``RepeatSampler`` order).
+        The queue is part of the checkpoint, so a run resumed mid-way gets them too."""
+        self._repeats.extend(dict(b) for _ in range(times) for b in batches)
 
     def prepare_batches(self, batches: list[dict]) -> list[dict]:
         """On the device, one length where PP/EP need it, checked and completed by the
@@ -302,7 +323,6 @@ class Trainer:
         else:  # Megatron's convention: a skipped update does not advance the LR schedule
             self.skipped += 1
         self.step += 1
-        self.consumed += self.cfg.schedule.global_batch_size
         tok = torch.tensor([local_tokens], dtype=torch.float64)
         dist.all_reduce(tok, group=self._dp_group)
         return StepOutput(stats, upd, lr, float(tok[0]))
@@ -352,7 +372,8 @@ class Trainer:
             self.out_dir, at, self.bundle, self.optimizer, self.scheduler, self.layout,
             self.src_dir, {"consumed_samples": self.consumed, "skipped_steps": self.skipped,
                            "train_iters": self.train_iters, "task": cfg.task},
-            save_total_limit=cfg.ckpt.save_total_limit, save_optim=cfg.ckpt.save_optim)
+            save_total_limit=cfg.ckpt.save_total_limit, save_optim=cfg.ckpt.save_optim,
+            rank_state=self._rank_state())
         if self.rank == 0:
             log.info("saved %s", path)
         self.last_saved = path
@@ -364,9 +385,37 @@ class Trainer:
                                      self.layout)
         self.step, self.consumed = int(state["step"]), int(state["consumed_samples"])
         self.skipped = int(state.get("skipped_steps", 0))
+        self._load_rank_state(path, state)
         if self.rank == 0:
             log.info("resumed from %s at step %d (%d samples consumed)", path, self.step,
                      self.consumed)
+
+    def _rank_state(self) -> dict | None:
+        obj = self.objective.state_dict()
+        if not self._repeats and obj is None:
+            return None
+        return {"repeats": self._repeats, "objective": obj}
+
+    def _load_rank_state(self, path: Path, state: dict) -> None:
+        """The batches queued for repeat and the objective's state, saved per rank: restored
+        on the same layout (as the RNG states are); batches queued for repeat cannot move to
+        another layout, so such a checkpoint is refused there."""
+        f = ckpt.rank_state_file(path)
+        if not f.exists():
+            return
+        rs = torch.load(f, weights_only=False)
+        if state.get("layout") != asdict(self.layout) or \
+                state.get("world_size") != dist.get_world_size():
+            if rs["repeats"]:
+                raise ValueError(
+                    f"{path} was saved while a batch was being reused (e.g. a rollout over "
+                    f"--num_iterations steps) on layout {state.get('layout')}: resume it on "
+                    "that layout, or from a checkpoint of a step that starts a new batch")
+            if self.rank == 0:
+                log.info("resuming at a different layout: the objective's state not restored")
+            return
+        self._repeats = [steps.to_device(b, self.device) for b in rs["repeats"]]
+        self.objective.load_state_dict(self, rs["objective"])
 
     # ---- the loop ------------------------------------------------------------------------------
     def fit(self) -> TrainResult:

@@ -120,8 +120,10 @@ def runs(tmp_path_factory, tiny_ckpt):
                                             "2"]}
     dyn = run("dyn", [], {**GRPO, "reward_funcs": ["flat_or_even"], "dynamic_sample": "true",
                           "max_resample_times": 3})
+    # stopped after step 1 (mid-way through the rollout reused by step 2), then resumed
+    res_stop = dict(run("res", ["--exit_interval", "1"]), name="res_stop")
     one = _launch([run("ref", []), run("lora", lora), rloo, bad, run("vl", [], vl=True), chord,
-                   sft, dyn], 1, tmp, "one")
+                   sft, dyn, res_stop, run("res", [])], 1, tmp, "one")
     two = _launch([run(k, v) for k, v in LAYOUTS.items()] + [
         run("dp2", []), run("vl_tp2", ["--tp", "2"], vl=True), run("vl_dp2", [], vl=True),
         run("chord_tp2", ["--tp", "2", "--train_iters", "1"], chord_flags)], 2, tmp, "two")
@@ -192,6 +194,20 @@ def test_num_iterations_repeats_prompts(runs, name):
     seen = [tuple(p) for p in s1 + s3]
     assert len(set(seen)) == len(seen) == (2 if name == "dp2" else 4), seen
 
+
+
+def test_resume_mid_rollout_equals_uninterrupted(runs):
+    """--num_iterations 2, stopped by --exit_interval 1 after step 1 and resumed: step 2 reuses
+    the checkpointed rollout (and gets its prompts from the checkpointed repeat queue), step 3
+    reads the loader where the uninterrupted run does and samples with the same engine seeds:
+    steps 2 and 3 equal the uninterrupted run's exactly."""
+    ref, res = runs["ref"], [s for s in runs["res"] if s["step"] > 1]
+    assert [s["step"] for s in res] == [2, 3]
+    assert [s["consumed_samples"] for s in ref] == [2, 2, 4]  # one global batch per rollout
+    for a, b in zip(res, ref[1:], strict=True):
+        for k in (*COMPARED, "consumed_samples", "grad_norm", "ratio/mean"):
+            assert a[k] == b[k], (a["step"], k, a[k], b[k])
+    assert runs["prompts:res"] == runs["prompts:ref"][1:]
 
 
 @pytest.mark.parametrize("name", ["vl", "vl_tp2"])

@@ -84,6 +84,15 @@ class Objective(ABC):
         model writes its head there)."""
         return None
 
+    def state_dict(self) -> Any:
+        """This rank's state that a resumed run needs to continue exactly (picklable; saved in
+        the checkpoint per rank), or None."""
+        return None
+
+    def load_state_dict(self, trainer: Trainer, state: Any) -> None:
+        """Restore what :meth:`state_dict` returned (after the trainer's own state)."""
+        return None
+
     def prepare_step(self, trainer: Trainer, batches: list[dict]) -> list[dict]:
         """Before each step's schedule (train and eval): may attach tensors to the micro-batches."""
         return batches

@@ -33,8 +33,10 @@ training micro-batches:
 With ``--num_iterations`` k, one rollout batch is trained on for k consecutive optimizer steps
 (the ratio to the rollout policy is then no longer 1 after the first). As TRL's
 ``RepeatSampler`` does, the k-1 reusing steps are handed the rollout's prompt batches again (put
-in front of the Trainer's data iterator), so the data advances by one global batch per rollout
-and no prompt is skipped; a reusing step checks that it got them.
+through :meth:`Trainer.repeat_batches`), so the data advances by one global batch per rollout
+and no prompt is skipped; a reusing step checks that it got them. A checkpoint holds the queued
+batches and the rollout being reused (:meth:`GRPOObjective.state_dict`, per rank), so a run
+resumed mid-way continues as the uninterrupted one.
 
 Prompts with images: each prompt's media (``pixel_values`` / ``image_grid_thw`` or whatever keys
 the family declares) are split out of the loader's micro-batch (:mod:`mvlm.rl.media`) and go to
@@ -335,15 +337,28 @@ class GRPOObjective(Objective):
 
     def _repeat_prompts(self, trainer: Trainer, batches: list[dict]) -> None:
         """TRL's ``RepeatSampler`` order: the k-1 steps that reuse a rollout see the same prompt
-        micro-batches again, so the data advances by one global batch per rollout, not per
-        optimizer step (no prompt is skipped). The Trainer reads its next micro-batches from
-        ``trainer._data_iter``; the rollout's batches are put in front of it k-1 times."""
-        import itertools
-
-        k = self.num_iterations - 1
+        micro-batches again (:meth:`Trainer.repeat_batches`), so the data advances by one global
+        batch per rollout, not per optimizer step (no prompt is skipped)."""
         self._prompt_ids = [b["input_ids"] for b in batches]
-        again = [dict(b) for _ in range(k) for b in batches]
-        trainer._data_iter = itertools.chain(again, trainer._data_iter)
+        trainer.repeat_batches(batches, self.num_iterations - 1)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs to go on exactly: the engine's call count (its per-call
+        sampling seeds) and, mid-way through ``--num_iterations``, the rollout being reused."""
+        mid = self._buffer is not None and self._uses < self.num_iterations
+        return {"engine_calls": getattr(self.engine, "_calls", None),
+                "buffer": self._buffer if mid else None, "uses": self._uses,
+                "prompt_ids": self._prompt_ids if mid else []}
+
+    def load_state_dict(self, trainer: Trainer, state: Any) -> None:
+        from mvlm.train.steps import to_device
+
+        if state.get("engine_calls") is not None and hasattr(self.engine, "_calls"):
+            self.engine._calls = int(state["engine_calls"])
+        if state.get("buffer") is not None:
+            self._buffer = [to_device(b, trainer.device) for b in state["buffer"]]
+            self._uses = int(state["uses"])
+            self._prompt_ids = [t.to(trainer.device) for t in state["prompt_ids"]]
 
     def _check_repeated(self, batches: list[dict]) -> None:
         ids = [b["input_ids"] for b in batches]
