@@ -99,6 +99,15 @@ class VisionSpec:
     merge: Callable[..., torch.Tensor] | None = None
     # HF module paths (prefixes) of the tower in the transformers model, for PEFT target names
     peft_tower_prefixes: tuple[str, ...] = ()
+    # (hf_config, HF processor output) -> the same media in this family's batch layout, where
+    # the two differ (any-resolution LLaVA: padded tiles -> rows + grid); None = the
+    # processor's keys are the batch keys. Used where a batch is built from the processor
+    # (verification).
+    from_processor: Callable[[PretrainedConfig, Mapping[str, Any]], dict[str, Any]] | None = None
+    # hf_config -> K DeepStack levels (Qwen3-VL): the tower returns its features and K levels
+    # concatenated on the last dim; level i is added after decoder layer i
+    # (:mod:`mvlm.models.deepstack`). None: no DeepStack.
+    deepstack_levels: Callable[[PretrainedConfig], int] | None = None
 
     @property
     def batch_keys(self) -> tuple[str, ...]:

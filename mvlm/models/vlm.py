@@ -28,6 +28,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from transformers import PretrainedConfig
 
+from mvlm.models import deepstack
 from mvlm.models.gpt import (
     RecomputeConfig,
     TextArch,
@@ -70,6 +71,15 @@ class VLMModel(MegatronModule):
         if self.vision_model is not None and vit_parallel:
             self.vision_split = VisionSplit.from_parallel_state()
         self.share_embeddings_and_output_weights = arch.tie_word_embeddings
+        # DeepStack (Qwen3-VL): this micro-batch's per-level addends, this rank's rows
+        self.deepstack_levels = family.vision.deepstack_levels(hf_config) \
+            if family.is_vlm and family.vision.deepstack_levels else 0
+        self._deepstack: list[torch.Tensor] | None = None
+        if self.deepstack_levels:
+            layers = self.language_model.decoder.layers
+            deepstack.check_layout(self.deepstack_levels, layers, pre_process,
+                                   config.recompute_granularity)
+            deepstack.install_hooks(layers, self.deepstack_levels, lambda: self._deepstack)
 
     # Pipeline plumbing -------------------------------------------------------------------
     def set_input_tensor(self, input_tensor) -> None:
@@ -93,8 +103,12 @@ class VLMModel(MegatronModule):
             tower = self.vision_model if self.vision_split is None else \
                 SplitTower(self.vision_model, self.vision_split, self.vision_trainable())
             return vision.merge(tower, emb, input_ids, media, self.hf_config)
-        return scatter_features(emb, input_ids, self.vision_features(media), vision.media,
-                                self.token_ids)
+        feats = self.vision_features(media)
+        if self.deepstack_levels:
+            feats, levels = deepstack.split_levels(feats, emb.shape[-1], self.deepstack_levels)
+            self._deepstack = deepstack.level_embeddings(emb, input_ids, levels, vision.media,
+                                                         self.token_ids)
+        return scatter_features(emb, input_ids, feats, vision.media, self.token_ids)
 
     def vision_features(self, media: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The tower's features per media kind (``{"image": [rows, hidden], ...}``), the same on
@@ -147,12 +161,18 @@ class VLMModel(MegatronModule):
         cp_size = parallel_state.get_context_parallel_world_size()
         cp_rank = parallel_state.get_context_parallel_rank()
         decoder_input = None
+        self._deepstack = None
         if self.pre_process:
             emb = self.embed(input_ids, self.media_inputs(media))
-            emb = split_for_cp(emb, 0, cp_size, cp_rank)
-            if cfg.sequence_parallel:
-                emb = tensor_parallel.scatter_to_sequence_parallel_region(emb)
-            decoder_input = emb
+
+            def local(x: torch.Tensor) -> torch.Tensor:  # this rank's rows of a [s, b, h]
+                x = split_for_cp(x, 0, cp_size, cp_rank)
+                return tensor_parallel.scatter_to_sequence_parallel_region(x) \
+                    if cfg.sequence_parallel else x
+
+            decoder_input = local(emb)
+            if self._deepstack is not None:
+                self._deepstack = [local(x) for x in self._deepstack]
         padding_mask = router_padding_mask(attention_mask, cfg, cp_size, cp_rank,
                                            packed_seq_params, position_ids) \
             if self.arch.num_experts else None
@@ -160,17 +180,20 @@ class VLMModel(MegatronModule):
                 attention_mask.dim() == 2:
             # [b, s] keep-mask -> Megatron's [b, 1, 1, s] masked-out convention (key padding)
             attention_mask = (~attention_mask)[:, None, None, :]
-        if inference_context is not None:
+        try:
+            if inference_context is not None:
+                out = self.language_model(
+                    input_ids=None, position_ids=position_ids, attention_mask=attention_mask,
+                    decoder_input=decoder_input, labels=None,
+                    inference_context=inference_context, runtime_gather_output=True)
+                return out[..., : self.arch.vocab_size] if self.post_process else out
             out = self.language_model(
                 input_ids=None, position_ids=position_ids, attention_mask=attention_mask,
-                decoder_input=decoder_input, labels=None, inference_context=inference_context,
-                runtime_gather_output=True)
-            return out[..., : self.arch.vocab_size] if self.post_process else out
-        out = self.language_model(
-            input_ids=None, position_ids=position_ids, attention_mask=attention_mask,
-            decoder_input=decoder_input, labels=None, packed_seq_params=packed_seq_params,
-            padding_mask=padding_mask,
-        )
+                decoder_input=decoder_input, labels=None, packed_seq_params=packed_seq_params,
+                padding_mask=padding_mask,
+            )
+        finally:
+            self._deepstack = None  # the hooks of the next micro-batch must not see these
         if not self.post_process:
             return out
         logits = out  # [b, s_local, V_padded / TP]
