@@ -44,8 +44,9 @@ def interleaved(fns: list, repeats: int) -> list[tuple[float, float, object]]:
     return [tuple(b) for b in best]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_model_args(ap: argparse.ArgumentParser) -> None:
+    """The model/prompt/repeat flags both rollout benchmarks share (bench/vllm_rollout.py too),
+    so their numbers describe the same workload."""
     ap.add_argument("--workdir", default="/tmp/mvlm_bench_rollout")
     ap.add_argument("--hidden", type=int, default=512)
     ap.add_argument("--layers", type=int, default=4)
@@ -54,6 +55,30 @@ def main() -> None:
     ap.add_argument("--max_completion_length", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--record", action="store_true", help="append to docs/benchmarks.md")
+
+
+def tiny_qwen2(workdir: str, hidden: int, layers: int) -> Path:
+    """The random Qwen2-shaped checkpoint (built once per shape, then reused)."""
+    from mvlm.testing.tiny_models import build_tiny_checkpoint
+
+    hf = Path(workdir) / f"qwen2_h{hidden}_l{layers}"
+    if not (hf / "config.json").exists():
+        build_tiny_checkpoint("qwen2", hf, hidden_size=hidden, num_hidden_layers=layers,
+                              intermediate_size=4 * hidden, num_attention_heads=hidden // 64,
+                              num_key_value_heads=2)
+    return hf
+
+
+def random_prompts(n: int) -> list[list[int]]:
+    """``n`` prompts of 16-64 random token ids, drawn with seed 0."""
+    g = torch.Generator().manual_seed(0)
+    lens = [int(x) for x in torch.randint(16, 65, (n,), generator=g)]
+    return [torch.randint(3, 900, (m,), generator=g).tolist() for m in lens]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_model_args(ap)
     args = ap.parse_args()
 
     import transformers
@@ -65,13 +90,7 @@ def main() -> None:
     from mvlm.rl.rollout.builtin import BuiltinRolloutEngine
     from mvlm.runtime.parallel import ParallelLayout
     from mvlm.runtime.startup import startup
-    from mvlm.testing.tiny_models import build_tiny_checkpoint
-
-    hf = Path(args.workdir) / f"qwen2_h{args.hidden}_l{args.layers}"
-    if not (hf / "config.json").exists():
-        build_tiny_checkpoint("qwen2", hf, hidden_size=args.hidden,
-                              num_hidden_layers=args.layers, intermediate_size=4 * args.hidden,
-                              num_attention_heads=args.hidden // 64, num_key_value_heads=2)
+    hf = tiny_qwen2(args.workdir, args.hidden, args.layers)
     ctx = startup(ParallelLayout(), device=None, seed=0)
     device = ctx.device
     bundle = build_model(AutoConfig.from_pretrained(hf), ParallelLayout(), dtype=torch.float32,
@@ -83,10 +102,8 @@ def main() -> None:
     eos = [gcfg.eos_token_id] if isinstance(gcfg.eos_token_id, int) else list(gcfg.eos_token_id)
     pad = int(gcfg.pad_token_id)
 
-    g = torch.Generator().manual_seed(0)
-    lens = [int(x) for x in torch.randint(16, 65, (args.prompts,), generator=g)]
-    prompts = [torch.randint(3, 900, (n,), generator=g).tolist() for n in lens]
-    P, T = max(lens), args.max_completion_length
+    prompts = random_prompts(args.prompts)
+    P, T = max(len(p) for p in prompts), args.max_completion_length
     ids = torch.full((len(prompts), P), pad, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for i, p in enumerate(prompts):

@@ -23,35 +23,16 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
+from rollout import add_model_args, interleaved, random_prompts, tiny_qwen2  # bench/rollout.py
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def best_of(fns: list, repeats: int) -> list[tuple[float, object]]:
-    """(best wall seconds, last result) per function, alternating, after one warm-up each."""
-    for f in fns:
-        f()
-    best: list = [(float("inf"), None)] * len(fns)
-    for _ in range(repeats):
-        for i, f in enumerate(fns):
-            t = time.perf_counter()
-            r = f()
-            dt = time.perf_counter() - t
-            best[i] = (min(best[i][0], dt), r)
-    return best
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--workdir", default="/tmp/mvlm_bench_rollout")
-    ap.add_argument("--hidden", type=int, default=512)
-    ap.add_argument("--layers", type=int, default=4)
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--num_generations", type=int, default=4)
-    ap.add_argument("--max_completion_length", type=int, default=64)
+    add_model_args(ap)
     ap.add_argument("--vllm_data_parallel_size", type=int, default=1)
-    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--port", type=int, default=18932)
-    ap.add_argument("--record", action="store_true", help="append to docs/benchmarks.md")
     a = ap.parse_args()
 
     import torch
@@ -64,13 +45,8 @@ def main() -> int:
     from mvlm.rl.rollout.vllm_server import VLLMServerConfig, VLLMServerEngine
     from mvlm.runtime.parallel import ParallelLayout
     from mvlm.runtime.startup import startup
-    from mvlm.testing.tiny_models import build_tiny_checkpoint
 
-    hf = Path(a.workdir) / f"qwen2_h{a.hidden}_l{a.layers}"
-    if not (hf / "config.json").exists():
-        build_tiny_checkpoint("qwen2", hf, hidden_size=a.hidden, num_hidden_layers=a.layers,
-                              intermediate_size=4 * a.hidden,
-                              num_attention_heads=a.hidden // 64, num_key_value_heads=2)
+    hf = tiny_qwen2(a.workdir, a.hidden, a.layers)
     log = open(Path(a.workdir) / "server.log", "w")
     server = subprocess.Popen(
         [sys.executable, "-m", "mvlm", "rollout", "--model", str(hf), "--port", str(a.port),
@@ -87,10 +63,7 @@ def main() -> int:
         load_hf_weights(bundle, hf)
         eos = eos_token_ids_from_hf_dir(hf)
         builtin = BuiltinRolloutEngine(bundle, eos)
-        g = torch.Generator().manual_seed(0)
-        lens = [int(x) for x in torch.randint(16, 65, (a.prompts,), generator=g)]
-        prompts = [RolloutPrompt(torch.randint(3, 900, (n,), generator=g).tolist())
-                   for n in lens]
+        prompts = [RolloutPrompt(p) for p in random_prompts(a.prompts)]
         t0 = time.perf_counter()
         vllm = VLLMServerEngine(VLLMServerConfig(vllm_server_port=a.port,
                                                  vllm_server_timeout=900))
@@ -98,7 +71,7 @@ def main() -> int:
         for mode, n in (("greedy", 1), ("sampled", a.num_generations)):
             sp = SamplingParams(num_generations=n, max_completion_length=a.max_completion_length,
                                 temperature=0.0 if mode == "greedy" else 1.0, seed=0)
-            (w_b, r_b), (w_v, r_v) = best_of(
+            (w_b, _, r_b), (w_v, _, r_v) = interleaved(
                 [lambda sp=sp: builtin.generate(prompts, sp),
                  lambda sp=sp: vllm.generate(prompts, sp)], a.repeats)
             n_b = sum(len(c.token_ids) for gr in r_b for c in gr.completions)
