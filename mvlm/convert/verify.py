@@ -87,17 +87,25 @@ def make_inputs(bundle: ModelBundle, hf_dir: Path, seq_pad: int) -> list[tuple[s
         def img(h, w):
             return Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
 
-        for name, images in (("image+text", [img(56, 84)]),
-                             ("two-images", [img(56, 56), img(112, 84)])):
-            content = [{"type": "image"} for _ in images] + [
+        audio = next((k for k in family.media if k.name == "audio"), None)
+        cases = [("image+text", [img(56, 84)], []), ("two-images", [img(56, 56), img(112, 84)], [])]
+        if audio is not None:  # 0.7 s and 1.3 s of noise at the feature extractor's rate
+            sr = proc.feature_extractor.sampling_rate
+            cases += [("audio+text", [], [rng.standard_normal(int(0.7 * sr)) * 0.1]),
+                      ("audio+image", [img(56, 84)], [rng.standard_normal(int(1.3 * sr)) * 0.1])]
+        for name, images, audios in cases:
+            content = [{"type": "image"} for _ in images] + [{"type": "audio"} for _ in audios] + [
                 {"type": "text", "text": "Describe the picture in a few words."}]
             text = proc.apply_chat_template([{"role": "user", "content": content}],
                                             tokenize=False, add_generation_prompt=True)
             text += "A small red square."
-            enc = proc(text=[text], images=images, return_tensors="pt")
+            kwargs = {"audio": [a.astype(np.float32) for a in audios]} if audios else {}
+            enc = proc(text=[text], images=images or None, return_tensors="pt", **kwargs)
+            if family.vision.from_processor is not None:
+                enc = {**enc, **family.vision.from_processor(cfg, enc)}
             L = enc["input_ids"].shape[1]
             pad = (-L) % seq_pad if seq_pad > 1 else 0
-            batch = {k: enc[k] for k in ("input_ids", *image.batch_keys) if k in enc}
+            batch = {k: enc[k] for k in ("input_ids", *family.batch_keys) if k in enc}
             if pad:
                 # Extra text at the end keeps HF and mcore on identical (unpadded) inputs.
                 extra = torch.full((1, pad), int(enc["input_ids"][0, -1]), dtype=torch.long)
@@ -109,8 +117,8 @@ def make_inputs(bundle: ModelBundle, hf_dir: Path, seq_pad: int) -> list[tuple[s
         labels = torch.full_like(b["input_ids"], -100)
         labels[:, :-1] = b["input_ids"][:, 1:]
         labels[:, : b["input_ids"].shape[1] // 3] = -100  # a masked prompt, like SFT
-        if image is not None:
-            labels[b["input_ids"] == family.token_ids(cfg)["image"]] = -100
+        for tok in family.token_ids(cfg).values():  # no loss on media placeholders
+            labels[b["input_ids"] == tok] = -100
         b["labels"] = labels
     return out
 
