@@ -7,6 +7,7 @@ Files: ``weights.py`` (LLaVA's table + ``image_newline``), ``template.py``, ``ti
 from __future__ import annotations
 
 from mvlm.models.llava import MODULE_TREE_PREFIXES, llava_text_arch
+from mvlm.models.llava.anyres_kinds import ANYRES_IMAGE
 from mvlm.models.registry import FamilySpec, VisionSpec, register
 
 
@@ -36,13 +37,6 @@ def _from_processor(hf_config, enc):
     return next_from_processor(hf_config, enc)
 
 
-def _media():
-    # MediaKind objects live in anyres (torch-free at import: registry's rule)
-    from mvlm.models.llava.anyres_kinds import ANYRES_IMAGE
-
-    return (ANYRES_IMAGE,)
-
-
 LLAVA_NEXT = register(FamilySpec(
     name="llava_next",
     model_types=("llava_next",),
@@ -51,7 +45,7 @@ LLAVA_NEXT = register(FamilySpec(
     weights="mvlm.models.llava_next.weights:mappings",
     template="mvlm.models.llava_next.template:LlavaNextTemplate",
     tiny="mvlm.models.llava_next.tiny:TINY",
-    vision=VisionSpec(build=_vision, media=_media(),
+    vision=VisionSpec(build=_vision, media=(ANYRES_IMAGE,),
                       aligner_prefixes=("vision_model.multi_modal_projector.",
                                         "vision_model.image_newline"),
                       merge=_merge, from_processor=_from_processor,
