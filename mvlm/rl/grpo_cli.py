@@ -16,8 +16,9 @@ Rollout engines: ``--use_vllm false`` samples on the training model (the built-i
 ``--use_vllm true --vllm_mode server`` asks an ``mvlm rollout`` server (ms-swift's ``swift
 rollout``) at ``--vllm_server_host/--vllm_server_port`` or ``--vllm_server_base_url`` and pushes
 the policy's weights to it after every optimizer step (:mod:`mvlm.rl.rollout.server_mode`).
-``--vllm_mode colocate`` (ms-swift's default mode: vLLM inside the training processes, slept and
-woken around each update) is refused with the reason: it needs GPUs, and mvlm does not run it.
+``--vllm_mode colocate`` (ms-swift's default mode) runs a ``vllm.LLM`` inside every training
+process, slept and woken around each update (:mod:`mvlm.rl.rollout.colocate`); it needs GPUs with
+vLLM in the training environment and is refused with the reason elsewhere.
 """
 from __future__ import annotations
 
@@ -52,6 +53,10 @@ def grpo_parser() -> argparse.ArgumentParser:
 SERVER_DEFAULTS = {"vllm_server_host": ["127.0.0.1"], "vllm_server_port": [8000],
                    "vllm_server_base_url": None, "vllm_server_timeout": 240.0,
                    "weight_sync_bucket_mb": 512.0, "check_weight_sync": False}
+# Flags of both vLLM modes (the weight sync), and of colocate mode only; None = not given.
+SYNC_FLAGS = ("weight_sync_bucket_mb", "check_weight_sync")
+COLOCATE_DEFAULTS = {"vllm_gpu_memory_utilization": 0.9, "vllm_max_model_len": None,
+                     "sleep_level": 0, "offload_model": False, "offload_optimizer": False}
 
 
 def add_vllm_args(p: argparse._ActionsContainer) -> None:
@@ -59,7 +64,7 @@ def add_vllm_args(p: argparse._ActionsContainer) -> None:
     a = p.add_argument
     a("--vllm_mode", default="colocate", choices=["server", "colocate"],
       help="server: an `mvlm rollout` server generates (ms-swift's `swift rollout`); colocate "
-           "(ms-swift's default) needs GPUs and is refused")
+           "(ms-swift's default): vLLM inside every training process (GPUs only)")
     a("--vllm_server_host", nargs="+", default=None,
       help="the rollout server's host (one server; default 127.0.0.1)")
     a("--vllm_server_port", nargs="+", type=int, default=None,
@@ -73,6 +78,18 @@ def add_vllm_args(p: argparse._ActionsContainer) -> None:
     a("--check_weight_sync", type=str2bool, nargs="?", const=True, default=None,
       help="after every sync, read the engine's weights back and compare (sha256) with what "
            "the trainer sent")
+    a("--vllm_gpu_memory_utilization", type=float, default=None,
+      help="colocate: fraction of each GPU vLLM may take (weights + KV cache; default 0.9, "
+           "lower it to leave room for training)")
+    a("--vllm_max_model_len", type=int, default=None,
+      help="colocate: longest prompt + completion the engine serves (default: the model's)")
+    a("--sleep_level", type=int, default=None, choices=[0, 1, 2],
+      help="colocate: 0 keep vLLM awake; 1 sleep it after each rollout (weights to CPU RAM, KV "
+           "cache freed); 2 free its weights too (synced again at every wake-up). Default 0")
+    a("--offload_model", type=str2bool, nargs="?", const=True, default=None,
+      help="colocate: move the trainer's parameters and gradients to CPU during rollouts")
+    a("--offload_optimizer", type=str2bool, nargs="?", const=True, default=None,
+      help="colocate: move the optimizer state to CPU during rollouts")
 
 
 def _one(ns: argparse.Namespace, flag: str):
@@ -103,21 +120,22 @@ def server_config(ns: argparse.Namespace) -> Any:
         check_weight_sync=bool(val("check_weight_sync")))
 
 
-def _colocate_refusal() -> str:
-    why = ("--use_vllm true --vllm_mode colocate runs vLLM inside the training processes, "
-           "sharing each GPU with training (sleep/wake around every update)")
-    try:
-        import torch
+def colocate_config(ns: argparse.Namespace, seed: int = 42) -> Any:
+    """:class:`ColocateConfig` from the colocate flags (errors name the flag)."""
+    from mvlm.rl.rollout.colocate import ColocateConfig
 
-        gpu = torch.cuda.is_available()
-    except ImportError:
-        gpu = False
-    if not gpu:
-        return (f"{why}: it needs GPUs and this machine has none. Start a rollout server "
-                "(`mvlm rollout --model MODEL --port 8000 &`) and pass --vllm_mode server "
-                "--vllm_server_host 127.0.0.1 --vllm_server_port 8000, or --use_vllm false")
-    return (f"{why}: mvlm does not run that mode. Use --vllm_mode server with `mvlm rollout` "
-            "on GPUs set aside for it, or --use_vllm false")
+    def val(flag: str, defaults: dict):
+        v = getattr(ns, flag)
+        return defaults[flag] if v is None else v
+
+    return ColocateConfig(
+        vllm_gpu_memory_utilization=float(val("vllm_gpu_memory_utilization", COLOCATE_DEFAULTS)),
+        vllm_max_model_len=val("vllm_max_model_len", COLOCATE_DEFAULTS),
+        sleep_level=int(val("sleep_level", COLOCATE_DEFAULTS)),
+        offload_model=bool(val("offload_model", COLOCATE_DEFAULTS)),
+        offload_optimizer=bool(val("offload_optimizer", COLOCATE_DEFAULTS)),
+        weight_sync_bucket_mb=float(val("weight_sync_bucket_mb", SERVER_DEFAULTS)),
+        check_weight_sync=bool(val("check_weight_sync", SERVER_DEFAULTS)), seed=seed)
 
 
 def grpo_objective(ns: argparse.Namespace, seed: int = 0) -> Any:
@@ -127,17 +145,33 @@ def grpo_objective(ns: argparse.Namespace, seed: int = 0) -> Any:
     from mvlm.train.objectives.grpo import GRPOObjective
 
     server = ns.use_vllm and ns.vllm_mode == "server"
-    given = [f"--{k}" for k in SERVER_DEFAULTS if getattr(ns, k) is not None]
+    colocate = ns.use_vllm and ns.vllm_mode == "colocate"
+    given = [f"--{k}" for k in SYNC_FLAGS if getattr(ns, k) is not None]
+    if given and not ns.use_vllm:
+        raise ValueError(f"{' '.join(given)}: weight-sync flags of a vLLM engine, used only with "
+                         "--use_vllm true (either --vllm_mode); add that or drop these")
+    given = [f"--{k}" for k in SERVER_DEFAULTS
+             if getattr(ns, k) is not None and k not in SYNC_FLAGS]
     if given and not server:
         raise ValueError(f"{' '.join(given)}: server-mode flags, used only with --use_vllm true "
                          "--vllm_mode server (an `mvlm rollout` server); add those or drop these")
-    if ns.use_vllm and ns.vllm_mode == "colocate":
-        raise ValueError(_colocate_refusal())
+    given = [f"--{k}" for k in COLOCATE_DEFAULTS if getattr(ns, k) is not None]
+    if given and not colocate:
+        raise ValueError(f"{' '.join(given)}: colocate-mode flags, used only with --use_vllm "
+                         "true --vllm_mode colocate; add those or drop these")
     factory = None
     if server:
         from mvlm.rl.rollout.server_mode import server_engine_factory
 
         factory = server_engine_factory(server_config(ns))
+    if colocate:
+        from mvlm.rl.rollout.colocate import colocate_engine_factory, colocate_unavailable
+
+        cfg = colocate_config(ns, seed=seed)  # flag errors first, then the machine's
+        why = colocate_unavailable()
+        if why:
+            raise ValueError(why)
+        factory = colocate_engine_factory(cfg)
     cfgs = grpo_configs(ns, num_generations=ns.num_generations,
                         max_completion_length=ns.max_completion_length)
     return GRPOObjective(cfgs, sampling_params(ns), num_iterations=ns.num_iterations,
@@ -154,11 +188,12 @@ def run_grpo(argv: list[str]) -> int:
     cfg.task = "rlhf"
     cfg.data.task = "rl"
     objective = grpo_objective(ns, seed=cfg.seed)  # validated before any process group
+    from mvlm.rl.rollout.colocate import ColocateError
     from mvlm.rl.rollout.vllm_server import RolloutServerError
 
     try:
         return train(cfg, objective).exit_code
-    except RolloutServerError as e:  # the same message on every rank: say it once
+    except (RolloutServerError, ColocateError) as e:  # the same text on every rank: say it once
         if os.environ.get("RANK", "0") == "0":
             print(f"mvlm rlhf: error: {e}", file=sys.stderr, flush=True)
         return 1
