@@ -48,7 +48,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 from test_train_parity import common  # noqa: E402
 
-LAYOUTS = {"tp2": ["--tp", "2"], "pp2": ["--pp", "2"]}
+LAYOUTS = {"tp2": ["--tp", "2"], "pp2": ["--pp", "2"], "cp2": ["--cp", "2"]}
 GRPO = {"num_generations": 2, "max_completion_length": 6, "temperature": 0.9, "top_k": 50,
         "top_p": 0.9, "num_iterations": 2, "beta": 0.04, "reward_funcs": ["even_tokens"]}
 COMPARED = ("loss", "kl", "ratio/mean", "entropy", "clip_ratio/region_mean", "reward", "reward_std",
@@ -84,6 +84,11 @@ def _vl_data(root: Path) -> Path:
     f = root / "vl_rl.jsonl"
     f.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return f
+
+
+def _out(argv: list[str], out: Path) -> list[str]:
+    i = argv.index("--output_dir")
+    return argv[:i + 1] + [str(out)] + argv[i + 2:]
 
 
 @pytest.fixture(scope="module")
@@ -126,11 +131,15 @@ def runs(tmp_path_factory, tiny_ckpt):
                    sft, dyn, res_stop, run("res", [])], 1, tmp, "one")
     two = _launch([run(k, v) for k, v in LAYOUTS.items()] + [
         run("dp2", []), run("vl_tp2", ["--tp", "2"], vl=True), run("vl_dp2", [], vl=True),
-        run("chord_tp2", ["--tp", "2", "--train_iters", "1"], chord_flags)], 2, tmp, "two")
+        run("chord_tp2", ["--tp", "2", "--train_iters", "1"], chord_flags),
+        run("vl_cp2", ["--cp", "2"], vl=True), dict(dyn, name="dyn_dp2", out=str(tmp / "dyn_dp2"),
+                                                   argv=_out(dyn["argv"], tmp / "dyn_dp2"))],
+        2, tmp, "two")
     return one | two | {"vl_hf": str(vl_hf)}
 
 
-ALL = ["ref", "lora", "rloo", *LAYOUTS, "dp2", "vl", "vl_tp2", "vl_dp2", "dyn"]
+ALL = ["ref", "lora", "rloo", *LAYOUTS, "dp2", "vl", "vl_tp2", "vl_cp2", "vl_dp2", "dyn",
+       "dyn_dp2"]
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -156,10 +165,10 @@ def test_engine_matches_trainer(runs, name):
         assert s["logp_abs_diff_max"] <= 2e-6
 
 
-@pytest.mark.parametrize("name", [*LAYOUTS, "vl_tp2"])
+@pytest.mark.parametrize("name", [*LAYOUTS, "vl_tp2", "vl_cp2"])
 def test_layouts_equal_one_rank(runs, name):
     worst = (0.0, "", 0)
-    base = "vl" if name == "vl_tp2" else "ref"
+    base = "vl" if name.startswith("vl_") else "ref"
     for a, b in zip(runs[name], runs[base], strict=True):
         assert a["completions/mean_length"] == b["completions/mean_length"]
         for k in COMPARED:
@@ -235,11 +244,15 @@ def test_chord_mixes_the_sft_loss(runs):
     assert abs(c["loss"] - (0.5 * ref["loss"] + 0.5 * c["chord/sft_loss"])) <= 1e-6
 
 
-def test_dynamic_sample_through_the_trainer(runs):
+@pytest.mark.parametrize("name", ["dyn", "dyn_dp2"])
+def test_dynamic_sample_through_the_trainer(runs, name):
     """--dynamic_sample with a reward that is constant on the prompt "Say hi." (column `flat`):
     the rollout that holds it drops that group and rolls out further loader batches until 2
-    groups with signal are kept, so every trained batch has reward std in every group."""
-    steps, prompts = runs["dyn"], runs["prompts:dyn"]
+    groups with signal are kept, so every trained batch has reward std in every group. At DP2
+    the rank that holds the prompt refills while the other rank rolls out with it (one decision
+    for all ranks); every further batch drawn is counted in ``consumed_samples`` (a resume
+    reopens the loader after them)."""
+    steps, prompts = runs[name], runs[f"prompts:{name}"]
     for s in steps:
         print({k: v for k, v in s.items()
                if k.startswith("dynamic_sample/") or k == "frac_reward_zero_std"})
@@ -248,6 +261,11 @@ def test_dynamic_sample_through_the_trainer(runs):
         assert s["frac_reward_zero_std"] == 0.0 and s["dynamic_sample/zero_std_groups_used"] == 0
         assert (s["dynamic_sample/rollouts"] > 1) == (s["dynamic_sample/dropped_groups"] > 0)
     assert prompts[0]["prompts"] == prompts[1]["prompts"]  # reuse gets the rollout's prompts
+    gbs = 2
+    assert steps[0]["consumed_samples"] == gbs * steps[0]["dynamic_sample/rollouts"]
+    assert steps[1]["consumed_samples"] == steps[0]["consumed_samples"]
+    assert steps[2]["consumed_samples"] == steps[1]["consumed_samples"] + \
+        gbs * steps[2]["dynamic_sample/rollouts"]
 
 
 def test_vl_dp2_text_prompt_beside_an_image(runs):

@@ -32,7 +32,13 @@ How one ``generate`` call runs, and why:
   :mod:`mvlm.rl.rollout.base`.
 * Sequence parallelism is switched off for the duration of a call (a 1-token step cannot be split
   over TP ranks) and restored after; dropout is off (eval mode), train mode is restored after.
-  Context parallelism is refused: generate with ``--context_parallel_size 1``.
+* **Context parallel**: completions are short next to the sequences CP is for, and a 1-token
+  decode step cannot be split over CP ranks, so for the call every CP rank runs the whole
+  sequence itself -- the CP group (in ``parallel_state``, and wherever a module or config holds
+  it: attention, rotary embeddings, ``pg_collection.cp``, ``context_parallel_size``) is swapped
+  for a one-rank group and restored afterwards (:func:`cp_switched_off`). The CP ranks of a DP
+  rank hold the same weights, prompts and seeds, so they draw the same tokens; they check it
+  (the tokens are broadcast from CP rank 0 and compared, as over TP).
 """
 from __future__ import annotations
 
@@ -56,7 +62,8 @@ from mvlm.rl.rollout.base import (
 )
 from mvlm.rl.rollout.sampling import sample_next
 
-__all__ = ["BuiltinRolloutEngine", "TPSamplingMismatch", "eos_token_ids_from_hf_dir",
+__all__ = ["BuiltinRolloutEngine", "TPSamplingMismatch", "cp_switched_off",
+           "eos_token_ids_from_hf_dir",
            "media_placeholder_token_ids", "sequence_positions"]
 
 
@@ -117,6 +124,69 @@ class _DictReader:
         return t if dim is None else t.narrow(dim, start, stop - start)
 
 
+_SINGLETONS: dict[int, object] = {}
+_REAL_CP: dict[str, object] = {}  # while a call runs with CP switched off: the real CP group
+
+
+def _singleton_group() -> object:
+    """A process group of this rank alone (created once, collectively: every rank creates
+    every rank's, as ``new_group`` requires)."""
+    if not _SINGLETONS:
+        for r in range(dist.get_world_size()):
+            g = dist.new_group([r])
+            if r == dist.get_rank():
+                _SINGLETONS[r] = g
+    return _SINGLETONS[dist.get_rank()]
+
+
+@contextlib.contextmanager
+def cp_switched_off(models: Sequence[torch.nn.Module], config: object) -> Iterator[None]:
+    """Run ``models`` without context parallelism: the CP group is replaced by this rank's
+    one-rank group in ``parallel_state`` (and the TP x CP group by the TP group), in every
+    module attribute ``cp_group`` / ``pg_collection.cp``, ``cp_size`` of mvlm's attention and
+    ``context_parallel_size`` of every config; all restored on exit. A no-op without CP."""
+    ps = parallel_state
+    if ps.get_context_parallel_world_size() == 1:
+        yield
+        return
+    real = ps.get_context_parallel_group()
+    one = _singleton_group()
+    saved: list[tuple[object, str, object]] = []
+
+    def swap(obj: object, name: str, value: object) -> None:
+        saved.append((obj, name, getattr(obj, name)))
+        setattr(obj, name, value)
+
+    _REAL_CP.update(group=real, rank=ps.get_context_parallel_rank(),
+                    src=ps.get_context_parallel_global_ranks()[0])
+    try:
+        swap(ps, "_CONTEXT_PARALLEL_GROUP", one)
+        swap(ps, "_CONTEXT_PARALLEL_GLOBAL_RANKS", [dist.get_rank()])
+        swap(ps, "_TENSOR_AND_CONTEXT_PARALLEL_GROUP", ps.get_tensor_model_parallel_group())
+        seen: set[int] = set()
+        for m in models:
+            for mod in m.modules():
+                for obj in (mod, getattr(mod, "pg_collection", None), getattr(mod, "config", None)):
+                    if obj is None or id(obj) in seen:
+                        continue
+                    seen.add(id(obj))
+                    if getattr(obj, "cp_group", None) is real:
+                        swap(obj, "cp_group", one)
+                    if getattr(obj, "cp", None) is real:
+                        swap(obj, "cp", one)
+                    if isinstance(getattr(obj, "cp_size", None), int) and obj.cp_size > 1:
+                        swap(obj, "cp_size", 1)
+                    if getattr(obj, "context_parallel_size", 1) > 1:
+                        swap(obj, "context_parallel_size", 1)
+        if id(config) not in seen and getattr(config, "context_parallel_size", 1) > 1:
+            swap(config, "context_parallel_size", 1)
+        yield
+    finally:
+        for obj, name, value in reversed(saved):
+            setattr(obj, name, value)
+        _REAL_CP.clear()
+
+
 class BuiltinRolloutEngine(RolloutEngine):
     """Sample completions on ``bundle``'s model chunks (the training model, or any built model).
 
@@ -140,6 +210,9 @@ class BuiltinRolloutEngine(RolloutEngine):
         self.max_batch_size = max_batch_size
         self.seed = int(seed)
         self._calls = 0
+        if parallel_state.model_parallel_is_initialized() and \
+                parallel_state.get_context_parallel_world_size() > 1:
+            _singleton_group()  # collective: now, while every rank builds its engine
         self._version = 0
 
     # ---- interface -----------------------------------------------------------------------
@@ -175,10 +248,6 @@ class BuiltinRolloutEngine(RolloutEngine):
     @torch.no_grad()
     def generate(self, prompts: Sequence[RolloutPrompt], params: SamplingParams
                  ) -> list[RolloutGroup]:
-        if parallel_state.get_context_parallel_world_size() > 1:
-            raise ValueError("the built-in rollout engine does not run with context parallelism:"
-                             " generate with --context_parallel_size 1 (completions are short "
-                             "next to the sequences CP is for)")
         prompts = list(prompts)
         if not prompts:
             return []
@@ -227,7 +296,8 @@ class BuiltinRolloutEngine(RolloutEngine):
                 m.eval()
             for obj in sp_modules + list(configs.values()):
                 obj.sequence_parallel = False
-            yield
+            with cp_switched_off(models, self.bundle.config):
+                yield
         finally:
             for obj in sp_modules + list(configs.values()):
                 obj.sequence_parallel = True
@@ -388,4 +458,13 @@ class BuiltinRolloutEngine(RolloutEngine):
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(packed, src=parallel_state.get_pipeline_model_parallel_last_rank(),
                            group=parallel_state.get_pipeline_model_parallel_group())
+        cp_group = _REAL_CP.get("group")
+        if cp_group is not None:  # CP ranks generate the same sequences: check they agree
+            mine = packed.clone()
+            dist.broadcast(packed, src=_REAL_CP["src"], group=cp_group)
+            if not torch.equal(mine[0], packed[0]):
+                raise TPSamplingMismatch(
+                    f"CP rank {_REAL_CP['rank']} drew {int((mine[0] != packed[0]).sum())} of {B} "
+                    "tokens differently from CP rank 0: the CP ranks' weights, prompts or "
+                    "generator states differ")
         return packed[0].long(), packed[1], packed[2]

@@ -64,9 +64,18 @@ loss ``kl``, ``clip_ratio/low_mean|high_mean|region_mean`` (or ``clip_ratio/cisp
 ``ratio/mean``, ``entropy`` (of the tempered policy at the completion tokens),
 ``rollout_is/*`` with ``--rollout_importance_sampling_mode``.
 
-Refused with a message (not silently ignored): context parallelism (the built-in engine does not
-generate under CP) and CHORD with pipeline parallelism (the expert micro-batch has its own
-shape).
+Context parallelism: the built-in engine generates with CP switched off for the call (every CP
+rank runs the whole, short, sequence; :func:`mvlm.rl.rollout.builtin.cp_switched_off`). Training
+rows are padded to a multiple of 2 x CP and split by the model; each CP rank's per-token
+log-probs (and entropies) are all-gathered into the whole sequences (:func:`cp_full_sequence`,
+differentiable), so the old/reference log-probs, the mismatch check and the loss -- whose
+sequence-level terms are not linear in the tokens -- are computed exactly as without CP, on
+every CP rank. Each CP rank reports the micro-batch's completions as its count: Megatron's
+division by the count summed over DP x CP then cancels the CP-fold sum of the gathered
+log-probs' gradients (as in :mod:`mvlm.train.objectives.dpo`).
+
+Refused with a message (not silently ignored): CHORD with pipeline or context parallelism (the
+expert micro-batch has its own shape and its own CP split).
 """
 from __future__ import annotations
 
@@ -120,18 +129,65 @@ def tempered_output(model: Any, batch: dict, temperature: float,
     ``batch["entropies"]`` (the loss of the same micro-batch reads it)."""
     from megatron.core import tensor_parallel
 
+    from mvlm.runtime.cp import split_for_cp
+
     out = model_forward(model, {k: v for k, v in batch.items() if k != "labels"})
     if not unwrap(model).post_process:
         return out
-    labels = batch["labels"]
+    size, rank, _ = _cp()
+    labels = split_for_cp(batch["labels"], 1, size, rank)  # the logits are this CP rank's chunk
     logits = out.float()
     if temperature != 1.0:
         logits = logits / temperature
     if entropy:
-        batch["entropies"] = vocab_parallel_entropy(logits)
+        batch["entropies"] = cp_full_sequence(vocab_parallel_entropy(logits))
     ce = tensor_parallel.vocab_parallel_cross_entropy(
         logits.transpose(0, 1).contiguous(), labels.clamp(min=0).transpose(0, 1).contiguous())
     return ce.transpose(0, 1).contiguous() * (labels >= 0)
+
+
+def _cp() -> tuple[int, int, Any]:
+    from megatron.core import parallel_state
+
+    size = parallel_state.get_context_parallel_world_size()
+    if size == 1:
+        return 1, 0, None
+    return size, parallel_state.get_context_parallel_rank(), \
+        parallel_state.get_context_parallel_group()
+
+
+class _GatherCP(torch.autograd.Function):
+    """All-gather of [b, s_local] chunks along dim 1 over the CP group (in rank order).
+    Backward: every rank's gradient of the gathered tensor summed over the group, this rank's
+    chunk of it (each CP rank computes the same loss from the gathered sequence)."""
+
+    @staticmethod
+    def forward(ctx, x, group, size, rank):  # noqa: ANN001
+        parts = [torch.empty_like(x) for _ in range(size)]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        ctx.group, ctx.rank, ctx.n = group, rank, x.shape[1]
+        return torch.cat(parts, 1)
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001
+        g = grad.contiguous().clone()
+        dist.all_reduce(g, group=ctx.group)
+        return g[:, ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n], None, None, None
+
+
+def cp_full_sequence(x: torch.Tensor) -> torch.Tensor:
+    """This CP rank's per-token chunk [b, s_local] (the model's zigzag split,
+    :func:`mvlm.runtime.cp.cp_chunk_indices`) -> the whole sequence [b, s] in order, on every
+    CP rank, differentiable; ``x`` itself without CP."""
+    from mvlm.runtime.cp import cp_chunk_indices
+
+    size, rank, group = _cp()
+    if size == 1:
+        return x
+    full = _GatherCP.apply(x, group, size, rank)
+    s = full.shape[1]
+    order = torch.cat([cp_chunk_indices(s, size, r, device=x.device) for r in range(size)])
+    return full[:, torch.argsort(order)]
 
 
 def _dp() -> tuple[int, int, Any]:
@@ -215,9 +271,10 @@ class GRPOObjective(Objective):
         )
         from mvlm.tuners.model import adapters
 
-        if trainer.layout.cp > 1:
-            raise ValueError("GRPO with the built-in rollout engine runs without context "
-                             "parallelism: use --context_parallel_size 1")
+        if self.cfgs.chord.enabled and trainer.layout.cp > 1:
+            raise ValueError("CHORD (--chord_sft_dataset) is not wired for context parallelism "
+                             "(its expert micro-batch's SFT term would need the CP split of "
+                             "its own labels): use --context_parallel_size 1 with CHORD")
         if self.cfgs.chord.enabled and trainer.layout.pp > 1:
             raise ValueError("CHORD (--chord_sft_dataset) adds an expert micro-batch of its own "
                              "shape to each step, which pipeline stages cannot exchange: use "
@@ -445,6 +502,8 @@ class GRPOObjective(Objective):
                 rows.append((list(pr.input_ids), c, pr.media))
         seq = max(len(p) + len(c.token_ids) for p, c, _ in rows)
         mult = trainer.layout.tp if trainer.cfg.parallel.sequence_parallel else 1
+        if trainer.layout.cp > 1:  # the zigzag split: 2 x CP chunks
+            mult *= 2 * trainer.layout.cp
         seq = -(-seq // mult) * mult
         pad = int(trainer.pad_id if trainer.pad_id is not None else self.engine.pad_token_id)
         dev = trainer.device
@@ -489,7 +548,7 @@ class GRPOObjective(Objective):
             out = tempered_output(model, batch, self.temperature)
             if not unwrap(model).post_process:
                 return out, None
-            store.append(token_logps(out).detach().float())
+            store.append(cp_full_sequence(token_logps(out).detach().float()))
 
             def no_loss(o):
                 return o.sum() * 0, torch.tensor(1, dtype=torch.int), {}
@@ -652,7 +711,10 @@ class GRPOObjective(Objective):
         if "chord_tokens" in batch:
             return self._chord_loss(batch, output)
         lc = self.cfgs.loss
-        lp = token_logps(output).float()
+        # under CP every CP rank computes the loss on the whole sequences (see the module
+        # docstring); its count (rows) is then summed over CP too, which cancels the CP-fold sum
+        # of the gathered log-probs' gradients
+        lp = cp_full_sequence(token_logps(output).float())
         is_mode = lc.rollout_importance_sampling_mode is not None
         res = grpo_loss(lp, batch.get("old_logps"), batch.get("ref_logps"), batch["advantages"],
                         batch["completion_mask"], lc, batch["denoms"],
