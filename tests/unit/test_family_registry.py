@@ -156,11 +156,19 @@ def _media_positions_agree(spec, cfg, tpl, tmp_path) -> None:
             c.mux(pkt)
     img = Image.fromarray(np.random.default_rng(0).integers(0, 255, (56, 84, 3), np.uint8))
     kinds = {k.name for k in spec.media}  # a family without videos (LLaVA) gets the image only
-    video = "video" in kinds
+    video, audio = "video" in kinds, "audio" in kinds
+    if audio:  # 0.5 s of noise, 16 kHz mono int16
+        import wave
+
+        with wave.open(str(tmp_path / "a.wav"), "wb") as w:
+            w.setnchannels(1), w.setsampwidth(2), w.setframerate(16000)
+            w.writeframes(np.random.default_rng(0).integers(-3000, 3000, 8000, np.int16).tobytes())
     enc = tpl.encode({"messages": [{"role": "user",
-                                    "content": "<image>and<video>?" if video else "<image>?"},
+                                    "content": ("<image>and<video>?" if video else "<image>?")
+                                    + ("<audio>" if audio else "")},
                                    {"role": "assistant", "content": "Both."}],
-                      "images": [img], "videos": ["v.mp4"] if video else []},
+                      "images": [img], "videos": ["v.mp4"] if video else [],
+                      "audios": ["a.wav"] if audio else []},
                      base_dir=str(tmp_path))
     media = {k: enc[k] for k in spec.batch_keys if k in enc}
     assert kinds == {k.name for k in spec.media if k.features_key in media}
