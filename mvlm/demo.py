@@ -39,6 +39,12 @@ DEMO_MODEL: dict[str, Any] = {"hidden_size": 128, "intermediate_size": 256,
 # 112 px = 8x8 patches = 16 merged image tokens: enough for the tower to tell shapes apart
 # (56 px, 4 tokens, learns colour but barely shape in the same number of steps).
 DEMO_IMAGE_SIZE = 112
+# Per-family overrides of the tiny checkpoint for the demo (`--model_type`): the towers' own
+# input sizes so that the 112 px shapes keep enough detail (the test-sized towers see 56 px).
+DEMO_FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
+    "llava": {"vision_config": {"image_size": DEMO_IMAGE_SIZE}},
+}
+DEFAULT_DEMO_FAMILY = "qwen2_5_vl"
 
 # The bar the demo must clear: accuracy after training at least this, and at least this far above
 # both chance and the untrained model. Measured runs end at 0.85-1.0; chance is 0.29.
@@ -52,6 +58,7 @@ class DemoConfig:
     :func:`add_demo_args`'s flags with :meth:`from_flags`."""
 
     output_dir: str = "mvlm_demo"
+    model_type: str = DEFAULT_DEMO_FAMILY
     nproc: int | None = None  # default: 2 on CPU, min(#GPUs, 2)
     train_iters: int = 200
     micro_batch_size: int = 8
@@ -72,6 +79,9 @@ class DemoConfig:
 
 def add_demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--output_dir", default="mvlm_demo", help="where everything is written")
+    p.add_argument("--model_type", default=DEFAULT_DEMO_FAMILY, choices=demo_families(),
+                   help="the vision-language family whose tiny random checkpoint the demo "
+                        "builds and trains (default: %(default)s)")
     p.add_argument("--nproc", type=int, default=None,
                    help="ranks for conversion and training (default: 2 on CPU, min(#GPUs, 2))")
     p.add_argument("--train_iters", type=int, default=200, help="optimizer steps")
@@ -89,6 +99,13 @@ def add_demo_args(p: argparse.ArgumentParser) -> None:
                         "demo's base has random weights, so its vocabulary head must learn)")
     p.add_argument("--skip_roundtrip", action="store_true",
                    help="skip the conversion round-trip step (it is checked by default)")
+
+
+def demo_families() -> list[str]:
+    """Registered families that take images (the shapes task needs a vision tower)."""
+    from mvlm.models.registry import families
+
+    return sorted(f.name for f in families() if f.is_vlm)
 
 
 def _default_nproc() -> int:
@@ -290,11 +307,17 @@ def run_demo(args: DemoConfig) -> int:
     print(f"[demo] output: {out}  ranks: {nproc}  device: {device}", flush=True)
 
     t = time.time()
-    hf_dir = build_tiny_checkpoint("qwen2_5_vl", out / "hf_init", seed=args.seed, **DEMO_MODEL)
+    family = args.model_type
+    if family not in demo_families():
+        print(f"mvlm demo: error: --model_type {family!r} is not a vision-language family mvlm "
+              f"builds; choose one of {', '.join(demo_families())}", file=sys.stderr)
+        return 2
+    hf_dir = build_tiny_checkpoint(family, out / "hf_init", seed=args.seed,
+                                   **DEMO_MODEL, **DEMO_FAMILY_OVERRIDES.get(family, {}))
     data = write_demo_dataset(out / "data", n_train=args.n_train, n_val=args.n_val,
                               image_size=DEMO_IMAGE_SIZE, seed=args.seed)
     chance = chance_accuracy(data.kinds)
-    print(f"[demo] 1. tiny Qwen2.5-VL checkpoint (random weights): {hf_dir}")
+    print(f"[demo] 1. tiny {family} checkpoint (random weights): {hf_dir}")
     print(f"[demo] 2. dataset: {data.train} ({data.n_train} rows), {data.val} ({data.n_val} "
           f"held-out rows); questions about {', '.join(data.kinds)}; chance = {chance:.2f}")
     t = lap("build", t)
@@ -345,7 +368,7 @@ def run_demo(args: DemoConfig) -> int:
         "chance": chance, "min_accuracy": MIN_ACCURACY, "min_gain": MIN_GAIN_OVER_CHANCE,
         "losses": losses, "first_loss": losses[0][1] if losses else None,
         "last_loss": losses[-1][1] if losses else None,
-        "nproc": nproc, "device": device, "seconds": times,
+        "model_type": family, "nproc": nproc, "device": device, "seconds": times,
         "total_seconds": round(time.time() - t0, 1),
         "paths": {"hf_init": str(hf_dir), "data": str(data.root), "train": str(train_dir),
                   "checkpoint": str(ckpt) if ckpt else None, "export": str(export_dir),

@@ -181,3 +181,27 @@ def test_demo_passes_the_freeze_flags_it_needs(tmp_path):
         f = cfg.freeze
         assert not f.freeze_vit and not f.freeze_aligner and not f.freeze_llm, tt
         assert cfg.optim.lr == args.lr, tt
+
+
+def test_demo_model_type_offers_the_vision_families_and_refuses_others(capsys):
+    """`mvlm demo --model_type F` takes every registered family with a vision tower (their
+    accuracies: bench/demo_families.py); a text-only or unknown family is refused by the
+    parser, naming the choices, before anything is built."""
+    import argparse
+
+    import pytest
+
+    from mvlm.demo import DEFAULT_DEMO_FAMILY, DemoConfig, add_demo_args, demo_families
+    from mvlm.models.registry import families
+
+    fams = demo_families()
+    assert DEFAULT_DEMO_FAMILY in fams and {"qwen2_vl", "llava", "internvl"} <= set(fams)
+    assert set(fams) == {f.name for f in families() if f.vision is not None}
+    p = argparse.ArgumentParser()
+    add_demo_args(p)
+    assert DemoConfig.from_flags(vars(p.parse_args(["--model_type", "llava"]))).model_type \
+        == "llava"
+    for bad in ("qwen2", "no_such_family"):
+        with pytest.raises(SystemExit):
+            p.parse_args(["--model_type", bad])
+        assert "invalid choice" in capsys.readouterr().err
