@@ -48,6 +48,8 @@ CASES = [
     ("qwen3", 2, ["--pp", "2"], [(2, ["--tp", "2"])]),
     # LLaVA: CLIP tower + MLP projector, Qwen2 LLM under language_model.
     ("llava", 2, ["--tp", "2"], [(1, []), (2, ["--pp", "2"])]),
+    # Qwen3-VL: DeepStack levels on decoder layers 0-1 (the first stage at PP2), interleaved mRoPE
+    ("qwen3_vl", 4, ["--tp", "2", "--pp", "2"], [(1, []), (2, ["--tp", "2"])]),
 ]
 
 

@@ -5,7 +5,10 @@ the processor). Videos are laid out frame by frame (per merged temporal patch): 
 ``<|vision_start|><|video_pad|><|vision_end|>`` becomes, for each frame, the text timestamp
 ``<{t:.1f} seconds>`` followed by ``<|vision_start|><|video_pad|>*n<|vision_end|>``, where t is
 the mean time of the frame's source frames (``frame index / fps``), HF's
-``Qwen3VLProcessor`` rule. Positions treat every frame as its own block (``position_ids``).
+``Qwen3VLProcessor`` rule; like that processor, only the pad is replaced, the rendered markers stay
+around the frames. mvlm's clips hold frames already sampled at ``sample_fps``, so frame k is at
+``k / sample_fps`` (exact for frame lists and uniform sampling). Positions treat every frame as
+its own block (``position_ids``).
 """
 from __future__ import annotations
 
@@ -53,7 +56,7 @@ class Qwen3VLTemplate(Qwen2VLTemplate):
         return np.asarray(parts, dtype=np.int64)
 
     def expand_vision(self, ids, train, vision):
-        times = vision.pop("_video_times", None) if isinstance(vision, dict) else None
+        times = vision.get("_video_times")
         grid = vision.get("video_grid_thw")
         if grid is None:
             return super().expand_vision(ids, train, vision)
@@ -61,7 +64,7 @@ class Qwen3VLTemplate(Qwen2VLTemplate):
         vgrid = vision.pop("video_grid_thw")
         ids, train, vision = super().expand_vision(
             np.where(ids == self.video_token_id, -1, ids), train, vision)
-        # Each single <|video_pad|> (now -1), with its start/end markers, becomes the frames.
+        # Each single <|video_pad|> (now -1) becomes the timestamped frames.
         pads = np.flatnonzero(ids == -1)
         if len(pads) != len(vgrid):
             raise BadSampleError("media_count_mismatch",
@@ -70,52 +73,36 @@ class Qwen3VLTemplate(Qwen2VLTemplate):
         if times is None or len(times) != len(vgrid):
             raise BadSampleError("unsupported_media", "a Qwen3-VL video needs its frame times "
                                  "(fps): encode it with the template")
-        out_ids, out_train, prev = [], [], 0
+        out_ids, out_train, prev, spans, at = [], [], 0, [], 0
         for k, p in enumerate(pads.tolist()):
             t, h, w = (int(x) for x in vgrid[k])
             s, e = p, p + 1
-            if s > 0 and ids[s - 1] == self.vision_start_id:
-                s -= 1
-            if e < len(ids) and ids[e] == self.vision_end_id:
-                e += 1
+            # HF keeps the rendered markers around the frames: the truncation block takes them
+            outer = (int(s > 0 and ids[s - 1] == self.vision_start_id),
+                     int(e < len(ids) and ids[e] == self.vision_end_id))
             if len(times[k]) != t:
                 raise BadSampleError("media_count_mismatch",
                                      f"video {k}: {len(times[k])} frame times for {t} frames")
             block = self._frame_ids(times[k], h * w // self.merge ** 2)
+            at += s - prev
+            spans.append((at - outer[0], at + len(block) + outer[1]))
+            at += len(block)
             out_ids += [ids[prev:s], block]
             out_train += [train[prev:s], np.zeros(len(block), dtype=bool)]
             prev = e
         out_ids.append(ids[prev:])
         out_train.append(train[prev:])
         vision["video_grid_thw"] = vgrid
+        vision["_video_blocks"] = spans  # (start, end) of each video's frames, for truncation
         return np.concatenate(out_ids), np.concatenate(out_train), vision
 
     def vision_blocks(self, ids, vision):
-        """Images as Qwen2-VL; a video is one block from its first frame's timestamp to its
-        last frame's end marker (truncation keeps or drops it whole)."""
-        blocks = [b for b in super().vision_blocks(ids, {k: v for k, v in vision.items()
-                                                         if k != "video_grid_thw"})]
-        grid = vision.get("video_grid_thw")
-        if grid is None:
-            return blocks
-        starts = np.flatnonzero(ids == self.vision_start_id)
-        ends = np.flatnonzero(ids == self.vision_end_id)
-        pads = np.flatnonzero(ids == self.video_token_id)
-        off = 0
-        for k, (t, h, w) in enumerate(grid.tolist()):
-            per = h * w // self.merge ** 2
-            first, last = int(pads[off]), int(pads[off + t * per - 1])
-            off += t * per
-            s = int(starts[starts < first][-1])
-            # the timestamp text sits between the previous block's end and this start
-            prev_end = ends[ends < s]
-            prev_start = starts[starts < s]
-            lo = max(int(prev_end[-1]) + 1 if len(prev_end) else 0,
-                     int(prev_start[-1]) + 1 if len(prev_start) else 0)
-            ts = self.tokenizer.encode(f"<{0.0:.1f} seconds>", add_special_tokens=False)
-            s = max(lo, s - len(ts))
-            e = int(ends[ends > last][0]) + 1
-            blocks.append((s, e, "video", k))
+        """Images as Qwen2-VL; a video is one block from its first timestamp to its last
+        frame's end marker (truncation keeps or drops it whole)."""
+        blocks = super().vision_blocks(ids, {k: v for k, v in vision.items()
+                                             if k != "video_grid_thw"})
+        blocks += [(s, e, "video", k) for k, (s, e) in
+                   enumerate(vision.get("_video_blocks") or ())]
         return sorted(blocks)
 
     def position_ids(self, ids, vision):

@@ -84,7 +84,7 @@ def processor(tokenizer: Any, config: transformers.PretrainedConfig) -> Any:
     from transformers.models.qwen3_vl.video_processing_qwen3_vl import Qwen3VLVideoProcessor
 
     common = processor_sizes(config)
-    video = Qwen3VLVideoProcessor(**common)
+    video = Qwen3VLVideoProcessor(**common, cap_pixels_per_frame=True)
     return transformers.Qwen3VLProcessor(image_processor=image_processor(common),
                                          tokenizer=tokenizer, video_processor=video,
                                          chat_template=CHAT_TEMPLATE)
