@@ -28,7 +28,7 @@ class AnyresTemplate(LlavaTemplate):
     """Images as size-dependent runs of ``<image>``; subclasses set ``multi_image_base_only``
     (OneVision) and ``takes_video``."""
 
-    family = "llava_next"
+    family = "llava_anyres"  # each family's subclass names itself
     multi_image_base_only = False
     takes_video = False
     video_placeholder = "<video>"
