@@ -68,6 +68,7 @@ class FakeLLM:
         self.reloading = False
         self.cache_fresh = True  # False between a reload and reset_prefix_cache
         self.corrupt = corrupt
+        self.fail_load: str | None = None  # a tensor name whose load raises (engine failure)
 
     def collective_rpc(self, method, args=(), kwargs=None):
         op = method.__name__.strip("_").removesuffix("_rpc")
@@ -83,7 +84,7 @@ class FakeLLM:
             (tensors,) = args
             self.buckets.append([(n, t.detach().clone()) for n, t in tensors])
             for n, t in tensors:
-                if n not in self.weights:
+                if n not in self.weights or n == self.fail_load:
                     raise KeyError(f"no parameter for {n}")
                 self.weights[n] = t.detach().clone()
                 if n == self.corrupt:

@@ -204,5 +204,6 @@ def test_flags_and_cpu_refusal(monkeypatch):
     with pytest.raises(ValueError) as e:
         grpo_objective(_ns("--use_vllm", "true", "--weight_sync_bucket_mb", "8"))
     msg = str(e.value)
-    assert "needs GPUs and this machine has none" in msg and "cannot be imported beside the trainer's torch" \
-        in msg and "no sleep mode" in msg and "--vllm_mode server" in msg, msg
+    for part in ("needs GPUs and this machine has none", "no sleep mode", "--vllm_mode server",
+                 "cannot be imported beside the trainer's torch"):
+        assert part in msg, msg

@@ -373,30 +373,36 @@ class ColocateEngine(RolloutEngine):
         t0 = time.perf_counter()
         rank, world = _world()
         state = _SyncState(self)
+        # ``error``: derived from the plan alone, so the same on every rank (all stop cutting
+        # buckets together); this rank's engine failures go to ``state.load_error`` and the
+        # rank keeps taking part in the broadcasts. Both are agreed on at the end.
         error: str | None = None
         try:
             self.runner.sync_begin()
             state.open = True
         except Exception as e:
-            error = f"starting vLLM's layer-wise reload failed: {type(e).__name__}: {e}"
+            state.load_error = (f"starting vLLM's layer-wise reload failed: "
+                                f"{type(e).__name__}: {e}")
         for specs, tensors in steps:
-            # every rank sees the same specs, so the checks and the bucket cuts agree
             if error is None:
                 error = state.check(specs)
             if error is not None:
                 continue  # keep draining: the other ranks are in the stream's collectives
-            size = sum(_nbytes(d, s) for _, d, s in specs)
-            if state.specs and state.size + size > self.limit:
-                error = state.flush(world)
-            state.specs += specs
-            state.pending.update(n for n, _, _ in specs)
-            state.size += size
-            if rank == 0 and tensors is not None:
-                state.tensors += [(n, t.to(device=self.device, dtype=self.dtype).contiguous())
-                                  for n, t in tensors]
+            got = dict(tensors) if rank == 0 and tensors is not None else {}
             del tensors
+            for spec in specs:  # one HF tensor at a time (a fused parameter yields several)
+                size = _nbytes(spec[1], spec[2])
+                if state.specs and state.size + size > self.limit:
+                    state.flush(world)
+                state.specs.append(spec)
+                state.pending.add(spec[0])
+                state.size += size
+                if spec[0] in got:
+                    state.tensors.append((spec[0], got.pop(spec[0]).to(
+                        device=self.device, dtype=self.dtype).contiguous()))
         if error is None:
-            error = state.flush(world)
+            state.flush(world)
+        error = error or state.load_error
         if error is None:
             missing = sorted(set(self.manifest) - state.seen)
             if missing:
@@ -438,6 +444,7 @@ class _SyncState:
         self.size = self.nbytes = self.buckets = self.max_bucket = 0
         self.digests: dict[str, str] = {}
         self.checked: dict = {}
+        self.load_error: str | None = None  # this rank's engine failed (local, not agreed)
 
     def check(self, specs: list[Spec]) -> str | None:
         """Manifest check of one parameter's tensors, before anything is loaded."""
@@ -454,11 +461,13 @@ class _SyncState:
                         f"{wire.dtype_name(self.eng.dtype)}")
         return None
 
-    def flush(self, world: int) -> str | None:
+    def flush(self, world: int) -> None:
         """Rank 0's bucket to every rank (one broadcast per tensor, shapes known from the
-        plan), into every rank's engine, then dropped."""
+        plan), into every rank's engine, then dropped. Collective: every rank calls it at the
+        same plan position; a rank whose engine failed to load keeps taking part in the
+        broadcasts (``load_error``), so no rank waits on another."""
         if not self.specs:
-            return None
+            return
         eng = self.eng
         if world > 1:
             rank = dist.get_rank()
@@ -470,14 +479,15 @@ class _SyncState:
                 tensors.append((n, t))
         else:
             tensors = self.tensors
-        error = None
-        try:
-            eng.runner.load(tensors)
-            if eng.cfg.check_weight_sync:
-                for n, t in tensors:
-                    self.digests[n] = wire.tensor_digest(t)
-        except Exception as e:
-            error = f"loading bucket {self.buckets} into vLLM failed: {type(e).__name__}: {e}"
+        if self.load_error is None:
+            try:
+                eng.runner.load(tensors)
+                if eng.cfg.check_weight_sync:
+                    for n, t in tensors:
+                        self.digests[n] = wire.tensor_digest(t)
+            except Exception as e:
+                self.load_error = (f"loading bucket {self.buckets} into vLLM failed: "
+                                   f"{type(e).__name__}: {e}")
         self.seen.update(n for n, _, _ in self.specs)
         self.nbytes += self.size
         self.max_bucket = max(self.max_bucket, self.size)
@@ -485,7 +495,6 @@ class _SyncState:
         self.specs, self.tensors, self.size = [], [], 0
         self.pending = set()
         del tensors
-        return error
 
     def close(self, error: str | None) -> str | None:
         """Finish vLLM's reload (also after a failure: layers that got nothing keep their
