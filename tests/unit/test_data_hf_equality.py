@@ -1,6 +1,6 @@
 """Template encodings equal the HF processor's (apply_chat_template + processor call).
 
-Checked for Qwen2-VL and Qwen2.5-VL on: one image, two images of different sizes, a system
+Checked for Qwen2-VL, Qwen2.5-VL and Qwen3-VL on: one image, two images of different sizes, a system
 prompt, multi-turn with images in several turns, and text-only. input_ids, pixel_values and
 image_grid_thw must be exactly equal; labels cover exactly the assistant turns (+ <|im_end|>).
 """
@@ -13,7 +13,7 @@ from transformers import AutoProcessor
 from mvlm.data.template import TemplateConfig, get_template
 from mvlm.testing.tiny_models import build_tiny_checkpoint
 
-FAMILIES = ["qwen2_vl", "qwen2_5_vl"]
+FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
 
 
 def _img(w, h, seed):
@@ -90,8 +90,8 @@ def test_encode_equals_hf_processor(ckpt, name):
     assert trained == expect
     # mRoPE positions equal HF's for the same sample.
     import transformers
-    model_cls = (transformers.Qwen2VLModel if tpl.family == "qwen2_vl"
-                 else transformers.Qwen2_5_VLModel)
+    model_cls = {"qwen2_vl": transformers.Qwen2VLModel, "qwen2_5_vl": transformers.Qwen2_5_VLModel,
+                 "qwen3_vl": transformers.Qwen3VLModel}[tpl.family]
     import functools
     import types
     stub = types.SimpleNamespace(config=transformers.AutoConfig.from_pretrained(ckpt),
