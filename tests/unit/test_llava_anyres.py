@@ -190,3 +190,34 @@ def test_onevision_video_logits_equal_transformers(tiny_ckpt, tmp_path):
     for name, (dlogits, dloss, loss) in res.items():
         print(f"{name}: max|dlogits| {dlogits:.2e} |dloss| {dloss:.2e} (loss {loss:.4f})")
         assert dlogits <= 1e-5 and dloss <= 1e-6 * max(1.0, loss), (name, dlogits, dloss)
+
+
+@pytest.mark.parametrize("family,case", [("llava_next", "llava_weights"),
+                                         ("llava_onevision", "no_vision_tower")])
+def test_wrong_weights_are_refused_by_name(tiny_ckpt, tmp_path, family, case):
+    """A NeXT config over LLaVA-1.5 weights (no ``image_newline``), or a OneVision config over
+    weights without the SigLIP tower: refused before any output, naming a tensor it lacks."""
+    import re
+    import shutil
+
+    from helpers import run_mvlm
+    from safetensors.torch import load_file, save_file
+
+    src = tiny_ckpt(family)
+    bad = tmp_path / case
+    shutil.copytree(src, bad)
+    if case == "llava_weights":
+        sd = load_file(tiny_ckpt("llava") / "model.safetensors")
+        want = r"image_newline"
+    else:
+        sd = {k: v for k, v in load_file(bad / "model.safetensors").items()
+              if not k.startswith("vision_tower.")}
+        want = r"vision_tower\.embeddings\.patch_embedding\.weight"
+    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "mc"
+    p = run_mvlm(["convert", "--to", "mcore", "--model", str(bad), "--output", str(out)],
+                 check=False)
+    log = p.stderr + p.stdout
+    assert p.returncode != 0
+    assert "missing" in log and re.search(want, log), log[-3000:]
+    assert f"is this a {family} checkpoint" in log and not out.exists()
