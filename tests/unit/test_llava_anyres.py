@@ -221,3 +221,20 @@ def test_wrong_weights_are_refused_by_name(tiny_ckpt, tmp_path, family, case):
     assert p.returncode != 0
     assert "missing" in log and re.search(want, log), log[-3000:]
     assert f"is this a {family} checkpoint" in log and not out.exists()
+
+
+def test_onevision_storage_round_trip_keeps_video_and_tiles(tiny_ckpt):
+    """What the trainer reads: encoded without pixels, stored as an Arrow row, read back and the
+    image pixels loaded in the loader -- equals the eager encoding (videos are stored as frame
+    rows with their (frames, 1, 1) grid, as Qwen-VL's; images come back from their references)."""
+    from mvlm.data.dataset import from_storage, to_storage
+
+    tpl = get_template(tiny_ckpt("llava_onevision"))
+    row = _video_row()
+    eager = tpl.encode(row)
+    back = tpl.load_pixels(from_storage(to_storage(tpl.encode(row, with_pixels=False), tpl)))
+    assert torch.equal(back["input_ids"], eager["input_ids"])
+    for k in ("pixel_values", "image_sizes", "image_grid_thw", "video_grid_thw"):
+        assert torch.equal(back[k], eager[k]), k
+    assert torch.equal(back["pixel_values_videos"].reshape(eager["pixel_values_videos"].shape),
+                       eager["pixel_values_videos"])
