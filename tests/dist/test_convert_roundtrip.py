@@ -48,6 +48,10 @@ CASES = [
     ("qwen3", 2, ["--pp", "2"], [(2, ["--tp", "2"])]),
     # LLaVA: CLIP tower + MLP projector, Qwen2 LLM under language_model.
     ("llava", 2, ["--tp", "2"], [(1, []), (2, ["--pp", "2"])]),
+    # LLaVA-NeXT / OneVision: any-resolution tiles (rows + (tiles,1,1) grid), image_newline;
+    # between them TP2 x PP2, TP1, TP2 and PP2
+    ("llava_next", 4, ["--tp", "2", "--pp", "2"], [(1, [])]),
+    ("llava_onevision", 2, ["--tp", "2"], [(2, ["--pp", "2"])]),
     # Qwen3-VL: DeepStack levels on decoder layers 0-1 (the first stage at PP2), interleaved mRoPE
     ("qwen3_vl", 4, ["--tp", "2", "--pp", "2"], [(1, []), (2, ["--tp", "2"])]),
 ]
