@@ -12,6 +12,9 @@
 #   options    e.g. --steps 8 --seq_len 2048 --micro_batch_size 4 --peak_tflops 989
 # Env: PYTHON (default python3), GPU_CHECK_OUT (default ./gpu_check_out: work dir + results).
 #
+# With vLLM importable, a colocate step runs first (bench/colocate_check.py: GRPO
+# --vllm_mode colocate on a tiny model; skipped with a line saying so otherwise).
+#
 # Designed for the reference box (shared/PLATFORM.md): CUDA PyTorch, transformers, safetensors,
 # peft, triton, numpy, pytest; no megatron-core/TE/flash-attn/vLLM and no package registry, so
 # wheels are installed with `pip install --no-index --no-deps --target` into a private folder
@@ -82,5 +85,17 @@ if ! "$PY" -c "import megatron.core" >/dev/null 2>&1; then
 fi
 
 cd "$OUT"
+# Colocate step: GRPO --use_vllm true --vllm_mode colocate (vllm.LLM inside the trainer, sleep /
+# wake, offload, weight sync read back) on a tiny model -- only where vLLM imports in this Python
+# (it cannot run colocated on CPU, so CI tests it against a stand-in). Its result is printed
+# before the table; a failure is reported but does not stop the rest of the check.
+if "$PY" -c "import vllm" >/dev/null 2>&1; then
+  echo "== gpu_check: colocate step (vLLM $("$PY" -c 'import vllm; print(vllm.__version__)'))"
+  "$PY" "$ROOT/bench/colocate_check.py" --work_dir "$OUT/colocate" \
+    || echo "== gpu_check: colocate step FAILED (logs in $OUT/colocate/*/run.log)"
+else
+  echo "== gpu_check: colocate step skipped: vLLM is not importable in $PY"
+fi
+
 # The driver prints the table last; everything else it logs comes before.
 exec "$PY" "$ROOT/bench/gpu_check.py" --work_dir "$OUT/work" --out "$OUT/gpu_check_results.json" "$@"

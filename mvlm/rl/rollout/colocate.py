@@ -151,8 +151,14 @@ def build_llm(cfg: ColocateConfig, model_dir: str | Path, dtype: torch.dtype) ->
         dtype=wire.dtype_name(dtype))
     if cfg.vllm_max_model_len is not None:
         kw["max_model_len"] = cfg.vllm_max_model_len
-    if world > 1:
+    if dist.is_available() and dist.is_initialized():
+        # vLLM joins the trainer's process group (as TRL's colocate mode does); it reads the
+        # launcher's variables, which a single process started without torchrun lacks
         kw["distributed_executor_backend"] = "external_launcher"
+        os.environ.setdefault("RANK", str(rank))
+        os.environ.setdefault("WORLD_SIZE", str(world))
+        os.environ.setdefault("LOCAL_RANK", str(torch.cuda.current_device()
+                                                 if torch.cuda.is_available() else 0))
     return LLM(**kw)
 
 
