@@ -150,6 +150,7 @@ def runs(tmp_path_factory, tiny_ckpt):
     two = _launch([run(k, v) for k, v in LAYOUTS.items()] + [
         run("dp2", []), run("vl_tp2", ["--tp", "2"], vl=True), run("vl_dp2", [], vl=True),
         run("chord_tp2", ["--tp", "2", "--train_iters", "1"], chord_flags),
+        run("chord_pp2", ["--pp", "2", "--train_iters", "1"], chord_flags),
         run("vl_cp2", ["--cp", "2"], vl=True), dict(dyn, name="dyn_dp2", out=str(tmp / "dyn_dp2"),
                                                    argv=_out(dyn["argv"], tmp / "dyn_dp2"))],
         2, tmp, "two")
@@ -315,10 +316,12 @@ def test_vl_dp2_text_prompt_beside_an_image(runs):
         GRPO["num_generations"] * sum(tok in p for p in s["prompts"]) for s in steps]
 
 
-def test_chord_tp2_equals_one_rank(runs):
-    """CHORD at TP2: the expert batch's vocab-parallel cross-entropy and the mixed loss equal
-    one rank's (<= 1e-6 relative)."""
-    (a,), (b,) = runs["chord_tp2"], runs["chord"]
+@pytest.mark.parametrize("name", ["chord_tp2", "chord_pp2"])
+def test_chord_layouts_equal_one_rank(runs, name):
+    """CHORD at TP2 (the expert batch's vocab-parallel cross-entropy) and PP2 (the expert rows
+    and the GRPO rows padded to one length for the stages' exchange): the mixed loss and the SFT
+    term equal one rank's (<= 1e-6 relative)."""
+    (a,), (b,) = runs[name], runs["chord"]
     for k in ("loss", "chord/sft_loss", "chord/mu", "reward"):
         assert abs(a[k] - b[k]) <= 1e-6 * max(1.0, abs(b[k])), (k, a[k], b[k])
-    print("chord tp2 vs one rank:", {k: abs(a[k] - b[k]) for k in ("loss", "chord/sft_loss")})
+    print(name, "vs one rank:", {k: abs(a[k] - b[k]) for k in ("loss", "chord/sft_loss")})

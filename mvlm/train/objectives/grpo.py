@@ -74,8 +74,12 @@ every CP rank. Each CP rank reports the micro-batch's completions as its count: 
 division by the count summed over DP x CP then cancels the CP-fold sum of the gathered
 log-probs' gradients (as in :mod:`mvlm.train.objectives.dpo`).
 
-Refused with a message (not silently ignored): CHORD with pipeline or context parallelism (the
-expert micro-batch has its own shape and its own CP split).
+CHORD under pipeline parallelism: the stages exchange one activation shape per step, so the
+expert rows go in micro-batches of the GRPO micro-batches' row count (split with their media,
+the last filled with empty rows) and every micro-batch of the step is right-padded to one length.
+
+Refused with a message (not silently ignored): CHORD with context parallelism (the expert
+micro-batch's SFT term would need its own CP split).
 """
 from __future__ import annotations
 
@@ -206,6 +210,58 @@ def _all_gather_rows(x: torch.Tensor, group: Any, size: int) -> torch.Tensor:
     return torch.cat(parts)
 
 
+# per-token keys of GRPO / expert micro-batches and what pads them (input_ids: the pad id)
+_SEQ_PAD = {"labels": -100, "attention_mask": False, "position_ids": 0, "rollout_logps": 0.0,
+            "completion_mask": 0.0, "old_logps": 0.0, "ref_logps": 0.0}
+
+
+def _pad_seq(batch: dict, seq: int, pad_id: int) -> dict:
+    """Right-pad every per-token tensor of a micro-batch to ``seq`` positions (nothing to
+    predict, nothing attended: the loss is unchanged)."""
+    s = batch["input_ids"].shape[-1]
+    if s == seq:
+        return batch
+    out = dict(batch)
+    for k, v in {"input_ids": pad_id, **_SEQ_PAD}.items():
+        if torch.is_tensor(batch.get(k)):
+            out[k] = torch.nn.functional.pad(batch[k], (0, seq - s), value=v)
+    return out
+
+
+def _rows_like(batch: dict, rows: int, trainer: Trainer) -> list[dict]:
+    """An expert micro-batch as micro-batches of exactly ``rows`` rows (PP: one activation
+    shape per step): split by rows (with each row's media), the last one filled with empty
+    rows (padding only, no labels)."""
+    from mvlm.rl.media import join_media, split_media_rows
+
+    n = batch["input_ids"].shape[0]
+    if n == rows:
+        return [batch]
+    b0 = trainer.bundle
+    media = split_media_rows(batch, b0.family, b0.hf_config) if b0.family.is_vlm else [{}] * n
+    out = []
+    for start in range(0, n, rows):
+        idx = torch.arange(start, min(n, start + rows))
+        extra = rows - len(idx)
+        mb = {}
+        for k in ("input_ids", "labels", "attention_mask", "position_ids"):
+            v = batch.get(k)
+            if v is None:
+                continue
+            dim = v.dim() - 2  # [b, s] or [3, b, s]
+            part = v.index_select(dim, idx.to(v.device))
+            if extra:
+                shape = list(part.shape)
+                shape[dim] = extra
+                fill = trainer.pad_id if k == "input_ids" else _SEQ_PAD[k]
+                part = torch.cat([part, torch.full(shape, fill, dtype=part.dtype,
+                                                   device=part.device)], dim)
+            mb[k] = part
+        mb.update(join_media(media[start:start + rows], batch["input_ids"].device))
+        out.append(mb)
+    return out
+
+
 class GRPOObjective(Objective):
     """GRPO-family training with on-the-fly rollouts (see the module docstring)."""
 
@@ -275,10 +331,6 @@ class GRPOObjective(Objective):
             raise ValueError("CHORD (--chord_sft_dataset) is not wired for context parallelism "
                              "(its expert micro-batch's SFT term would need the CP split of "
                              "its own labels): use --context_parallel_size 1 with CHORD")
-        if self.cfgs.chord.enabled and trainer.layout.pp > 1:
-            raise ValueError("CHORD (--chord_sft_dataset) adds an expert micro-batch of its own "
-                             "shape to each step, which pipeline stages cannot exchange: use "
-                             "--pipeline_model_parallel_size 1 with CHORD")
         has_adapters = bool(adapters(trainer.bundle))
         mode = self.reference
         if mode == "auto":
@@ -358,9 +410,17 @@ class GRPOObjective(Objective):
         dp_size, dp_rank, dp_group = _dp()
         if dp_size > 1:
             dist.all_reduce(n, group=dp_group)
-        e.update(chord_tokens=float(n[0]), chord_mu=mu, denoms=out[0]["denoms"],
-                 chord_report=1.0 if dp_rank == 0 else 0.0)
-        return out + [e]
+        common = dict(chord_tokens=float(n[0]), chord_mu=mu, denoms=out[0]["denoms"])
+        if trainer.layout.pp == 1:
+            return out + [dict(e, **common, chord_report=1.0 if dp_rank == 0 else 0.0)]
+        # pipeline stages exchange one activation shape per step: the expert rows go in
+        # micro-batches of the GRPO rows' count, and every micro-batch is padded to one length
+        experts = _rows_like(e, out[0]["input_ids"].shape[0], trainer)
+        seq = max(b["input_ids"].shape[1] for b in out + experts)
+        out = [_pad_seq(b, seq, trainer.pad_id) for b in out]
+        return out + [dict(_pad_seq(x, seq, trainer.pad_id), **common,
+                           chord_report=1.0 if dp_rank == 0 and i == 0 else 0.0)
+                      for i, x in enumerate(experts)]
 
     def _next_expert(self, trainer: Trainer) -> dict:
         """The next expert micro-batch of this DP rank; the expert data is read once (after the
