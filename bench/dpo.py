@@ -17,9 +17,12 @@ own child process so that each high-water mark is its own:
 Both DPO modes run the vision tower once per pair (``mvlm.train.objectives.pair_media``).
 
 Same global batch (``--pairs`` rows), micro-batch, seed and step count. Per child: the median
-``step_time_s`` of ``logging.jsonl`` over the steps after the first (warm-up), and
-``peak_mb`` = VmHWM at the end minus VmRSS after imports (model, reference copy, gradients, Adam
-state, activations). Prints a JSON summary and the ratios (DPO / SFT).
+``step_time_s`` of ``logging.jsonl`` over the steps after the first (warm-up); the median CPU
+seconds of the same steps (``time.process_time`` around ``Trainer.train_step``: all threads of
+the process, so what a step costs whatever else shares the cores -- the steadier number on a
+loaded box; with ``--threads 1`` no OpenMP thread spins while waiting); and ``peak_mb`` = VmHWM
+at the end minus VmRSS after imports (model, reference copy, gradients, Adam state,
+activations). Prints a JSON summary and the ratios (DPO / SFT), wall and CPU.
 """
 from __future__ import annotations
 
@@ -41,15 +44,28 @@ def _status_kb(key: str) -> int:
 
 
 def child(args: argparse.Namespace) -> dict:
+    import time
+
     import torch
     import torch.distributed as dist
 
     from mvlm.train.args import parse_train_args
     from mvlm.train.objectives import dpo_losses as dl
     from mvlm.train.objectives.dpo import DPOObjective
-    from mvlm.train.trainer import train
+    from mvlm.train.trainer import Trainer, train
 
     torch.set_num_threads(args.threads)
+    cpu_s: list[float] = []
+    step = Trainer.train_step
+
+    def timed_step(self, batches):  # noqa: ANN001, ANN202 - Trainer.train_step's signature
+        t0 = time.process_time()
+        try:
+            return step(self, batches)
+        finally:
+            cpu_s.append(time.process_time() - t0)
+
+    Trainer.train_step = timed_step
     start_kb = _status_kb("VmRSS")
     dist.init_process_group("gloo")
     out = Path(args.work) / args.child
@@ -74,6 +90,8 @@ def child(args: argparse.Namespace) -> dict:
     times = [x["step_time_s"] for x in logs if "step_time_s" in x][1:]
     dist.destroy_process_group()
     return {"mode": args.child, "step_s": statistics.median(times), "step_times": times,
+            "cpu_s": round(statistics.median(cpu_s[1:]), 4),
+            "cpu_times": [round(x, 4) for x in cpu_s[1:]],
             "peak_mb": round((peak_kb - start_kb) / 1024, 1)}
 
 
@@ -138,6 +156,9 @@ def main() -> None:
                           f"{os.cpu_count()} cores", "args": vars(args) | {"work": str(work)},
                **res,
                "step_time_ratio": round(res["dpo"]["step_s"] / res["sft"]["step_s"], 3),
+               "cpu_time_ratio": round(res["dpo"]["cpu_s"] / res["sft"]["cpu_s"], 3),
+               "precomputed_cpu_time_ratio": round(res["dpo_pre"]["cpu_s"]
+                                                   / res["sft"]["cpu_s"], 3),
                "peak_mem_ratio": round(res["dpo"]["peak_mb"] / res["sft"]["peak_mb"], 3),
                "precomputed_step_time_ratio": round(res["dpo_pre"]["step_s"]
                                                     / res["sft"]["step_s"], 3),
