@@ -1,4 +1,5 @@
-"""LLaVA (CLIP tower + MLP projector + Qwen2 LLM) trains the same at TP2 and PP2 as on one rank.
+"""LLaVA (CLIP tower + MLP projector + Qwen2 LLM), LLaVA-NeXT and LLaVA-OneVision train the same at
+TP2 and PP2 as on one rank.
 
 Through the real trainer (``_train_worker.py``), full fine-tuning of every part (ViT, projector,
 LLM) on image rows mixed with text rows, 3 steps: losses and grad norms at TP2 (the tower and
@@ -11,12 +12,15 @@ from __future__ import annotations
 import pytest
 from test_train_parity import _launch, _train_lines, common, write_data
 
-pytestmark = pytest.mark.dist
+pytestmark = [pytest.mark.dist, pytest.mark.timeout(1800)]
 
 STEPS = 3
 LOSS_TOL = 5e-7
 GNORM_TOL = 1e-5
 LAYOUTS = {"tp2": ["--tp", "2"], "pp2": ["--pp", "2"]}
+# LLaVA-1.5 layout, LLaVA-NeXT (56 px demo images = base + 4 tiles, image_newline) and
+# LLaVA-OneVision (SigLIP, anyres_max_2 shrink of the tile grid)
+FAMILIES = ("llava", "llava_next", "llava_onevision")
 
 
 def _rel(a: float, b: float) -> float:
@@ -26,23 +30,26 @@ def _rel(a: float, b: float) -> float:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_ckpt):
     tmp = tmp_path_factory.mktemp("llava_train")
-    ckpt = tiny_ckpt("llava")
     vl_data, _ = write_data(tmp / "data")
-    out = {k: tmp / k for k in ("ref", *LAYOUTS)}
-    _launch({"runs": [{"name": "ref", "argv": common(ckpt, vl_data, out["ref"])}]}, 1, tmp,
-            "single")
-    _launch({"runs": [{"name": k, "argv": common(ckpt, vl_data, out[k]) + extra}
-                      for k, extra in LAYOUTS.items()]}, 2, tmp, "two")
+    out = {(f, k): tmp / f"{f}_{k}" for f in FAMILIES for k in ("ref", *LAYOUTS)}
+    ckpt = {f: tiny_ckpt(f) for f in FAMILIES}
+    # one launch per world size, every family's runs in it
+    _launch({"runs": [{"name": f"{f}_ref", "argv": common(ckpt[f], vl_data, out[f, "ref"])}
+                      for f in FAMILIES]}, 1, tmp, "single")
+    _launch({"runs": [{"name": f"{f}_{k}", "argv": common(ckpt[f], vl_data, out[f, k]) + extra}
+                      for f in FAMILIES for k, extra in LAYOUTS.items()]}, 2, tmp, "two",
+            timeout=1500)
     return out
 
 
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_llava_layout_parity(runs, layout):
-    a, b = _train_lines(runs["ref"]), _train_lines(runs[layout])
+def test_llava_layout_parity(runs, family, layout):
+    a, b = _train_lines(runs[family, "ref"]), _train_lines(runs[family, layout])
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, STEPS + 1))
     dl = max(_rel(x["loss"], y["loss"]) for x, y in zip(a, b, strict=True))
     dg = max(_rel(x["grad_norm"], y["grad_norm"]) for x, y in zip(a, b, strict=True))
-    print(f"llava {layout}: max rel |dloss| {dl:.2e}  max rel |dgrad_norm| {dg:.2e}")
-    assert dl <= LOSS_TOL, f"{layout}: loss differs by {dl}: {a} vs {b}"
-    assert dg <= GNORM_TOL, f"{layout}: grad norm differs by {dg}"
+    print(f"{family} {layout}: max rel |dloss| {dl:.2e}  max rel |dgrad_norm| {dg:.2e}")
+    assert dl <= LOSS_TOL, f"{family} {layout}: loss differs by {dl}: {a} vs {b}"
+    assert dg <= GNORM_TOL, f"{family} {layout}: grad norm differs by {dg}"
     assert a[-1]["loss"] < a[0]["loss"], a  # it trains, or parity would be vacuous
