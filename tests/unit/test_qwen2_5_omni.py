@@ -177,3 +177,38 @@ def test_weights_without_audio_encoder_are_refused_by_name(ckpt, tmp_path):
     assert p.returncode != 0
     assert "missing" in log and re.search(r"audio_tower\.\S+", log), log[-3000:]
     assert not out.exists()
+
+
+def test_video_image_audio_positions_equal_transformers(ckpt, media, tmp_path):
+    """A row with an image, a video (time spaced by position_id_per_seconds x seconds per grid)
+    and an audio: the template's positions equal transformers' ``get_rope_index`` on the same
+    ids, grids, seconds per grid and audio lengths."""
+    import av
+
+    with av.open(str(tmp_path / "v.mp4"), "w") as c:
+        st = c.add_stream("mpeg4", rate=4)
+        st.width, st.height, st.pix_fmt = 64, 48, "yuv420p"
+        for i in range(8):
+            frame = np.full((48, 64, 3), i * 30, np.uint8)
+            for pkt in st.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                c.mux(pkt)
+        for pkt in st.encode():
+            c.mux(pkt)
+    row = {"messages": [{"role": "user", "content": "<image>then<video>and<audio>?"},
+                        {"role": "assistant", "content": "All three."}],
+           "images": [str(media["img"])], "videos": [str(tmp_path / "v.mp4")],
+           "audios": [str(media["b"])]}
+    got = get_template(ckpt).encode(row)
+    assert got["video_grid_thw"][0, 0] > 1 and "second_per_grid_ts" in got
+    model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(ckpt)
+    ids = got["input_ids"][None]
+    pos, _ = model.model.get_rope_index(ids, got["image_grid_thw"], got["video_grid_thw"],
+                                        torch.ones_like(ids), False,
+                                        got["feature_attention_mask"].sum(-1),
+                                        got["second_per_grid_ts"])
+    assert torch.equal(got["position_ids"], pos[:, 0])
+    # the video's time span pushes the text after it past its height/width (Omni, not VL)
+    assert int(pos.max()) + 1 > ids.shape[1]
+    spec = get_family(model.config.model_type)
+    side = {k: got[k] for k in spec.batch_keys if k in got}
+    assert torch.equal(spec.position_ids(model.config, ids, side)[:, 0], pos[:, 0])

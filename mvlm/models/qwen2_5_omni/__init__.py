@@ -6,19 +6,21 @@ Media enter as ``<|vision_bos|><|IMAGE|>*N<|vision_eos|>`` (videos with ``<|VIDE
 ``<|audio_bos|><|AUDIO|>*M<|audio_eos|>``; ``template.py`` expands each single pad to the count
 the processor gives (``t*h*w/merge^2`` for pixels, the two stride-2 reductions of the mel length
 for audio). Both encoders run on the first pipeline stage (``tower.py``) and their features
-replace the pads (``merge``). Positions: Qwen's mRoPE with videos spaced by
-``position_id_per_seconds`` per second; audio tokens count as text (consecutive on all three
-axes), as transformers' ``get_rope_index`` computes them when audio is not interleaved with a
-video's frames. ``use_audio_in_video`` (one video's audio track time-interleaved with its frames)
-is not supported: rows give audio and video as separate items.
-Files: ``weights.py`` (decoder table + both encoders kept whole), ``template.py``, ``tiny.py``.
+replace the pads (``merge``). Positions: the thinker's own mRoPE (``positions.py``: videos
+spaced by ``position_id_per_seconds`` per second, the token after a block at the block's largest
+position on any axis + 1, audio tokens advancing like text), as transformers' ``get_rope_index``
+computes them when audio is not interleaved with a video's frames. ``use_audio_in_video`` (one
+video's audio track time-interleaved with its frames) is not supported: rows give audio and video
+as separate items.
+Files: ``weights.py`` (decoder table + both encoders kept whole), ``template.py``, ``tiny.py``,
+``tower.py``, ``positions.py``.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from mvlm.models.qwen2_vl import mrope_position_ids, vl_text_arch
+from mvlm.models.qwen2_vl import vl_text_arch
 from mvlm.models.registry import (
     FamilySpec,
     MediaKind,
@@ -67,9 +69,26 @@ def text_arch(cfg: PretrainedConfig) -> TextArch:
 
 def position_ids(hf_config: PretrainedConfig, input_ids: torch.Tensor,
                  media: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """Qwen mRoPE; videos advance time by position_id_per_seconds per second of the grid."""
-    return mrope_position_ids(hf_config, input_ids, media,
-                              tokens_per_second=hf_config.position_id_per_seconds)
+    """[3, B, S] Omni mRoPE (``positions.py``) for unpadded rows; each row consumes the next
+    images/videos of the batch in order."""
+    import torch
+
+    from mvlm.models.qwen2_5_omni.positions import omni_rope_index
+
+    rows, img, vid = [], 0, 0
+    image, video = media.get("image_grid_thw"), media.get("video_grid_thw")
+    seconds = media.get("second_per_grid_ts")
+    for row in input_ids:
+        pos, n_img, n_vid = omni_rope_index(
+            row, image_token_id=hf_config.image_token_id, video_token_id=hf_config.video_token_id,
+            spatial_merge_size=hf_config.vision_config.spatial_merge_size,
+            position_id_per_seconds=hf_config.position_id_per_seconds,
+            image_grid_thw=None if image is None else image[img:],
+            video_grid_thw=None if video is None else video[vid:],
+            second_per_grid_ts=None if seconds is None else seconds[vid:])
+        rows.append(pos)
+        img, vid = img + n_img, vid + n_vid
+    return torch.stack(rows, dim=1)
 
 
 def hf_forward_inputs(hf_config: PretrainedConfig, batch: Mapping[str, Any]) -> dict[str, Any]:

@@ -8,8 +8,8 @@ goes through the checkpoint's Whisper feature extractor padded to its window, as
 ``Qwen2_5OmniProcessor`` does, and the single pad is repeated once per audio-encoder output frame
 (the two stride-2 reductions of the mel length). The sample carries HF's ``input_features``
 [n_audio, mel, frames] and ``feature_attention_mask`` [n_audio, frames]. Truncation never cuts an
-audio block either. Positions: Qwen mRoPE with video time spaced by ``position_id_per_seconds``;
-audio tokens advance like text (transformers' ``get_rope_index`` for separate audio items).
+audio block either. Positions: the thinker's mRoPE (``positions.py``), the same function the
+model side uses.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from mvlm.data.errors import BadSampleError
 from mvlm.data.formats import Sample
 from mvlm.data.media import MediaConfig, load_audio
 from mvlm.data.template import TemplateConfig, _Prepared
+from mvlm.models.qwen2_5_omni.positions import omni_rope_index
 from mvlm.models.qwen2_5_omni.tower import audio_output_lengths
 from mvlm.models.qwen2_vl.template import Qwen2VLTemplate
 
@@ -144,3 +145,11 @@ class Qwen2_5OmniTemplate(Qwen2VLTemplate):
             vision.pop("input_features")
             vision.pop("feature_attention_mask")
         return vision
+
+    def position_ids(self, ids, vision):
+        return omni_rope_index(
+            ids, image_token_id=self.image_token_id, video_token_id=self.video_token_id,
+            spatial_merge_size=self.merge, position_id_per_seconds=self.tokens_per_second,
+            image_grid_thw=vision.get("image_grid_thw"),
+            video_grid_thw=vision.get("video_grid_thw"),
+            second_per_grid_ts=vision.get("second_per_grid_ts"))[0]
