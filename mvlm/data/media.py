@@ -61,9 +61,9 @@ class MediaConfig:
     fps_max_frames: int | None = None
     fps_min_frames: int | None = None
     sampling_rate: int = 16000
-    # Audio budgets (ms-swift's SAMPLING_RATE / AUDIO_MAX_TOKEN_NUM). Read for completeness: no
-    # family mvlm trains today takes audio (audio rows fail as ``unsupported_media``), so they
-    # have no effect yet; mvlm.train.args says so when they are set.
+    # Audio budgets (ms-swift's SAMPLING_RATE / AUDIO_MAX_TOKEN_NUM). An audio family decodes at
+    # its feature extractor's rate and refuses a sampling_rate that differs; audio_max_token_num
+    # caps nothing (audio is cut at the extractor's window); mvlm.train.args says so when set.
     audio_max_token_num: int | None = None
     image_backend: str = "pil"
     root_image_dir: str | None = None

@@ -662,11 +662,13 @@ def _validate_swift(ns: argparse.Namespace, task: str, notes: list[str]) -> None
         notes.append("--save_strategy no -> no intermediate checkpoints (the final checkpoint "
                      "and HF export are still written)")
         ns.save_interval = None
-    for env in ("AUDIO_MAX_TOKEN_NUM", "SAMPLING_RATE"):
-        if os.environ.get(env):
-            notes.append(f"{env} is read into the media config, but no model family mvlm "
-                         "trains takes audio (audio rows are rejected as unsupported_media): "
-                         "it has no effect")
+    if os.environ.get("AUDIO_MAX_TOKEN_NUM"):
+        notes.append("AUDIO_MAX_TOKEN_NUM is read into the media config but caps nothing: an "
+                     "audio family's template cuts audio at its checkpoint's feature-extractor "
+                     "window instead; it has no effect")
+    if os.environ.get("SAMPLING_RATE"):
+        notes.append("SAMPLING_RATE: audio is decoded at the checkpoint's feature-extractor "
+                     "rate; an audio family's template refuses a SAMPLING_RATE that differs")
 
 
 def _check_streaming_and_lazy(ns: argparse.Namespace, notes: list[str]) -> None:
