@@ -146,7 +146,7 @@ def cp_switched_off(models: Sequence[torch.nn.Module], config: object) -> Iterat
     module attribute ``cp_group`` / ``pg_collection.cp``, ``cp_size`` of mvlm's attention and
     ``context_parallel_size`` of every config; all restored on exit. A no-op without CP."""
     ps = parallel_state
-    if ps.get_context_parallel_world_size() == 1:
+    if ps.get_context_parallel_world_size() <= 1:
         yield
         return
     real = ps.get_context_parallel_group()
