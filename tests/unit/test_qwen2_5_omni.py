@@ -212,3 +212,10 @@ def test_video_image_audio_positions_equal_transformers(ckpt, media, tmp_path):
     spec = get_family(model.config.model_type)
     side = {k: got[k] for k in spec.batch_keys if k in got}
     assert torch.equal(spec.position_ids(model.config, ids, side)[:, 0], pos[:, 0])
+
+
+def test_sampling_rate_other_than_the_feature_extractors_is_refused(ckpt):
+    from mvlm.data.media import MediaConfig
+
+    with pytest.raises(ValueError, match="SAMPLING_RATE=8000 .* takes 16000 Hz"):
+        get_template(ckpt, media=MediaConfig(sampling_rate=8000))
