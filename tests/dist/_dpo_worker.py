@@ -15,7 +15,8 @@ pairs. A run with ``"objective": "kto"`` trains KTO instead (rows with ``label``
 undesirable weight 1.5): step 0's loss is 1 - sigmoid(0) per row, weighted.
 
 Spec (JSON, argv[1]): ``{"runs": [{"name", "argv", "out", "reference": "copy" | "adapters",
-"ref_model": DIR (optional), "objective": "kto" | "rm" (optional),
+"ref_model": DIR (optional; DPO and KTO), "precompute": bool (optional; DPO and KTO),
+"objective": "kto" | "rm" (optional),
 "center_rewards_coefficient" (rm, optional), "expect_error": bool
 (optional)}], "result": FILE}`` -- the runs go
 one after the other in one launch; a run with ``expect_error`` records its ValueError's message
@@ -50,7 +51,9 @@ def main() -> None:
             obj = RewardModelObjective(run.get("center_rewards_coefficient"))
         elif run.get("objective") == "kto":
             obj = KTOObjective(dl.KTOLossConfig(beta=0.1, undesirable_weight=1.5),
-                               reference=run.get("reference", "auto"))
+                               reference=run.get("reference", "auto"),
+                               ref_model=run.get("ref_model"),
+                               precompute_ref_log_probs=run.get("precompute", False))
         else:
             obj = DPOObjective(dl.DPOLossConfig(beta=0.1), reference=run.get("reference", "auto"),
                                ref_model=run.get("ref_model"),

@@ -10,6 +10,14 @@ of both pairs:
   both models (bound 1e-6; the reference's weights reach the loss);
 * ``other_pre`` (one rank), ``other_tp2``, ``other_pre_pp2`` (two ranks): the same reference
   with ``--precompute_ref_log_probs`` and/or at TP2 / PP2: both steps equal ``other``'s;
+* KTO (``--rlhf_type kto``, the pairs as one desirable and one undesirable row): ``kto_other``
+  (one rank, reference ``other``): step 1's rewards equal beta x (policy - reference) log-probs of
+  the rows' answers from transformers (the reference directory's weights reach KTO);
+  ``kto_other_pre_tp2`` (two ranks: TP2 with ``--precompute_ref_log_probs``) equals it over 2
+  steps (bound 1e-5);
+* reward model beyond one rank: ``rm`` (one rank) and ``rm_pp2`` (PP2: the value head on the
+  last stage, fed by the hidden states the first stage sent), 2 steps of Bradley-Terry on the two
+  text pairs: every logged number equal (bound 1e-5);
 * ``mismatch`` (last: the run fails): a Qwen2.5-VL reference for the Qwen2-VL policy is refused
   at set-up, before any step, with a message naming both; a same-family reference whose vocab
   differs is refused by :func:`check_reference_arch` naming the field and both values.
@@ -30,7 +38,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
-from test_dpo_objective import LN2_FP32  # noqa: E402
+from test_dpo_objective import LN2_FP32, _kto_rows  # noqa: E402
 from test_train_parity import common  # noqa: E402
 
 BETA = 0.1
@@ -63,17 +71,27 @@ def setup(tmp_path_factory, tiny_ckpt):
     other = build_tiny_checkpoint("qwen2_vl", tmp / "other_hf", seed=1)
     data = tmp / "pref.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in PAIRS))
+    kto_data = tmp / "kto.jsonl"
+    kto_data.write_text("".join(json.dumps(r) + "\n" for r in _kto_rows(PAIRS)))
 
-    def run(name: str, ref: Path, steps: int = 1, extra: tuple = (), **kw) -> dict:
-        argv = common(policy, data, tmp / name, steps=steps) + ["--global_batch_size", "2",
+    def run(name: str, ref: Path | None, steps: int = 1, extra: tuple = (),
+            rows: Path = data, **kw) -> dict:
+        argv = common(policy, rows, tmp / name, steps=steps) + ["--global_batch_size", "2",
                                                                 *extra]
-        return {"name": name, "argv": argv, "out": str(tmp / name), "ref_model": str(ref), **kw}
+        return {"name": name, "argv": argv, "out": str(tmp / name),
+                **({"ref_model": str(ref)} if ref is not None else {}), **kw}
 
+    kto = {"rows": kto_data, "objective": "kto", "steps": 2}
+    rm = {"objective": "rm", "steps": 2, "extra": ("--lr", "5e-3")}
     res = _launch([run("same", policy), run("other", other, steps=2),
                    run("other_pre", other, steps=2, precompute=True),
+                   run("kto_other", other, **kto), run("rm", None, **rm),
                    run("mismatch", tiny_ckpt("qwen2_5_vl"), expect_error=True)], tmp)
     two = _launch([run("other_tp2", other, steps=2, extra=("--tp", "2")),
-                   run("other_pre_pp2", other, steps=2, extra=("--pp", "2"), precompute=True)],
+                   run("other_pre_pp2", other, steps=2, extra=("--pp", "2"), precompute=True),
+                   run("kto_other_pre_tp2", other, precompute=True, **kto | {"extra": (
+                       "--tp", "2")}),
+                   run("rm_pp2", None, **rm | {"extra": ("--lr", "5e-3", "--pp", "2")})],
                   tmp, nproc=2)
     logs = res["logs"] | two["logs"]
     return SimpleNamespace(tmp=tmp, policy=policy, other=other, data=data,
@@ -189,3 +207,47 @@ def test_ref_model_flag_refused_where_unread(argv, err):
     fn = {"dpo": dpo_loss_config, "cpo": cpo_loss_config, "orpo": orpo_beta}[ns.rlhf_type]
     with pytest.raises(ValueError, match=err):
         fn(ns)
+
+
+KTO_KEYS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/margins", "logps/chosen",
+            "logps/rejected", "kl")
+RM_KEYS = ("loss", "accuracy", "margin", "mean_reward", "rewards/chosen", "rewards/rejected")
+
+
+def test_kto_ref_model_rewards_match_transformers(setup):
+    """KTO with --ref_model: step 1's rewards/chosen (the desirable row: pair 0's chosen answer)
+    and rewards/rejected (the undesirable row: pair 1's rejected answer) are beta x (policy -
+    reference) log-probs of those answers from transformers; the logged log-probs are the
+    policy's."""
+    from mvlm.data import preference as P
+    from mvlm.data.template import TemplateConfig, get_template
+
+    tpl = get_template(setup.policy, cfg=TemplateConfig(max_length=256, task="preference"))
+    encs = [P.encode_pair(tpl, r) for r in PAIRS]
+    pol, ref = _hf_answer_logps(setup.policy, encs), _hf_answer_logps(setup.other, encs)
+    s1 = setup.logs["kto_other"][0]
+    want = {"rewards/chosen": float(BETA * (pol[0, 0] - ref[0, 0])),
+            "rewards/rejected": float(BETA * (pol[1, 1] - ref[1, 1])),
+            "logps/chosen": float(pol[0, 0]), "logps/rejected": float(pol[1, 1])}
+    print(json.dumps(s1), want)
+    assert abs(want["rewards/chosen"]) > 1e-3 and abs(want["rewards/rejected"]) > 1e-3
+    for k, v in want.items():
+        assert abs(s1[k] - v) <= 1e-5 * max(1.0, abs(v)), (k, s1[k], v)
+
+
+@pytest.mark.parametrize("name,ref,keys", [("kto_other_pre_tp2", "kto_other", KTO_KEYS),
+                                           ("rm_pp2", "rm", RM_KEYS)])
+def test_kto_and_rm_beyond_one_rank(setup, name, ref, keys):
+    """KTO at TP2 with precomputed reference log-probs (--ref_model) and the reward model at
+    PP2 equal their one-rank runs over 2 steps (bound 1e-5 relative, floor 1); the runs moved
+    (step 2 differs from step 1)."""
+    got, want = setup.logs[name], setup.logs[ref]
+    assert [x["step"] for x in got] == [x["step"] for x in want] == [1, 2]
+    assert want[1]["loss"] != want[0]["loss"]
+    worst = 0.0
+    for a, b in zip(got, want):
+        for k in keys:
+            d = abs(a[k] - b[k]) / max(1.0, abs(b[k]))
+            worst = max(worst, d)
+            assert d <= 1e-5, (name, a["step"], k, a[k], b[k])
+    print(f"{name} vs {ref}: max relative difference {worst:.2e}")
