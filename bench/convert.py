@@ -9,7 +9,8 @@ largest tensor, as in real checkpoints), then, in one run and each in its own pr
 * plain load: ``transformers`` ``from_pretrained`` + ``state_dict()``, without a copy (the fair
   memory comparison) and with ``v.clone()`` of every tensor (what the old baseline row did);
 * ``mvlm convert --to mcore`` at TP=1 and TP=2, and ``--to hf`` at TP=1 and TP=2 (from the TP=1
-  mcore output; each rank loads its shard of it).
+  mcore output; each rank loads its shard of it); with ``--before SRC`` each of these also runs
+  from an older mvlm tree right before the current one (same run, same load).
 
 Times: "convert" is inside the process, after imports and process-group start-up (what a
 converter's work costs), wall and CPU seconds (user+sys, forked writers included; the CPU column
@@ -18,7 +19,7 @@ Memory is peak RSS per process above its own post-import RSS; the figure of meri
 overhead above the bytes of the rank's own parameters (which any converter must hold), compared
 with the largest single tensor.
 
-    python bench/convert.py [--workdir /tmp/mvlm_bench_convert] [--record]
+    python bench/convert.py [--workdir /tmp/mvlm_bench_convert] [--before SRC] [--record]
 """
 from __future__ import annotations
 
@@ -102,10 +103,11 @@ def largest_tensor_mb(hf: Path) -> tuple[float, float]:
     return max(sizes), sum(sizes)
 
 
-def run(cmd: list[str]) -> tuple[str, float]:
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+def run(cmd: list[str], src: Path = REPO) -> tuple[str, float]:
+    """Run ``cmd`` with ``src``'s mvlm first on the path (``-m`` puts the cwd first)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(src))
     t = time.time()
-    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=src)
     if p.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{p.stdout}\n{p.stderr[-4000:]}")
     return p.stdout, time.time() - t
@@ -125,6 +127,9 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--ffn", type=int, default=6144)
     ap.add_argument("--vocab", type=int, default=151936)
+    ap.add_argument("--before", default=None,
+                    help="an older mvlm source tree (e.g. `git archive <commit>` unpacked): its "
+                         "--to mcore / --to hf rows run too, each right before the current one")
     ap.add_argument("--record", action="store_true",
                     help="replace the Conversion section of docs/benchmarks.md")
     args = ap.parse_args()
@@ -151,11 +156,13 @@ def main() -> None:
         print(rows[-1], flush=True)
 
     def convert(label: str, nproc: int, cli: list[str]) -> None:
-        out, wall = run(mvlm(nproc, ["convert", *cli, "--overwrite"]))
-        for r, start, peak, params, sec, cpu, phases in RX.findall(out):
-            rows.append((f"{label}, rank {r}", wall, float(sec), float(cpu),
-                         int(peak) - int(start), int(params), phases))
-            print(rows[-1], flush=True)
+        trees = ([(" (before)", Path(args.before))] if args.before else []) + [("", REPO)]
+        for tag, src in trees:
+            out, wall = run(mvlm(nproc, ["convert", *cli, "--overwrite"]), src)
+            for r, start, peak, params, sec, cpu, phases in RX.findall(out):
+                rows.append((f"{label}{tag}, rank {r}", wall, float(sec), float(cpu),
+                             int(peak) - int(start), int(params), phases))
+                print(rows[-1], flush=True)
 
     mc = {tp: wd / f"mcore_tp{tp}" for tp in (1, 2)}
     for tp in (1, 2):

@@ -126,7 +126,8 @@ def load_sharded(sharded_sd: dict, model_dir: Path, *, with_optimizer: bool) -> 
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     loaded, unread, absent = dist_checkpointing.load(
-        sharded_sd, str(model_dir), strict=StrictHandling.RETURN_ALL)
+        sharded_sd, str(model_dir), sharded_strategy=_load_strategy(model_dir),
+        strict=StrictHandling.RETURN_ALL)
     # Megatron-Core's words: "missing" = stored but requested by no rank, "unexpected" =
     # requested here but not stored.
     absent_bad = sorted(k for k in absent if not is_extra_state(k))
@@ -147,6 +148,19 @@ def load_sharded(sharded_sd: dict, model_dir: Path, *, with_optimizer: bool) -> 
         log.info("%s: %d Transformer Engine _extra_state entries (fp8 metadata) not exchanged "
                  "between layer specs, e.g. %s", model_dir, len(skipped), skipped[0])
     return loaded
+
+
+def _load_strategy(model_dir: Path):
+    """Megatron-Core's ``torch_dist`` load reading straight into the tensors
+    (``mvlm.convert.dcp_load``); None (Megatron-Core's default) for any other backend."""
+    from megatron.core.dist_checkpointing.core import maybe_load_config
+
+    from mvlm.convert.dcp_load import DirectTorchDistLoad
+
+    config = maybe_load_config(str(model_dir))
+    if config is None or config.sharded_backend != "torch_dist":
+        return None
+    return DirectTorchDistLoad()
 
 
 def load_module_state(module: torch.nn.Module, state: dict, strict: bool = True) -> None:

@@ -34,6 +34,7 @@ from mvlm.convert.ckpt_format import (
     load_module_state,
     load_sharded,
 )
+from mvlm.convert.dcp_save import InProcessTorchDistSave
 from mvlm.convert.hf_io import copy_aux_files
 from mvlm.convert.publish import fault_point, staged_publish
 from mvlm.models.vlm import ModelBundle, build_model
@@ -71,7 +72,8 @@ def save_mcore(bundle: ModelBundle, out: Path, layout: ParallelLayout, hf_src: P
     with staged_publish(out, overwrite=overwrite) as staging:
         (staging / "model").mkdir(exist_ok=True)
         dist.barrier()
-        dist_checkpointing.save(model_sharded_state_dict(bundle), str(staging / "model"))
+        dist_checkpointing.save(model_sharded_state_dict(bundle), str(staging / "model"),
+                                sharded_strategy=InProcessTorchDistSave())
         fault_point("mid_write", staging)  # tests: weights on disk, metadata not yet
         if dist.get_rank() == 0:
             meta = {

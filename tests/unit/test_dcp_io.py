@@ -1,0 +1,86 @@
+"""mvlm's torch_dist writer and direct reader (mvlm.convert.dcp_save / dcp_load), one rank.
+
+The writer must produce a directory Megatron-Core's own loader reads back bit-exactly; the
+reader must fill whole shards and row slices straight from the file and hand every other
+request (column slices, dtype changes) to PyTorch's reader, with the same bytes either way.
+Multi-rank round trips through these paths: tests/dist/test_convert_roundtrip.py,
+tests/dist/test_resume_layouts.py.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group already exists")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def _sd(tensors: dict, fragments: dict | None = None) -> dict:
+    """Sharded state dict: each tensor whole, or (axis, index, count) of it."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    out = {}
+    for k, t in tensors.items():
+        frag = (fragments or {}).get(k)
+        out[k] = (ShardedTensor.from_rank_offsets(k, t, frag, replica_id=0) if frag
+                  else ShardedTensor.from_rank_offsets(k, t, replica_id=0))
+    return out
+
+
+def test_write_then_read_direct_and_fallback(one_rank, tmp_path, monkeypatch):
+    from megatron.core import dist_checkpointing
+
+    from mvlm.convert.dcp_load import DirectFileSystemReader, DirectTorchDistLoad
+    from mvlm.convert.dcp_save import InProcessTorchDistSave
+
+    g = torch.Generator().manual_seed(0)
+    full = {"w": torch.randn(8, 6, generator=g).to(torch.bfloat16),
+            "b": torch.randn(5, generator=g), "s": torch.tensor(3.5)}
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    dist_checkpointing.save(_sd(full), str(ckpt), sharded_strategy=InProcessTorchDistSave())
+    assert sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp"]
+    # Megatron-Core's own default loader reads what the in-process writer wrote.
+    back = dist_checkpointing.load(_sd({k: torch.zeros_like(v) for k, v in full.items()}),
+                                   str(ckpt))
+    assert all(torch.equal(back[k], full[k]) for k in full)
+
+    paths = []
+    orig = DirectFileSystemReader._read_direct
+
+    def spy(self, f, req, planner):
+        ok = orig(self, f, req, planner)
+        paths.append((req.storage_index.fqn, ok))
+        return ok
+
+    monkeypatch.setattr(DirectFileSystemReader, "_read_direct", spy)
+
+    def load(tensors, fragments=None):
+        paths.clear()
+        # one rank reading a fragment: the group-wide "every shard read once" check would fail
+        return dist_checkpointing.load(_sd(tensors, fragments), str(ckpt),
+                                       sharded_strategy=DirectTorchDistLoad(),
+                                       validate_access_integrity=fragments is None)
+
+    # whole tensors: every one read directly into the destination
+    got = load({k: torch.zeros_like(v) for k, v in full.items()})
+    assert all(torch.equal(got[k], full[k]) for k in full)
+    assert sorted(paths) == [("b", True), ("s", True), ("w", True)]
+    # a row slice (second half of dim 0, as a TP rank of a column-parallel layer): direct
+    got = load({"w": torch.zeros(4, 6, dtype=torch.bfloat16)}, {"w": (0, 1, 2)})
+    assert torch.equal(got["w"], full["w"][4:]) and paths == [("w", True)]
+    # a column slice is not one byte range: PyTorch's reader, same values
+    got = load({"w": torch.zeros(8, 3, dtype=torch.bfloat16)}, {"w": (1, 1, 2)})
+    assert torch.equal(got["w"], full["w"][:, 3:]) and paths == [("w", False)]
+    # another dtype than stored: PyTorch's reader casts
+    got = load({"w": torch.zeros(8, 6)})
+    assert torch.equal(got["w"], full["w"].float()) and paths == [("w", False)]
