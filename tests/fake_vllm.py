@@ -55,6 +55,7 @@ class FakeLLM:
         from safetensors.torch import load_file
 
         d = Path(hf_dir)
+        self.hf_dir = d
         self.weights: dict[str, torch.Tensor] = {}
         for f in sorted(d.glob("*.safetensors")):
             self.weights.update({n: t.to(dtype) for n, t in load_file(f).items()})
@@ -137,7 +138,8 @@ class FakeBuffer:
     """A Megatron-Core param/grad buffer that logs offload / reload."""
 
     def __init__(self, events: list) -> None:
-        self.events, self.param_data, self.params = events, object(), set()
+        self.events, self.params = events, set()
+        self.param_data = self.grad_data = SimpleNamespace(is_cuda=True)  # a GPU buffer's
 
     def offload_to_cpu(self, move_params: bool = True, move_grads: bool = True) -> None:
         self.events.append(f"offload_model(params={move_params},grads={move_grads})")

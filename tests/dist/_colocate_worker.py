@@ -1,4 +1,5 @@
-"""Worker for tests/dist/test_rollout_colocate_pp2.py (torchrun, 2 ranks, gloo, CPU, fp32).
+"""Worker for tests/dist/test_colocate_sync.py::test_colocate_pp2_sync_rollout_fault
+(torchrun, 2 ranks, gloo, CPU, fp32).
 
 A PP2 Megatron model of a tiny Qwen2 (each rank owns half the layers), loaded from the HF dir
 and scaled by 1.5 (a change of every tensor whose HF value is known: the Qwen2 mapping is

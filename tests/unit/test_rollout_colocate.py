@@ -7,7 +7,7 @@ sync hands every HF tensor to the engine exactly once, equal to the trainer's, i
 ``--weight_sync_bucket_mb``; manifest failures (dropped, renamed, mis-shaped, duplicated tensor)
 naming the tensor and leaving the engine stale until a complete sync; ``--check_weight_sync``
 catching an engine that holds other weights; the flags and the CPU refusal. The multi-rank stream
-(PP2: owners gather, rank 0 buckets and broadcasts) is tests/dist/test_rollout_colocate_pp2.py.
+(PP2: owners gather, rank 0 buckets and broadcasts) is tests/dist/test_colocate_sync.py.
 """
 from __future__ import annotations
 

@@ -539,14 +539,22 @@ class _SyncState:
 
 # ---- trainer memory offload -----------------------------------------------------------------
 def _buffers(model) -> list:
-    return list(getattr(model, "buffers", []) or []) + list(
-        getattr(model, "expert_parallel_buffers", []) or [])
+    """Megatron-Core's param / grad buffers of a DDP model that live on a GPU (a buffer on CPU
+    has nothing to offload)."""
+    out = []
+    for b in list(getattr(model, "buffers", []) or []) + list(
+            getattr(model, "expert_parallel_buffers", []) or []):
+        t = b.grad_data if getattr(b, "grad_data", None) is not None else b.param_data
+        if t is not None and t.is_cuda:
+            out.append(b)
+    return out
 
 
 def offload_model(trainer: Trainer) -> None:
     """--offload_model: the trainer's parameters and gradients to CPU for the rollout.
     Megatron-Core's param / grad buffers move as a whole (parameters stay views into them);
-    parameters outside a param buffer (no distributed optimizer) move one by one."""
+    parameters outside a param buffer (no distributed optimizer) move one by one. Tensors
+    already on CPU stay where they are."""
     for m in trainer.ddp_models:
         bufs = _buffers(m)
         in_buffers = set()
