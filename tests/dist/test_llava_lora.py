@@ -1,5 +1,6 @@
-"""LoRA on LLaVA at TP2: peft loads the run's adapters onto transformers' LLaVA with the logits of
-the merged export, on an image prompt.
+"""LoRA on LLaVA (and LLaVA-OneVision: SigLIP, any-resolution tiles, image_newline) at TP2: peft
+loads the run's adapters onto the transformers model with the logits of the merged export, on an
+image prompt.
 
 `mvlm sft --train_type lora --target_modules all-linear --tp 2` for 2 steps on image + text rows
 (fp32, ms-swift's default freezes: ViT frozen), then peft loads ``run/adapter`` onto the original
@@ -22,13 +23,16 @@ TOL = 1e-5
 
 
 @pytest.mark.timeout(1200)
-def test_llava_lora_tp2_peft_equals_merged(tiny_ckpt, tmp_path):
+@pytest.mark.parametrize("family", ["llava", "llava_onevision"])
+def test_llava_lora_tp2_peft_equals_merged(tiny_ckpt, tmp_path, family):
     import peft
     import transformers
 
     from mvlm.data.template import get_template
+    from mvlm.models.registry import get_family
 
-    base = tiny_ckpt("llava")
+    base = tiny_ckpt(family)
+    spec = get_family(family)
     data, _ = write_data(tmp_path / "data")
     run = tmp_path / "run"
     run_mvlm(["sft", "--model", str(base), "--dataset", str(data), "--train_type", "lora",
@@ -42,7 +46,7 @@ def test_llava_lora_tp2_peft_equals_merged(tiny_ckpt, tmp_path):
     run_mvlm(["export", "--model", str(run), "--merge_lora", "true", "--output", str(merged)])
 
     def load(path):
-        return transformers.LlavaForConditionalGeneration.from_pretrained(
+        return getattr(transformers, spec.hf_model_class).from_pretrained(
             path, dtype=torch.float32).eval()
 
     adapted = peft.PeftModel.from_pretrained(load(base), str(run / "adapter")).eval()
@@ -50,10 +54,12 @@ def test_llava_lora_tp2_peft_equals_merged(tiny_ckpt, tmp_path):
     row = [r for r in (__import__("json").loads(x) for x in data.read_text().splitlines())
            if r.get("images")][0]
     enc = get_template(base).encode(row)
-    inputs = {"input_ids": enc["input_ids"][None], "pixel_values": enc["pixel_values"]}
+    batch = {k: v for k, v in enc.items() if k in spec.batch_keys}
+    inputs = spec.hf_forward_inputs(load(base).config, {"input_ids": enc["input_ids"][None],
+                                                        **batch})
     with torch.no_grad():
         a, m, b = (x(**inputs).logits for x in (adapted, load(merged), load(base)))
     d, moved = (a - m).abs().max().item(), (a - b).abs().max().item()
-    print(f"llava LoRA TP2: peft vs merged max|dlogits| {d:.2e}; trained vs base {moved:.2e}")
+    print(f"{family} LoRA TP2: peft vs merged max|dlogits| {d:.2e}; trained vs base {moved:.2e}")
     assert d <= TOL
     assert moved > 1e-2
