@@ -43,15 +43,15 @@ class DirectFileSystemReader(CachedMetadataFileSystemReader):
         for item in plan.items:
             per_file.setdefault(self.storage_data[item.storage_index].relative_path,
                                 []).append(item)
-        rest: list[ReadItem] = []
         for rel, items in per_file.items():
             path = Path(self.path) / rel
             with open(path, "rb", buffering=0) as f:
                 for item in items:
                     if not self._read_direct(f, item, planner):
-                        rest.append(item)
-        if rest:
-            return super().read_data(dataclasses.replace(plan, items=rest), planner)
+                        # At once, not batched: the planner may keep state from resolve_tensor
+                        # to the matching commit_tensor (Megatron-Core's FP8 handling), and
+                        # PyTorch's reader resolves this item again right before committing it.
+                        super().read_data(dataclasses.replace(plan, items=[item]), planner)
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
