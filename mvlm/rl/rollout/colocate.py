@@ -257,8 +257,10 @@ class ColocateEngine(RolloutEngine):
         return version
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
-        """Load (HF name, full tensor) pairs given to *this* process (each rank its own, e.g.
-        in a single-process run); :meth:`push_policy` is the distributed path."""
+        """Load (HF name, full tensor) pairs, checked against the manifest and bucketed like a
+        policy sync. Collective in a distributed job: every rank passes the same names and
+        shapes in the same order, and rank 0's values are what every engine loads (training
+        uses :meth:`push_policy`, which streams the model's shards instead)."""
         return self.sync(([(n, t.dtype, list(t.shape))], [(n, t)]) for n, t in weights)
 
     def generate(self, prompts: Sequence[RolloutPrompt], params: SamplingParams
