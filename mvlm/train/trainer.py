@@ -371,7 +371,8 @@ class Trainer:
         path = ckpt.save_checkpoint(
             self.out_dir, at, self.bundle, self.optimizer, self.scheduler, self.layout,
             self.src_dir, {"consumed_samples": self.consumed, "skipped_steps": self.skipped,
-                           "train_iters": self.train_iters, "task": cfg.task},
+                           "train_iters": self.train_iters, "task": cfg.task,
+                           "repeat_batches": len(self._repeats)},
             save_total_limit=cfg.ckpt.save_total_limit, save_optim=cfg.ckpt.save_optim,
             rank_state=self._rank_state())
         if self.rank == 0:
@@ -400,20 +401,20 @@ class Trainer:
         """The batches queued for repeat and the objective's state, saved per rank: restored
         on the same layout (as the RNG states are); batches queued for repeat cannot move to
         another layout, so such a checkpoint is refused there."""
-        f = ckpt.rank_state_file(path)
-        if not f.exists():
-            return
-        rs = torch.load(f, weights_only=False)
         if state.get("layout") != asdict(self.layout) or \
                 state.get("world_size") != dist.get_world_size():
-            if rs["repeats"]:
+            if state.get("repeat_batches"):  # in trainer_state.json: the same on every rank
                 raise ValueError(
                     f"{path} was saved while a batch was being reused (e.g. a rollout over "
                     f"--num_iterations steps) on layout {state.get('layout')}: resume it on "
                     "that layout, or from a checkpoint of a step that starts a new batch")
-            if self.rank == 0:
+            if self.rank == 0 and ckpt.rank_state_file(path).exists():
                 log.info("resuming at a different layout: the objective's state not restored")
             return
+        f = ckpt.rank_state_file(path)
+        if not f.exists():
+            return
+        rs = torch.load(f, weights_only=False)
         self._repeats = [steps.to_device(b, self.device) for b in rs["repeats"]]
         self.objective.load_state_dict(self, rs["objective"])
 

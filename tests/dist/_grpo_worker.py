@@ -11,7 +11,8 @@ Spec (JSON, argv[1]): ``{"runs": [{"name", "argv", "out", "grpo": {flag: value}}
 a run with ``"sft": true`` is a plain ``mvlm sft`` run of its argv instead.
 The runs go one after the other in one launch; the result holds each run's logging.jsonl, or the
 message of the LogprobMismatchError a run with ``trainer_temperature`` (the trainer's log-probs
-tempered unlike the engine's) stopped with, and the prompts (unpadded token ids of DP rank 0's
+tempered unlike the engine's) stopped with (or the ValueError of a run marked
+``expect_error``), and the prompts (unpadded token ids of DP rank 0's
 micro-batches) each training step received from the data loader and the number of images
 its training rows carried.
 """
@@ -94,6 +95,11 @@ def main() -> None:
         try:
             train(cfg, obj)
         except LogprobMismatchError as e:
+            errors[run["name"]] = str(e)
+            continue
+        except ValueError as e:  # a run that must be refused (e.g. a resume at another layout)
+            if not run.get("expect_error"):
+                raise
             errors[run["name"]] = str(e)
             continue
         dist.barrier()

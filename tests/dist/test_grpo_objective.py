@@ -38,7 +38,7 @@ Checked:
   rank over the 3 steps, with the step-1 invariants;
 * a run stopped after step 1 (``--exit_interval 1``, mid-way through a rollout's 2 steps) and
   resumed equals the uninterrupted run exactly (rollout and repeat queue from the checkpoint,
-  loader position = samples read);
+  loader position = samples read); that checkpoint resumed at TP2 is refused;
 * ``--dynamic_sample`` at DP2: the other rank rolls out with the rank that refills;
   ``consumed_samples`` grows by a global batch per rollout drawn;
 * a learning run on image prompts (8 rollouts): the reward rises.
@@ -151,6 +151,9 @@ def runs(tmp_path_factory, tiny_ckpt):
         run("dp2", []), run("vl_tp2", ["--tp", "2"], vl=True), run("vl_dp2", [], vl=True),
         run("chord_tp2", ["--tp", "2", "--train_iters", "1"], chord_flags),
         run("chord_pp2", ["--pp", "2", "--train_iters", "1"], chord_flags),
+        # the mid-rollout checkpoint of the one-rank "res" run, resumed at TP2: refused
+        dict(run("res_tp2", ["--tp", "2", "--resume", str(tmp / "res" / "checkpoint-1")]),
+             expect_error=True),
         run("vl_cp2", ["--cp", "2"], vl=True), dict(dyn, name="dyn_dp2", out=str(tmp / "dyn_dp2"),
                                                    argv=_out(dyn["argv"], tmp / "dyn_dp2"))],
         2, tmp, "two")
@@ -236,6 +239,10 @@ def test_resume_mid_rollout_equals_uninterrupted(runs):
         for k in (*COMPARED, "consumed_samples", "grad_norm", "ratio/mean"):
             assert a[k] == b[k], (a["step"], k, a[k], b[k])
     assert runs["prompts:res"] == runs["prompts:ref"][1:]
+    # that checkpoint holds the reused rollout of one layout: another layout refuses it
+    msg = runs["error:res_tp2"]
+    assert "checkpoint-1 was saved while a batch was being reused" in msg and \
+        "resume it on that layout" in msg, msg
 
 
 def test_image_prompts_learn(runs):
