@@ -39,11 +39,6 @@ DEMO_MODEL: dict[str, Any] = {"hidden_size": 128, "intermediate_size": 256,
 # 112 px = 8x8 patches = 16 merged image tokens: enough for the tower to tell shapes apart
 # (56 px, 4 tokens, learns colour but barely shape in the same number of steps).
 DEMO_IMAGE_SIZE = 112
-# Per-family overrides of the tiny checkpoint for the demo (`--model_type`): the towers' own
-# input sizes so that the 112 px shapes keep enough detail (the test-sized towers see 56 px).
-DEMO_FAMILY_OVERRIDES: dict[str, dict[str, Any]] = {
-    "llava": {"vision_config": {"image_size": DEMO_IMAGE_SIZE}},
-}
 DEFAULT_DEMO_FAMILY = "qwen2_5_vl"
 
 # The bar the demo must clear: accuracy after training at least this, and at least this far above
@@ -312,8 +307,10 @@ def run_demo(args: DemoConfig) -> int:
         print(f"mvlm demo: error: --model_type {family!r} is not a vision-language family mvlm "
               f"builds; choose one of {', '.join(demo_families())}", file=sys.stderr)
         return 2
-    hf_dir = build_tiny_checkpoint(family, out / "hf_init", seed=args.seed,
-                                   **DEMO_MODEL, **DEMO_FAMILY_OVERRIDES.get(family, {}))
+    from mvlm.models.registry import get_family
+
+    hf_dir = build_tiny_checkpoint(family, out / "hf_init", seed=args.seed, **DEMO_MODEL,
+                                   **get_family(family).tiny_spec().demo_overrides)
     data = write_demo_dataset(out / "data", n_train=args.n_train, n_val=args.n_val,
                               image_size=DEMO_IMAGE_SIZE, seed=args.seed)
     chance = chance_accuracy(data.kinds)

@@ -25,7 +25,7 @@ import pathlib
 import shutil
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -83,6 +83,9 @@ class TinySpec:
     # the tokenizer's chat template and end-of-turn token (None / default: Qwen's ChatML)
     chat_template: str | None = None
     eos_token: str = "<|im_end|>"
+    # config overrides for `mvlm demo --model_type <family>` (e.g. a tower input size large
+    # enough for the demo's 112 px shapes), merged over the demo's text sizes
+    demo_overrides: dict[str, Any] = field(default_factory=dict)
 
 
 def _spec(family: str) -> TinySpec:

@@ -109,4 +109,6 @@ def processor(tokenizer: Any, config: transformers.PretrainedConfig) -> Any:
 
 
 TINY = TinySpec(config=config, special_tokens=SPECIALS, chat_template=CHAT_TEMPLATE,
-                auto_class="AutoModelForImageTextToText", processor=processor)
+                auto_class="AutoModelForImageTextToText", processor=processor,
+                # the demo's 112 px shapes need more than the test tower's 56 px input
+                demo_overrides={"vision_config": {"image_size": 112}})
