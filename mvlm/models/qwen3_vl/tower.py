@@ -20,10 +20,6 @@ class DeepStackTower(HFVisionTower):
 
 
 def build_tower(cfg: PretrainedConfig, dtype: torch.dtype, device: str) -> DeepStackTower:
-    module_name = ("transformers.models.qwen3_vl_moe.modeling_qwen3_vl_moe"
-                   if cfg.model_type == "qwen3_vl_moe"
-                   else "transformers.models.qwen3_vl.modeling_qwen3_vl")
-    cls_name = "Qwen3VLMoeVisionModel" if cfg.model_type == "qwen3_vl_moe" \
-        else "Qwen3VLVisionModel"
-    return DeepStackTower(build_hf_vision(module_name, cls_name, cfg.vision_config, dtype,
+    return DeepStackTower(build_hf_vision("transformers.models.qwen3_vl.modeling_qwen3_vl",
+                                          "Qwen3VLVisionModel", cfg.vision_config, dtype,
                                           device).tower)
