@@ -7,7 +7,7 @@ off) and two-rank runs at TP2, PP2, CP2 and LoRA at TP2, three steps each on the
 * after an update the reference no longer equals the policy (rewards != 0) and the policy has
   moved towards the chosen answers (margins > 0, loss < ln 2);
 * every layout's losses and DPO metrics equal the one-rank run's over the 3 steps (bound
-  1e-5 relative, floor 1; LoRA at TP2 2e-5, see TOLS);
+  1e-5 relative, floor 1; LoRA at TP2 1.5e-5, see TOLS);
 * KTO (same launches: one rank and TP2) on the pairs split into 2 desirable + 2 undesirable
   rows: step-1 loss 0.625 exactly (0.5 per row, undesirable weight 1.5), rewards and kl 0;
   TP2 equals one rank;
@@ -170,10 +170,13 @@ def test_step0_reference_equals_policy(runs, name):
     assert logs[-1]["rewards/margins"] > 0 and logs[-1]["loss"] < LN2_FP32
 
 
-# LoRA at TP2 (lr 5e-2): measured 1.02e-5 on rewards/margins at step 3 since the vision tower's
-# images are divided over the TP ranks (mvlm.models.vision_parallel: another reduction order of
-# the adapters' gradients); the full-training layouts stay below 1e-6
-TOLS = {"lora_tp2": 2e-5}
+# LoRA at TP2 (lr 5e-2): measured 1.02e-5 on rewards/margins at step 3, bound just above it.
+# The vision split (mvlm.models.vision_parallel) runs each TP rank's images in their own backward
+# and sums the tower's (here: its LoRA adapters') gradients over TP, another fp32 summation order
+# than one backward over all images: tests/unit/test_vision_split_order.py measures 2.6e-7 on
+# the tower's gradients (equal to 1e-12 in fp64), which Adam at lr 5e-2 carries to ~1e-5 over 3
+# steps. The full-training layouts (lr 5e-3) stay below 1e-6.
+TOLS = {"lora_tp2": 1.5e-5}
 
 
 @pytest.mark.parametrize("name,ref", [(k, "ref") for k in LAYOUTS] + [("lora_tp2", "lora")])
