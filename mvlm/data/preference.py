@@ -54,8 +54,9 @@ _SHAPE_KEYS = {"messages", "conversations", "query", "response", "history", "sys
                "chosen", "rejected", "rejected_response", "completion", "label", "images",
                "videos", "audios", "rejected_images"}
 _SEQ_KEYS = ("input_ids", "labels", "position_ids", "length")
+# image_sizes: any-resolution LLaVA's per-image key, read by its merge (mvlm.models.llava.anyres)
 _VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
-                "second_per_grid_ts", "image_refs")
+                "second_per_grid_ts", "image_sizes", "image_refs")
 
 
 @dataclass
