@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -28,20 +29,36 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--families", nargs="*", default=demo_families(), choices=demo_families())
     ap.add_argument("--workdir", default="/tmp/mvlm_bench_demo")
+    ap.add_argument("--jobs", type=int, default=1, help="demos run at the same time")
     ap.add_argument("--record", action="store_true", help="append to docs/benchmarks.md")
     a = ap.parse_args()
+    Path(a.workdir).mkdir(parents=True, exist_ok=True)
+
+    procs: dict[str, tuple[subprocess.Popen, float]] = {}
+    pending = list(a.families)
+    done: dict[str, float] = {}
+    while pending or procs:
+        while pending and len(procs) < a.jobs:
+            fam = pending.pop(0)
+            out = Path(a.workdir) / fam
+            shutil.rmtree(out, ignore_errors=True)  # a crash must not leave an old result
+            log = open(Path(a.workdir) / f"{fam}.log", "w")
+            procs[fam] = (subprocess.Popen(
+                [sys.executable, "-m", "mvlm", "demo", "--model_type", fam, "--output_dir",
+                 str(out)], stdout=log, stderr=subprocess.STDOUT, cwd=REPO), time.perf_counter())
+        time.sleep(2)
+        for fam, (p, t) in list(procs.items()):
+            if p.poll() is not None:
+                done[fam] = time.perf_counter() - t
+                del procs[fam]
+                print(f"{fam}: demo exited {p.returncode} after {done[fam]:.0f} s", flush=True)
 
     rows, failed = [], []
     for fam in a.families:
-        out = Path(a.workdir) / fam
-        t = time.perf_counter()
-        p = subprocess.run([sys.executable, "-m", "mvlm", "demo", "--model_type", fam,
-                            "--output_dir", str(out)], capture_output=True, text=True, cwd=REPO)
-        wall = time.perf_counter() - t
-        res = out / "demo_result.json"
+        res, wall = Path(a.workdir) / fam / "demo_result.json", done[fam]
         if not res.is_file():
             failed.append(fam)
-            print(f"{fam}: demo exited {p.returncode} without a result\n{p.stderr[-3000:]}",
+            print(f"{fam}: no demo_result.json; see {Path(a.workdir) / (fam + '.log')}",
                   file=sys.stderr)
             rows.append((fam, None, wall))
             continue
@@ -49,13 +66,12 @@ def main() -> int:
         if not r["ok"]:
             failed.append(fam)
         rows.append((fam, r, wall))
-        print(f"{fam}: ok={r['ok']} accuracy {r['accuracy_before']:.2f} -> "
-              f"{r['accuracy_after']:.2f} (chance {r['chance']:.2f}), {wall:.0f} s", flush=True)
 
     when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    cmd = "python bench/demo_families.py" + (" --record" if a.record else "")
+    cmd = "python bench/demo_families.py" + f" --jobs {a.jobs}" + (" --record" if a.record else "")
     lines = [f"Command: `{cmd}` ({when}; {platform.processor() or 'CPU'}, no GPU; each row is "
-             "one `mvlm demo --model_type F`: tiny random checkpoint, 200 SFT steps at TP=2, "
+             f"one `mvlm demo --model_type F` ({a.jobs} at a time): tiny random checkpoint, "
+             "200 SFT steps at TP=2, "
              "held-out accuracy by transformers on the exported model; the demo passes when "
              "accuracy >= 0.6 and gains >= 0.25 over chance and over the untrained model)", "",
              "| family | accuracy before | accuracy after | chance | first -> last loss | "
