@@ -272,6 +272,13 @@ def export_hf_weights(bundle: ModelBundle, out_dir: Path, dtype: torch.dtype | N
         if n > 1:
             write_index(out_dir, weight_map, total)
     dist.barrier()
+    # A mapping whose HF tensor spans parameters of several ranks (Qwen3-VL-MoE's fused experts)
+    # writes per-parameter pieces above; its post_export hook joins them once all are on disk.
+    table = bundle.family.mappings(bundle.hf_config, bundle.arch)
+    for hook in dict.fromkeys(m.post_export for m in table if getattr(m, "post_export", None)):
+        box = [hook(out_dir, weight_map) if dist.get_rank() == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        weight_map = box[0]
     return weight_map
 
 

@@ -86,6 +86,9 @@ class TinySpec:
     # config overrides for `mvlm demo --model_type <family>` (e.g. a tower input size large
     # enough for the demo's 112 px shapes), merged over the demo's text sizes
     demo_overrides: dict[str, Any] = field(default_factory=dict)
+    # rewrites the saved checkpoint directory into the hub's layout where save_pretrained's
+    # differs (Qwen3-VL-MoE's fused experts are transposed on the hub); None: as saved
+    to_hub_layout: Callable[[pathlib.Path], None] | None = None
 
 
 def _spec(family: str) -> TinySpec:
@@ -451,6 +454,8 @@ def build_tiny_checkpoint(
     try:
         model.save_pretrained(tmp, max_shard_size="500MB")
         del model
+        if spec.to_hub_layout is not None:
+            spec.to_hub_layout(tmp)
         if spec.processor is not None:
             spec.processor(tokenizer, config).save_pretrained(tmp)
         else:
