@@ -54,6 +54,9 @@ CASES = [
     ("llava_onevision", 2, ["--tp", "2"], [(2, ["--pp", "2"])]),
     # Qwen3-VL: DeepStack levels on decoder layers 0-1 (the first stage at PP2), interleaved mRoPE
     ("qwen3_vl", 4, ["--tp", "2", "--pp", "2"], [(1, []), (2, ["--tp", "2"])]),
+    # Qwen3-VL-MoE: experts fused in the checkpoint ([E, hidden, 2I] / [E, I, hidden]), sliced per
+    # expert on load at EP2, re-fused on export (across shards: tests/unit/test_qwen3_vl_moe.py)
+    ("qwen3_vl_moe", 2, ["--ep", "2"], [(1, [])]),
 ]
 
 
