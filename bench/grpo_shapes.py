@@ -1,6 +1,6 @@
 """Multimodal GRPO learns: the demo's shapes task, a short SFT warm start, then GRPO (issue 12).
 
-    .venv/bin/python bench/grpo_shapes.py [--sft_iters 40] [--grpo_iters 20] [--record]
+    .venv/bin/python bench/grpo_shapes.py [--sft_iters 60] [--grpo_iters 40] [--record]
 
 One run, every step through the commands a user types:
 
@@ -119,13 +119,13 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--output_dir", default="/tmp/mvlm_grpo_shapes")
     p.add_argument("--nproc", type=int, default=2)
-    p.add_argument("--sft_iters", type=int, default=40)
+    p.add_argument("--sft_iters", type=int, default=60)
     p.add_argument("--sft_lr", type=float, default=3e-3)
-    p.add_argument("--grpo_iters", type=int, default=20)
-    p.add_argument("--grpo_prompts", type=int, default=4, help="prompts per rank per step")
+    p.add_argument("--grpo_iters", type=int, default=40)
+    p.add_argument("--grpo_prompts", type=int, default=8, help="prompts per rank per step")
     p.add_argument("--num_generations", type=int, default=8)
-    p.add_argument("--grpo_lr", type=float, default=1e-3)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--grpo_lr", type=float, default=1e-4)
+    p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--top_k", type=int, default=10)
     p.add_argument("--beta", type=float, default=0.0)
     p.add_argument("--n_train", type=int, default=480)
