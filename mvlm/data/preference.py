@@ -39,6 +39,7 @@ and repeat the features (:mod:`mvlm.train.objectives.pair_media`).
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,9 +55,19 @@ _SHAPE_KEYS = {"messages", "conversations", "query", "response", "history", "sys
                "chosen", "rejected", "rejected_response", "completion", "label", "images",
                "videos", "audios", "rejected_images"}
 _SEQ_KEYS = ("input_ids", "labels", "position_ids", "length")
-# image_sizes: any-resolution LLaVA's per-image key, read by its merge (mvlm.models.llava.anyres)
-_VISION_KEYS = ("pixel_values", "image_grid_thw", "pixel_values_videos", "video_grid_thw",
-                "second_per_grid_ts", "image_sizes", "image_refs")
+# lazily stored media (references resolved at collate time) travel with the media tensors
+_LAZY_MEDIA_KEYS = ("image_refs",)
+
+
+@functools.cache
+def _media_keys() -> tuple[str, ...]:
+    """Every media key a registered family's batch may carry (pixels, grids, image sizes, audio
+    features and masks...): a pair's two sequences share them. Read off the registry so a new
+    family's keys (e.g. an audio tower's) reach preference pairs without editing this file."""
+    from mvlm.models.registry import families
+
+    keys = {k for f in families() for k in f.batch_keys}
+    return tuple(sorted(keys)) + _LAZY_MEDIA_KEYS
 
 
 @dataclass
@@ -464,7 +475,7 @@ def pair_sequences(enc: dict) -> list[dict]:
     """An encoded pair (or KTO row) -> its two sequences as collator samples: [chosen,
     rejected] (KTO: [answer, kl]). Both list the pair's vision tensors (the same objects)."""
     second = "rejected"
-    vision = {k: enc[k] for k in _VISION_KEYS if k in enc}
+    vision = {k: enc[k] for k in _media_keys() if k in enc}
     keys = ("input_ids", "labels", "position_ids")  # ``length`` is the pair's, not a sequence's
     first = {k: enc[k] for k in keys if enc.get(k) is not None} | vision
     other = {k: enc[f"{second}_{k}"] for k in keys if enc.get(f"{second}_{k}") is not None} \

@@ -349,3 +349,19 @@ def test_pair_media_tower_once_equals_both_copies(setup):
     (gw,) = torch.autograd.grad((want * g).sum(), w)
     (gg,) = torch.autograd.grad((got * g).sum(), w)
     assert torch.allclose(gw, gg, rtol=1e-12, atol=1e-12)
+
+
+def test_pair_sequences_carry_every_registered_media_key():
+    """Both sequences of a pair list the pair's media, whatever the family's keys (audio
+    features and masks of Qwen2.5-Omni, LLaVA-NeXT's image sizes...): read off the registry, so
+    a family added later cannot silently lose its media in preference training."""
+    from mvlm.data.preference import pair_sequences
+    from mvlm.models.registry import families
+
+    keys = {k for f in families() for k in f.batch_keys}
+    assert {"input_features", "feature_attention_mask", "image_sizes", "pixel_values"} <= keys
+    enc = {"input_ids": [1, 2], "labels": [-100, 2], "position_ids": None,
+           "rejected_input_ids": [1, 3], "rejected_labels": [-100, 3], "length": 4}
+    enc |= {k: object() for k in keys}
+    for seq in pair_sequences(enc):
+        assert all(seq[k] is enc[k] for k in keys), sorted(keys - set(seq))
