@@ -1,4 +1,4 @@
-"""torchrun worker (2 ranks) for test_qwen3_vl.py: the tiny Qwen3-VL against transformers under
+"""torchrun worker (2 ranks) for test_qwen3_vl_layouts.py: the tiny Qwen3-VL against transformers under
 TP2 + sequence parallel and under CP2, on text, images and video.
 
 For each layout: ``verify_against_hf`` (text, one image, two images of different sizes) and two

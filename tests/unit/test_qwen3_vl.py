@@ -3,8 +3,8 @@
 DeepStack refuses, and a checkpoint whose weights are not Qwen3-VL's.
 
 Images (one, two of different sizes, system prompt, multi-turn, text-only) are checked for this
-family by test_data_hf_equality.py; logits against transformers are tests/dist/test_qwen3_vl.py
-and test_convert_roundtrip.py.
+family by test_data_hf_equality.py; logits against transformers are
+tests/dist/test_qwen3_vl_layouts.py and test_convert_roundtrip.py.
 """
 from __future__ import annotations
 
