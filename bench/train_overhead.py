@@ -3,6 +3,7 @@ torch AdamW, same model, batch, optimizer, dtype and threads, in one process.
 
     .venv/bin/python bench/train_overhead.py [--hidden 384] [--layers 4] [--rows 4]
         [--seq 256] [--steps 12] [--warmup 2] [--threads 1] [--profile 3]
+        [--optimizer_calls 0]
 
 Why one process with the two sides interleaved: the box is a 2-core CPU shared with other jobs,
 so its speed drifts by tens of percent over minutes. Both models are built once; then rounds of
@@ -22,7 +23,8 @@ The work is the same on both sides:
 
 Reported: median step time and tokens/s of each side, the ratio mvlm / transformers, the same
 per CPU second of the process (``time.process_time``: what the step cost, whatever else the
-shared machine ran meanwhile), the
+shared machine ran meanwhile), the median and largest number of minor page faults of a timed
+step (``getrusage``: fresh pages the kernel had to map and zero, part of that CPU time), the
 first-step losses (equal up to fp32 rounding: proof of the same work), and with ``--profile N``
 the top-5 operators of N profiled mvlm steps by self CPU time (``torch.profiler``) next to the
 share of the step spent outside any operator (Python and framework bookkeeping).
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
 import sys
 import tempfile
@@ -55,6 +58,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1, help="torch threads (both sides)")
     p.add_argument("--profile", type=int, default=3,
                    help="mvlm steps to profile after the timing (0: none)")
+    p.add_argument("--optimizer_calls", type=int, default=0,
+                   help="after the timing: this many alternating calls of torch's own AdamW step "
+                        "and mvlm's flat CPU step (runtime/flat_adam.py) on mvlm's optimizer")
     p.add_argument("--work_dir", default=None)
     p.add_argument("--out", default=None, help="write the JSON summary here")
     return p.parse_args(argv)
@@ -180,6 +186,30 @@ def profile_top(step: Any, n: int, k: int = 5) -> dict[str, Any]:
             "op_calls_per_step": sum(e.count for e in events) // n, "top": top}
 
 
+def time_optimizer_step(mv: MvlmSide, calls: int) -> dict[str, Any]:
+    """Median CPU ms of the inner Adam update alone: torch's per-parameter loop (the original
+    ``step`` the flat one wraps) and the flat step, alternating, on the gradients of the last
+    training step (the updates move the weights; the timing is all that is kept)."""
+    from mvlm.runtime.flat_adam import FlatAdamStep
+
+    opt = mv.trainer.optimizer
+    inner = (getattr(opt, "chained_optimizers", None) or [opt])[0].optimizer
+    flat = inner.step
+    if not isinstance(flat, FlatAdamStep):
+        return {"flat_step_installed": False}
+    fns = {"torch_loop_ms": flat.original, "flat_ms": flat}
+    t: dict[str, list[float]] = {k: [] for k in fns}
+    for k in range(calls):
+        for name in (list(fns) if k % 2 == 0 else list(fns)[::-1]):
+            c = time.process_time()
+            fns[name]()
+            t[name].append(time.process_time() - c)
+    out: dict[str, Any] = {k: round(statistics.median(v) * 1e3, 2) for k, v in t.items()}
+    out["flat_updates_per_step"] = flat.updates_last_step
+    out["params"] = sum(len(g["params"]) for g in inner.param_groups)
+    return out
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -194,11 +224,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     times: dict[str, list[float]] = {"mvlm": [], "transformers": []}
     cpu: dict[str, list[float]] = {"mvlm": [], "transformers": []}
     losses: dict[str, list[float]] = {"mvlm": [], "transformers": []}
+    faults: dict[str, list[int]] = {"mvlm": [], "transformers": []}  # minor page faults
     sides = {"mvlm": lambda k: mv.step(mv_batches[k % 2]),
              "transformers": lambda k: hf.step(ids[k % 2])}
     for k in range(args.warmup + args.steps):
         order = ("mvlm", "transformers") if k % 2 == 0 else ("transformers", "mvlm")
         for name in order:
+            f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t, c = time.perf_counter(), time.process_time()
             loss = sides[name](k)
             dt, dc = time.perf_counter() - t, time.process_time() - c
@@ -206,6 +238,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             if k >= args.warmup:
                 times[name].append(dt)
                 cpu[name].append(dc)
+                faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
     tokens = args.rows * args.seq
     res: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
@@ -220,6 +253,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               "median_cpu_s": round(med_cpu, 4),
                               "tokens_per_cpu_s": round(tokens / med_cpu),
                               "min_step_s": round(min(times[name]), 4),
+                              "median_minor_faults": statistics.median(faults[name]),
+                              "max_minor_faults": max(faults[name]),
                               "first_loss": losses[name][0], "last_loss": losses[name][-1]}
     s = res["sides"]
     res["ratio_mvlm_over_transformers"] = round(
@@ -227,6 +262,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     res["ratio_cpu_time"] = round(
         s["mvlm"]["tokens_per_cpu_s"] / s["transformers"]["tokens_per_cpu_s"], 3)
     res["first_loss_diff"] = abs(s["mvlm"]["first_loss"] - s["transformers"]["first_loss"])
+    if args.optimizer_calls:
+        res["optimizer_step"] = time_optimizer_step(mv, args.optimizer_calls)
     if args.profile:
         res["mvlm_profile"] = profile_top(lambda: mv.step(mv_batches[0]), args.profile)
         res["transformers_profile"] = profile_top(lambda: hf.step(ids[0]), args.profile)
@@ -241,6 +278,8 @@ def format_table(res: dict[str, Any]) -> str:
                      f"{r['median_cpu_s']} | {r['tokens_per_cpu_s']} | {r['first_loss']:.6f} |")
     lines.append(f"\nratio mvlm / transformers: tokens/s {res['ratio_mvlm_over_transformers']}, "
                  f"tokens per CPU second {res['ratio_cpu_time']}")
+    if "optimizer_step" in res:
+        lines.append(f"\nmvlm optimizer update alone (median CPU ms): {res['optimizer_step']}")
     for side in ("mvlm", "transformers"):
         prof = res.get(f"{side}_profile")
         if not prof:

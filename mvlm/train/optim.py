@@ -57,9 +57,12 @@ def wrap_ddp(bundle: ModelBundle, cfg: TrainConfig) -> list[Any]:
     """Megatron-Core DDP around each model chunk (fp32 grad accumulation and reduction)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
+    from mvlm.runtime import lean_ops, wgrad
     from mvlm.runtime.collectives import install as skip_collectives_on_one_rank
 
     skip_collectives_on_one_rank()  # a DP group of one reduces nothing (runtime/collectives.py)
+    wgrad.install()  # CPU fp32: weight gradients written into main_grad (runtime/wgrad.py)
+    lean_ops.install()  # full-width RoPE and clipping without copies (runtime/lean_ops.py)
     ddp_cfg = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
@@ -71,6 +74,7 @@ def wrap_ddp(bundle: ModelBundle, cfg: TrainConfig) -> list[Any]:
             bundle.config, ddp_cfg, m,
             # Only the first chunk may skip bucketing when VPP is used (Megatron's convention).
             disable_bucketing=i > 0))
+        wgrad.mark_ddp(out[-1])
     return out
 
 
@@ -97,7 +101,11 @@ def build_optimizer(ddp_models: list[Any], bundle: ModelBundle, cfg: TrainConfig
         pred = ParamWithNamePredicate(
             name=f"mvlm_{part}", fn=lambda p, n, part=part: part_of(n, prefixes) == part)
         overrides[ParamKey(with_name_predicate=pred)] = {"max_lr": lr, "min_lr": lr * ratio}
-    return get_megatron_optimizer(ocfg, ddp_models, config_overrides=overrides)
+    optimizer = get_megatron_optimizer(ocfg, ddp_models, config_overrides=overrides)
+    from mvlm.runtime.flat_adam import install as flat_cpu_adam
+
+    flat_cpu_adam(optimizer)  # CPU fp32: one Adam update per contiguous buffer range
+    return optimizer
 
 
 def param_groups_summary(optimizer) -> list[dict[str, Any]]:

@@ -55,10 +55,18 @@ def packed_params(batch: dict, qkv_format: str = "sbhd") -> PackedSeqParams | No
     cu = cu.to(torch.int32)
     m = int(batch.get("max_seqlen") or int((cu[1:] - cu[:-1]).max()))
     if qkv_format == "sbhd":
-        return PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
-                               max_seqlen_q=m, max_seqlen_kv=m)
+        params = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
+                                 max_seqlen_q=m, max_seqlen_kv=m)
+        if batch.get("segment_parent") is not None:  # shared-prefix pairs (attention.py)
+            params.segment_parent = batch["segment_parent"]
+        return params
     if qkv_format != "thd":
         raise ValueError(f"packed_qkv_format must be 'sbhd' or 'thd', got {qkv_format!r}")
+    if batch.get("segment_parent") is not None:  # THD kernels have no tree mask: never drop it
+        raise RuntimeError("shared-prefix pair rows (segment_parent) reached the THD layout, "
+                           "whose kernels cannot apply their tree mask; "
+                           "mvlm/train/objectives/shared_prefix.py keeps two-segment rows under "
+                           "THD, so this is a bug: please report it")
     row = int(batch["input_ids"].shape[-1])
     padded = None
     if int(cu[-1]) < row:
