@@ -115,8 +115,12 @@ def adapt_model_keys(model_sd: dict, model_dir: Path, meta: dict) -> int:
     return renamed
 
 
-def load_sharded(sharded_sd: dict, model_dir: Path, *, with_optimizer: bool) -> dict:
+def load_sharded(sharded_sd: dict, model_dir: Path, *, with_optimizer: bool,
+                 deferred=None) -> dict:
     """``dist_checkpointing.load`` that tolerates ``_extra_state`` mismatches and nothing else.
+
+    ``deferred`` (a ``mvlm.convert.dcp_load.MappedReads``): the tensors it allows are mapped
+    instead of read, for the caller to swap in.
 
     Requested entries the checkpoint lacks are dropped from the load by Megatron-Core
     (RETURN_ALL) and must all be ``_extra_state`` (a TE model reading a local-spec checkpoint);
@@ -126,7 +130,7 @@ def load_sharded(sharded_sd: dict, model_dir: Path, *, with_optimizer: bool) -> 
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
     loaded, unread, absent = dist_checkpointing.load(
-        sharded_sd, str(model_dir), sharded_strategy=_load_strategy(model_dir),
+        sharded_sd, str(model_dir), sharded_strategy=_load_strategy(model_dir, deferred),
         strict=StrictHandling.RETURN_ALL)
     # Megatron-Core's words: "missing" = stored but requested by no rank, "unexpected" =
     # requested here but not stored.
@@ -150,17 +154,18 @@ def load_sharded(sharded_sd: dict, model_dir: Path, *, with_optimizer: bool) -> 
     return loaded
 
 
-def _load_strategy(model_dir: Path):
+def _load_strategy(model_dir: Path, deferred=None):
     """Megatron-Core's ``torch_dist`` load reading straight into the tensors
-    (``mvlm.convert.dcp_load``); None (Megatron-Core's default) for any other backend."""
+    (``mvlm.convert.dcp_load``); None (Megatron-Core's default) for any other backend, where
+    nothing is deferred."""
     from megatron.core.dist_checkpointing.core import maybe_load_config
 
     from mvlm.convert.dcp_load import DirectTorchDistLoad
 
     config = maybe_load_config(str(model_dir))
     if config is None or config.sharded_backend != "torch_dist":
-        return None
-    return DirectTorchDistLoad()
+        return None  # nothing is mapped: every tensor is read as Megatron-Core reads it
+    return DirectTorchDistLoad(deferred)
 
 
 def load_module_state(module: torch.nn.Module, state: dict, strict: bool = True) -> None:

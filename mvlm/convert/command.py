@@ -25,7 +25,7 @@ from mvlm.convert.flags import (  # noqa: F401 - re-exported
     add_convert_args,
     add_layout_args,
 )
-from mvlm.convert.hf_io import SafetensorsReader, copy_aux_files
+from mvlm.convert.hf_io import SafetensorsReader, copy_aux_files, release_file_maps
 from mvlm.convert.mcore_ckpt import (
     dtype_from_name,
     is_mcore_checkpoint,
@@ -98,6 +98,7 @@ def run_convert(cfg: ConvertConfig) -> int:
                 bundle = build_model(hf_config, layout, dtype=dtype, device=device,
                                      backend=backend, perform_initialization=False)
             with clock("read"):
+                map_unchanged_params(bundle, src)  # pass-through tensors: no copy at all
                 load_hf_weights(bundle, src)
             if cfg.verify:
                 with clock("verify"):
@@ -108,8 +109,9 @@ def run_convert(cfg: ConvertConfig) -> int:
         else:
             dtype = dtype_from_name(cfg.torch_dtype) if cfg.torch_dtype else None
             with clock("read"):  # includes building the model
+                # pass-through weights stay memory maps of the checkpoint (no read, no copy)
                 bundle, meta = load_mcore(src, layout, device=device, dtype=dtype,
-                                          backend=backend)
+                                          backend=backend, map_params=True)
             export_dtype = _hf_dtype(bundle.hf_config) or bundle.config.params_dtype
             check = None
             if cfg.verify:
@@ -126,8 +128,70 @@ def run_convert(cfg: ConvertConfig) -> int:
             log.info("converted %s -> %s (%s) in %.1fs", src, out, cfg.to, time.time() - t0)
             print(f"mvlm convert: wrote {out}")
     finally:
+        release_file_maps()  # mapped parameters keep their own maps alive while they live
         destroy_distributed()
     return 0
+
+
+class _ProbeReader:
+    """Stands in for the reader while a mapping's ``load_into`` runs on a meta tensor: records
+    the reads it would make, moves no data."""
+
+    def __init__(self, reader: SafetensorsReader) -> None:
+        self.reader = reader
+        self.calls: list[tuple] = []
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.reader
+
+    def shape(self, name: str) -> list[int]:
+        return self.reader.shape(name)
+
+    def read_into(self, name, out, dim=None, start=None, stop=None) -> None:
+        self.calls.append((name, out, dim, start, stop))
+
+    def read(self, *a, **k):
+        raise LookupError("not a pass-through mapping")  # needs data: leave it to the loader
+
+
+@torch.no_grad()
+def map_unchanged_params(bundle, src: Path) -> int:
+    """Point every CPU parameter that is one contiguous slice of one HF tensor, unchanged
+    (same dtype, no interleave, no padding), at that slice of the memory-mapped file.
+
+    Why: ``--to mcore`` only passes such tensors through; copying them into freshly allocated
+    parameters first (1.4 GB of new pages for the bench checkpoint) is work a plain
+    ``from_pretrained`` (which maps the file) never does. What a mapping would read is found
+    by running its own ``load_into`` against a recording reader on a meta tensor, so the
+    rule "one read covering the whole parameter" is the mapping's, not a second copy of it.
+    The maps are copy-on-write (the file never changes). ``load_hf_weights`` then fills the
+    rest; its reads into a mapped parameter are no-ops. Returns the bytes mapped."""
+    from mvlm.convert.bridge import param_entries, shard_ctx
+
+    release_file_maps()  # fresh maps: no page an earlier user of a cached map wrote to
+    reader = SafetensorsReader(src)
+    mapped = 0
+    for e in param_entries(bundle):
+        p = e.param
+        if p.device.type != "cpu":
+            continue
+        probe = _ProbeReader(reader)
+        meta = torch.empty(p.shape, dtype=p.dtype, device="meta")
+        try:
+            e.mapping.load_into(probe, e.idx, shard_ctx(bundle, e.mapping), meta)
+        except Exception:  # noqa: BLE001 - any mapping that needs more than reads is skipped
+            continue
+        if len(probe.calls) != 1:
+            continue
+        name, out, dim, start, stop = probe.calls[0]
+        if out.shape != p.shape or out.storage_offset() or not out.is_contiguous():
+            continue
+        view = reader.map_view(name, dim, start, stop)
+        if view is None or view.dtype != p.dtype or view.shape != p.shape:
+            continue
+        p.data = view
+        mapped += view.nbytes
+    return mapped
 
 
 def _verify(bundle, hf_dir: Path, tol: float, device: str) -> None:

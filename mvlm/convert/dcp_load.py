@@ -34,9 +34,22 @@ from torch.distributed.checkpoint.filesystem import _create_file_view
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
 from torch.futures import Future
 
+from mvlm.convert.file_maps import map_tensor
+
+MAP_MIN_BYTES = 1 << 20  # smaller regions are read: a map per region would cost more
+
 
 class DirectFileSystemReader(CachedMetadataFileSystemReader):
-    """``FileSystemReader`` that reads contiguous tensor regions without a temporary."""
+    """``FileSystemReader`` that reads contiguous tensor regions without a temporary.
+
+    With ``deferred`` (a :class:`MappedReads`), a contiguous region of at least
+    :data:`MAP_MIN_BYTES` whose destination is one the caller allowed is not read at all: a
+    tensor over a copy-on-write map of those bytes is recorded instead (see
+    :class:`MappedReads`)."""
+
+    def __init__(self, path, deferred: MappedReads | None = None) -> None:
+        super().__init__(path)
+        self.deferred = deferred
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
         per_file: dict[str, list[ReadItem]] = {}
@@ -81,13 +94,61 @@ class DirectFileSystemReader(CachedMetadataFileSystemReader):
                                  f"{region.size()}")
         if not region.is_contiguous():
             return False
-        if target.numel():
-            esize = target.element_size()
+        esize = target.element_size()
+        at = info.offset + start + region.storage_offset() * esize
+        if (self.deferred is not None and target.numel() * esize >= MAP_MIN_BYTES
+                and getattr(planner, "_intermediate_read_item_and_target", None) is None
+                and self.deferred.wants(target)):
+            # no read (commit_tensor of a plain target moves no data)
+            self.deferred.add(target, map_tensor(f.name, at, target.dtype, target.shape))
+        elif target.numel():
             dst = memoryview(target.reshape(-1).view(torch.uint8).numpy()).cast("B")
-            _pread_full(f.fileno(), dst,
-                        info.offset + start + region.storage_offset() * esize, f.name)
+            _pread_full(f.fileno(), dst, at, f.name)
         planner.commit_tensor(req, target)
         return True
+
+
+def _tensor_key(t: torch.Tensor) -> tuple:
+    return (t.data_ptr(), t.dtype, tuple(t.shape))
+
+
+class MappedReads:
+    """Reads replaced by memory maps, for a load into tensors the caller will swap.
+
+    ``allowed``: the caller's tensors that may be mapped instead of read, each the whole data of
+    a parameter that the state dict loads as it is (a plain ShardedTensor, no factory that
+    merges or transforms it). The reader records ``(destination, mapped tensor)`` for a region
+    whose destination is exactly one of them (same address, dtype and shape; contiguous) and
+    reads every other region. :meth:`settle`, which the load strategy calls as soon as the
+    reads are done (before Megatron-Core merges factory outputs), copies the mapped bytes into
+    any destination hit more than once; ``swaps`` is then ``{key: mapped tensor}`` for the
+    caller to swap in (``param.data = mapped``) once it has loaded the state dict: until then
+    those destinations hold no data."""
+
+    def __init__(self, allowed: list[torch.Tensor]) -> None:
+        self.allowed = {_tensor_key(t) for t in allowed if t.device.type == "cpu"
+                        and t.is_contiguous()}
+        self.pending: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.swaps: dict[tuple, torch.Tensor] = {}
+
+    def wants(self, target: torch.Tensor) -> bool:
+        return target.is_contiguous() and _tensor_key(target) in self.allowed
+
+    def add(self, target: torch.Tensor, view: torch.Tensor) -> None:
+        self.pending.append((target, view))
+
+    @torch.no_grad()
+    def settle(self) -> None:
+        hits: dict[tuple, int] = {}
+        for target, _ in self.pending:
+            hits[_tensor_key(target)] = hits.get(_tensor_key(target), 0) + 1
+        for target, view in self.pending:
+            key = _tensor_key(target)
+            if hits[key] == 1:
+                self.swaps[key] = view
+            else:  # written twice (two keys, one tensor): the plain load's order, by copies
+                target.copy_(view)
+        self.pending.clear()
 
 
 def _pread_full(fd: int, dst: memoryview, offset: int, name: str) -> None:
@@ -105,22 +166,59 @@ class DirectTorchDistLoad(TorchDistLoadShardedStrategy):
 
     Megatron-Core builds its reader through a module-level factory inside ``load``; the
     factory is pointed at this reader for the duration of the call (and restored after), so
-    the rest of the load (key translation, validation, planner) is Megatron-Core's own."""
+    the rest of the load (key translation, validation, planner) is Megatron-Core's own.
+    ``deferred``: see :class:`DirectFileSystemReader`.
+
+    One more saving: Megatron-Core zeroes every ``allow_shape_mismatch`` destination (the
+    padded vocabulary tensors) before reading, because a checkpoint saved at another padded
+    size fills only part of it. Where the stored global shape equals the requested one every
+    element is read, so the zeroing (a pass over the two largest tensors) is skipped by
+    clearing the flag for the duration of the load; a real mismatch keeps it."""
+
+    def __init__(self, deferred: MappedReads | None = None) -> None:
+        super().__init__()
+        self.deferred = deferred
 
     def load(self, sharded_state_dict, checkpoint_dir):
         from megatron.core.dist_checkpointing.strategies import torch as mcore_torch
 
         factory = mcore_torch._get_filesystem_reader
+        readers: list = []
 
         def direct(path, cache_metadata: bool = False):
             reader = factory(path, cache_metadata=cache_metadata)
             if type(reader) not in (CachedMetadataFileSystemReader,
                                     mcore_torch.FileSystemReader):
                 return reader  # e.g. multi-storage client: keep Megatron-Core's choice
-            return DirectFileSystemReader(path)
+            if readers:  # one reader (and one metadata read) per load
+                return readers[0]
+            readers.append(DirectFileSystemReader(path, self.deferred))
+            return readers[0]
 
         mcore_torch._get_filesystem_reader = direct
+        same = _same_shape_mismatch_flags(sharded_state_dict, direct(checkpoint_dir, True))
         try:
-            return super().load(sharded_state_dict, checkpoint_dir)
+            for sh in same:
+                sh.allow_shape_mismatch = False
+            loaded = super().load(sharded_state_dict, checkpoint_dir)
+            if self.deferred is not None:
+                self.deferred.settle()
+            return loaded
         finally:
+            for sh in same:
+                sh.allow_shape_mismatch = True
             mcore_torch._get_filesystem_reader = factory
+
+
+def _same_shape_mismatch_flags(sharded_state_dict, reader) -> list:
+    """The ``allow_shape_mismatch`` ShardedTensors whose stored global shape is theirs."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    flagged = [v for v in nested_values(sharded_state_dict)
+               if isinstance(v, ShardedTensor) and v.allow_shape_mismatch]
+    if not flagged:
+        return []
+    stored = reader.read_metadata().state_dict_metadata
+    return [sh for sh in flagged if sh.key in stored
+            and tuple(getattr(stored[sh.key], "size", ())) == tuple(sh.global_shape)]

@@ -56,6 +56,7 @@ class InProcessTorchDistSave(SaveShardedStrategy):
         pyt_state_dict = mcore_to_pyt_state_dict(flat, is_loading=False)
         writer = FileSystemWriter(str(checkpoint_dir), single_file_per_rank=True,
                                   sync_files=False, thread_count=1)
+        writer.fs = _kernel_copy_fs()
         planner = MCoreSavePlanner(dedup_replicated_tensors=False, flatten_state_dict=False,
                                    can_run_decentralized_global_plan=False)
         with _no_zip_crc32():
@@ -64,6 +65,28 @@ class InProcessTorchDistSave(SaveShardedStrategy):
     @property
     def can_handle_sharded_objects(self) -> bool:
         return True
+
+
+def _kernel_copy_fs():
+    """PyTorch's ``FileSystem`` whose data files are :class:`~mvlm.convert.file_maps.
+    KernelCopyFile`: ``torch.save`` hands each tensor's storage to ``write`` as a view of the
+    tensor's own memory, so a pass-through parameter mapped from the input file (``--to mcore``)
+    is copied file to file by the kernel instead of through this process. Same bytes."""
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    from mvlm.convert.file_maps import KernelCopyFile
+
+    class KernelCopyFileSystem(FileSystem):
+        @contextmanager
+        def create_stream(self, path, mode: str) -> Iterator:
+            if mode != "wb":
+                with super().create_stream(path, mode) as stream:
+                    yield stream
+                return
+            with KernelCopyFile(path, "wb") as stream:
+                yield stream
+
+    return KernelCopyFileSystem()
 
 
 @contextmanager

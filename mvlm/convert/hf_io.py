@@ -21,6 +21,12 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from mvlm.convert.file_maps import (  # noqa: F401 - release_file_maps re-exported
+    KernelCopyFile,
+    map_tensor,
+    mapped_address,
+    release_file_maps,
+)
 from mvlm.convert.mapping import hub_name
 from mvlm.convert.publish import (  # noqa: F401 - re-exported (older import path)
     fault_point,
@@ -204,12 +210,59 @@ class SafetensorsReader:
         if list(out.shape) != shape:
             raise ValueError(f"read_into {name!r}: destination has shape {list(out.shape)}, "
                              f"the slice has {shape}")
+        if out.numel() and out.dtype == loc.dtype and out.device.type == "cpu" \
+                and out.data_ptr() == self._mapped_address(loc, dim, start, stop):
+            return  # ``out`` is this very slice of the file, mapped (:meth:`map_view`)
         if out.dtype == loc.dtype and out.is_contiguous() and out.device.type == "cpu":
             self._read(loc, out, dim, start, stop)
         else:
             buf = torch.empty(shape, dtype=loc.dtype)
             self._read(loc, buf, dim, start, stop)
             out.copy_(buf)
+
+    def map_view(self, name: str, dim: int | None = None, start: int | None = None,
+                 stop: int | None = None) -> torch.Tensor | None:
+        """The slice as a tensor over a copy-on-write memory map of the file, or None when the
+        slice is not one contiguous, dtype-aligned byte range.
+
+        Why: a converter that only passes a tensor through (no interleave, no dtype change)
+        need not copy it into fresh memory at all: the mapped pages are the page cache's own,
+        so the output writer reads the file's bytes where they already are (no allocation, no
+        first-touch faults for a second copy). Copy-on-write (``MAP_PRIVATE``): writing to the
+        view changes this process's pages only, never the file. ``read_into`` with this view
+        as ``out`` is then a no-op, so the ordinary load path needs no special case."""
+        loc = self._loc(name)
+        shape = self._slice_shape(loc, dim, start, stop)
+        esize = torch.empty((), dtype=loc.dtype).element_size()
+        offset, contiguous = self._slice_offset(loc, dim, start, shape)
+        n = _numel(shape)
+        if not contiguous or n == 0 or offset % esize:
+            return None
+        return map_tensor(self.dir / loc.file, offset, loc.dtype, shape)
+
+    def _slice_offset(self, loc: _TensorLoc, dim: int | None, start: int | None,
+                      shape: list[int]) -> tuple[int, bool]:
+        """(absolute byte offset of the slice's first element, whether it is one byte run)."""
+        esize = torch.empty((), dtype=loc.dtype).element_size()
+        full = loc.shape
+        lo = start or 0
+        if dim is None:
+            return loc.offset, True
+        if dim == 0:
+            return loc.offset + lo * esize * _numel(full[1:]), True
+        # dim 1: contiguous only when every row's run is whole, or there is one row
+        inner = esize * _numel(full[2:])
+        return loc.offset + lo * inner, shape[1] == full[1] or full[0] == 1
+
+    def _mapped_address(self, loc: _TensorLoc, dim: int | None, start: int | None,
+                        stop: int | None) -> int:
+        """Where the slice starting at ``start`` lies in this file's live mapping (-1: none)."""
+        base = mapped_address(self.dir / loc.file)
+        if base < 0:
+            return -1
+        shape = self._slice_shape(loc, dim, start, stop)
+        offset, contiguous = self._slice_offset(loc, dim, start, shape)
+        return base + offset if contiguous else -1
 
     def _loc(self, name: str) -> _TensorLoc:
         disk = self.disk_name(name)
@@ -291,9 +344,16 @@ class StreamingSafetensorsWriter:
             offset += n
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
-        self._f = open(self.path, "wb")
-        self._f.write(struct.pack("<Q", len(raw)))
-        self._f.write(raw)
+        # Tensor bytes that are an unmodified memory map of an input file (a pass-through
+        # parameter, see ``mvlm.convert.file_maps``) are copied file to file by the kernel.
+        self._f = KernelCopyFile(self.path, "wb")
+        self.size = 8 + len(raw) + offset
+        if offset:
+            try:  # the whole file's blocks at once instead of extent by extent as it grows
+                os.posix_fallocate(self._f.fileno(), 0, self.size)
+            except OSError:  # not supported by this filesystem: grow as it goes
+                pass
+        self._f.write(struct.pack("<Q", len(raw)) + raw)
         self._next = 0
 
     def write(self, name: str, tensor: torch.Tensor) -> None:

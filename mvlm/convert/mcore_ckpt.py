@@ -34,6 +34,7 @@ from mvlm.convert.ckpt_format import (
     load_module_state,
     load_sharded,
 )
+from mvlm.convert.dcp_load import MappedReads
 from mvlm.convert.dcp_save import InProcessTorchDistSave
 from mvlm.convert.hf_io import copy_aux_files
 from mvlm.convert.publish import fault_point, staged_publish
@@ -111,23 +112,55 @@ def model_keys(bundle: ModelBundle) -> list[str]:
                                                        range(len(bundle.models))]
 
 
-def load_model_weights(bundle: ModelBundle, path: Path, meta: dict | None = None) -> dict:
+def load_model_weights(bundle: ModelBundle, path: Path, meta: dict | None = None,
+                       map_params: bool = False) -> dict:
     """Collective: load the model weights of an mvlm checkpoint (convert or training) into
-    ``bundle``, whichever layer spec and layout wrote it. Optimizer state is left unread."""
+    ``bundle``, whichever layer spec and layout wrote it. Optimizer state is left unread.
+
+    ``map_params``: a CPU parameter that is one contiguous byte range of a stored shard (every
+    parameter of a checkpoint loaded at its saved layout, row shards at another TP) becomes a
+    copy-on-write memory map of that range instead of being read into fresh memory (for a
+    converter that only passes the weights on: no allocation, no copy, and the HF writer can
+    copy the bytes file to file, ``mvlm.convert.file_maps``). Writing to such a parameter
+    changes this process's pages only, never the checkpoint."""
     path = Path(path)
     meta = meta if meta is not None else read_meta(path)
     sd = model_sharded_state_dict(bundle)
     adapt_model_keys(sd, path / "model", meta)
-    loaded = load_sharded(sd, path / "model", with_optimizer=False)
+    maps = MappedReads(_plain_param_tensors(bundle, sd)) if map_params else None
+    loaded = load_sharded(sd, path / "model", with_optimizer=False, deferred=maps)
     for k, m in zip(model_keys(bundle), bundle.models, strict=True):
         load_module_state(m, loaded[k], strict=True)
+    if maps is not None:
+        for m in bundle.models:
+            for p in m.parameters():
+                view = maps.swaps.pop((p.data_ptr(), p.dtype, tuple(p.shape)), None)
+                if view is not None:
+                    p.data = view
+        if maps.swaps:  # a mapped destination that is no parameter's data: never left unread
+            raise RuntimeError(f"{len(maps.swaps)} mapped checkpoint regions have no parameter")
     return meta
 
 
+def _plain_param_tensors(bundle: ModelBundle, sd: dict) -> list[torch.Tensor]:
+    """The whole data of every parameter that ``sd`` loads as a plain ShardedTensor (no
+    factory): what :class:`~mvlm.convert.dcp_load.MappedReads` may map instead of read."""
+    from megatron.core.dist_checkpointing.dict_utils import nested_values
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    params = {(p.data_ptr(), p.dtype, tuple(p.shape)) for m in bundle.models
+              for p in m.parameters()}
+    return [v.data for v in nested_values(sd) if type(v) is ShardedTensor
+            and v.data is not None and (v.data.data_ptr(), v.data.dtype,
+                                        tuple(v.data.shape)) in params]
+
+
 def load_mcore(path: Path, layout: ParallelLayout, *, device: str, dtype: torch.dtype | None,
-               backend: str = "local", **build_kw) -> tuple[ModelBundle, dict]:
+               backend: str = "local", map_params: bool = False,
+               **build_kw) -> tuple[ModelBundle, dict]:
     """Build the model at ``layout`` (may differ from the saved one) and load the weights;
-    ``backend`` may differ from the ``layer_spec`` that wrote the checkpoint."""
+    ``backend`` may differ from the ``layer_spec`` that wrote the checkpoint; ``map_params``:
+    see :func:`load_model_weights`."""
     path = Path(path)
     meta = read_meta(path)
     hf_config = AutoConfig.from_pretrained(path / "hf")
@@ -135,5 +168,5 @@ def load_mcore(path: Path, layout: ParallelLayout, *, device: str, dtype: torch.
     bundle = build_model(hf_config, layout, dtype=dtype, device=device, backend=backend,
                          perform_initialization=False, vocab_padded=meta["vocab_padded"],
                          **build_kw)
-    load_model_weights(bundle, path, meta)
+    load_model_weights(bundle, path, meta, map_params=map_params)
     return bundle, meta

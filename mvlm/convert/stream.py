@@ -67,15 +67,20 @@ def gather_tp(t: torch.Tensor, dim: int | None, size: int, group) -> tuple[torch
     return full, 2 * full.numel()
 
 
-def _participates(m) -> bool:
-    """One data-parallel (and CP) replica of each parameter speaks for it."""
+def participates(m) -> bool:
+    """One data-parallel (and CP) replica of each parameter speaks for it.
+
+    Public because the HF export (:mod:`mvlm.convert.bridge`) and the colocated weight sync
+    (:mod:`mvlm.rl.rollout.colocate`) must pick the same replica as this stream."""
     if m.expert:
         return parallel_state.get_expert_data_parallel_rank() == 0
     return (parallel_state.get_data_parallel_rank() == 0
             and parallel_state.get_context_parallel_rank() == 0)
 
 
-def _group(m):
+def shard_group(m):
+    """The process group a parameter with mapping ``m`` is sharded over: expert-TP for expert
+    weights, TP otherwise. Public for the same reason as :func:`participates`."""
     return (parallel_state.get_expert_tensor_parallel_group() if m.expert
             else parallel_state.get_tensor_model_parallel_group())
 
@@ -99,22 +104,24 @@ def _local_stream(bundle, entries, dtype, first_only: bool, stats: StreamStats
     from mvlm.convert.bridge import shard_ctx
 
     for e in entries:
-        if first_only and not _participates(e.mapping):
+        if first_only and not participates(e.mapping):
             continue
         convert = not first_only or shard_ctx(bundle, e.mapping).tp_rank == 0
-        hf = _gather_entry(bundle, e, dtype, convert, stats)
+        hf = gather_entry(bundle, e, dtype, convert, stats)
         while hf:
             stats.tensors += 1
             yield hf.pop(0)
 
 
-def _gather_entry(bundle, e, dtype, convert: bool, stats: StreamStats
-                  ) -> list[tuple[str, torch.Tensor]]:
-    """Gather one parameter over its group; its HF tensors where ``convert`` (else [])."""
+def gather_entry(bundle, e, dtype, convert: bool, stats: StreamStats
+                 ) -> list[tuple[str, torch.Tensor]]:
+    """Gather one parameter over its group; its HF tensors where ``convert`` (else []).
+    Collective over :func:`shard_group`. Public: the colocated weight sync drives the rank-0
+    walk itself (one parameter per step) and gathers with this."""
     from mvlm.convert.bridge import shard_ctx
 
     ctx = shard_ctx(bundle, e.mapping)
-    full, held = gather_tp(e.param, e.mapping.split_dim, ctx.tp_size, _group(e.mapping))
+    full, held = gather_tp(e.param, e.mapping.split_dim, ctx.tp_size, shard_group(e.mapping))
     stats.hold(held)
     stats.largest_full_numel = max(stats.largest_full_numel, full.numel())
     if not convert:
@@ -129,16 +136,17 @@ def _gather_entry(bundle, e, dtype, convert: bool, stats: StreamStats
     return hf
 
 
-def _rank0_plan(bundle, entries, dtype) -> list[tuple[int, str, list]]:
+def rank0_plan(bundle, entries, dtype) -> list[tuple[int, str, list]]:
     """The global order of the walk: (leader rank, Megatron global name, [(hf name, dtype,
     shape)]) for every parameter, leaders in rank order, each leader's in its own order.
-    Metadata only, exchanged by all ranks, so every rank follows the same list."""
+    Metadata only, exchanged by all ranks, so every rank follows the same list. Public: the
+    colocated weight sync walks this same plan."""
     from mvlm.convert.bridge import shard_ctx
 
     mine = []
     for e in entries:
         ctx = shard_ctx(bundle, e.mapping)
-        if not _participates(e.mapping) or ctx.tp_rank != 0:
+        if not participates(e.mapping) or ctx.tp_rank != 0:
             continue
         specs = [(n, dtype or e.param.dtype, s)
                  for n, s in e.mapping.hf_shapes(full_shape(e, ctx), e.idx, ctx)]
@@ -148,6 +156,28 @@ def _rank0_plan(bundle, entries, dtype) -> list[tuple[int, str, list]]:
     return [(r, name, specs) for r, plan in enumerate(plans) for name, specs in plan]
 
 
+def entries_by_leader(entries) -> dict[tuple[int, str], object]:
+    """This rank's participating entries keyed as :func:`rank0_plan` names its steps: (global
+    rank of the first member of the parameter's shard group, Megatron global name). Shared
+    with the colocated weight sync, which walks the same plan."""
+    mine: dict[tuple[int, str], object] = {}
+    for e in entries:
+        if participates(e.mapping):
+            leader = dist.get_process_group_ranks(shard_group(e.mapping))[0]
+            mine[(leader, e.global_name)] = e
+    return mine
+
+
+def check_planned(name: str, hf: list[tuple[str, torch.Tensor]], specs: list) -> None:
+    """Raise unless the HF tensors ``hf`` streamed for ``name`` match the plan's ``specs``
+    (names, dtypes, shapes): the receivers allocate from the plan alone."""
+    got = [(n, t.dtype, list(t.shape)) for n, t in hf]
+    want = [(n, d, list(s)) for n, d, s in specs]
+    if got != want:
+        raise RuntimeError(f"rank {dist.get_rank()}: {name} streamed as {got} but planned as "
+                           f"{want}: the mapping's hf_shapes disagrees with to_hf")
+
+
 def _rank0_stream(bundle, entries, dtype, stats: StreamStats
                   ) -> Iterator[tuple[str, torch.Tensor]]:
     """Every rank walks the global plan; at each step the leader's group gathers (its members
@@ -155,20 +185,13 @@ def _rank0_stream(bundle, entries, dtype, stats: StreamStats
     tensors to rank 0 (or yields them, being rank 0). One total order of blocking operations
     that every rank follows, so no rank waits on one that waits on it."""
     me = dist.get_rank()
-    mine: dict[tuple[int, str], object] = {}
-    for e in entries:
-        if _participates(e.mapping):
-            leader = dist.get_process_group_ranks(_group(e.mapping))[0]
-            mine[(leader, e.global_name)] = e
-    for leader, name, specs in _rank0_plan(bundle, entries, dtype):
+    mine = entries_by_leader(entries)
+    for leader, name, specs in rank0_plan(bundle, entries, dtype):
         e = mine.get((leader, name))
         if e is not None:
-            hf = _gather_entry(bundle, e, dtype, me == leader, stats)
+            hf = gather_entry(bundle, e, dtype, me == leader, stats)
             if me == leader:
-                got = [(n, t.dtype, list(t.shape)) for n, t in hf]
-                if got != [(n, d, list(s)) for n, d, s in specs]:
-                    raise RuntimeError(f"rank {me}: {name} streamed as {got} but planned as "
-                                       f"{specs}: the mapping's hf_shapes disagrees with to_hf")
+                check_planned(name, hf, specs)
                 if me == 0:
                     while hf:
                         stats.tensors += 1

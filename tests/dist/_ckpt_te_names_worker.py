@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from _worker_common import drop_groups, worker_process_group
 
 PAYLOAD = b"te-fp8-meta:scale=1.0;amax_history=[0.5]"  # stands in for TE's pickled fp8 state
 # This test's own statement of TE's checkpoint names (local-spec key fragment -> TE's).
@@ -336,20 +337,15 @@ def check_training(runs: dict) -> dict:
 
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
-    dist.init_process_group("gloo")
-    from megatron.core import parallel_state
-
-    results = {}
-    for family, hf in spec["families"].items():
-        results[family] = check_family(family, Path(hf), Path(spec["root"]) / family)
-        parallel_state.destroy_model_parallel()
-        dist.barrier()
-    results["train"] = check_training(spec["train"])
-    if rank0():
-        Path(spec["results"]).write_text(json.dumps(results, indent=1, default=str))
-        print("WORKER OK", flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
+    with worker_process_group():
+        results = {}
+        for family, hf in spec["families"].items():
+            results[family] = check_family(family, Path(hf), Path(spec["root"]) / family)
+            drop_groups()  # the family's layout groups: torch keeps them past Megatron's reset
+        results["train"] = check_training(spec["train"])
+        if rank0():
+            Path(spec["results"]).write_text(json.dumps(results, indent=1, default=str))
+            print("WORKER OK", flush=True)
 
 
 if __name__ == "__main__":

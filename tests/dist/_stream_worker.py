@@ -17,7 +17,7 @@ import weakref
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+from _worker_common import drop_groups, worker_process_group, write_gathered
 
 
 def stream_case(bundle, reader, receivers: str, dtype: torch.dtype | None) -> dict:
@@ -56,7 +56,6 @@ def largest_full_param(bundle) -> int:
 
 
 def run_case(case: dict) -> dict:
-    from megatron.core import parallel_state
     from transformers import AutoConfig
 
     from mvlm.convert.bridge import load_hf_weights
@@ -77,20 +76,14 @@ def run_case(case: dict) -> dict:
     for receivers in ("group_first", "owners", "rank0"):
         out[receivers] = stream_case(bundle, reader, receivers, None)
     out["group_first_bf16"] = stream_case(bundle, reader, "group_first", torch.bfloat16)
-    parallel_state.destroy_model_parallel()
-    dist.barrier()
+    drop_groups()
     return out
 
 
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
-    res = {name: run_case(case) for name, case in spec["cases"].items()}
-    everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, res)
-    if dist.get_rank() == 0:
-        Path(spec["out"]).write_text(json.dumps(everyone))
-    dist.barrier()
-    dist.destroy_process_group()
+    with worker_process_group():
+        write_gathered(spec["out"], {name: run_case(case) for name, case in spec["cases"].items()})
 
 
 if __name__ == "__main__":

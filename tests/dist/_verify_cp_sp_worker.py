@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from _worker_common import drop_groups
 
 
 def check(hf: str, layout_kw: dict, sequence_parallel: bool) -> dict:
-    from megatron.core import parallel_state
     from transformers import AutoConfig
 
     from mvlm.convert.bridge import load_hf_weights
@@ -51,7 +51,7 @@ def check(hf: str, layout_kw: dict, sequence_parallel: bool) -> dict:
     except VerificationError as e:
         out["perturbed_caught"] = True
         out["perturbed_message"] = str(e)[:300]
-    parallel_state.destroy_model_parallel()
+    drop_groups()  # the layout's groups: torch keeps them past destroy_model_parallel
     return out
 
 

@@ -84,3 +84,46 @@ def test_write_then_read_direct_and_fallback(one_rank, tmp_path, monkeypatch):
     # another dtype than stored: PyTorch's reader casts
     got = load({"w": torch.zeros(8, 6)})
     assert torch.equal(got["w"], full["w"].float()) and paths == [("w", False)]
+
+
+def test_pass_through_params_are_mapped_not_copied(tmp_path, monkeypatch):
+    """`--to mcore` points unchanged parameters at the memory-mapped HF file (no copy): a row
+    slice of one tensor is mapped with its own storage (else DCP's saver clones it), the
+    loader's read into it is a no-op, writes stay private (copy-on-write), and what needs a
+    transform (QKV interleave, column slice, dtype change) is left to the loader."""
+    from safetensors.torch import save_file
+
+    from mvlm.convert import bridge, command
+    from mvlm.convert.hf_io import SafetensorsReader, release_file_maps
+    from mvlm.convert.mapping import QKV, Column, Row, ShardCtx
+
+    g = torch.Generator().manual_seed(0)
+    t = {n: torch.randn(8, 6, generator=g) for n in ("w", "r", "q", "k", "v")}
+    save_file(t, str(tmp_path / "model.safetensors"))
+    reader = SafetensorsReader(tmp_path)
+    view = reader.map_view("w", 0, 4, 8)
+    assert torch.equal(view, t["w"][4:]) and view.untyped_storage().nbytes() == view.nbytes
+    assert reader.map_view("w", 1, 0, 3) is None  # column slice: not one byte run
+    assert torch.equal(reader.map_view("w", 1, 0, 6), t["w"])  # whole rows are
+    monkeypatch.setattr(SafetensorsReader, "_read", lambda *a: pytest.fail("copied"))
+    reader.read_into("w", view, 0, 4, 8)  # already the file's bytes: nothing to do
+    monkeypatch.undo()
+    view.zero_()  # copy-on-write: the file keeps its bytes
+    assert torch.equal(SafetensorsReader(tmp_path).read("w", 0, 4, 8), t["w"][4:])
+
+    ctx = ShardCtx(tp_rank=1, tp_size=2, vocab_size=8, vocab_padded=8, num_heads=4,
+                   num_kv_heads=2, head_dim=1)
+    entries = [bridge.ParamEntry(n, n, torch.nn.Parameter(torch.empty(s, dtype=d)), m, {})
+               for n, s, d, m in [("a", (4, 6), torch.float32, Column("a", "w")),
+                                  ("b", (8, 3), torch.float32, Row("b", "r")),
+                                  ("c", (4, 6), torch.bfloat16, Column("c", "w")),
+                                  ("d", (8, 6), torch.float32, QKV("d", "q", "k", "v"))]]
+    monkeypatch.setattr(bridge, "param_entries", lambda bundle: entries)
+    monkeypatch.setattr(bridge, "shard_ctx", lambda bundle, m: ctx)
+    try:
+        assert command.map_unchanged_params(None, tmp_path) == 4 * 6 * 4
+    finally:
+        release_file_maps()
+    a = entries[0].param
+    assert torch.equal(a, t["w"][4:]) and a.untyped_storage().nbytes() == a.nbytes
+    assert [e.param.untyped_storage().nbytes() for e in entries[1:]] == [96, 48, 192]
