@@ -14,7 +14,9 @@ own child process so that each high-water mark is its own:
   happens once, inside the warm-up step; the timed steps have no reference forward);
 * ``sft``: the same rows with the chosen answer only (prompt + chosen), SFT's objective.
 
-Both DPO modes run the vision tower once per pair (``mvlm.train.objectives.pair_media``).
+Both DPO modes lay each pair out as ``[prompt][chosen][rejected]`` (the prompt and its image
+computed once: ``mvlm.train.objectives.shared_prefix``); the child reports the layout it ran
+(``pair_layout``: ``shared-prefix``, or why the two-segment rows were kept).
 
 Same global batch (``--pairs`` rows), micro-batch, seed and step count. Per child: the median
 ``step_time_s`` of ``logging.jsonl`` over the steps after the first (warm-up); the median CPU
@@ -79,10 +81,14 @@ def child(args: argparse.Namespace) -> dict:
             "--report_to", "none", "--disable_tqdm", "true",
             "--freeze_vit", "false", "--freeze_aligner", "false"]
     cfg = parse_train_args(argv, "sft")
+    layout = None
     if args.child in ("dpo", "dpo_pre"):
         cfg.data.task = "preference"
-        train(cfg, DPOObjective(dl.DPOLossConfig(beta=0.1), reference="copy",
-                                precompute_ref_log_probs=args.child == "dpo_pre"))
+        obj = DPOObjective(dl.DPOLossConfig(beta=0.1), reference="copy",
+                           precompute_ref_log_probs=args.child == "dpo_pre")
+        train(cfg, obj)
+        layout = (obj.share_prefix.reason or "shared-prefix") if obj.share_prefix.decided \
+            else "no step ran"
     else:
         train(cfg)
     peak_kb = _status_kb("VmHWM")
@@ -92,7 +98,8 @@ def child(args: argparse.Namespace) -> dict:
     return {"mode": args.child, "step_s": statistics.median(times), "step_times": times,
             "cpu_s": round(statistics.median(cpu_s[1:]), 4),
             "cpu_times": [round(x, 4) for x in cpu_s[1:]],
-            "peak_mb": round((peak_kb - start_kb) / 1024, 1)}
+            "peak_mb": round((peak_kb - start_kb) / 1024, 1)} | \
+        ({"pair_layout": layout} if layout else {})
 
 
 def write_data(work: Path, n: int) -> None:

@@ -35,7 +35,9 @@ which segment is which (``chosen_index`` / ``rejected_index``). The pair's pixel
 once; in the batch the rejected segment lists the same tensors again (the model merges one
 vision feature per placeholder token, in order), and ``pair_media`` says how many rows and items
 each pair has, so that the preference objectives run the vision tower on each pair's media once
-and repeat the features (:mod:`mvlm.train.objectives.pair_media`).
+and repeat the features (:mod:`mvlm.train.objectives.pair_media`). The pair objectives go one
+step further where the model allows it: :mod:`mvlm.train.objectives.shared_prefix` turns the
+row into ``[prompt][chosen][rejected]`` per pair (the prompt once, a tree attention mask).
 """
 from __future__ import annotations
 

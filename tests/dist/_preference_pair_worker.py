@@ -11,32 +11,17 @@ Prints the measured values; exits non-zero on failure.
 """
 from __future__ import annotations
 
-import math
 import sys
-from pathlib import Path
 
-import numpy as np
 import torch
+from _worker_common import dpo_step0, tiny_pair_model
 
 
 def main(workdir: str) -> int:
     from megatron.core.packed_seq_params import PackedSeqParams
-    from PIL import Image
 
-    from mvlm.convert.bridge import load_hf_weights
     from mvlm.data import preference as P
-    from mvlm.data.template import get_template
-    from mvlm.models.vlm import build_model
-    from mvlm.runtime.parallel import ParallelLayout
-    from mvlm.runtime.startup import startup
-    from mvlm.testing.tiny_models import build_tiny_checkpoint
-    from mvlm.train.objectives import dpo_losses as dl
 
-    wd = Path(workdir)
-    hf = build_tiny_checkpoint("qwen2_vl", wd / "hf")
-    rng = np.random.default_rng(0)
-    for name, (h, w) in {"a.png": (56, 84), "b.png": (56, 56)}.items():
-        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(wd / name)
     rows = [
         {"images": ["a.png"], "messages": [{"role": "user", "content": "<image>Colour?"}],
          "chosen": {"role": "assistant", "content": "It is red."},
@@ -46,15 +31,8 @@ def main(workdir: str) -> int:
         {"images": ["b.png"], "messages": [{"role": "user", "content": "<image>Shape?"}],
          "chosen": "A square.", "rejected": "A long thin triangle."},
     ]
-    layout = ParallelLayout()
-    startup(layout, seed=0, device="cpu")
-    tmpl = get_template(hf)
-    encs = P.encode_preference_rows(tmpl, rows, str(wd))
-    cfg = __import__("transformers").AutoConfig.from_pretrained(hf)
-    bundle = build_model(cfg, layout, dtype=torch.float32, device="cpu",
-                         perform_initialization=False)
-    load_hf_weights(bundle, hf)
-    model = bundle.models[0].eval()
+    t = tiny_pair_model(workdir, rows)
+    tmpl, encs, model = t.tmpl, t.encs, t.model
 
     def per_token_logps(batch):
         cu = batch["cu_seqlens"]
@@ -80,11 +58,7 @@ def main(workdir: str) -> int:
         ok &= int(tokens[k]) == int((s["labels"][1:] != -100).sum())  # targets after shifting
     print(f"packed pair row vs each sequence alone: max relative |dlogp| = {worst:.3e}")
     ok &= worst <= 5e-7
-    c, r = batch["chosen_index"], batch["rejected_index"]
-    res = dl.dpo_loss(logps[c], logps[r], logps[c].clone(), logps[r].clone(),
-                      dl.DPOLossConfig(beta=0.1))
-    m = dl.summarize_metrics(res.metrics)
-    exact = torch.equal(res.loss, torch.tensor(math.log(2.0), dtype=torch.float32))
+    exact, m = dpo_step0(logps, batch["chosen_index"], batch["rejected_index"])
     print(f"step 0: loss == fp32(ln 2): {exact}, rewards/chosen "
           f"{m['rewards/chosen']}, rewards/margins {m['rewards/margins']}, "
           f"logps/chosen {m['logps/chosen']:.4f}")

@@ -314,10 +314,11 @@ def test_kto_objective_on_a_packed_row_equals_trl(monkeypatch, loss_type):
     as segment pairs of one row, the model output the per-token cross-entropy, the reference's
     per-segment log-probs attached -- its loss (sum / count, the Trainer's reduction) and
     metrics equal TRL's KTOTrainer on the same per-token log-probs."""
+    from mvlm.train.objectives import base as base_mod
     from mvlm.train.objectives import dpo as dpo_mod
     from mvlm.train.objectives.kto import KTOObjective
 
-    monkeypatch.setattr(dpo_mod, "_cp", lambda: (1, 0, None))  # one rank, no process group
+    monkeypatch.setattr(base_mod, "cp_info", lambda: (1, 0, None))  # one rank, no process group
     gen = torch.Generator().manual_seed(12)
     n = 2 * B
     label = torch.rand(n, generator=gen) > 0.4

@@ -62,6 +62,36 @@ def token_logps(output: torch.Tensor) -> torch.Tensor:
     return -output
 
 
+def cp_info() -> tuple[int, int, Any]:
+    """(context-parallel size, this rank's CP rank, the CP group); (1, 0, None) without CP."""
+    from megatron.core import parallel_state
+
+    size = parallel_state.get_context_parallel_world_size()
+    if size == 1:
+        return 1, 0, None
+    return size, parallel_state.get_context_parallel_rank(), \
+        parallel_state.get_context_parallel_group()
+
+
+def segment_sums(values: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
+    """``values`` (flat, this CP rank's positions of one packed row) summed into ``n`` segments
+    by ``index`` (the segment of every position of the whole row, -1: counted nowhere), complete
+    on every CP rank (differentiable all-reduce over the CP group). The per-sequence sums of the
+    pair objectives: DPO's log-probs, the reward model's last-token values."""
+    from mvlm.runtime.cp import cp_chunk_indices
+
+    size, rank, group = cp_info()
+    if size > 1:
+        index = index[cp_chunk_indices(index.shape[0], size, rank, device=values.device)]
+    keep = index >= 0
+    sums = values.new_zeros(n).index_add(0, index[keep], values[keep])
+    if size > 1:
+        import torch.distributed.nn.functional as dnf
+
+        sums = dnf.all_reduce(sums, group=group)
+    return sums
+
+
 class Objective(ABC):
     """One training method: batch keys, forward step, loss reduction, metrics (see the module
     docstring for the contract and how a new one plugs in)."""

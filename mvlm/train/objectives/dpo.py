@@ -3,7 +3,10 @@
 
 Batches are packed pair rows from :func:`mvlm.data.preference.collate_pairs`: each pair is two
 ``cu_seqlens`` segments (prompt+chosen, prompt+rejected) of one row, so a pair costs one forward
-pass, and ``chosen_index`` / ``rejected_index`` say which segment is which. From the model's
+pass, and ``chosen_index`` / ``rejected_index`` say which segment is which. Before the step (and
+before the reference pass) :mod:`mvlm.train.objectives.shared_prefix` re-lays each pair out as
+``[prompt][chosen][rejected]`` so the prompt and its images run once per pair; the indices then
+point at the answer segments, and everything below reads them the same way. From the model's
 per-token output (minus the vocab-parallel cross-entropy: the label log-probs, 0 off the answer)
 each segment's summed log-prob is taken; the losses themselves are the functions of
 :mod:`mvlm.train.objectives.dpo_losses`, which the unit tests hold equal to TRL's.
@@ -38,8 +41,9 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from mvlm.train.objectives import dpo_losses as dl
-from mvlm.train.objectives.base import LossOutput, Objective, token_logps
+from mvlm.train.objectives.base import LossOutput, Objective, segment_sums, token_logps
 from mvlm.train.objectives.pair_media import pair_forward
+from mvlm.train.objectives.shared_prefix import PrefixSharer
 from mvlm.train.steps import model_forward, unwrap
 
 if TYPE_CHECKING:
@@ -47,16 +51,6 @@ if TYPE_CHECKING:
 
 PAIR_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                 "logps/chosen", "logps/rejected")
-
-
-def _cp() -> tuple[int, int, Any]:
-    from megatron.core import parallel_state
-
-    size = parallel_state.get_context_parallel_world_size()
-    if size == 1:
-        return 1, 0, None
-    return size, parallel_state.get_context_parallel_rank(), \
-        parallel_state.get_context_parallel_group()
 
 
 def segment_ids(cu_seqlens: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -71,22 +65,9 @@ def segment_ids(cu_seqlens: torch.Tensor, seq_len: int) -> torch.Tensor:
 def sequence_logps(batch: dict, output: torch.Tensor) -> torch.Tensor:
     """Summed label log-prob of every segment of the packed row, complete on every CP rank
     (differentiable; see the module docstring for CP)."""
-    from mvlm.runtime.cp import cp_chunk_indices
-
     lp = token_logps(output).float().reshape(-1)
-    seq_len = batch["input_ids"].shape[-1]
     cu = batch["cu_seqlens"].to(lp.device)
-    seg = segment_ids(cu, seq_len)
-    size, rank, group = _cp()
-    if size > 1:
-        seg = seg[cp_chunk_indices(seq_len, size, rank, device=lp.device)]
-    keep = seg >= 0
-    sums = lp.new_zeros(len(cu) - 1).index_add(0, seg[keep], lp[keep])
-    if size > 1:
-        import torch.distributed.nn.functional as dnf
-
-        sums = dnf.all_reduce(sums, group=group)
-    return sums
+    return segment_sums(lp, segment_ids(cu, batch["input_ids"].shape[-1]), len(cu) - 1)
 
 
 def sequence_tokens(batch: dict) -> torch.Tensor:
@@ -204,8 +185,12 @@ class PairObjective(Objective):
         self.ref: Any = None
         self.precompute = precompute_ref_log_probs
         self.ref_cache: dict[str, tuple[float, float]] | None = None
+        # each pair's prompt once: [prompt][chosen][rejected] rows (shared_prefix.py)
+        self.share_prefix = PrefixSharer()
 
-    share_pair_media = True  # the tower once per pair (pair_media); False: on both copies
+    # True: each pair's prompt and media once (shared-prefix rows, else pair_media's tower once
+    # per pair); False: the two-segment rows with the tower on both copies (the tests' baseline)
+    share_pair_media = True
 
     def forward_pair(self, model: Any, batch: dict) -> torch.Tensor:
         """One chunk on a pair micro-batch (per-token label cross-entropy on the last stage),
@@ -295,6 +280,8 @@ class PairObjective(Objective):
                     break
                 chunk = same_length([to_device(b, trainer.device) for b in chunk],
                                     trainer.layout.pp, trainer.layout.ep, trainer.pad_id)
+                if self.share_pair_media:
+                    chunk = self.share_prefix(trainer, chunk)
                 for b, r in zip(chunk, self.reference_logps(trainer, chunk)):
                     r = r.float().cpu().tolist()
                     for key, c, j in zip(b["pair_keys"], b["chosen_index"].tolist(),
@@ -326,6 +313,8 @@ class PairObjective(Objective):
         import torch.distributed as dist
         from megatron.core import parallel_state
 
+        if self.share_pair_media:
+            batches = self.share_prefix(trainer, batches)
         out = [dict(b) for b in batches]
         if self.uses_reference and self.precompute:
             if self.ref_cache is None:

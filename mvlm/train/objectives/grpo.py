@@ -91,7 +91,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 import torch.distributed as dist
 
-from mvlm.train.objectives.base import LossOutput, Objective, token_logps
+from mvlm.train.objectives.base import LossOutput, Objective, cp_info, token_logps
 from mvlm.train.steps import model_forward, unwrap
 
 if TYPE_CHECKING:
@@ -138,7 +138,7 @@ def tempered_output(model: Any, batch: dict, temperature: float,
     out = model_forward(model, {k: v for k, v in batch.items() if k != "labels"})
     if not unwrap(model).post_process:
         return out
-    size, rank, _ = _cp()
+    size, rank, _ = cp_info()
     labels = split_for_cp(batch["labels"], 1, size, rank)  # the logits are this CP rank's chunk
     logits = out.float()
     if temperature != 1.0:
@@ -148,16 +148,6 @@ def tempered_output(model: Any, batch: dict, temperature: float,
     ce = tensor_parallel.vocab_parallel_cross_entropy(
         logits.transpose(0, 1).contiguous(), labels.clamp(min=0).transpose(0, 1).contiguous())
     return ce.transpose(0, 1).contiguous() * (labels >= 0)
-
-
-def _cp() -> tuple[int, int, Any]:
-    from megatron.core import parallel_state
-
-    size = parallel_state.get_context_parallel_world_size()
-    if size == 1:
-        return 1, 0, None
-    return size, parallel_state.get_context_parallel_rank(), \
-        parallel_state.get_context_parallel_group()
 
 
 class _GatherCP(torch.autograd.Function):
@@ -185,7 +175,7 @@ def cp_full_sequence(x: torch.Tensor) -> torch.Tensor:
     CP rank, differentiable; ``x`` itself without CP."""
     from mvlm.runtime.cp import cp_chunk_indices
 
-    size, rank, group = _cp()
+    size, rank, group = cp_info()
     if size == 1:
         return x
     full = _GatherCP.apply(x, group, size, rank)

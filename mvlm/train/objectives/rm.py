@@ -30,7 +30,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from mvlm.train.objectives import dpo_losses as dl
-from mvlm.train.objectives.dpo import PairObjective, _cp
+from mvlm.train.objectives.base import segment_sums
+from mvlm.train.objectives.dpo import PairObjective
 from mvlm.train.steps import unwrap
 
 if TYPE_CHECKING:
@@ -64,8 +65,6 @@ def add_value_head(bundle: Any, seed: int) -> None:
 
 def last_token_values(batch: dict, values: torch.Tensor) -> torch.Tensor:
     """Per-segment value at each segment's last real token, complete on every CP rank."""
-    from mvlm.runtime.cp import cp_chunk_indices
-
     v = values.reshape(-1)
     seq_len = batch["input_ids"].shape[-1]
     cu = batch["cu_seqlens"].to(v.device).long()
@@ -73,16 +72,7 @@ def last_token_values(batch: dict, values: torch.Tensor) -> torch.Tensor:
     real = cu if real is None else torch.as_tensor(real, device=v.device).long()
     last = torch.full((seq_len,), -1, dtype=torch.long, device=v.device)
     last[real[1:] - 1] = torch.arange(len(cu) - 1, device=v.device)
-    size, rank, group = _cp()
-    if size > 1:
-        last = last[cp_chunk_indices(seq_len, size, rank, device=v.device)]
-    keep = last >= 0
-    out = v.new_zeros(len(cu) - 1).index_add(0, last[keep], v[keep])
-    if size > 1:
-        import torch.distributed.nn.functional as dnf
-
-        out = dnf.all_reduce(out, group=group)
-    return out
+    return segment_sums(v, last, len(cu) - 1)
 
 
 class RewardModelObjective(PairObjective):
@@ -115,7 +105,7 @@ class RewardModelObjective(PairObjective):
         return None
 
     def prepare_step(self, trainer: Trainer, batches: list[dict]) -> list[dict]:
-        return batches
+        return self.share_prefix(trainer, batches)  # each pair's prompt once (shared_prefix.py)
 
     def model_output(self, model: Any, batch: dict) -> torch.Tensor:
         """Inner stages: hidden states. Last stage: the head's value at every position [b, s]."""
