@@ -195,6 +195,18 @@ def parse_row(row: dict, task: str = "sft") -> Sample:
     return sample
 
 
+def use_audio_in_video_from_env() -> bool:
+    """ms-swift's ``USE_AUDIO_IN_VIDEO`` environment switch (true/1 on, false/0/unset off): a
+    family whose videos carry sound (Qwen2.5-Omni) then takes each video's audio track from the
+    row's ``audios``, in tag order. Other families ignore it, as ms-swift does."""
+    import os
+
+    v = os.environ.get("USE_AUDIO_IN_VIDEO", "false").strip().lower()
+    if v not in ("1", "true", "0", "false", ""):
+        raise ValueError(f"USE_AUDIO_IN_VIDEO={v!r}: use true or false")
+    return v in ("1", "true")
+
+
 def _validate(s: Sample) -> None:
     roles = [m["role"] for m in s.messages]
     if s.task in ("sft", "preference"):
@@ -212,9 +224,20 @@ def _validate(s: Sample) -> None:
     for key, tag in MEDIA_TAGS.items():
         n_tags = s.count_tags(key)
         n_media = len(getattr(s, key))
+        why = ""
+        if key == "audios" and use_audio_in_video_from_env():
+            # a family with sound in its videos takes one track per <video> too; which families
+            # do is the template's to say, so both counts pass here and the template checks
+            with_tracks = n_tags + s.count_tags("videos")
+            if n_media == with_tracks:
+                n_tags = with_tracks
+            why = (f" (USE_AUDIO_IN_VIDEO=true: or {with_tracks} where the family reads each "
+                   "video's audio track from audios, one per <audio> and per <video> tag, "
+                   "in tag order)")
         if n_tags != n_media:
             raise BadSampleError("media_count_mismatch",
-                                 f"{n_tags} {tag} tag(s) in the messages but {n_media} {key}")
+                                 f"{n_tags} {tag} tag(s) in the messages but {n_media} {key}"
+                                 + why)
         if s.rejected_messages is not None:
             n_rej = sum(m["content"].count(tag) for m in s.rejected_messages)
             if n_rej != n_media:

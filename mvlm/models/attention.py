@@ -141,6 +141,18 @@ def _segment_ids(cu_seqlens: Tensor, positions: Tensor) -> Tensor:
     return torch.searchsorted(cu[1:], positions, right=True)
 
 
+def _segment_parents(params: PackedSeqParams | None) -> Tensor | None:
+    """``segment_parent`` of a packed row (long [n_segments], -1 = none), or None.
+
+    Why: a preference pair packed with one shared prompt (``mvlm.train.objectives.shared_prefix``)
+    is three segments -- prompt, chosen, rejected -- where each answer must see the prompt but
+    not the other answer. Megatron's ``PackedSeqParams`` only describes disjoint samples, so the
+    pair layout adds this attribute: query positions of segment ``s`` may also attend (causally)
+    to the keys of segment ``segment_parent[s]``. Absent on ordinary packed rows, whose mask is
+    unchanged."""
+    return None if params is None else getattr(params, "segment_parent", None)
+
+
 def _boundaries(params: PackedSeqParams, which: str) -> Tensor:
     """Segment boundaries in the tensor layout: the padded ones when given (THD with padding)."""
     padded = getattr(params, f"cu_seqlens_{which}_padded")
@@ -177,7 +189,9 @@ class SDPACoreAttention(MegatronModule):
     Mask semantics: ``attn_mask_type`` causal/padding_causal adds causality (bottom-right aligned
     when sq != sk, as with a KV cache); ``attention_mask`` (bool, True = masked out, broadcastable
     to ``[b, 1, sq, sk]`` with sk = the full key length, in global order under CP) is ANDed in for
-    any mask type; packed segments are always applied. Query rows with no visible key (padding
+    any mask type; packed segments are always applied (a ``segment_parent`` attribute on
+    ``packed_seq_params`` also opens each segment to its parent: shared-prefix preference pairs,
+    SDPA/eager only). Query rows with no visible key (padding
     queries) output zeros instead of NaN, so a loss mask of zero cannot turn into NaN grads.
 
     Context parallel (``config.context_parallel_size > 1``): K/V are all-gathered across the CP
@@ -369,8 +383,11 @@ class SDPACoreAttention(MegatronModule):
             )
             key, value = kv[:, :, :ng], kv[:, :, ng:]
 
+        parents = _segment_parents(packed)
         if self.impl in ("auto", "flash"):
             why_not = self._flash_unusable(query, key, attention_mask)
+            if why_not is None and parents is not None:
+                why_not = "shared-prefix pair rows (segment_parent) need a tree mask"
             if why_not is None:
                 fast = self._flash(query, key, value, causal, packed, dropout_p)
                 if fast is not None:
@@ -407,7 +424,13 @@ class SDPACoreAttention(MegatronModule):
         if packed is not None:
             seg_q = _segment_ids(_boundaries(packed, "q"), q_pos)
             seg_k = _segment_ids(_boundaries(packed, "kv"), k_pos)
-            same = (seg_q[:, None] == seg_k[None, :])[None, None]
+            same = seg_q[:, None] == seg_k[None, :]
+            if parents is not None:
+                # shared-prefix pairs: a segment also sees its parent segment (the pair's prompt)
+                par = parents.to(device=device, dtype=torch.long)
+                par = torch.cat([par, par.new_full((1,), -1)])  # + the pad tail's segment
+                same = same | (par[seg_q][:, None] == seg_k[None, :])
+            same = same[None, None]
             allowed = same if allowed is None else allowed & same
         if attention_mask is not None:
             if attention_mask.dtype != torch.bool:

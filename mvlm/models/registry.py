@@ -72,6 +72,10 @@ class MediaKind:
     extra_keys: tuple[str, ...] = ()
     # dtype name (torch attribute) of every key above; a key missing here is float32
     dtypes: Mapping[str, str] = field(default_factory=dict)
+    # True: an item's placeholder count is proportional to its grid product (Qwen-VL patches);
+    # False: it depends on more than the grid (any-resolution tiles: unpadding, newlines), so RL
+    # code splitting a batch per prompt reads it from the item's run of placeholder tokens
+    tokens_follow_grid: bool = True
 
     @property
     def batch_keys(self) -> tuple[str, ...]:

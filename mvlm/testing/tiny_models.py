@@ -41,6 +41,7 @@ __all__ = [
     "TinySpec",
     "build_tiny_checkpoint",
     "build_tokenizer",
+    "chatml_template",
     "mrope_section_for",
     "tiny_config",
 ]
@@ -110,35 +111,58 @@ def __getattr__(name: str) -> Any:
         return _families()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
-# A Qwen2-VL style chat template, written for this project. Content is a string or a list of
-# parts; image parts become <|vision_start|><|image_pad|><|vision_end|> (the processor expands the
-# single pad token to the real patch count), video parts likewise with <|video_pad|>.
-CHAT_TEMPLATE = (
-    "{%- set default_system = '" + DEFAULT_SYSTEM_PROMPT + "' -%}"
-    "{%- if not messages or messages[0]['role'] != 'system' -%}"
-    "{{- '<|im_start|>system\\n' + default_system + '<|im_end|>\\n' -}}"
-    "{%- endif -%}"
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['content'] is string -%}"
-    "{{- message['content'] -}}"
-    "{%- else -%}"
-    "{%- for part in message['content'] -%}"
-    "{%- if part['type'] in ('image', 'image_url') -%}"
-    "{{- '<|vision_start|><|image_pad|><|vision_end|>' -}}"
-    "{%- elif part['type'] == 'video' -%}"
-    "{{- '<|vision_start|><|video_pad|><|vision_end|>' -}}"
-    "{%- elif part['type'] == 'text' -%}"
-    "{{- part['text'] -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- endif -%}"
-    "{{- '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{- '<|im_start|>assistant\\n' -}}"
-    "{%- endif -%}"
-)
+def chatml_template(media: dict[tuple[str, ...], str],
+                    default_system: str = DEFAULT_SYSTEM_PROMPT) -> str:
+    """A ChatML chat template (written for this project) whose media parts render as ``media``.
+
+    Why one builder: every tiny family speaks ChatML and differs only in how an image / video /
+    audio part is written (Qwen2-VL: ``<|vision_start|><|image_pad|><|vision_end|>``, LLaVA:
+    ``<image>``, ...); the family's processor then expands that placeholder to the real token
+    count. ``media`` maps the part types a placeholder stands for (e.g. ``("image",
+    "image_url")``) to the placeholder text; text parts render as they are, other parts are
+    dropped. A conversation without a leading system message gets ``default_system``.
+    """
+
+    def literal(text: str) -> str:  # a single-quoted Jinja string literal
+        return "'" + text.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n") + "'"
+
+    branches = "".join(
+        ("{%- if " if i == 0 else "{%- elif ")
+        + (f"part['type'] == {literal(types[0])}" if len(types) == 1
+           else "part['type'] in (" + ", ".join(literal(t) for t in types) + ")")
+        + " -%}{{- " + literal(placeholder) + " -}}"
+        for i, (types, placeholder) in enumerate(media.items()))
+    text_branch = ("{%- elif " if media else "{%- if ") + "part['type'] == 'text' -%}"
+    return (
+        "{%- if not messages or messages[0]['role'] != 'system' -%}"
+        "{{- '<|im_start|>system\\n' + " + literal(default_system) + " + '<|im_end|>\\n' -}}"
+        "{%- endif -%}"
+        "{%- for message in messages -%}"
+        "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+        "{%- if message['content'] is string -%}"
+        "{{- message['content'] -}}"
+        "{%- else -%}"
+        "{%- for part in message['content'] -%}"
+        + branches + text_branch +
+        "{{- part['text'] -}}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+        "{%- endif -%}"
+        "{{- '<|im_end|>\\n' -}}"
+        "{%- endfor -%}"
+        "{%- if add_generation_prompt -%}"
+        "{{- '<|im_start|>assistant\\n' -}}"
+        "{%- endif -%}"
+    )
+
+
+IMAGE_PARTS = ("image", "image_url")
+
+# Qwen2-VL's media parts (the processor expands the single pad token to the real patch count).
+CHAT_TEMPLATE = chatml_template({
+    IMAGE_PARTS: "<|vision_start|><|image_pad|><|vision_end|>",
+    ("video",): "<|vision_start|><|video_pad|><|vision_end|>",
+})
 
 # Small built-in English corpus: enough text for a few hundred BPE merges, no download.
 _CORPUS = """

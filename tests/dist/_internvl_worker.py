@@ -1,5 +1,6 @@
-"""torchrun worker of test_internvl_layouts: InternVL conversions at several layouts, then training runs,
-all in ONE launch (``import megatron`` and the process group are paid once).
+"""torchrun worker of test_internvl_layouts (and test_qwen2_5_omni_layouts): conversions at several
+layouts, then training runs, all in ONE launch (``import megatron`` and the default process group
+are paid once; each layout's subgroups are destroyed before the next, ``drop_groups``).
 
 Spec (JSON, argv[1]): ``{"convert": [{"name", "hf", "save_at"?, "layouts": [...]}], "out": DIR,
 "runs": [...]}``. Each conversion loads the HF dir at its first layout, checks logits against
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
+from _worker_common import drop_groups, run_trainings, worker_process_group
 
 
 def _layout(spec: dict):
@@ -28,7 +29,6 @@ def _layout(spec: dict):
 
 
 def convert(entry: dict, out: Path) -> list[dict]:
-    from megatron.core import parallel_state
     from transformers import AutoConfig
 
     from mvlm.convert.bridge import load_hf_weights
@@ -57,37 +57,25 @@ def convert(entry: dict, out: Path) -> list[dict]:
         export_to_hf(bundle, hf, out / name, torch.float32, overwrite=False)
         results += [{"case": name, "check": r.name, "dlogits": r.max_abs_logits,
                      "loss_mcore": r.loss_mcore, "loss_hf": r.loss_hf} for r in res]
-        parallel_state.destroy_model_parallel()
-        dist.barrier()
+        drop_groups()  # the layout's groups: torch keeps them past destroy_model_parallel
     return results
 
 
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
-    dist.init_process_group("gloo")
     out = Path(spec["out"])
-    results = []
-    for entry in spec.get("convert", []):
-        t = time.time()
-        results += convert(entry, out)
-        if dist.get_rank() == 0:
-            print(f"CONVERT {entry['name']} done in {time.time() - t:.1f}s", flush=True)
-    if dist.get_rank() == 0:
-        (out / "verify.json").write_text(json.dumps(results))
-    from mvlm.train.trainer import run_training
-
-    for run in spec.get("runs", []):
-        t = time.time()
-        rc = run_training(run["argv"], "sft")
-        if rc != 0:
-            raise SystemExit(f"run {run['name']} returned {rc}")
-        dist.barrier()
-        if dist.get_rank() == 0:
-            print(f"RUN {run['name']} done in {time.time() - t:.1f}s", flush=True)
-    dist.barrier()
-    if dist.get_rank() == 0:
-        print("WORKER OK", flush=True)
-    dist.destroy_process_group()
+    with worker_process_group() as rank:
+        results = []
+        for entry in spec.get("convert", []):
+            t = time.time()
+            results += convert(entry, out)
+            if rank == 0:
+                print(f"CONVERT {entry['name']} done in {time.time() - t:.1f}s", flush=True)
+        if rank == 0:
+            (out / "verify.json").write_text(json.dumps(results))
+        run_trainings(spec.get("runs", []))
+        if rank == 0:
+            print("WORKER OK", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
-"""torchrun worker (2 ranks) for test_qwen3_vl_layouts.py: the tiny Qwen3-VL against transformers under
-TP2 + sequence parallel and under CP2, on text, images and video.
+"""torchrun worker (2 ranks) for test_qwen3_vl_layouts.py: the tiny Qwen3-VL against transformers
+under TP2 + sequence parallel and under CP2, the tiny Qwen3-VL-MoE under EP2, on text, images and
+video; then the Qwen3-VL-MoE SFT runs of the spec (TP2 + SP, PP2, EP2, LoRA) in the same
+process group (``import megatron`` is paid once).
 
 For each layout: ``verify_against_hf`` (text, one image, two images of different sizes) and two
 more batches built with the checkpoint's processor -- a video (timestamped frames) and an
@@ -7,7 +9,7 @@ image + video row (DeepStack's joint image/video order) -- compared with the HF 
 and loss; then the last DeepStack merger is perturbed and the video check must see it (the
 comparison is live).
 
-argv: HF_DIR OUT_JSON
+argv: HF_DIR MOE_HF_DIR TRAIN_SPEC_JSON OUT_JSON (spec as ``_train_worker.py``'s)
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from _worker_common import drop_groups, run_trainings, worker_process_group
 
 
 def _media_batches(hf: str, cfg, seq_pad: int) -> list[tuple[str, dict]]:
@@ -86,11 +89,11 @@ def _compare(bundle, hf_model, b: dict) -> list[float]:
 
 def check(hf: str, layout_kw: dict, sequence_parallel: bool) -> dict:
     import transformers
-    from megatron.core import parallel_state
     from transformers import AutoConfig
 
     from mvlm.convert.bridge import load_hf_weights
     from mvlm.convert.verify import verify_against_hf
+    from mvlm.models.registry import get_family
     from mvlm.models.vlm import build_model
     from mvlm.runtime.parallel import ParallelLayout
     from mvlm.runtime.startup import startup
@@ -103,8 +106,8 @@ def check(hf: str, layout_kw: dict, sequence_parallel: bool) -> dict:
     load_hf_weights(bundle, hf)
     out = {"checks": {r.name: [r.max_abs_logits, r.loss_mcore, r.loss_hf]
                       for r in verify_against_hf(bundle, hf, tol=1e-4)}}
-    hf_model = transformers.Qwen3VLForConditionalGeneration.from_pretrained(
-        hf, dtype=torch.float32).eval()
+    hf_cls = getattr(transformers, get_family(cfg.model_type).hf_model_class)
+    hf_model = hf_cls.from_pretrained(hf, dtype=torch.float32).eval()
     cp, tp = layout_kw.get("cp", 1), layout_kw.get("tp", 1)
     batches = _media_batches(hf, cfg, 2 * cp * (tp if sequence_parallel else 1))
     for name, b in batches:
@@ -115,18 +118,18 @@ def check(hf: str, layout_kw: dict, sequence_parallel: bool) -> dict:
     with torch.no_grad():
         w[key].mul_(1.01)
     out["perturbed_video_dlogits"] = _compare(bundle, hf_model, batches[0][1])[0]
-    parallel_state.destroy_model_parallel()
+    drop_groups()
     return out
 
 
 def main() -> None:
-    hf, out_json = sys.argv[1:3]
-    dist.init_process_group("gloo")
-    res = {"tp2_sp": check(hf, {"tp": 2}, True), "cp2": check(hf, {"cp": 2}, False)}
-    if dist.get_rank() == 0:
-        Path(out_json).write_text(json.dumps(res))
-    dist.barrier()
-    dist.destroy_process_group()
+    hf, moe, spec, out_json = sys.argv[1:5]
+    with worker_process_group() as rank:
+        res = {"tp2_sp": check(hf, {"tp": 2}, True), "cp2": check(hf, {"cp": 2}, False),
+               "moe_ep2": check(moe, {"ep": 2}, False)}
+        run_trainings(json.loads(Path(spec).read_text())["runs"])
+        if rank == 0:
+            Path(out_json).write_text(json.dumps(res))
     print("WORKER OK", flush=True)
 
 

@@ -23,7 +23,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import assert_same_tensors, launch_worker, run_mvlm
+from helpers import (
+    assert_same_tensors,
+    assert_sft_parity,
+    assert_verify_checks,
+    launch_worker,
+    peft_vs_merged,
+)
 from test_train_parity import _launch, _train_lines, common, write_data
 
 pytestmark = pytest.mark.dist
@@ -36,10 +42,6 @@ LORA_TOL = 1e-5
 LAYOUTS = {"tp2": ["--tp", "2"], "pp2": ["--pp", "2"]}
 CONVERT = {"qwen2": [{"name": "tp2", "tp": 2}, {"name": "pp2", "pp": 2}, {"name": "tp1"}],
            "qwen3_tied": [{"name": "pp2", "pp": 2}, {"name": "tp2", "tp": 2}]}
-
-
-def _rel(a: float, b: float) -> float:
-    return abs(a - b) / max(1.0, abs(a))
 
 
 def _tiled_data(root: Path) -> Path:
@@ -97,11 +99,7 @@ def test_internvl_roundtrip_exact(runs, name):
     assert {(r["case"], r["check"]) for r in checks} == {
         (f"{name}_{lay['name']}", c) for lay in CONVERT[name]
         for c in ("text", "image+text", "two-images")}
-    for r in checks:
-        print(f"  {r['case']} {r['check']}: max|dlogits|={r['dlogits']:.3e} "
-              f"loss mcore={r['loss_mcore']:.6f} hf={r['loss_hf']:.6f}")
-        assert r["dlogits"] <= LOGITS_TOL, r
-        assert _rel(r["loss_hf"], r["loss_mcore"]) <= LOSS_TOL, r
+    assert_verify_checks(checks, LOGITS_TOL, LOSS_TOL)
     hf = runs["ckpts"][name]
     for lay in CONVERT[name]:
         n = assert_same_tensors(hf, runs["tmp"] / f"{name}_{lay['name']}")
@@ -113,41 +111,29 @@ def test_internvl_roundtrip_exact(runs, name):
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_internvl_sft_layout_parity(runs, layout):
-    a, b = _train_lines(runs["out"]["ref"]), _train_lines(runs["out"][layout])
-    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
-    dl = max(_rel(x["loss"], y["loss"]) for x, y in zip(a, b, strict=True))
-    dg = max(_rel(x["grad_norm"], y["grad_norm"]) for x, y in zip(a, b, strict=True))
-    print(f"internvl {layout}: max rel |dloss| {dl:.2e}  max rel |dgrad_norm| {dg:.2e}")
-    assert dl <= LOSS_TOL, f"{layout}: loss differs by {dl}: {a} vs {b}"
-    assert dg <= GNORM_TOL, f"{layout}: grad norm differs by {dg}"
-    assert a[-1]["loss"] < a[0]["loss"], a  # it trains, or parity would be vacuous
+    assert_sft_parity(_train_lines(runs["out"]["ref"]), _train_lines(runs["out"][layout]),
+                      f"internvl {layout}", 3, LOSS_TOL, GNORM_TOL)
 
 
 @pytest.mark.timeout(1200)
 def test_internvl_lora_peft_equals_merged(runs):
-    import peft
     import transformers
 
     from mvlm.data.template import get_template
 
     base, run = runs["ckpts"]["qwen2"], runs["out"]["lora"]
-    merged = runs["tmp"] / "lora_merged"
-    run_mvlm(["export", "--model", str(run), "--merge_lora", "true", "--output", str(merged)])
 
     def load(path):
         return transformers.InternVLForConditionalGeneration.from_pretrained(
             path, dtype=torch.float32).eval()
 
-    adapted = peft.PeftModel.from_pretrained(load(base), str(run / "adapter")).eval()
-    assert any("language_model" in n and "lora_A" in n for n, _ in adapted.named_parameters())
     rows = [json.loads(x) for x in runs["data"].read_text().splitlines()]
     row = [r for r in rows if r.get("images")][1]  # the 112 x 84 image: 7 tiles
     enc = get_template(base).encode(row)
     assert enc["pixel_values"].shape[0] == 7
     inputs = {"input_ids": enc["input_ids"][None], "pixel_values": enc["pixel_values"]}
-    with torch.no_grad():
-        a, m, b = (x(**inputs).logits for x in (adapted, load(merged), load(base)))
-    d, moved = (a - m).abs().max().item(), (a - b).abs().max().item()
+    d, moved, names = peft_vs_merged(load, base, run, runs["tmp"] / "lora_merged", inputs)
+    assert any("language_model" in n for n in names)
     print(f"internvl LoRA TP2: peft vs merged max|dlogits| {d:.2e}; trained vs base {moved:.2e}")
     assert d <= LORA_TOL
     assert moved > 1e-2

@@ -1,4 +1,5 @@
-"""LoRA on LLaVA (and LLaVA-OneVision: SigLIP, any-resolution tiles, image_newline) at TP2: peft
+"""LoRA on LLaVA (LLaVA-NeXT: any-resolution tiles, image_newline; LLaVA-OneVision: SigLIP,
+anyres-max tiles) at TP2: peft
 loads the run's adapters onto the transformers model with the logits of the merged export, on an
 image prompt.
 
@@ -23,7 +24,7 @@ TOL = 1e-5
 
 
 @pytest.mark.timeout(1200)
-@pytest.mark.parametrize("family", ["llava", "llava_onevision"])
+@pytest.mark.parametrize("family", ["llava", "llava_next", "llava_onevision"])
 def test_llava_lora_tp2_peft_equals_merged(tiny_ckpt, tmp_path, family):
     import peft
     import transformers

@@ -26,25 +26,29 @@ from pathlib import Path
 import pytest
 import torch
 from _omni_data import write_omni_rows
-from helpers import assert_same_tensors, launch_worker, run_mvlm
-from test_internvl_layouts import _lora_argv
+from helpers import (
+    assert_same_tensors,
+    assert_sft_parity,
+    assert_verify_checks,
+    launch_worker,
+    peft_vs_merged,
+)
+from test_internvl_layouts import (  # the same bars and training layouts as InternVL
+    GNORM_TOL,
+    LAYOUTS,
+    LOGITS_TOL,
+    LORA_TOL,
+    LOSS_TOL,
+    _lora_argv,
+)
 from test_train_parity import _launch, _train_lines, common
 
 pytestmark = pytest.mark.dist
 
 HERE = Path(__file__).resolve().parent
-LOGITS_TOL = 5e-6
-LOSS_TOL = 1e-6
-GNORM_TOL = 1e-5
-LORA_TOL = 1e-5
-LAYOUTS = {"tp2": ["--tp", "2"], "pp2": ["--pp", "2"]}
 CONVERT = [{"name": "tp2pp2", "tp": 2, "pp": 2}, {"name": "tp2", "tp": 2},
            {"name": "pp2", "pp": 2}, {"name": "tp1"}]
 CHECKS = ("text", "image+text", "two-images", "audio+text", "audio+image")
-
-
-def _rel(a: float, b: float) -> float:
-    return abs(a - b) / max(1.0, abs(a))
 
 
 @pytest.fixture(scope="module")
@@ -70,11 +74,7 @@ def test_omni_roundtrip_exact(runs):
     checks = runs["verify"]
     assert {(r["case"], r["check"]) for r in checks} == {
         (f"omni_{lay['name']}", c) for lay in CONVERT for c in CHECKS}
-    for r in checks:
-        print(f"  {r['case']} {r['check']}: max|dlogits|={r['dlogits']:.3e} "
-              f"loss mcore={r['loss_mcore']:.6f} hf={r['loss_hf']:.6f}")
-        assert r["dlogits"] <= LOGITS_TOL, r
-        assert _rel(r["loss_hf"], r["loss_mcore"]) <= LOSS_TOL, r
+    assert_verify_checks(checks, LOGITS_TOL, LOSS_TOL)
     for lay in CONVERT:
         n = assert_same_tensors(runs["ckpt"], runs["tmp"] / f"omni_{lay['name']}")
         print(f"  omni exported at {lay['name']}: {n} tensors bit-identical")
@@ -85,33 +85,22 @@ def test_omni_roundtrip_exact(runs):
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
 def test_omni_sft_layout_parity(runs, layout):
-    a, b = _train_lines(runs["out"]["ref"]), _train_lines(runs["out"][layout])
-    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
-    dl = max(_rel(x["loss"], y["loss"]) for x, y in zip(a, b, strict=True))
-    dg = max(_rel(x["grad_norm"], y["grad_norm"]) for x, y in zip(a, b, strict=True))
-    print(f"omni {layout}: max rel |dloss| {dl:.2e}  max rel |dgrad_norm| {dg:.2e}")
-    assert dl <= LOSS_TOL, f"{layout}: loss differs by {dl}: {a} vs {b}"
-    assert dg <= GNORM_TOL, f"{layout}: grad norm differs by {dg}"
-    assert a[-1]["loss"] < a[0]["loss"], a  # it trains, or parity would be vacuous
+    assert_sft_parity(_train_lines(runs["out"]["ref"]), _train_lines(runs["out"][layout]),
+                      f"omni {layout}", 3, LOSS_TOL, GNORM_TOL)
 
 
 @pytest.mark.timeout(1200)
 def test_omni_lora_peft_equals_merged(runs):
-    import peft
     import transformers
 
     from mvlm.data.template import get_template
 
     base, run = runs["ckpt"], runs["out"]["lora"]
-    merged = runs["tmp"] / "lora_merged"
-    run_mvlm(["export", "--model", str(run), "--merge_lora", "true", "--output", str(merged)])
 
     def load(path):
         return transformers.Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(
             path, dtype=torch.float32).eval()
 
-    adapted = peft.PeftModel.from_pretrained(load(base), str(run / "adapter")).eval()
-    assert any("language_model" in n and "lora_A" in n for n, _ in adapted.named_parameters())
     rows = [json.loads(x) for x in runs["data"].read_text().splitlines()]
     row = next(r for r in rows if r.get("audios") and r.get("images"))
     enc = get_template(base).encode(row)
@@ -119,9 +108,8 @@ def test_omni_lora_peft_equals_merged(runs):
                                   "image_grid_thw")}
     ids = enc["input_ids"][None]
     inputs.update(input_ids=ids, attention_mask=torch.ones_like(ids))
-    with torch.no_grad():
-        a, m, b = (x(**inputs).logits for x in (adapted, load(merged), load(base)))
-    d, moved = (a - m).abs().max().item(), (a - b).abs().max().item()
+    d, moved, names = peft_vs_merged(load, base, run, runs["tmp"] / "lora_merged", inputs)
+    assert any("language_model" in n for n in names)
     print(f"omni LoRA TP2: peft vs merged max|dlogits| {d:.2e}; trained vs base {moved:.2e}")
     assert d <= LORA_TOL
     assert moved > 1e-2

@@ -201,3 +201,22 @@ def test_cp_chunk_layout() -> None:
     cu = torch.tensor([0, 4, 12], dtype=torch.int32)
     assert cp_packed_indices(cu, 2, 0, 12).tolist() == [0, 3, 4, 5, 10, 11]
     assert cp_packed_indices(cu, 2, 1, 12).tolist() == [1, 2, 6, 7, 8, 9]
+
+
+def test_packed_params_carry_segment_parent_on_sbhd_and_refuse_it_on_thd():
+    """Shared-prefix pair rows need the tree mask only SDPACoreAttention's sbhd path applies: the
+    parents ride the sbhd params, and a THD row with parents is an error, never a silent drop
+    (which would cut every rejected answer off its prompt)."""
+    import pytest
+    import torch
+
+    from mvlm.train.steps import packed_params
+
+    batch = {"cu_seqlens": torch.tensor([0, 3, 6]),
+             "input_ids": torch.zeros(1, 8, dtype=torch.long),
+             "segment_parent": torch.tensor([-1, 0])}
+    assert packed_params(batch, "sbhd").segment_parent.tolist() == [-1, 0]
+    with pytest.raises(RuntimeError, match="THD layout"):
+        packed_params(batch, "thd")
+    del batch["segment_parent"]
+    assert packed_params(batch, "thd").qkv_format == "thd"

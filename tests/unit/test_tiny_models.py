@@ -249,3 +249,23 @@ def test_atomic_overwrite_and_dtype(tmp_path: pathlib.Path) -> None:
     assert not any(".layers.1." in n for n in w)
     model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
     assert model.config.num_hidden_layers == 1
+
+
+def test_chatml_template_builder_renders_placeholders_and_escapes() -> None:
+    """The one ChatML builder behind the tiny families' templates: each media part type renders
+    its placeholder, unknown parts vanish, and quotes/newlines in placeholders or the default
+    system prompt survive the trip through a Jinja string literal."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from mvlm.testing.tiny_models import chatml_template
+
+    source = chatml_template({("image", "image_url"): "<img>\n", ("audio",): "<a 'x'>"},
+                             default_system="It's \\ fine.")
+    template = ImmutableSandboxedEnvironment().from_string(source)
+    parts = [{"type": "image_url"}, {"type": "audio"}, {"type": "video"},
+             {"type": "text", "text": "hi"}, {"type": "image"}]
+    text = template.render(messages=[{"role": "user", "content": parts}],
+                           add_generation_prompt=True)
+    assert text == ("<|im_start|>system\nIt's \\ fine.<|im_end|>\n"
+                    "<|im_start|>user\n<img>\n<a 'x'>hi<img>\n<|im_end|>\n"
+                    "<|im_start|>assistant\n")

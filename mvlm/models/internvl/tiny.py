@@ -13,7 +13,13 @@ from typing import Any
 
 import transformers
 
-from mvlm.testing.tiny_models import DEFAULT_SYSTEM_PROMPT, TinySpec, check_vocab, text_fields
+from mvlm.testing.tiny_models import (
+    IMAGE_PARTS,
+    TinySpec,
+    chatml_template,
+    check_vocab,
+    text_fields,
+)
 
 START_IMAGE = "<img>"
 END_IMAGE = "</img>"
@@ -32,29 +38,7 @@ IMAGE_STD = (0.229, 0.224, 0.225)
 
 # ChatML with InternVL's image part, written for this project: an image is one ``<IMG_CONTEXT>``
 # and a newline (the processor expands it to ``<img>`` + the tiles' tokens + ``</img>``).
-CHAT_TEMPLATE = (
-    "{%- if not messages or messages[0]['role'] != 'system' -%}"
-    "{{- '<|im_start|>system\\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\\n' -}}"
-    "{%- endif -%}"
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['content'] is string -%}"
-    "{{- message['content'] -}}"
-    "{%- else -%}"
-    "{%- for part in message['content'] -%}"
-    "{%- if part['type'] in ('image', 'image_url') -%}"
-    "{{- '<IMG_CONTEXT>\\n' -}}"
-    "{%- elif part['type'] == 'text' -%}"
-    "{{- part['text'] -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- endif -%}"
-    "{{- '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{- '<|im_start|>assistant\\n' -}}"
-    "{%- endif -%}"
-)
+CHAT_TEMPLATE = chatml_template({IMAGE_PARTS: IMAGE_TOKEN + "\n"})
 
 _VISION = {
     "default": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4},

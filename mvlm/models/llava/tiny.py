@@ -14,7 +14,13 @@ from typing import Any
 
 import transformers
 
-from mvlm.testing.tiny_models import DEFAULT_SYSTEM_PROMPT, TinySpec, check_vocab, text_fields
+from mvlm.testing.tiny_models import (
+    IMAGE_PARTS,
+    TinySpec,
+    chatml_template,
+    check_vocab,
+    text_fields,
+)
 
 IMAGE_TOKEN = "<image>"
 SPECIALS = (IMAGE_TOKEN,)
@@ -23,29 +29,7 @@ PATCH_SIZE = 14
 
 # ChatML with LLaVA's image token, written for this project: an image part is one ``<image>``
 # (the processor expands it to the ViT's patch count).
-CHAT_TEMPLATE = (
-    "{%- if not messages or messages[0]['role'] != 'system' -%}"
-    "{{- '<|im_start|>system\\n" + DEFAULT_SYSTEM_PROMPT + "<|im_end|>\\n' -}}"
-    "{%- endif -%}"
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['content'] is string -%}"
-    "{{- message['content'] -}}"
-    "{%- else -%}"
-    "{%- for part in message['content'] -%}"
-    "{%- if part['type'] in ('image', 'image_url') -%}"
-    "{{- '<image>' -}}"
-    "{%- elif part['type'] == 'text' -%}"
-    "{{- part['text'] -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- endif -%}"
-    "{{- '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{- '<|im_start|>assistant\\n' -}}"
-    "{%- endif -%}"
-)
+CHAT_TEMPLATE = chatml_template({IMAGE_PARTS: IMAGE_TOKEN})
 
 _VISION = {
     "default": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4},

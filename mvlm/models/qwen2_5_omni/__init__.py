@@ -9,9 +9,8 @@ for audio). Both encoders run on the first pipeline stage (``tower.py``) and the
 replace the pads (``merge``). Positions: the thinker's own mRoPE (``positions.py``: videos
 spaced by ``position_id_per_seconds`` per second, the token after a block at the block's largest
 position on any axis + 1, audio tokens advancing like text), as transformers' ``get_rope_index``
-computes them when audio is not interleaved with a video's frames. ``use_audio_in_video`` (one
-video's audio track time-interleaved with its frames) is not supported: rows give audio and video
-as separate items.
+computes them, also for ``USE_AUDIO_IN_VIDEO`` rows (one video's audio track time-interleaved
+with its frames, recognised from the tokens; see ``template.py`` for the row format).
 Files: ``weights.py`` (decoder table + both encoders kept whole), ``template.py``, ``tiny.py``,
 ``tower.py``, ``positions.py``.
 """
@@ -85,7 +84,10 @@ def position_ids(hf_config: PretrainedConfig, input_ids: torch.Tensor,
             position_id_per_seconds=hf_config.position_id_per_seconds,
             image_grid_thw=None if image is None else image[img:],
             video_grid_thw=None if video is None else video[vid:],
-            second_per_grid_ts=None if seconds is None else seconds[vid:])
+            second_per_grid_ts=None if seconds is None else seconds[vid:],
+            audio_token_id=hf_config.audio_token_id,
+            audio_start_token_id=hf_config.audio_start_token_id,
+            seconds_per_chunk=getattr(hf_config, "seconds_per_chunk", 2))
         rows.append(pos)
         img, vid = img + n_img, vid + n_vid
     return torch.stack(rows, dim=1)
@@ -104,6 +106,11 @@ def hf_forward_inputs(hf_config: PretrainedConfig, batch: Mapping[str, Any]) -> 
             kwargs[key] = batch[key]
     if "second_per_grid_ts" in batch:
         kwargs["video_second_per_grid"] = batch["second_per_grid_ts"]
+    # USE_AUDIO_IN_VIDEO rows (a video opened by <|vision_bos|><|audio_bos|>): transformers
+    # needs to be told, its mRoPE reads the block differently
+    if bool(((ids[:, :-1] == hf_config.audio_start_token_id)
+             & (ids[:, 1:] == hf_config.video_token_id)).any()):
+        kwargs["use_audio_in_video"] = True
     return kwargs
 
 

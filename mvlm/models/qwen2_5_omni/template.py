@@ -10,6 +10,16 @@ goes through the checkpoint's Whisper feature extractor padded to its window, as
 [n_audio, mel, frames] and ``feature_attention_mask`` [n_audio, frames]. Truncation never cuts an
 audio block either. Positions: the thinker's mRoPE (``positions.py``), the same function the
 model side uses.
+
+``USE_AUDIO_IN_VIDEO=true`` (ms-swift's environment switch; HF: the processor's
+``use_audio_in_video`` / ``load_audio_from_video``): each video comes with its audio track, and
+the video renders as ``<|vision_bos|><|audio_bos|>`` + the video's and the track's tokens
+interleaved in time chunks (``position_id_per_seconds * seconds_per_chunk`` position values
+each, video first) + ``<|audio_eos|><|vision_eos|>``. The tracks are given in the row's
+``audios`` (mvlm does not decode audio out of video files): ``audios`` lists the audio of every
+``<audio>`` tag and of every ``<video>`` tag, in the order the tags appear (HF's
+``audio_from_video_indices`` order). A row whose ``audios`` do not number its ``<audio>`` plus
+``<video>`` tags is refused, naming the switch.
 """
 from __future__ import annotations
 
@@ -18,10 +28,10 @@ from typing import Any
 import numpy as np
 
 from mvlm.data.errors import BadSampleError
-from mvlm.data.formats import Sample
+from mvlm.data.formats import Sample, use_audio_in_video_from_env
 from mvlm.data.media import MediaConfig, load_audio
 from mvlm.data.template import TemplateConfig, _Prepared
-from mvlm.models.qwen2_5_omni.positions import omni_rope_index
+from mvlm.models.qwen2_5_omni.positions import interleave_audio_in_video, omni_rope_index
 from mvlm.models.qwen2_5_omni.tower import audio_output_lengths
 from mvlm.models.qwen2_vl.template import Qwen2VLTemplate
 
@@ -48,6 +58,11 @@ class Qwen2_5OmniTemplate(Qwen2VLTemplate):
         self.audio_start_id = ids("<|audio_bos|>")
         self.audio_end_id = ids("<|audio_eos|>")
         self.tokens_per_second = getattr(model_config, "position_id_per_seconds", 25)
+        self.seconds_per_chunk = getattr(model_config, "seconds_per_chunk", 2)
+        self.use_audio_in_video = use_audio_in_video_from_env()
+        if self.use_audio_in_video:
+            self.video_placeholder = ("<|vision_bos|><|audio_bos|><|VIDEO|><|audio_eos|>"
+                                      "<|vision_eos|>")
         self.feature_extractor = getattr(processor, "feature_extractor", None)
         if self.feature_extractor is None:
             raise ValueError("qwen2_5_omni needs the checkpoint's audio feature extractor "
@@ -93,6 +108,8 @@ class Qwen2_5OmniTemplate(Qwen2VLTemplate):
 
     def expand_vision(self, ids, train, vision):
         """Repeat each single pad (image, video, audio) to its token count; no loss there."""
+        if self.use_audio_in_video and vision.get("video_grid_thw") is not None:
+            return self._expand_audio_in_video(ids, train, vision)
         counts = {self.image_token_id: self._counts(vision.get("image_grid_thw")),
                   self.video_token_id: self._counts(vision.get("video_grid_thw")),
                   self.audio_token_id: self._audio_counts(vision)}
@@ -116,7 +133,90 @@ class Qwen2_5OmniTemplate(Qwen2VLTemplate):
             pad |= where
         return np.repeat(ids, reps), np.repeat(train & ~pad, reps), vision
 
+    def _video_runs(self, vision: dict, v: int, audio_len: int) -> list[tuple[str, int]]:
+        """The interleaved (kind, count) runs of video ``v`` with an audio track of
+        ``audio_len`` tokens (the chunking of ``positions.py``)."""
+        import torch
+
+        t, h, w = (int(x) for x in vision["video_grid_thw"][v])
+        lh, lw = h // self.merge, w // self.merge
+        sec = torch.as_tensor(vision["second_per_grid_ts"][v]).float()
+        t_idx = (torch.arange(t) * sec * self.tokens_per_second).long()
+        video_pos = t_idx.view(-1, 1, 1).expand(t, lh, lw).flatten().view(1, -1).expand(3, -1)
+        runs, _ = interleave_audio_in_video(video_pos, audio_len, 0,
+                                            int(self.tokens_per_second * self.seconds_per_chunk))
+        return runs
+
+    def _expand_audio_in_video(self, ids, train, vision):
+        """USE_AUDIO_IN_VIDEO: images and standalone audios as usual; each video pad becomes its
+        frames' and its track's tokens interleaved by time chunk. ``audios`` are consumed in tag
+        order, a video taking the next one as its track."""
+        img = self._counts(vision.get("image_grid_thw"))
+        vid = self._counts(vision.get("video_grid_thw"))
+        aud = self._audio_counts(vision)
+        n_img = int((ids == self.image_token_id).sum())
+        n_vid = int((ids == self.video_token_id).sum())
+        n_aud = int((ids == self.audio_token_id).sum())
+        if n_img != len(img) or n_vid != len(vid) or n_aud + n_vid != len(aud):
+            raise BadSampleError(
+                "media_count_mismatch",
+                f"USE_AUDIO_IN_VIDEO=true: {n_img} image / {n_vid} video / {n_aud} audio tags but "
+                f"{len(img)} images / {len(vid)} videos / {len(aud)} audios; each video needs its "
+                "audio track in `audios` (one per <audio> and per <video> tag, in tag order), or "
+                "unset USE_AUDIO_IN_VIDEO")
+        out_ids, out_train = [], []
+        k_img = k_vid = k_aud = 0
+        for tok, tr in zip(ids.tolist(), train.tolist()):
+            if tok == self.image_token_id:
+                out_ids += [tok] * img[k_img]
+                out_train += [False] * img[k_img]
+                k_img += 1
+            elif tok == self.audio_token_id:
+                out_ids += [tok] * aud[k_aud]
+                out_train += [False] * aud[k_aud]
+                k_aud += 1
+            elif tok == self.video_token_id:
+                for name, c in self._video_runs(vision, k_vid, aud[k_aud]):
+                    out_ids += [self.video_token_id if name == "video" else
+                                self.audio_token_id] * c
+                    out_train += [False] * c
+                k_vid += 1
+                k_aud += 1
+            else:
+                out_ids.append(tok)
+                out_train.append(tr)
+        return (np.asarray(out_ids, dtype=ids.dtype), np.asarray(out_train, dtype=bool),
+                vision)
+
+    def _audio_in_video_blocks(self, ids, vision):
+        """(start, end, kind, index) blocks under USE_AUDIO_IN_VIDEO: a video and its track
+        share one block from ``<|vision_bos|>`` to ``<|vision_eos|>`` (kept or dropped
+        together); images and standalone audios as usual."""
+        blocks = [b for b in Qwen2VLTemplate.vision_blocks(self, ids, {
+            "image_grid_thw": vision.get("image_grid_thw")}) if b[2] == "image"]
+        n, i, k_vid, k_aud = len(ids), 0, 0, 0
+        media = (self.video_token_id, self.audio_token_id)
+        while i < n:
+            if ids[i] == self.audio_start_id or (ids[i] == self.vision_start_id and i + 1 < n
+                                                 and ids[i + 1] == self.audio_start_id):
+                video = ids[i] == self.vision_start_id
+                e = i + (2 if video else 1)
+                while e < n and ids[e] in media:
+                    e += 1
+                e = min(n, e + (2 if video else 1))
+                if video:
+                    blocks.append((i, e, "video", k_vid))
+                    k_vid += 1
+                blocks.append((i, e, "audio", k_aud))
+                k_aud += 1
+                i = e
+            else:
+                i += 1
+        return sorted(blocks)
+
     def vision_blocks(self, ids, vision):
+        if self.use_audio_in_video and vision.get("video_grid_thw") is not None:
+            return self._audio_in_video_blocks(ids, vision)
         blocks = super().vision_blocks(ids, vision)
         pads = np.flatnonzero(ids == self.audio_token_id)
         off = 0
@@ -152,4 +252,6 @@ class Qwen2_5OmniTemplate(Qwen2VLTemplate):
             spatial_merge_size=self.merge, position_id_per_seconds=self.tokens_per_second,
             image_grid_thw=vision.get("image_grid_thw"),
             video_grid_thw=vision.get("video_grid_thw"),
-            second_per_grid_ts=vision.get("second_per_grid_ts"))[0]
+            second_per_grid_ts=vision.get("second_per_grid_ts"),
+            audio_token_id=self.audio_token_id, audio_start_token_id=self.audio_start_id,
+            seconds_per_chunk=self.seconds_per_chunk)[0]

@@ -14,7 +14,9 @@ import transformers
 
 from mvlm.models.qwen2_vl.tiny import image_processor
 from mvlm.testing.tiny_models import (
+    IMAGE_PARTS,
     TinySpec,
+    chatml_template,
     check_vocab,
     mrope_section_for,
     processor_sizes,
@@ -49,34 +51,11 @@ SAMPLING_RATE = 16000
 # A Qwen2.5-Omni style chat template, written for this project: image / video / audio parts
 # become <|vision_bos|><|IMAGE|><|vision_eos|>, <|vision_bos|><|VIDEO|><|vision_eos|>,
 # <|audio_bos|><|AUDIO|><|audio_eos|> (the processor expands the single pad to the real count).
-CHAT_TEMPLATE = (
-    "{%- set default_system = 'You are a helpful assistant.' -%}"
-    "{%- if not messages or messages[0]['role'] != 'system' -%}"
-    "{{- '<|im_start|>system\\n' + default_system + '<|im_end|>\\n' -}}"
-    "{%- endif -%}"
-    "{%- for message in messages -%}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
-    "{%- if message['content'] is string -%}"
-    "{{- message['content'] -}}"
-    "{%- else -%}"
-    "{%- for part in message['content'] -%}"
-    "{%- if part['type'] in ('image', 'image_url') -%}"
-    "{{- '<|vision_bos|><|IMAGE|><|vision_eos|>' -}}"
-    "{%- elif part['type'] == 'video' -%}"
-    "{{- '<|vision_bos|><|VIDEO|><|vision_eos|>' -}}"
-    "{%- elif part['type'] in ('audio', 'audio_url') -%}"
-    "{{- '<|audio_bos|><|AUDIO|><|audio_eos|>' -}}"
-    "{%- elif part['type'] == 'text' -%}"
-    "{{- part['text'] -}}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- endif -%}"
-    "{{- '<|im_end|>\\n' -}}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}"
-    "{{- '<|im_start|>assistant\\n' -}}"
-    "{%- endif -%}"
-)
+CHAT_TEMPLATE = chatml_template({
+    IMAGE_PARTS: "<|vision_bos|><|IMAGE|><|vision_eos|>",
+    ("video",): "<|vision_bos|><|VIDEO|><|vision_eos|>",
+    ("audio", "audio_url"): "<|audio_bos|><|AUDIO|><|audio_eos|>",
+})
 
 
 def config(variant: str, ids: dict[str, int], overrides: dict[str, Any]

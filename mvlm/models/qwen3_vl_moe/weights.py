@@ -16,6 +16,11 @@ a time), so each expert is first written under its per-expert name
 ``post_export`` hook, run once by the exporter after every rank has written -- stacks them into
 the fused tensors, bit for bit, and rewrites the shards and index. The in-memory weight stream
 (:func:`mvlm.convert.stream.iter_hf_tensors`) yields the per-expert names.
+
+LoRA adapters on the experts follow the same split: mvlm writes one adapter per expert, and
+:func:`fuse_peft_experts` (the mappings' ``post_peft_export`` hook) turns them into what peft's
+``target_parameters`` LoRA on the fused tensors holds; :func:`split_peft_experts` reverses it
+when mvlm reads such a directory back.
 """
 from __future__ import annotations
 
@@ -119,6 +124,103 @@ def fuse_experts(out_dir: str | os.PathLike, weight_map: dict[str, str]) -> dict
     return new_map
 
 
+_PEFT_RX = re.compile(r"^(?P<p>.*\.mlp\.experts)\.(?P<E>\d+)\.(?P<k>gate_proj|up_proj|down_proj)"
+                      r"\.(?P<w>lora_A|lora_B)\.weight$")
+_FUSED_RX = re.compile(r"^(?P<p>.*\.mlp\.experts)(?P<inner>\.base_layer)?\.(?P<w>lora_A|lora_B)"
+                       r"\.weight$")
+GATE_UP, DOWN = "mlp.experts.gate_up_proj", "mlp.experts.down_proj"
+
+
+def fuse_peft_experts(tensors: dict[str, torch.Tensor], names: dict
+                      ) -> tuple[dict[str, torch.Tensor], dict]:
+    """Per-expert adapters (peft keys ``...mlp.experts.{E}.gate_proj.lora_A.weight`` ...) -> the
+    layout of peft's ParamWrapper on the fused ``gate_up_proj`` / ``down_proj`` parameters.
+
+    peft keeps, per fused parameter, ``lora_A`` [r * E, in] (expert e's A in rows e*r..e*r+r)
+    and ``lora_B`` [out, r * E] (column k * E + e is expert e's B column k); gate and up share
+    one A in mvlm, so gate_up's B is [B_gate; B_up]. With both parameters targeted peft nests
+    the wrappers: the first of ``target_parameters`` (gate_up) sits under ``base_layer``.
+    ``names["parameters"]`` gets the ``target_parameters`` list; the per-expert modules leave
+    ``names["modules"]``."""
+    groups: dict[str, dict[int, dict[tuple[str, str], torch.Tensor]]] = defaultdict(
+        lambda: defaultdict(dict))
+    out: dict[str, torch.Tensor] = {}
+    for k, v in tensors.items():
+        m = _PEFT_RX.match(k)
+        if m:
+            groups[m["p"]][int(m["E"])][(m["k"], m["w"])] = v
+        else:
+            out[k] = v
+    if not groups:
+        return tensors, names
+    params: set[str] = set()
+    for prefix, experts in groups.items():
+        n = len(experts)
+        got = {frozenset(x) for x in experts.values()}
+        if sorted(experts) != list(range(n)) or len(got) != 1:
+            raise RuntimeError(f"{prefix}: adapters on an incomplete or uneven set of experts "
+                               f"{sorted(experts)}; peft adapts all experts of a fused tensor")
+        kinds = {k for k, _ in next(iter(got))}
+        pairs = []
+        if {"gate_proj", "up_proj"} <= kinds:
+            for e in range(n):
+                if not torch.equal(experts[e][("gate_proj", "lora_A")],
+                                   experts[e][("up_proj", "lora_A")]):
+                    raise RuntimeError(f"{prefix}.{e}: gate and up adapters differ in lora_A")
+            pairs.append((GATE_UP, [experts[e][("gate_proj", "lora_A")] for e in range(n)],
+                          [torch.cat([experts[e][("gate_proj", "lora_B")],
+                                      experts[e][("up_proj", "lora_B")]]) for e in range(n)]))
+        elif kinds & {"gate_proj", "up_proj"}:
+            raise RuntimeError(f"{prefix}: gate_proj and up_proj are one fused tensor in the "
+                               "hub layout; adapt both or neither")
+        if "down_proj" in kinds:
+            pairs.append((DOWN, [experts[e][("down_proj", "lora_A")] for e in range(n)],
+                          [experts[e][("down_proj", "lora_B")] for e in range(n)]))
+        for param, a, b in pairs:
+            inner = ".base_layer" if param == GATE_UP and len(pairs) == 2 else ""
+            a, b = torch.stack(a), torch.stack(b)  # [E, r, in], [E, out, r]
+            out[f"{prefix}{inner}.lora_A.weight"] = a.reshape(-1, a.shape[-1]).contiguous()
+            out[f"{prefix}{inner}.lora_B.weight"] = b.permute(1, 2, 0).reshape(
+                b.shape[1], -1).contiguous()
+            params.add(param)
+    modules = [m for m in names["modules"] if not re.search(r"\.mlp\.experts\.\d+\.", m)]
+    return out, {**names, "modules": modules,
+                 "parameters": [p for p in (GATE_UP, DOWN) if p in params]}
+
+
+def split_peft_experts(tensors: dict[str, torch.Tensor], conf: dict
+                       ) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`fuse_peft_experts`: peft's fused-expert adapters -> per-expert keys."""
+    params = list(conf.get("target_parameters") or [])
+    if not params:
+        return tensors
+    r = int(conf["r"])
+    out: dict[str, torch.Tensor] = {}
+    for k, v in tensors.items():
+        m = _FUSED_RX.match(k)
+        if not m:
+            out[k] = v
+            continue
+        # a lone parameter has no base_layer; of two, the first listed is the inner one
+        param = params[0] if (m["inner"] or len(params) == 1) else params[1]
+        if m["w"] == "lora_A":
+            per = v.reshape(-1, r, v.shape[-1])  # [E, r, in]
+        else:
+            per = v.reshape(v.shape[0], r, -1).permute(2, 0, 1)  # [E, out, r]
+        for e in range(per.shape[0]):
+            x = per[e].contiguous()
+            if param.endswith("down_proj"):
+                out[f"{m['p']}.{e}.down_proj.{m['w']}.weight"] = x
+            elif m["w"] == "lora_A":
+                out[f"{m['p']}.{e}.gate_proj.lora_A.weight"] = x
+                out[f"{m['p']}.{e}.up_proj.lora_A.weight"] = x.clone()
+            else:
+                half = x.shape[0] // 2
+                out[f"{m['p']}.{e}.gate_proj.lora_B.weight"] = x[:half].contiguous()
+                out[f"{m['p']}.{e}.up_proj.lora_B.weight"] = x[half:].contiguous()
+    return out
+
+
 def _expert_slab(reader, name: str, e: int, rows: int) -> torch.Tensor:
     """Expert ``e``'s [rows, cols] matrix of a fused [E, ., .] tensor, nn.Linear orientation.
 
@@ -139,6 +241,8 @@ class FusedGatedExperts(Mapping):
     split_dim = 0
 
     post_export = staticmethod(fuse_experts)
+    post_peft_export = staticmethod(fuse_peft_experts)
+    pre_peft_load = staticmethod(split_peft_experts)
 
     def __init__(self, mcore: str, fused: str, gate: str, up: str, inter: int) -> None:
         super().__init__(mcore, fused, expert=True)
@@ -150,6 +254,15 @@ class FusedGatedExperts(Mapping):
         slab = _expert_slab(reader, self.hf_names(idx)[0], int(idx["E"]), 2 * inter)
         lo, hi = _rows(ctx, inter)
         return torch.cat([slab[lo:hi], slab[inter + lo:inter + hi]], dim=0).contiguous()
+
+    def peft_names(self, idx) -> list[str]:
+        """The per-expert names a peft adapter is read under (after :func:`split_peft_experts`)."""
+        return [fill(p, idx) for p in self.pieces]
+
+    def peft_load(self, reader, idx, ctx):
+        gate, up = (reader.read(n) for n in self.peft_names(idx))
+        lo, hi = _rows(ctx, gate.shape[0])
+        return torch.cat([gate[lo:hi], up[lo:hi]], dim=0).contiguous()
 
     def to_hf(self, full, idx, ctx):
         tail = full.shape[1:]
@@ -163,6 +276,8 @@ class FusedDownExperts(Row):
     """An expert's linear_fc2 [hidden, inter / ETP] from the fused ``down_proj``."""
 
     post_export = staticmethod(fuse_experts)
+    post_peft_export = staticmethod(fuse_peft_experts)
+    pre_peft_load = staticmethod(split_peft_experts)
 
     def __init__(self, mcore: str, fused: str, piece: str, hidden: int) -> None:
         super().__init__(mcore, fused, expert=True)
@@ -176,6 +291,14 @@ class FusedDownExperts(Row):
 
     def load_into(self, reader, idx, ctx, out):
         Mapping.load_into(self, reader, idx, ctx, out)
+
+    def peft_names(self, idx) -> list[str]:
+        return [fill(self.pieces[0], idx)]
+
+    def peft_load(self, reader, idx, ctx):
+        t = reader.read(self.peft_names(idx)[0])
+        lo, hi = _rows(ctx, t.shape[1])
+        return t[:, lo:hi].contiguous()
 
     def to_hf(self, full, idx, ctx):
         return [(fill(self.pieces[0], idx), full)]
