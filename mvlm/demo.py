@@ -226,7 +226,19 @@ def sft_args(hf_dir: Path, data_train: Path, train_dir: Path, nproc: int,
             "--weight_decay", "0.0", "--clip_grad", "1.0", "--max_length", "256",
             "--freeze_vit", "false", "--freeze_aligner", "false",  # the tower must learn shapes
             "--seed", str(args.seed), "--tp", str(nproc),
-            "--save_interval", str(iters), "--output_dir", str(train_dir)] + _adapter_args(args)
+            "--save_interval", str(iters), "--output_dir", str(train_dir)
+            ] + _moe_sp_args(hf_dir, nproc) + _adapter_args(args)
+
+
+def _moe_sp_args(hf_dir: Path, nproc: int) -> list[str]:
+    """Megatron-Core trains MoE layers at TP > 1 only with sequence parallelism."""
+    if nproc <= 1:
+        return []
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(hf_dir)  # config.json omits fields left at their default
+    experts = getattr(getattr(cfg, "text_config", cfg), "num_experts", None)
+    return ["--sequence_parallel", "true"] if experts else []
 
 
 def _adapter_args(args: DemoConfig) -> list[str]:

@@ -78,3 +78,48 @@ def assert_same_tensors(a_dir: Path, b_dir: Path) -> int:
         assert a[k].shape == b[k].shape, (k, a[k].shape, b[k].shape)
         assert torch.equal(a[k], b[k]), f"{k} differs"
     return len(a)
+
+
+def rel_diff(a: float, b: float) -> float:
+    """|a - b| relative to |a| with a floor of 1: fp32 rounding scales with the value."""
+    return abs(a - b) / max(1.0, abs(a))
+
+
+def assert_verify_checks(checks: list[dict], logits_tol: float, loss_tol: float) -> None:
+    """The ``verify.json`` records of a layout worker (case, check, dlogits, loss_mcore,
+    loss_hf): printed, then max |dlogits| <= ``logits_tol`` and the losses within ``loss_tol``
+    relative (:func:`rel_diff`)."""
+    for r in checks:
+        print(f"  {r['case']} {r['check']}: max|dlogits|={r['dlogits']:.3e} "
+              f"loss mcore={r['loss_mcore']:.6f} hf={r['loss_hf']:.6f}")
+        assert r["dlogits"] <= logits_tol, r
+        assert rel_diff(r["loss_hf"], r["loss_mcore"]) <= loss_tol, r
+
+
+def assert_sft_parity(a: list[dict], b: list[dict], label: str, steps: int, loss_tol: float,
+                      gnorm_tol: float) -> None:
+    """Two runs' training lines (``a`` the reference): the same ``steps`` steps, every step's
+    loss and grad norm within the bounds (relative, :func:`rel_diff`), and the reference's loss
+    fell (parity between runs that do not train would be vacuous)."""
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, steps + 1)), label
+    dl = max(rel_diff(x["loss"], y["loss"]) for x, y in zip(a, b, strict=True))
+    dg = max(rel_diff(x["grad_norm"], y["grad_norm"]) for x, y in zip(a, b, strict=True))
+    print(f"{label}: max rel |dloss| {dl:.2e}  max rel |dgrad_norm| {dg:.2e}")
+    assert dl <= loss_tol, f"{label}: loss differs by {dl}: {a} vs {b}"
+    assert dg <= gnorm_tol, f"{label}: grad norm differs by {dg}"
+    assert a[-1]["loss"] < a[0]["loss"], a
+
+
+def peft_vs_merged(load, base: Path, run: Path, merged: Path, inputs: dict
+                   ) -> tuple[float, float, list[str]]:
+    """A LoRA run's adapter loaded by peft onto ``load(base)`` against its merged export
+    (``mvlm export --merge_lora true`` into ``merged``) and the base model, on ``inputs``:
+    (max |dlogits| peft vs merged, max |dlogits| peft vs base, peft's lora_A parameter names)."""
+    import peft
+
+    run_mvlm(["export", "--model", str(run), "--merge_lora", "true", "--output", str(merged)])
+    adapted = peft.PeftModel.from_pretrained(load(base), str(run / "adapter")).eval()
+    names = [n for n, _ in adapted.named_parameters() if "lora_A" in n]
+    with torch.no_grad():
+        a, m, b = (x(**inputs).logits for x in (adapted, load(merged), load(base)))
+    return (a - m).abs().max().item(), (a - b).abs().max().item(), names

@@ -9,10 +9,15 @@ objective needs the inverse of that concatenation.
 
 The split reads only the family's :class:`~mvlm.models.registry.MediaKind` declarations, no
 family code: a row owns the media items whose placeholder tokens it holds, in order. An item's
-placeholder count and its share of the feature rows are proportional to the product of its grid
-(Qwen-VL: ``t*h*w`` patches, ``t*h*w / merge**2`` tokens); a kind without a grid (LLaVA) has one
-feature row per item and the same number of tokens per item. A row whose placeholders do not add
-up to whole items is refused, naming the row.
+share of the feature rows is proportional to the product of its grid (Qwen-VL: ``t*h*w``
+patches; any-resolution LLaVA: ``(tiles, 1, 1)``, one row per tile); a kind without a grid has
+one feature row per item (LLaVA-1.5: an image; InternVL: a tile, every tile the same number of
+tokens). An item's placeholder count is proportional to its grid too (Qwen-VL:
+``t*h*w / merge**2``), except for kinds declared ``tokens_follow_grid=False`` (LLaVA-NeXT /
+OneVision tiles are unpadded and get a newline per row, so the count depends on the image's size):
+there each item's placeholders are one run of consecutive tokens, and each run is read as one
+item's count (a batch whose runs do not number its items is refused). A row whose placeholders do
+not add up to whole items is refused, naming the row.
 """
 from __future__ import annotations
 
@@ -22,9 +27,20 @@ from typing import Any
 import torch
 
 
-def _item_sizes(kind: Any, batch: Mapping[str, Any], n_tokens: int
+def placeholder_runs(ids: torch.Tensor, token_id: int) -> list[list[int]]:
+    """Lengths of the maximal runs of ``token_id`` in each row of ``ids`` [b, s], in order."""
+    out = []
+    for row in (ids == token_id).long():
+        edges = torch.diff(row, prepend=row.new_zeros(1), append=row.new_zeros(1))
+        starts, ends = (edges == 1).nonzero().flatten(), (edges == -1).nonzero().flatten()
+        out.append((ends - starts).tolist())
+    return out
+
+
+def _item_sizes(kind: Any, batch: Mapping[str, Any], n_tokens: int, runs: list[int]
                 ) -> tuple[list[int], list[int]]:
-    """(placeholder tokens, feature rows) per item of one media kind in ``batch``."""
+    """(placeholder tokens, feature rows) per item of one media kind in ``batch``; ``runs`` are
+    the placeholder runs of all rows in order."""
     feats = batch[kind.features_key]
     if kind.grid_key is not None and batch.get(kind.grid_key) is not None:
         units = [int(torch.prod(g)) for g in batch[kind.grid_key].long()]
@@ -33,7 +49,15 @@ def _item_sizes(kind: Any, batch: Mapping[str, Any], n_tokens: int
     total = sum(units)
     if total == 0:
         raise ValueError(f"{kind.features_key}: the micro-batch's media have no items")
-    tokens = [u * n_tokens // total for u in units]
+    if getattr(kind, "tokens_follow_grid", True):
+        tokens = [u * n_tokens // total for u in units]
+    elif len(runs) == len(units):
+        tokens = list(runs)
+    else:
+        raise ValueError(f"{kind.features_key}: {len(units)} {kind.name} items but {len(runs)} "
+                         f"runs of {kind.name} placeholder tokens; a {kind.name}'s placeholder "
+                         "count depends on its size, so each item must be one run of tokens "
+                         f"(put text between adjacent {kind.name} tags)")
     rows = [u * int(feats.shape[0]) // total for u in units]
     if sum(tokens) != n_tokens or sum(rows) != int(feats.shape[0]):
         raise ValueError(f"{kind.features_key}: {n_tokens} placeholder tokens and "
@@ -52,8 +76,10 @@ def split_media_rows(batch: Mapping[str, Any], family: Any, hf_config: Any
     for kind in family.media:
         if batch.get(kind.features_key) is None:
             continue
-        per_row = (ids == token_ids[kind.name]).sum(-1).tolist()
-        tokens, rows = _item_sizes(kind, batch, int(sum(per_row)))
+        runs = placeholder_runs(ids, token_ids[kind.name])
+        per_row = [sum(r) for r in runs]
+        tokens, rows = _item_sizes(kind, batch, int(sum(per_row)),
+                                   [n for r in runs for n in r])
         item = row0 = 0
         for r, need in enumerate(per_row):
             first_item, first_row, got = item, row0, 0

@@ -362,11 +362,12 @@ def adapters(bundle: ModelBundle) -> list[LoRAAdapter]:
 def parameter_report(bundle: ModelBundle) -> AdapterReport:
     """Trainable / total parameters of the whole model (full, unsharded sizes; every tensor once
     whatever the layout): each rank lists its tensors by global name, the lists are merged."""
-    from mvlm.convert.bridge import _skip_on_export, param_entries, shard_ctx
+    from mvlm.convert.bridge import param_entries, shard_ctx
+    from mvlm.convert.stream import skip_on_export
 
     local: dict[str, tuple[int, bool]] = {}
     for e in param_entries(bundle):
-        if _skip_on_export(bundle, e):
+        if skip_on_export(bundle, e):
             continue
         tp = shard_ctx(bundle, e.mapping).tp_size if e.mapping.split_dim is not None else 1
         local[e.global_name] = (e.param.numel() * tp, e.param.requires_grad)

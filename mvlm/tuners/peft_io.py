@@ -121,7 +121,17 @@ def peft_tensors(bundle: ModelBundle, dtype: torch.dtype | None = None
         out.update(t)
         mods.update(ms)
         to_save.update(ss)
-    return out, {"modules": sorted(mods), "modules_to_save": sorted(to_save)}
+    names = {"modules": sorted(mods), "modules_to_save": sorted(to_save)}
+    for hook in _table_hooks(bundle, "post_peft_export"):  # e.g. fused MoE experts
+        out, names = hook(out, names)
+    return out, names
+
+
+def _table_hooks(bundle: ModelBundle, attr: str) -> list[Callable]:
+    """The distinct ``attr`` hooks of the family's weight table (peft layouts that differ from
+    one adapter per HF module, e.g. Qwen3-VL-MoE's fused experts)."""
+    table = bundle.family.mappings(bundle.hf_config, bundle.arch)
+    return list(dict.fromkeys(h for m in table if (h := getattr(m, attr, None)) is not None))
 
 
 def _tower_prefixes(bundle: ModelBundle | None = None) -> tuple[str, ...]:
@@ -192,6 +202,7 @@ def _write_peft_config(d: Path, cfg: AdapterConfig, names: dict,
         "use_dora": cfg.kind == "dora", "bias": "none", "fan_in_fan_out": False,
         "init_lora_weights": True,
         "target_modules": _target_modules(names["modules"], tower_prefixes),
+        "target_parameters": names.get("parameters") or None,
         "modules_to_save": names["modules_to_save"] or None,
         "base_model_name_or_path": str(base_model_dir) if base_model_dir else None,
         "inference_mode": True,
@@ -223,6 +234,9 @@ def adapter_config_from_peft(adapter_dir: str | Path, **overrides) -> AdapterCon
     targets = sorted(x for x in last if x in ("q_proj", "k_proj", "v_proj", "o_proj",
                                                "gate_proj", "up_proj", "down_proj"))
     vis_names = sorted({t.split(".", 2)[-1] for t in tower})
+    fused = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}
+    targets = sorted(set(targets) | {t for p in conf.get("target_parameters") or []
+                                     for t in fused.get(p.rsplit(".", 1)[-1], ())})
     save = [k[len(PEFT_PREFIX):].rsplit(".", 2)[-2] for k in keys if ".lora_" not in k]
     kw = dict(kind="dora" if conf.get("use_dora") else "lora", rank=int(conf["r"]),
               alpha=float(conf["lora_alpha"]), dropout=float(conf.get("lora_dropout") or 0.0),
@@ -263,11 +277,16 @@ def load_peft_adapter(bundle: ModelBundle, adapter_dir: str | Path) -> int:
 
     d = Path(adapter_dir)
     tensors = load_file(str(d / ADAPTER_WEIGHTS))
+    conf = json.loads((d / ADAPTER_CONFIG).read_text())
+    for hook in _table_hooks(bundle, "pre_peft_load"):
+        tensors = hook(tensors, conf)
     used: set[str] = set()
     n = 0
     for ad in adapters(bundle):
         m, idx, ctx = _mapping_for(bundle, ad)
-        names = m.hf_names(idx)
+        # a fused hub tensor (MoE experts) is adapted per piece: its own names and slicing
+        names = m.peft_names(idx) if hasattr(m, "peft_names") else m.hf_names(idx)
+        load = m.peft_load if hasattr(m, "peft_load") else m.load
         ra = _PeftReader(bundle, tensors, "lora_A.weight")
         rb = _PeftReader(bundle, tensors, "lora_B.weight")
         missing = [nm for nm in names if nm not in ra or nm not in rb]
@@ -277,14 +296,14 @@ def load_peft_adapter(bundle: ModelBundle, adapter_dir: str | Path) -> int:
                            "--target_modules to it")
         a_all = [ra.read(nm) for nm in names]
         if ad.spec.kind == "row":
-            a = m.load(ra, idx, ctx)
+            a = load(ra, idx, ctx)
         else:
             if any(not torch.equal(a_all[0], x) for x in a_all[1:]):
                 raise ValueError(f"{d}: {names} have different lora_A; mvlm's fused "
                                  f"{ad.global_name} shares one A (train q/k/v or gate/up "
                                  "adapters with mvlm, or merge this adapter instead)")
             a = a_all[0]
-        b = m.load(rb, idx, ctx) if ad.spec.kind == "column" else rb.read(names[0])
+        b = load(rb, idx, ctx) if ad.spec.kind == "column" else rb.read(names[0])
         for p, t in ((ad.lora_A, a), (ad.lora_B, b)):
             if tuple(p.shape) != tuple(t.shape):
                 raise ValueError(f"{ad.global_name}: adapter shape {tuple(t.shape)} != "
@@ -293,7 +312,7 @@ def load_peft_adapter(bundle: ModelBundle, adapter_dir: str | Path) -> int:
             p.copy_(t.to(p.dtype))
         if ad.lora_magnitude is not None:
             rm = _PeftReader(bundle, tensors, "lora_magnitude_vector")
-            mag = m.load(rm, idx, ctx) if ad.spec.kind == "column" else rm.read(names[0])
+            mag = load(rm, idx, ctx) if ad.spec.kind == "column" else rm.read(names[0])
             ad.lora_magnitude.copy_(mag.to(ad.lora_magnitude.dtype))
             used.update(rm.key(nm) for nm in names)
         used.update(ra.key(nm) for nm in names)

@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from _worker_common import drop_groups, run_trainings, worker_process_group
 
 
 def model_case(spec: dict, case: dict) -> dict:
@@ -99,36 +100,26 @@ def model_case(spec: dict, case: dict) -> dict:
            "rows_mbs2": b["rows"], "seq_mbs2": b["seq"], "seq_mbs1": a["seq"],
            "micro_batches": [a["n_micro"], b["n_micro"]],
            "samples_rank": [a["samples"], b["samples"]]}
-    parallel_state.destroy_model_parallel()
+    drop_groups()
     return out
 
 
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
-    dist.init_process_group("gloo")
-    from mvlm.train.trainer import run_training
-
-    res: dict = {"cases": {}, "runs": {}}
-    for case in spec.get("cases", []):
-        t = time.time()
-        res["cases"][case["name"]] = r = model_case(spec, case)
-        if dist.get_rank() == 0:
-            print(f"CASE {case['name']} {json.dumps(r)} ({time.time() - t:.1f}s)", flush=True)
-    for run in spec.get("runs", []):
-        t = time.time()
-        rc = run_training(run["argv"], "sft")
-        if rc != 0:
-            raise SystemExit(f"run {run['name']} returned {rc}")
-        dist.barrier()
-        if dist.get_rank() == 0:
-            print(f"RUN {run['name']} done in {time.time() - t:.1f}s", flush=True)
-    if dist.get_rank() == 0:
-        tmp = Path(spec["result"] + ".tmp")
-        tmp.write_text(json.dumps(res, indent=1))
-        tmp.replace(spec["result"])
-        print("WORKER OK", flush=True)
-    dist.barrier()
-    dist.destroy_process_group()
+    with worker_process_group() as rank:
+        res: dict = {"cases": {}, "runs": {}}
+        for case in spec.get("cases", []):
+            t = time.time()
+            res["cases"][case["name"]] = r = model_case(spec, case)
+            if rank == 0:
+                print(f"CASE {case['name']} {json.dumps(r)} ({time.time() - t:.1f}s)",
+                      flush=True)
+        run_trainings(spec.get("runs", []))
+        if rank == 0:
+            tmp = Path(spec["result"] + ".tmp")
+            tmp.write_text(json.dumps(res, indent=1))
+            tmp.replace(spec["result"])
+            print("WORKER OK", flush=True)
 
 
 if __name__ == "__main__":

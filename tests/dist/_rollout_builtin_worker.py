@@ -13,7 +13,8 @@ the built-in engine runs:
 * two greedy-only cases: TP2 with sequence parallelism (switched off for the call and restored
   after, with train mode) and PP2 x VPP2 (4 layers, the chunks in schedule order);
 * TP1 / TP2 only: every weight streamed out with iter_hf_tensors, the model zeroed, the stream
-  fed to ``load_weights``, greedy again (must be unchanged).
+  fed to ``load_weights``, greedy again (must be unchanged);
+* ``logprobs_only`` cases (LLaVA-NeXT tiles): only the sampled run and its trainer re-scoring.
 
 Results of all ranks go to spec["out"] (JSON) on rank 0.
 """
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from _worker_common import worker_process_group, write_gathered
 
 
 def trainer_logprobs(bundle, prompt: dict, completion: list[int], temperature: float
@@ -92,6 +94,12 @@ def run_case(case: dict) -> dict:
     eng = BuiltinRolloutEngine(bundle, eos_token_ids_from_hf_dir(hf))
     out: dict = {"sp_before": sp_flags(bundle),
                  "placeholders": media_placeholder_token_ids(bundle), "hf": str(hf)}
+    if case.get("logprobs_only"):
+        sp = SamplingParams(num_generations=2, temperature=0.7, max_completion_length=T, seed=11)
+        out["sampled"] = comps(eng.generate(prompts, sp))
+        out["trainer_lp"] = [trainer_logprobs(bundle, raw[c["prompt"]], c["ids"], sp.temperature)
+                             for c in out["sampled"]]
+        return _finish(out, t0)
     for name, rp in (("greedy", 1.0), ("greedy_rep", 1.3)):
         out[name] = comps(eng.generate(prompts, SamplingParams(
             temperature=0.0, max_completion_length=T, repetition_penalty=rp)))
@@ -139,6 +147,8 @@ def _finish(out: dict, t0: float) -> dict:
     from megatron.core import parallel_state
 
     out["last_stage"] = parallel_state.is_pipeline_last_stage(ignore_virtual=True)
+    # Not drop_groups: the engine's one-rank groups (rollout/builtin.py) are created once per
+    # process and reused by the next case; worker_process_group destroys them at the end.
     parallel_state.destroy_model_parallel()
     dist.barrier()
     out["seconds"] = time.perf_counter() - t0
@@ -147,13 +157,8 @@ def _finish(out: dict, t0: float) -> dict:
 
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
-    res = {name: run_case(case) for name, case in spec["cases"].items()}
-    everyone: list = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, res)
-    if dist.get_rank() == 0:
-        Path(spec["out"]).write_text(json.dumps(everyone))
-    dist.barrier()
-    dist.destroy_process_group()
+    with worker_process_group():
+        write_gathered(spec["out"], {name: run_case(case) for name, case in spec["cases"].items()})
 
 
 if __name__ == "__main__":

@@ -6,8 +6,9 @@ images, another fp32 summation order for every weight gradient (``X^T dY`` over 
 On a tiny Qwen2-VL vision tower (HF's module, random weights), two images, a fixed upstream
 gradient: in fp64 the two orders agree to 1e-12 (same mathematics); in fp32 they differ in the last
 bits (measured max relative difference 2.6e-7, most elements differ; asserted > 0 and < 1e-6).
-That is the seed of the LoRA-at-TP2 DPO difference documented in docs/preference.md: Adam at
-lr 5e-2 carries it to ~1e-5 on the logged metrics after 3 steps.
+It is not what set the LoRA-at-TP2 DPO difference once seen at lr 5e-2 (1.33e-5 with the split
+on and off alike): that was Adam's eps region turning the TP layout's rounding noise on
+near-zero gradients into updates (tests/dist/test_dpo_objective.py, above TOLS).
 """
 from __future__ import annotations
 

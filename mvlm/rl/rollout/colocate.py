@@ -53,6 +53,7 @@ import torch.distributed as dist
 
 from mvlm.rl.rollout import wire
 from mvlm.rl.rollout.base import Completion, RolloutEngine, RolloutGroup
+from mvlm.rl.rollout.policy_sync import PolicyPush, agree, policy_version, rank_and_size
 from mvlm.rl.rollout.server import _Engine
 
 if TYPE_CHECKING:
@@ -118,22 +119,6 @@ def colocate_unavailable() -> str | None:
     return None
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _agree(error: str | None) -> list[str]:
-    """Every rank's error, the same list on every rank (no rank left waiting)."""
-    rank, world = _world()
-    errors = [error]
-    if world > 1:
-        errors = [None] * world
-        dist.all_gather_object(errors, error)
-    return [f"rank {r}: {e}" if world > 1 else e for r, e in enumerate(errors) if e]
-
-
 def build_llm(cfg: ColocateConfig, model_dir: str | Path, dtype: torch.dtype) -> Any:
     """The engine of this rank: ``vllm.LLM`` on the checkpoint the trainer started from, one
     per training process (vLLM TP 1; ``external_launcher`` makes vLLM join the trainer's
@@ -142,7 +127,7 @@ def build_llm(cfg: ColocateConfig, model_dir: str | Path, dtype: torch.dtype) ->
     os.environ.setdefault("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     from vllm import LLM
 
-    rank, world = _world()
+    rank, world = rank_and_size()
     kw: dict[str, Any] = dict(
         model=str(model_dir), tensor_parallel_size=1,
         gpu_memory_utilization=cfg.vllm_gpu_memory_utilization,
@@ -171,7 +156,7 @@ class _InProcess(_Engine):
         self.vocab = llm.llm_engine.model_config.get_vocab_size()
 
 
-class ColocateEngine(RolloutEngine):
+class ColocateEngine(RolloutEngine, PolicyPush):
     """:class:`RolloutEngine` over a ``vllm.LLM`` in this process (see the module docstring).
 
     ``llm``: the engine (default: :func:`build_llm` on ``trainer.src_dir``). Collective: every
@@ -217,10 +202,7 @@ class ColocateEngine(RolloutEngine):
     def weight_version(self) -> int:
         return self._version
 
-    @staticmethod
-    def policy_version(trainer: Trainer) -> int:
-        """Applied optimizer updates so far: changes exactly when the policy's weights do."""
-        return int(trainer.step) - int(trainer.skipped)
+    policy_version = staticmethod(policy_version)
 
     def before_rollout(self, trainer: Trainer) -> None:
         """Wake the weights, sync the policy if it changed (or the weights were discarded)."""
@@ -231,30 +213,14 @@ class ColocateEngine(RolloutEngine):
         self.push_policy(trainer)
         self._pushed = version
 
-    def push_policy(self, trainer: Trainer) -> int:
-        """Stream the (LoRA-merged) policy into the engine; returns the new weight version."""
-        from mvlm.tuners.model import adapters, merge_adapters, unmerge_adapters
+    def _send_policy(self, bundle: Any) -> int:
+        return self.sync(self._policy_steps(bundle))
 
-        bundle = trainer.bundle
-        merged = bool(adapters(bundle))
-        t0 = time.perf_counter()
-        if merged:
-            merge_adapters(bundle)
-        try:
-            version = self.sync(self._policy_steps(bundle))
-        finally:
-            if merged:
-                unmerge_adapters(bundle)
-        s = dict(self.last_sync, step=trainer.step, lora_merged=merged,
-                 seconds=time.perf_counter() - t0)
-        self.syncs.append(s)
-        if _world()[0] == 0:
-            log.info("weight sync -> colocated vLLM: version %d at step %d, %d tensors, %.2f MB "
-                     "in %d buckets, %.3f s%s", version, trainer.step, s["tensors"],
-                     s["bytes"] / 2**20, s["buckets"], s["seconds"],
-                     f", {s['checked_tensors']} read back equal" if "checked_tensors" in s
-                     else "")
-        return version
+    def _sync_target(self) -> str:
+        return "colocated vLLM"
+
+    def _sync_sizes(self, record: dict) -> tuple[int, int, int]:
+        return record["tensors"], record["bytes"], record["buckets"]
 
     def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Load (HF name, full tensor) pairs, checked against the manifest and bucketed like a
@@ -283,7 +249,7 @@ class ColocateEngine(RolloutEngine):
             result = self._generate_local(prompts, params)
         except Exception as e:  # every rank must raise together, not hang in a collective
             error = f"{type(e).__name__}: {e}"
-        errors = _agree(error)
+        errors = agree(error)
         if errors:
             raise ColocateError(f"colocated vLLM rollout failed at step {self._trainer.step} "
                                 f"(--vllm_mode colocate): {'; '.join(dict.fromkeys(errors))}")
@@ -346,21 +312,15 @@ class ColocateEngine(RolloutEngine):
         me = dist.get_rank()
         stats = S.StreamStats()
         ents = [e for e in param_entries(bundle) if not S.skip_on_export(bundle, e)]
-        mine = {}
-        for e in ents:
-            if S._participates(e.mapping):
-                mine[(dist.get_process_group_ranks(S._group(e.mapping))[0], e.global_name)] = e
-        for leader, name, specs in S._rank0_plan(bundle, ents, self.dtype):
+        mine = S.entries_by_leader(ents)
+        for leader, name, specs in S.rank0_plan(bundle, ents, self.dtype):
             specs = [(n, d, list(s)) for n, d, s in specs]
             hf = None
             e = mine.get((leader, name))
             if e is not None:
-                got = S._gather_entry(bundle, e, self.dtype, me == leader, stats)
+                got = S.gather_entry(bundle, e, self.dtype, me == leader, stats)
                 if me == leader:
-                    if [(n, t.dtype, list(t.shape)) for n, t in got] != specs:
-                        raise RuntimeError(f"rank {me}: {name} streamed as "
-                                           f"{[(n, t.dtype, list(t.shape)) for n, t in got]} "
-                                           f"but planned as {specs}")
+                    S.check_planned(name, got, specs)
                     if me == 0:
                         hf = got
                     else:
@@ -379,7 +339,7 @@ class ColocateEngine(RolloutEngine):
         """One full weight update from ``steps`` (see :meth:`_policy_steps`); collective when a
         process group exists. Returns the new weight version."""
         t0 = time.perf_counter()
-        rank, world = _world()
+        rank, world = rank_and_size()
         state = _SyncState(self)
         # ``error``: derived from the plan alone, so the same on every rank (all stop cutting
         # buckets together); this rank's engine failures go to ``state.load_error`` and the
@@ -417,7 +377,7 @@ class ColocateEngine(RolloutEngine):
                 error = (f"weight sync: {len(missing)} manifest tensors never arrived: "
                          f"{missing[:5]}{' ...' if len(missing) > 5 else ''}")
         error = state.close(error)
-        errors = _agree(error)
+        errors = agree(error)
         if errors:
             self.stale = "the last weight sync failed"
             raise ColocateError("weight sync into the colocated vLLM engine failed: "

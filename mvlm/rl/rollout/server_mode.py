@@ -30,12 +30,12 @@ hook to keep the server's weights equal to the policy the rollouts must come fro
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import torch.distributed as dist
 
+from mvlm.rl.rollout.policy_sync import PolicyPush, agree, policy_version, rank_and_size
 from mvlm.rl.rollout.vllm_server import (
     RolloutServerError,
     ServerTimeout,
@@ -57,28 +57,12 @@ class ServerModeError(RolloutServerError):
     """The rollout server failed during training (every rank raises it, with the same text)."""
 
 
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _agree(error: str | None) -> list[str]:
-    """Every rank's error (``"rank r: ..."``), the same list on every rank."""
-    rank, world = _world()
-    errors = [error]
-    if world > 1:
-        errors = [None] * world
-        dist.all_gather_object(errors, error)
-    return [f"rank {r}: {e}" if world > 1 else e for r, e in enumerate(errors) if e]
-
-
-class ServerModeEngine(VLLMServerEngine):
+class ServerModeEngine(VLLMServerEngine, PolicyPush):
     """:class:`VLLMServerEngine` plus what the GRPO trainer needs: ``before_rollout`` (push the
     policy when it changed), job-wide failure agreement, a checkpoint on failure."""
 
     def __init__(self, cfg: VLLMServerConfig, trainer: Trainer) -> None:
-        rank, world = _world()
+        rank, world = rank_and_size()
         health = err = None
         if rank == 0:
             try:
@@ -108,10 +92,7 @@ class ServerModeEngine(VLLMServerEngine):
                      health.get("model"), health.get("weight_version"))
 
     # ---- the objective's hook -------------------------------------------------------------
-    @staticmethod
-    def policy_version(trainer: Trainer) -> int:
-        """Applied optimizer updates so far: changes exactly when the policy's weights do."""
-        return int(trainer.step) - int(trainer.skipped)
+    policy_version = staticmethod(policy_version)
 
     def before_rollout(self, trainer: Trainer) -> None:
         """Push the policy's weights if they changed since the last push (collective)."""
@@ -121,32 +102,17 @@ class ServerModeEngine(VLLMServerEngine):
         self._guard(lambda: self.push_policy(trainer), "weight sync")
         self._pushed = version
 
-    def push_policy(self, trainer: Trainer) -> int:
-        """Stream the (LoRA-merged) policy to the server; returns the engine's weight version."""
+    def _send_policy(self, bundle: Any) -> int:
         from mvlm.convert.stream import iter_hf_tensors
-        from mvlm.tuners.model import adapters, merge_adapters, unmerge_adapters
 
-        bundle = trainer.bundle
-        merged = bool(adapters(bundle))
-        t0 = time.perf_counter()
-        if merged:
-            merge_adapters(bundle)
-        try:
-            version = self.load_weights(iter_hf_tensors(bundle, receivers="rank0"))
-        finally:
-            if merged:
-                unmerge_adapters(bundle)
-        s = dict(self.last_sync, step=trainer.step, lora_merged=merged,
-                 seconds=time.perf_counter() - t0)
-        self.syncs.append(s)
-        if _world()[0] == 0:
-            log.info("weight sync -> %s: version %d at step %d, %d tensors, %.2f MB in %d "
-                     "buckets, %.3f s%s", self.cfg.address, version, trainer.step,
-                     s.get("tensors", 0), s.get("client_bytes", 0) / 2**20,
-                     s.get("client_buckets", 0), s["seconds"],
-                     f", {s['checked_tensors']} read back equal" if "checked_tensors" in s
-                     else "")
-        return version
+        return self.load_weights(iter_hf_tensors(bundle, receivers="rank0"))
+
+    def _sync_target(self) -> str:
+        return self.cfg.address
+
+    def _sync_sizes(self, record: dict) -> tuple[int, int, int]:
+        return (record.get("tensors", 0), record.get("client_bytes", 0),
+                record.get("client_buckets", 0))
 
     def generate(self, prompts: Sequence[RolloutPrompt], params: SamplingParams
                  ) -> list[RolloutGroup]:
@@ -163,7 +129,7 @@ class ServerModeEngine(VLLMServerEngine):
             fn()
         except RolloutServerError as e:
             error = str(e)
-        errors = _agree(error)
+        errors = agree(error)
         if not errors:
             return
         trainer = self._trainer
