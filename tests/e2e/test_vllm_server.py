@@ -130,7 +130,9 @@ def served(tiny_ckpt, tmp_path_factory):
              # two engines: prompts are split over them, every bucket reaches both
              "--vllm_data_parallel_size", "2", "--tensor_parallel_size", "1",
              "--port", str(port), "--vllm_max_model_len", "256", "--torch_dtype", "float32",
-             "--vllm_gpu_memory_utilization", "0.03"],
+             # vLLM on CPU: a fraction of the NUMA node's RAM for weights + KV cache; 0.03
+             # left a negative KV budget on a 14 GiB node (0.43 GiB < the ~0.75 GiB process)
+             "--vllm_gpu_memory_utilization", "0.08"],
             stdout=f, stderr=subprocess.STDOUT, env=env, cwd=REPO)
     try:
         health = _wait_health(port, server, log)
