@@ -20,6 +20,10 @@ overhead above the bytes of the rank's own parameters (which any converter must 
 with the largest single tensor.
 
     python bench/convert.py [--workdir /tmp/mvlm_bench_convert] [--before SRC] [--record]
+                            [--only hf]
+
+``--only hf`` runs just the ``--to hf`` rows (TP=1 and TP=2; the TP=1 mcore checkpoint they
+read is converted first when the workdir has none), for a change that touches only export.
 """
 from __future__ import annotations
 
@@ -113,6 +117,30 @@ def run(cmd: list[str], src: Path = REPO) -> tuple[str, float]:
     return p.stdout, time.time() - t
 
 
+def disk_speed(hf: Path) -> float:
+    """MB/s of a raw read of the checkpoint's files (warm page cache)."""
+    out, _ = run([sys.executable, "-c", DISK, *map(str, sorted(hf.glob("*.safetensors")))])
+    m = re.search(r"bytes=(\d+) seconds=([\d.]+)", out)
+    mbs = int(m.group(1)) / 2**20 / float(m.group(2))
+    print(f"disk (warm page cache): {mbs:.0f} MB/s", flush=True)
+    return mbs
+
+
+def baselines(hf: Path, total: float) -> list[tuple]:
+    """The transformers rows: from_pretrained + state_dict(), without and with clone()."""
+    rows = []
+    for mode in ("plain", "clone"):
+        out, wall = run([sys.executable, "-c", BASELINE, str(hf), mode])
+        m = re.search(r"start_mb=(\d+) peak_mb=(\d+) params=(\d+) seconds=([\d.]+) "
+                      r"cpu_s=([\d.]+)", out)
+        name = ("transformers from_pretrained + state_dict()" if mode == "plain" else
+                "transformers from_pretrained + state_dict() + clone()")
+        rows.append((name, wall, float(m.group(4)), float(m.group(5)),
+                     int(m.group(2)) - int(m.group(1)), total, ""))
+        print(rows[-1], flush=True)
+    return rows
+
+
 def mvlm(nproc: int, args: list[str]) -> list[str]:
     if nproc == 1:
         return [sys.executable, "-m", "mvlm", *args]
@@ -132,28 +160,22 @@ def main() -> None:
                          "--to mcore / --to hf rows run too, each right before the current one")
     ap.add_argument("--record", action="store_true",
                     help="replace the Conversion section of docs/benchmarks.md")
+    ap.add_argument("--only", choices=("all", "hf"), default="all",
+                    help="hf: only the --to hf rows (skip disk, baseline and --to mcore rows)")
     args = ap.parse_args()
+    if args.record and args.only != "all":
+        ap.error("--record replaces the whole Conversion section: run every row (--only all)")
     wd = Path(args.workdir)
     wd.mkdir(parents=True, exist_ok=True)
     hf = build(wd, args)
     big, total = largest_tensor_mb(hf)
     print(f"checkpoint: {total:.0f} MB bf16, largest tensor {big:.0f} MB", flush=True)
 
-    out, _ = run([sys.executable, "-c", DISK, *map(str, sorted(hf.glob("*.safetensors")))])
-    m = re.search(r"bytes=(\d+) seconds=([\d.]+)", out)
-    disk_mbs = int(m.group(1)) / 2**20 / float(m.group(2))
-    print(f"disk (warm page cache): {disk_mbs:.0f} MB/s", flush=True)
-
+    disk_mbs = float("nan")
     rows = []  # name, process wall, convert wall, convert cpu, rss above start, params MB
-    for mode in ("plain", "clone"):
-        out, wall = run([sys.executable, "-c", BASELINE, str(hf), mode])
-        m = re.search(r"start_mb=(\d+) peak_mb=(\d+) params=(\d+) seconds=([\d.]+) "
-                      r"cpu_s=([\d.]+)", out)
-        name = ("transformers from_pretrained + state_dict()" if mode == "plain" else
-                "transformers from_pretrained + state_dict() + clone()")
-        rows.append((name, wall, float(m.group(4)), float(m.group(5)),
-                     int(m.group(2)) - int(m.group(1)), total, ""))
-        print(rows[-1], flush=True)
+    if args.only == "all":
+        disk_mbs = disk_speed(hf)
+        rows += baselines(hf, total)
 
     def convert(label: str, nproc: int, cli: list[str]) -> None:
         trees = ([(" (before)", Path(args.before))] if args.before else []) + [("", REPO)]
@@ -166,6 +188,8 @@ def main() -> None:
 
     mc = {tp: wd / f"mcore_tp{tp}" for tp in (1, 2)}
     for tp in (1, 2):
+        if args.only == "hf" and (tp == 2 or (mc[1] / "mvlm_meta.json").exists()):
+            continue
         convert(f"mvlm convert --to mcore (TP={tp})", tp,
                 ["--to", "mcore", "--model", str(hf), "--output", str(mc[tp]), "--tp", str(tp),
                  "--torch_dtype", "bfloat16"])
@@ -177,9 +201,10 @@ def main() -> None:
     lines = ["| step | process wall s | convert wall s | convert CPU s | MB/s (wall) | "
              "peak RSS above start, MB | rank's params, MB | overhead above params, MB "
              "(x largest tensor) | phases wall/CPU s |",
-             "|---|---|---|---|---|---|---|---|---|",
-             f"| disk: raw read of the safetensors files (warm page cache) | | | | "
-             f"{disk_mbs:.0f} | | | | |"]
+             "|---|---|---|---|---|---|---|---|---|"]
+    if args.only == "all":
+        lines.append(f"| disk: raw read of the safetensors files (warm page cache) | | | | "
+                     f"{disk_mbs:.0f} | | | | |")
     for name, wall, work, cpu, above, params, phases in rows:
         over = above - params
         lines.append(f"| {name} | {wall:.1f} | {work:.2f} | {cpu:.2f} | {total / work:.0f} | "

@@ -6,20 +6,25 @@ TP/EP slice from the safetensors files straight into the parameter (``Mapping.lo
 nothing but the model's own parameters is allocated (one slice-sized buffer when the file's
 dtype differs from the model's).
 
-Export: every rank computes, without data, the list of HF tensors it will write (names, shapes,
-dtypes); the lists are exchanged as metadata so that file names and the index are known before
-any tensor moves. Then one parameter at a time is gathered onto its writer, a rank of its (TP or
-expert-TP) group chosen round-robin, which appends the converted tensors to its own safetensors
-file. All ranks of a TP group write (a share each), as do pipeline stages and expert ranks, in
-parallel; nothing is funnelled through rank 0. The tied-embedding and "which replica speaks"
+Export: every rank computes, without data, what it will write: for each parameter, the HF
+tensors it makes (names, shapes, dtypes) and this rank's pieces of them (``Mapping.shard_to_hf``
+on a meta tensor: a row block, a column block, a whole replicated tensor). The lists are
+exchanged as metadata, and every rank lays out the same files from them: tensors in natural
+name order, so a TP2 x PP2 export writes the very bytes a TP1 export writes. Rank 0 creates each
+file (header written, size allocated); then every rank ``pwrite``s its own pieces at their
+offsets, in parallel, straight from its shards: nothing is gathered. A mapping that cannot give
+pieces (Qwen3-VL-MoE's fused experts) has its parameter gathered onto one writer of its group,
+which writes the whole tensors at their offsets. The tied-embedding and "which replica speaks"
 rules are :mod:`mvlm.convert.stream`'s.
 """
 from __future__ import annotations
 
 import json
 import logging
+import os
 import re
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,10 +35,15 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from mvlm.convert.hf_io import (
     CheckpointError,
     SafetensorsReader,
-    StreamingSafetensorsWriter,
+    Spec,
+    TensorLoc,
+    create_planned_file,
+    plan_files,
     write_index,
+    write_piece,
 )
-from mvlm.convert.mapping import Mapping, ShardCtx, ShardShapeError, find_mapping
+from mvlm.convert.mapping import Mapping, Piece, ShardCtx, ShardShapeError, find_mapping
+from mvlm.convert.publish import fault_point
 from mvlm.convert.stream import full_shape, participates, shard_group, skip_on_export
 from mvlm.models.vlm import ModelBundle
 
@@ -193,27 +203,136 @@ def load_hf_weights(bundle: ModelBundle, hf_dir: str | Path,
                 "weights") from None
 
 
+@dataclass
+class ExportStats:
+    """What this rank's last :func:`export_hf_weights` wrote, in bytes of tensor data: from its
+    own shards (``direct``), as the writer of an entry whose mapping gives no pieces
+    (``gathered``), and of either, what went file to file in the kernel (``kernel``). For
+    tests (a TP export that silently fell back to gathering would still be exact) and the
+    benchmark."""
+
+    direct_bytes: int = 0
+    gathered_bytes: int = 0
+    kernel_bytes: int = 0
+    pieces: int = 0
 
 
-def _writers(bundle: ModelBundle, entries: list[ParamEntry]) -> list[int]:
-    """The TP (expert-TP) group rank that writes each entry, largest entries first, each to the
-    member given the fewest bytes so far: every member writes about 1/size of the bytes, in
-    parallel with the others (round-robin by count put both vocabulary tensors on one rank:
-    1229 vs 287 MB at TP2 on the bench checkpoint). The members of a group see the same
-    entries with the same shapes, so all compute the same answer."""
-    sizes = []
+_LAST_EXPORT = ExportStats()
+
+
+def last_export_stats() -> ExportStats:
+    """This rank's numbers of its last :func:`export_hf_weights` (zeros before the first)."""
+    return _LAST_EXPORT
+
+
+@dataclass
+class _Job:
+    """One participating entry's export on this rank: its whole HF tensors (``specs``, the same
+    on every member of its group), whether its mapping gives pieces (``direct``; else the entry
+    is gathered onto ``writer``), and the pieces this rank writes, as (name, dim, start, shape)."""
+
+    entry: ParamEntry
+    ctx: ShardCtx
+    specs: list[Spec]
+    direct: bool
+    writer: int = 0
+    pieces: list[tuple[str, int, int, list[int]]] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(torch.Size(s).numel() * torch.empty((), dtype=d).element_size()
+                   for _, d, s in self.specs)
+
+    @property
+    def split(self) -> bool:
+        """Written by every member of its group, a block each."""
+        return self.direct and self.entry.mapping.split_dim is not None
+
+
+def _writers(jobs: list[_Job]) -> list[int]:
+    """The TP (expert-TP) group rank that writes each whole entry (replicated, or gathered).
+
+    A split entry with pieces is written by every member, 1/size of its bytes each; the whole
+    entries then go, largest first, each to the member given the fewest bytes so far, so that
+    every member writes about 1/size of the bytes in parallel with the others. The members of
+    a group see the same entries with the same shapes, so all compute the same answer."""
+    loads: dict[bool, list[int]] = {}
+    whole = []
+    for i, j in enumerate(jobs):
+        load = loads.setdefault(j.entry.mapping.expert, [0] * j.ctx.tp_size)
+        if j.split:
+            for r in range(len(load)):
+                load[r] += j.nbytes // len(load)
+        else:
+            whole.append(i)
+    out = [0] * len(jobs)
+    for i in sorted(whole, key=lambda i: -jobs[i].nbytes):  # ties in entry order
+        load = loads[jobs[i].entry.mapping.expert]
+        out[i] = min(range(len(load)), key=load.__getitem__)
+        load[out[i]] += jobs[i].nbytes
+    return out
+
+
+def _plan_jobs(bundle: ModelBundle, entries: list[ParamEntry], dtype: torch.dtype | None
+               ) -> list[_Job]:
+    """Every participating entry's job, from shapes only: the mapping's pieces are computed on
+    a meta tensor shaped like this rank's shard."""
+    jobs = []
     for e in entries:
         ctx = shard_ctx(bundle, e.mapping)
-        sizes.append((torch.Size(full_shape(e, ctx)).numel() * e.param.element_size(),
-                      ctx.tp_size))
-    loads: dict[bool, list[int]] = {}
-    out = [0] * len(entries)
-    # largest first (ties in entry order), each to the least loaded member
-    for i in sorted(range(len(entries)), key=lambda i: -sizes[i][0]):
-        load = loads.setdefault(entries[i].mapping.expert, [0] * sizes[i][1])
-        out[i] = min(range(len(load)), key=load.__getitem__)
-        load[out[i]] += sizes[i][0]
-    return out
+        specs = [(n, dtype or e.param.dtype, list(s))
+                 for n, s in e.mapping.hf_shapes(full_shape(e, ctx), e.idx, ctx)]
+        meta = torch.empty(e.param.shape, dtype=e.param.dtype, device="meta")
+        pieces = e.mapping.shard_to_hf(meta, e.idx, ctx)
+        jobs.append(_Job(e, ctx, specs, pieces is not None,
+                         pieces=[(n, d, s, list(t.shape)) for n, d, s, t in pieces or []]))
+    for j, w in zip(jobs, _writers(jobs), strict=True):
+        j.writer = w
+        if not j.split and j.ctx.tp_rank != w:
+            j.pieces = []  # whole entries: the writer alone
+        elif not j.direct:
+            j.pieces = [(n, 0, 0, s) for n, _, s in j.specs]
+    return jobs
+
+
+def _order_key(name: str) -> tuple:
+    """Natural order of HF names (``layers.2`` before ``layers.10``): the order tensors are laid
+    out in the files, the same whatever the parallel layout that exports them."""
+    return tuple((0, int(p), "") if p.isdigit() else (1, 0, p) for p in name.split("."))
+
+
+def _check_tiling(pieces_by_rank: list[list[tuple[str, int, int, list[int]]]],
+                  locs: dict[str, TensorLoc]) -> None:
+    """Raise unless the pieces of all ranks cover every planned tensor exactly once: the files
+    are sized before any data moves, so a gap would stay zeros and an overlap would be written
+    twice; both are refused here, before the first byte, on every rank alike."""
+    by_name: dict[str, list[tuple[int, int, list[int], int]]] = {}
+    for rank, pieces in enumerate(pieces_by_rank):
+        for name, dim, start, shape in pieces:
+            if name not in locs:
+                raise RuntimeError(f"rank {rank} has a piece of {name}, which is not planned")
+            by_name.setdefault(name, []).append((dim, start, shape, rank))
+    for name, loc in locs.items():
+        got = sorted(by_name.get(name, []), key=lambda p: p[1])
+        if not _tiles(got, list(loc.shape)):
+            raise RuntimeError(f"the export's pieces do not tile {name} {list(loc.shape)} "
+                               f"exactly once: (dim, start, shape, rank) {got}")
+
+
+def _tiles(got: list[tuple[int, int, list[int], int]], full: list[int]) -> bool:
+    """Whether the (dim, start, shape, rank) pieces, sorted by start, are the whole tensor, or
+    blocks along one dim that follow each other from 0 to its end."""
+    if len(got) == 1 and got[0][1] == 0 and list(got[0][2]) == full:
+        return True
+    if not got or len({p[0] for p in got}) != 1 or not 0 <= got[0][0] < len(full):
+        return False
+    dim, at = got[0][0], 0
+    for _, start, shape, _ in got:
+        if start != at or len(shape) != len(full) or \
+                list(shape[:dim]) + list(shape[dim + 1:]) != full[:dim] + full[dim + 1:]:
+            return False
+        at += shape[dim]
+    return at == full[dim]
 
 
 def _gather_to(e: ParamEntry, ctx: ShardCtx, writer: int) -> torch.Tensor | None:
@@ -251,85 +370,90 @@ def _gather_to(e: ParamEntry, ctx: ShardCtx, writer: int) -> torch.Tensor | None
     return full
 
 
-def _writer_stream(bundle: ModelBundle, entries: list[ParamEntry], dtype: torch.dtype | None):
-    """(HF name, tensor) for the entries this rank writes, in ``entries`` order. Every rank of
-    every group walks the same list, so the sends and receives pair up in one order."""
-    for e, w in zip(entries, _writers(bundle, entries), strict=True):
-        if not participates(e.mapping):
-            continue
-        ctx = shard_ctx(bundle, e.mapping)
-        full = _gather_to(e, ctx, w)
-        if full is None:
-            continue
-        hf = e.mapping.to_hf(full, e.idx, ctx)
+def _job_pieces(j: _Job) -> Iterator[Piece]:
+    """This rank's pieces of ``j`` (none on a member that writes nothing), one at a time. A
+    gathered entry's group gathers here: every member must exhaust this generator."""
+    e = j.entry
+    if j.direct:
+        pieces = e.mapping.shard_to_hf(e.param.detach(), e.idx, j.ctx) if j.pieces else []
+    else:
+        full = _gather_to(e, j.ctx, j.writer)
+        pieces = [] if full is None else [(n, 0, 0, t)
+                                          for n, t in e.mapping.to_hf(full, e.idx, j.ctx)]
         del full
-        while hf:
-            name, t = hf.pop(0)
-            yield name, (t if dtype is None else t.to(dtype))
+    while pieces:
+        yield pieces.pop(0)
+
+
+def _write_job(j: _Job, fd: int, locs: dict[str, TensorLoc], dtype: torch.dtype | None,
+               stats: ExportStats) -> None:
+    """Write this rank's pieces of ``j`` at their planned offsets of the open file ``fd``."""
+    planned = iter(j.pieces)
+    for name, dim, start, t in _job_pieces(j):
+        t = t if dtype is None else t.to(dtype)
+        want = next(planned, None)
+        if want != (name, dim, start, list(t.shape)):
+            raise RuntimeError(f"{j.entry.global_name}: piece {name} dim {dim} start {start} "
+                               f"{list(t.shape)} was planned as {want}")
+        stats.kernel_bytes += write_piece(fd, locs[name], dim, start, t)
+        nbytes = t.numel() * t.element_size()
+        if j.direct:
+            stats.direct_bytes += nbytes
+        else:
+            stats.gathered_bytes += nbytes
+        stats.pieces += 1
+        del t
+    if next(planned, None) is not None:
+        raise RuntimeError(f"{j.entry.global_name}: fewer pieces than planned")
 
 
 @torch.no_grad()
 def export_hf_weights(bundle: ModelBundle, out_dir: Path, dtype: torch.dtype | None = None,
                       max_shard_bytes: int = 5 * 2**30) -> dict[str, str]:
     """Write HF safetensors shards + index into ``out_dir`` (shared by all ranks). Returns the
-    weight map. Collective: every rank must call it."""
-    entries = [e for e in param_entries(bundle) if not skip_on_export(bundle, e)]
-    # 1. Plan (metadata only).
-    my_specs: list[tuple[str, torch.dtype, list[int]]] = []
-    for e, w in zip(entries, _writers(bundle, entries), strict=True):
-        if not participates(e.mapping):
-            continue
-        ctx = shard_ctx(bundle, e.mapping)
-        if ctx.tp_rank != w:
-            continue
-        for name, shape in e.mapping.hf_shapes(full_shape(e, ctx), e.idx, ctx):
-            my_specs.append((name, dtype or e.param.dtype, shape))
-    world = dist.get_world_size()
-    all_specs: list[list] = [None] * world  # type: ignore[list-item]
-    dist.all_gather_object(all_specs, my_specs)
-    files: list[tuple[int, list]] = []  # (writer rank, specs)
-    seen: dict[str, int] = {}
-    for rank, specs in enumerate(all_specs):
-        cur: list = []
-        size = 0
-        for spec in specs:
-            if spec[0] in seen:
-                raise RuntimeError(f"{spec[0]} planned by ranks {seen[spec[0]]} and {rank}")
-            seen[spec[0]] = rank
-            nbytes = torch.Size(spec[2]).numel() * torch.empty((), dtype=spec[1]).element_size()
-            if cur and size + nbytes > max_shard_bytes:
-                files.append((rank, cur))
-                cur, size = [], 0
-            cur.append(spec)
-            size += nbytes
-        if cur:
-            files.append((rank, cur))
-    n = len(files)
-    fname = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" if n > 1 else "model.safetensors"
-             for i in range(n)]
-    weight_map = {spec[0]: fname[i] for i, (_, specs) in enumerate(files) for spec in specs}
-    my_files = [(fname[i], specs) for i, (r, specs) in enumerate(files)
-                if r == dist.get_rank()]
-    # 2. Stream: this rank writes exactly what it leads (group_first), in its plan's order.
-    writer = None
-    file_iter = iter(my_files)
-    remaining = 0
-    for name, tensor in _writer_stream(bundle, entries, dtype):
-        if remaining == 0:
-            if writer is not None:
-                writer.close()
-            f, specs = next(file_iter)
-            writer = StreamingSafetensorsWriter(out_dir / f, specs)
-            remaining = len(specs)
-        writer.write(name, tensor)
-        remaining -= 1
-    if writer is not None:
-        writer.close()
-    if dist.get_rank() == 0:
-        total = sum(torch.Size(s[2]).numel() * torch.empty((), dtype=s[1]).element_size()
-                    for _, specs in files for s in specs)
-        if n > 1:
-            write_index(out_dir, weight_map, total)
+    weight map. Collective: every rank must call it.
+
+    1. Plan, from shapes only: every rank lists its jobs and their pieces; the whole tensors
+       (from each group's first member) and every rank's pieces are exchanged as metadata; all
+       ranks lay the same files out alike (:func:`mvlm.convert.hf_io.plan_files`, tensors in
+       natural name order, so the files do not depend on the layout that writes them) and check
+       that the pieces tile every tensor (:func:`_check_tiling`).
+    2. Per file, in order: rank 0 creates it (header written, size allocated); barrier; every
+       rank writes its pieces at their offsets; barrier. A file is complete before the next
+       one exists (the ``mid_write`` fault point's promise)."""
+    entries = [e for e in param_entries(bundle)
+               if not skip_on_export(bundle, e) and participates(e.mapping)]
+    jobs = _plan_jobs(bundle, entries, dtype)
+    mine = ([j.specs for j in jobs if j.ctx.tp_rank == 0 and j.specs],
+            [p for j in jobs for p in j.pieces])
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    groups = sorted((g for specs, _ in everyone for g in specs), key=lambda g: _order_key(g[0][0]))
+    files, locs = plan_files(groups, max_shard_bytes)
+    _check_tiling([p for _, p in everyone], locs)
+    by_file: dict[str, list[_Job]] = {}
+    for j in jobs:
+        if j.specs:
+            by_file.setdefault(locs[j.specs[0][0]].file, []).append(j)
+    global _LAST_EXPORT
+    _LAST_EXPORT = stats = ExportStats()
+    for f in files:
+        path = out_dir / f.name
+        if dist.get_rank() == 0:
+            create_planned_file(path, f)
+        dist.barrier()
+        if by_file.get(f.name):
+            fd = os.open(path, os.O_WRONLY)
+            try:
+                for j in by_file[f.name]:
+                    _write_job(j, fd, locs, dtype, stats)
+            finally:
+                os.close(fd)
+        dist.barrier()
+        fault_point("mid_write", path)  # tests: a kill lands with one file complete
+    weight_map = {name: loc.file for name, loc in locs.items()}
+    if dist.get_rank() == 0 and len(files) > 1:
+        write_index(out_dir, weight_map, sum(f.size - len(f.head) for f in files))
     dist.barrier()
     # A mapping whose HF tensor spans parameters of several ranks (Qwen3-VL-MoE's fused experts)
     # writes per-parameter pieces above; its post_export hook joins them once all are on disk.

@@ -111,18 +111,44 @@ def buffer_address(b) -> tuple[int, int] | None:
     return np.frombuffer(mv.cast("B"), dtype=np.uint8).ctypes.data, mv.nbytes
 
 
-def kernel_copy(src: str | os.PathLike, src_offset: int, dst_fd: int, nbytes: int) -> None:
-    """Append ``nbytes`` of ``src`` from ``src_offset`` at ``dst_fd``'s position (advanced)."""
+def kernel_copy(src: str | os.PathLike, src_offset: int, dst_fd: int, nbytes: int,
+                dst_offset: int | None = None) -> None:
+    """Copy ``nbytes`` of ``src`` from ``src_offset`` to ``dst_fd``: appended at its position
+    (advanced) when ``dst_offset`` is None, else at ``dst_offset`` (as ``pwrite``: the ranks
+    of a TP export fill one output file at their own offsets through their own descriptors)."""
     with open(src, "rb", buffering=0) as f:
         fd, done = f.fileno(), 0
         while done < nbytes:
+            at = None if dst_offset is None else dst_offset + done
             try:
-                k = os.copy_file_range(fd, dst_fd, nbytes - done, src_offset + done)
+                k = os.copy_file_range(fd, dst_fd, nbytes - done, src_offset + done, at)
             except OSError:  # e.g. across filesystems on old kernels: sendfile does the same
+                if at is not None:
+                    os.lseek(dst_fd, at, os.SEEK_SET)
                 k = os.sendfile(dst_fd, fd, src_offset + done, nbytes - done)
             if k <= 0:
                 raise OSError(f"{src} ends before byte {src_offset + nbytes}")
             done += k
+
+
+def write_at(fd: int, offset: int, b) -> int:
+    """Write all of buffer ``b`` at byte ``offset`` of ``fd``; bytes that lie in a live,
+    unmodified file map go file to file in the kernel, as :class:`KernelCopyFile` does for
+    appends. Returns the bytes that went through the kernel copy (0 or all of them)."""
+    mv = memoryview(b)
+    loc = buffer_address(mv) if _MAPS and mv.nbytes >= KERNEL_COPY_MIN_BYTES else None
+    src = mapped_source(*loc) if loc is not None else None
+    if src is not None:
+        kernel_copy(src[0], src[1], fd, loc[1], dst_offset=offset)
+        return loc[1]
+    mv = mv.cast("B") if mv.ndim != 1 or mv.format != "B" else mv
+    done = 0
+    while done < len(mv):
+        n = os.pwrite(fd, mv[done:], offset + done)
+        if n <= 0:
+            raise OSError(f"pwrite at byte {offset + done} wrote nothing")
+        done += n
+    return 0
 
 
 class KernelCopyFile(io.RawIOBase):

@@ -26,6 +26,7 @@ from mvlm.convert.file_maps import (  # noqa: F401 - release_file_maps re-export
     map_tensor,
     mapped_address,
     release_file_maps,
+    write_at,
 )
 from mvlm.convert.mapping import hub_name
 from mvlm.convert.publish import (  # noqa: F401 - re-exported (older import path)
@@ -63,6 +64,9 @@ class _TensorLoc:
     offset: int
     dtype: torch.dtype
     shape: list[int]
+
+
+TensorLoc = _TensorLoc  # public name: where a planned export writes each tensor
 
 
 class CheckpointError(ValueError):
@@ -328,6 +332,115 @@ def _pread_full(fd: int, dst: memoryview, offset: int, path: Path) -> None:
         done += n
 
 
+Spec = tuple[str, torch.dtype, list[int]]
+
+
+def _nbytes(dtype: torch.dtype, shape) -> int:
+    return _numel(shape) * torch.empty((), dtype=dtype).element_size()
+
+
+def safetensors_header(specs: list[Spec]) -> tuple[bytes, list[int], int]:
+    """(the file's first bytes: 8-byte length + JSON header padded to 8, each tensor's data
+    offset relative to the end of those bytes, total data bytes) for tensors stored in
+    ``specs`` order. One definition for the streaming writer and the planned (TP) export, so
+    both lay out the same tensors byte for byte alike."""
+    header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+    offsets, offset = [], 0
+    for name, dtype, shape in specs:
+        n = _nbytes(dtype, shape)
+        header[name] = {"dtype": _DTYPE_TO_ST[dtype], "shape": list(shape),
+                        "data_offsets": [offset, offset + n]}
+        offsets.append(offset)
+        offset += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return struct.pack("<Q", len(raw)) + raw, offsets, offset
+
+
+@dataclass(frozen=True)
+class PlannedFile:
+    """One output file of a planned export: its name, tensors (in order), first bytes, size."""
+
+    name: str
+    specs: list[Spec]
+    head: bytes
+    size: int
+
+
+def plan_files(groups: list[list[Spec]], max_shard_bytes: int
+               ) -> tuple[list[PlannedFile], dict[str, _TensorLoc]]:
+    """Lay ``groups`` of tensors (in order; a group, e.g. one parameter's q/k/v, never spans two
+    files) out in files of at most ``max_shard_bytes`` of data (a group alone may exceed it):
+    ``model.safetensors``, or ``model-0000k-of-0000n.safetensors``. Returns the files and where
+    every tensor's bytes go. Pure function of its input, so every rank computes the same plan."""
+    split: list[list[Spec]] = []
+    size = 0
+    for group in groups:
+        nbytes = sum(_nbytes(d, s) for _, d, s in group)
+        if not split or (split[-1] and size + nbytes > max_shard_bytes):
+            split.append([])
+            size = 0
+        split[-1].extend(group)
+        size += nbytes
+    n = len(split)
+    files, locs = [], {}
+    for i, specs in enumerate(split):
+        fname = f"model-{i + 1:05d}-of-{n:05d}.safetensors" if n > 1 else SINGLE_NAME
+        head, offsets, data = safetensors_header(specs)
+        files.append(PlannedFile(fname, specs, head, len(head) + data))
+        for (name, dtype, shape), off in zip(specs, offsets, strict=True):
+            if name in locs:
+                raise RuntimeError(f"{name} planned twice")
+            locs[name] = _TensorLoc(name, fname, len(head) + off, dtype, list(shape))
+    return files, locs
+
+
+def create_planned_file(path: str | os.PathLike, plan: PlannedFile) -> None:
+    """Create ``path`` with its header written and its full size allocated (data not yet
+    written): the ranks of a TP export then write their pieces into it at their offsets."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        write_at(fd, 0, plan.head)
+        if plan.size > len(plan.head):
+            try:  # the whole file's blocks at once (as StreamingSafetensorsWriter)
+                os.posix_fallocate(fd, 0, plan.size)
+            except OSError:  # not supported by this filesystem: sparse until written
+                pass
+        os.ftruncate(fd, plan.size)
+    finally:
+        os.close(fd)
+
+
+def write_piece(fd: int, loc: _TensorLoc, dim: int, start: int, t: torch.Tensor) -> int:
+    """Write ``t`` = ``tensor[loc].narrow(dim, start, t.shape[dim])`` into its place in the file
+    ``fd`` (planned by :func:`plan_files`). A whole tensor or a dim-0 block is one contiguous
+    range (a kernel copy when it is an unmodified memory map, :func:`write_at`); a block along
+    a later dim is one ``pwrite`` per run of the dims before it (per row for a dim-1 block).
+    Returns the bytes that went through the kernel copy."""
+    shape = list(loc.shape)
+    got = list(t.shape)
+    whole = got == shape and start == 0
+    if t.dtype != loc.dtype or not whole and (
+            len(got) != len(shape) or not 0 <= dim < len(shape) or start < 0
+            or start + got[dim] > shape[dim]
+            or got[:dim] + got[dim + 1:] != shape[:dim] + shape[dim + 1:]):
+        raise RuntimeError(f"{loc.name}: piece {t.dtype} {got} at dim {dim} start {start} does "
+                           f"not fit the planned {loc.dtype} {shape}")
+    if t.numel() == 0:
+        return 0
+    t = t.detach().cpu().contiguous()
+    src = memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    esize = t.element_size()
+    inner = esize * _numel(shape[dim + 1:]) if not whole else 0
+    if whole or dim == 0 or _numel(shape[:dim]) == 1:  # one contiguous byte range
+        return write_at(fd, loc.offset + start * inner, src)
+    run, stride = got[dim] * inner, shape[dim] * inner
+    base = loc.offset + start * inner
+    for r in range(_numel(shape[:dim])):
+        write_at(fd, base + r * stride, src[r * run:(r + 1) * run])
+    return 0
+
+
 class StreamingSafetensorsWriter:
     """Writes one safetensors file whose header is known up front; tensors arrive in order."""
 
@@ -335,25 +448,17 @@ class StreamingSafetensorsWriter:
                  specs: list[tuple[str, torch.dtype, list[int]]]) -> None:
         self.path = Path(path)
         self.specs = specs
-        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
-        offset = 0
-        for name, dtype, shape in specs:
-            n = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
-            header[name] = {"dtype": _DTYPE_TO_ST[dtype], "shape": list(shape),
-                            "data_offsets": [offset, offset + n]}
-            offset += n
-        raw = json.dumps(header, separators=(",", ":")).encode()
-        raw += b" " * (-len(raw) % 8)
+        head, _, data = safetensors_header(specs)
         # Tensor bytes that are an unmodified memory map of an input file (a pass-through
         # parameter, see ``mvlm.convert.file_maps``) are copied file to file by the kernel.
         self._f = KernelCopyFile(self.path, "wb")
-        self.size = 8 + len(raw) + offset
-        if offset:
+        self.size = len(head) + data
+        if data:
             try:  # the whole file's blocks at once instead of extent by extent as it grows
                 os.posix_fallocate(self._f.fileno(), 0, self.size)
             except OSError:  # not supported by this filesystem: grow as it goes
                 pass
-        self._f.write(struct.pack("<Q", len(raw)) + raw)
+        self._f.write(head)
         self._next = 0
 
     def write(self, name: str, tensor: torch.Tensor) -> None:

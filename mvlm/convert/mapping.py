@@ -3,8 +3,11 @@
 A family's weight table is a list of these objects read top to bottom. Each one knows, for one
 Megatron-Core parameter name pattern, which HF tensors it is made of, how to read only the slice a
 tensor-parallel rank owns (``load``), and how to turn the full (TP-gathered) Megatron tensor back
-into HF tensors (``to_hf``). Patterns use ``{L}`` for the global decoder layer, ``{E}`` for the
-global expert index and ``{*}`` for a free suffix (used for vision towers kept in HF layout).
+into HF tensors (``to_hf``). ``shard_to_hf`` gives, from one TP rank's shard alone, the blocks of
+those HF tensors that the shard holds, so that an exporter can write each rank's part in place
+without gathering the whole tensor first. Patterns use ``{L}`` for the global decoder layer,
+``{E}`` for the global expert index and ``{*}`` for a free suffix (used for vision towers kept in
+HF layout).
 """
 from __future__ import annotations
 
@@ -13,6 +16,9 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+
+# (HF name, dim, start, tensor): ``tensor`` is ``full_hf[name].narrow(dim, start, len)``
+Piece = tuple[str, int, int, torch.Tensor]
 
 
 class TensorReader(Protocol):
@@ -62,6 +68,11 @@ def _pattern_regex(template: str) -> re.Pattern:
     return re.compile("^" + rx + "$")
 
 
+def _defined_by(cls: type, attr: str) -> type:
+    """The class of ``cls``'s MRO whose own body defines ``attr``."""
+    return next(c for c in cls.__mro__ if attr in c.__dict__)
+
+
 def fill(template: str, idx: dict[str, str]) -> str:
     out = template
     for k, v in idx.items():
@@ -107,6 +118,27 @@ class Mapping:
               ) -> list[tuple[str, torch.Tensor]]:
         raise NotImplementedError
 
+    def shard_to_hf(self, shard: torch.Tensor, idx: dict[str, str], ctx: ShardCtx
+                    ) -> list[Piece] | None:
+        """This rank's blocks of the HF tensors ``to_hf`` makes of the whole parameter, from
+        this rank's shard only; None when the mapping cannot say (the exporter then gathers).
+
+        Every piece is ``to_hf(full)[name].narrow(dim, start, n)``: the pieces of all ranks of
+        the group tile each HF tensor exactly once, except for mappings that are not split
+        (``split_dim`` None), whose every rank gives the whole tensor (one writes it). Works
+        on meta tensors too (the exporter plans from shapes before any data moves).
+
+        A subclass that overrides ``to_hf`` below the class of its ``_shard_pieces`` gets None,
+        so an inherited piece rule can never disagree with a changed ``to_hf``."""
+        cls = type(self)
+        if not issubclass(_defined_by(cls, "_shard_pieces"), _defined_by(cls, "to_hf")):
+            return None
+        return self._shard_pieces(shard, idx, ctx)
+
+    def _shard_pieces(self, shard: torch.Tensor, idx: dict[str, str], ctx: ShardCtx
+                      ) -> list[Piece] | None:
+        return None
+
     def hf_shapes(self, full_shape: list[int], idx: dict[str, str], ctx: ShardCtx
                   ) -> list[tuple[str, list[int]]]:
         """HF output names and shapes from the full Megatron shape, without any data (the
@@ -140,6 +172,9 @@ class Replicated(Mapping):
     def to_hf(self, full, idx, ctx):
         return [(self.hf_names(idx)[0], full)]
 
+    def _shard_pieces(self, shard, idx, ctx):
+        return [(self.hf_names(idx)[0], 0, 0, shard)]
+
 
 class Column(Mapping):
     """Output dimension (rows) split over TP."""
@@ -162,6 +197,11 @@ class Column(Mapping):
     def to_hf(self, full, idx, ctx):
         return [(self.hf_names(idx)[0], full)]
 
+    def _shard_pieces(self, shard, idx, ctx):
+        if shard.dim() == 0:
+            return None
+        return [(self.hf_names(idx)[0], 0, ctx.tp_rank * shard.shape[0], shard)]
+
 
 class Row(Mapping):
     """Input dimension (columns) split over TP."""
@@ -183,6 +223,11 @@ class Row(Mapping):
 
     def to_hf(self, full, idx, ctx):
         return [(self.hf_names(idx)[0], full)]
+
+    def _shard_pieces(self, shard, idx, ctx):
+        if shard.dim() < 2:
+            return None
+        return [(self.hf_names(idx)[0], 1, ctx.tp_rank * shard.shape[1], shard)]
 
 
 class VocabColumn(Mapping):
@@ -222,6 +267,12 @@ class VocabColumn(Mapping):
 
     def to_hf(self, full, idx, ctx):
         return [(self.hf_names(idx)[0], full[: ctx.vocab_size])]
+
+    def _shard_pieces(self, shard, idx, ctx):
+        """The shard's rows of the real vocabulary; a rank holding only padding gives none."""
+        lo = ctx.tp_rank * shard.shape[0]
+        n = max(0, min(lo + shard.shape[0], ctx.vocab_size) - lo)
+        return [(self.hf_names(idx)[0], 0, lo, shard[:n])] if n else []
 
 
 class QKV(Mapping):
@@ -270,6 +321,25 @@ class QKV(Mapping):
         return [(qn, q.reshape(-1, *tail)), (kn, k.reshape(-1, *tail)),
                 (vn, v.reshape(-1, *tail))]
 
+    def _shard_pieces(self, shard, idx, ctx):
+        """Per query group of the rank: its query heads, K and V are a run of the shard's rows
+        and a row block of q, k and v each. One piece per group and tensor, each a view of the
+        shard (no copy; a kernel copy when the shard is a memory map), in tensor order."""
+        qn, kn, vn = self.hf_names(idx)
+        d, ng = ctx.head_dim, ctx.num_kv_heads
+        hpg = ctx.num_heads // ng
+        n = ng // ctx.tp_size
+        rows = (hpg + 2) * d  # one group's rows in the shard
+        if ng % ctx.tp_size or shard.dim() == 0 or shard.shape[0] != n * rows:
+            return None
+        g0 = ctx.tp_rank * n
+        return ([(qn, 0, (g0 + i) * hpg * d, shard[i * rows: i * rows + hpg * d])
+                 for i in range(n)]
+                + [(kn, 0, (g0 + i) * d, shard[i * rows + hpg * d: i * rows + (hpg + 1) * d])
+                   for i in range(n)]
+                + [(vn, 0, (g0 + i) * d, shard[i * rows + (hpg + 1) * d: (i + 1) * rows])
+                   for i in range(n)])
+
 
 class GatedMLP(Mapping):
     """SwiGLU's linear_fc1: each TP rank holds [its gate rows; its up rows]."""
@@ -296,6 +366,14 @@ class GatedMLP(Mapping):
         per = full.shape[0] // (2 * ctx.tp_size)
         parts = full.reshape(ctx.tp_size, 2, per, *tail)
         return [(gn, parts[:, 0].reshape(-1, *tail)), (un, parts[:, 1].reshape(-1, *tail))]
+
+    def _shard_pieces(self, shard, idx, ctx):
+        """[gate rows; up rows] of this rank: the same row block of each."""
+        gn, un = self.hf_names(idx)
+        if shard.dim() == 0 or shard.shape[0] % 2:
+            return None
+        per = shard.shape[0] // 2
+        return [(gn, 0, ctx.tp_rank * per, shard[:per]), (un, 0, ctx.tp_rank * per, shard[per:])]
 
 
 def hub_name(name: str, prefixes: tuple[tuple[str, str], ...]) -> str:
