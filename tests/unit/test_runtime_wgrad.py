@@ -1,11 +1,11 @@
 """The CPU step adaptations (mvlm/runtime/wgrad.py, mvlm/runtime/lean_ops.py) against Megatron-
 Core's own code path: two Trainers on the same tiny Qwen2 weights, one with the adaptations
-(what ``wrap_ddp`` installs), one with Megatron's linear function, DDP hook and zeroing, RoPE and
-clip scaling swapped back in; three steps of two micro-batches each (gradient accumulation),
-clipping active. Untied embeddings: every loss, main grad and parameter is bit-identical. Tied
-embeddings (the output layer's weight gets a second gradient through DDP's hook): the first
-micro-batch is exact, the second adds the two contributions one after the other instead of
-summed first, so equality holds to fp32 rounding.
+(what ``wrap_ddp`` installs), one with Megatron's linear function, DDP hook and zeroing, RoPE,
+clip scaling and gated MLP forward (SwiGLU) swapped back in; three steps of two micro-batches
+each (gradient accumulation), clipping active. Untied embeddings: every loss, main grad and
+parameter is bit-identical. Tied embeddings (the output layer's weight gets a second gradient
+through DDP's hook): the first micro-batch is exact, the second adds the two contributions one
+after the other instead of summed first, so equality holds to fp32 rounding.
 """
 from __future__ import annotations
 
@@ -29,6 +29,7 @@ _SCRIPT = textwrap.dedent("""
     from megatron.core.models.common.embeddings import rope_utils
     from megatron.core.optimizer import clip_grads
     from megatron.core.tensor_parallel import layers
+    from megatron.core.transformer.mlp import MLP
     from mvlm.config import (FreezeConfig, OptimConfig, ParallelConfig, ScheduleConfig,
                              TrainConfig)
     from mvlm.models.vlm import build_model
@@ -47,7 +48,8 @@ _SCRIPT = textwrap.dedent("""
                "zero_grad_buffer": (DDP, "zero_grad_buffer"),
                "make_hook": (DDP, "_make_backward_post_hook"),
                "rope": (rope_utils, "_apply_rotary_pos_emb_bshd"),
-               "scale": (clip_grads, "multi_tensor_scale_impl")}
+               "scale": (clip_grads, "multi_tensor_scale_impl"),
+               "mlp_forward": (MLP, "forward")}
     originals = {**wgrad.ORIGINALS, **lean_ops.ORIGINALS}
     adapted = {k: getattr(o, n) for k, (o, n) in patched.items()}
 
@@ -108,7 +110,17 @@ _SCRIPT = textwrap.dedent("""
                 res["param_diff"].append(max(float((pa[n] - pb[n]).abs().max()) for n in pa))
                 res["clipped"].append(out_a.update.applied and out_a.update.grad_norm > 0.05)
             res["rope_tables"] = "last" in lean_ops._TABLES
+            res["swiglu_calls"] = SWIGLU_CALLS[0]
         return res
+
+    SWIGLU_CALLS = [0]
+    _swiglu_apply = lean_ops.SwiGLU.apply
+
+    def counted_swiglu(x):
+        SWIGLU_CALLS[0] += 1
+        return _swiglu_apply(x)
+
+    lean_ops.SwiGLU.apply = counted_swiglu
 
     res = {mode: compare(mode == "tied") for mode in ("untied", "tied")}
     print(json.dumps(res))
@@ -132,6 +144,8 @@ def test_adapted_step_equals_megatron_path(results, mode):
     # the adaptations ran: weights marked, written directly, RoPE tables cached, clipping active
     assert res["marked"] > 0 and res["direct_writes"] > 0 and res["rope_tables"], res
     assert all(res["clipped"]), res
+    # the lean MLP ran on the adapted side only: 2 layers x 2 micro-batches x 3 steps per mode
+    assert res["swiglu_calls"] == 12 * (1 if mode == "untied" else 2), res
     if mode == "untied":
         assert res["loss_diff"] == [0.0] * 3, res
         assert res["grad_diff"] == [0.0] * 3, res
