@@ -77,6 +77,28 @@ def test_torch_save_through_kernel_copy_is_byte_equal(tmp_path, small_copies):
     assert (tmp_path / "b2.pt").read_bytes() == _saved(plain["b"])
 
 
+def test_unreadable_pagemap_falls_back_to_plain_writes(tmp_path, small_copies, monkeypatch):
+    """Where /proc/self/pagemap cannot be read (another kernel, a sandbox) nothing proves the
+    file still holds a map's bytes: every write goes from memory, the output is the same."""
+    import builtins
+
+    def no_pagemap(path, *a, **k):
+        if str(path) == "/proc/self/pagemap":
+            raise PermissionError(13, "Permission denied", str(path))
+        return builtins.open(path, *a, **k)
+
+    plain, mapped = _mapped(tmp_path, {"w": torch.arange(96, dtype=torch.float32)})
+    with file_maps.KernelCopyFile(tmp_path / "w_ok.pt") as f:  # the control: a kernel copy
+        torch.save(mapped["w"], f)
+        assert f.kernel_bytes == plain["w"].nbytes
+    monkeypatch.setattr(file_maps, "open", no_pagemap, raising=False)
+    assert not file_maps.pages_unmodified(*file_maps.buffer_address(mapped["w"].numpy()))
+    with file_maps.KernelCopyFile(tmp_path / "w.pt") as f:
+        torch.save(mapped["w"], f)
+        assert f.kernel_bytes == 0
+    assert (tmp_path / "w.pt").read_bytes() == _saved(plain["w"])
+
+
 def test_safetensors_writer_kernel_copy_is_byte_equal(tmp_path, small_copies):
     from safetensors.torch import load_file
 
