@@ -74,20 +74,25 @@ RX = re.compile(r"rank (\d+) memory start_mb=(\d+) peak_mb=(\d+) params_mb=(\d+)
                 r"seconds=([\d.]+) cpu_s=([\d.]+) phases=(\S*)")
 
 
-def build(workdir: Path, args) -> Path:
-    import torch
-
+BUILD = textwrap.dedent("""
+    import sys, torch
     from mvlm.testing.tiny_models import build_tiny_checkpoint
+    hidden, layers, ffn, vocab = map(int, sys.argv[2:6])
+    build_tiny_checkpoint("qwen2_5_vl", sys.argv[1], variant="bench", dtype=torch.bfloat16,
+                          hidden_size=hidden, num_hidden_layers=layers, intermediate_size=ffn,
+                          vocab_size=vocab, num_attention_heads=hidden // 128,
+                          num_key_value_heads=2)
+""")
 
+
+def build(workdir: Path, args) -> Path:
+    """The checkpoint, built in its own process: peak RSS (``ru_maxrss``) survives ``exec``, so
+    building it in this process would raise every later row's peak to this one's."""
     hf = workdir / "hf"
     if not (hf / "config.json").exists():
         t = time.time()
-        build_tiny_checkpoint(
-            "qwen2_5_vl", hf, variant="bench", dtype=torch.bfloat16,
-            hidden_size=args.hidden, num_hidden_layers=args.layers,
-            intermediate_size=args.ffn, vocab_size=args.vocab,
-            num_attention_heads=args.hidden // 128, num_key_value_heads=2,
-        )
+        run([sys.executable, "-c", BUILD, str(hf), str(args.hidden), str(args.layers),
+             str(args.ffn), str(args.vocab)])
         print(f"built checkpoint in {time.time() - t:.0f}s")
     return hf
 
