@@ -640,7 +640,7 @@ def test_megatron_full_script_with_epoch_saves_tb_dir_and_name_freezing(tiny_ckp
     assert saved == [2, 3], saved
     assert list((work / "tb").glob("events.out.tfevents.*")) and not (out / "runs").exists()
     before = load_file(str(vl / "model.safetensors"))
-    # a TP>1 export writes one shard per writing rank (model-0000k-of-0000n + index)
+    # the export may be one file or several shards + index, whatever the TP layout
     after = load_all_safetensors(out / "hf")
     layer0 = [k for k in before if ".layers.0." in k and "visual" not in k]
     layer1 = [k for k in before if ".layers.1." in k and "visual" not in k]
