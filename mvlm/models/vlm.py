@@ -37,7 +37,7 @@ from mvlm.models.gpt import (
     transformer_config,
 )
 from mvlm.models.registry import FamilySpec, get_family
-from mvlm.models.vision import media_features, scatter_features
+from mvlm.models.vision import media_features, scatter_features, tower_init
 from mvlm.models.vision_parallel import SplitTower, TrainableParam, VisionSplit, tower_trainable
 from mvlm.runtime.compat import mark_tp_weights
 from mvlm.runtime.cp import split_for_cp
@@ -65,7 +65,8 @@ class VLMModel(MegatronModule):
         self.hf_config = hf_config
         self.token_ids = family.token_ids(hf_config)
         if family.is_vlm and pre_process:
-            self.vision_model = family.vision.build(hf_config, config.params_dtype, device)
+            with tower_init(config.perform_initialization):
+                self.vision_model = family.vision.build(hf_config, config.params_dtype, device)
         # The TP x CP group the tower's images are divided over (None: every rank runs all).
         self.vision_split: VisionSplit | None = None
         if self.vision_model is not None and vit_parallel:
