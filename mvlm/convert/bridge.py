@@ -38,6 +38,7 @@ from mvlm.convert.hf_io import (
     Spec,
     TensorLoc,
     create_planned_file,
+    open_hf_reader,
     plan_files,
     write_index,
     write_piece,
@@ -188,7 +189,7 @@ def load_hf_weights(bundle: ModelBundle, hf_dir: str | Path,
 
     Every missing and unexpected tensor is refused first (:func:`_check_keys`); with
     ``check_coverage`` that check is collective (every rank must call)."""
-    reader = SafetensorsReader(hf_dir)
+    reader = open_hf_reader(hf_dir)  # a foreign layout (original InternVL) is adapted
     entries = param_entries(bundle)
     _check_keys(bundle, reader, hf_dir, entries, check_coverage)
     for e in entries:

@@ -25,7 +25,12 @@ from mvlm.convert.flags import (  # noqa: F401 - re-exported
     add_convert_args,
     add_layout_args,
 )
-from mvlm.convert.hf_io import SafetensorsReader, copy_aux_files, release_file_maps
+from mvlm.convert.hf_io import (
+    SafetensorsReader,
+    copy_aux_files,
+    open_hf_reader,
+    release_file_maps,
+)
 from mvlm.convert.mcore_ckpt import (
     dtype_from_name,
     is_mcore_checkpoint,
@@ -60,7 +65,7 @@ def run_convert(cfg: ConvertConfig) -> int:
     from transformers import AutoConfig
 
     from mvlm.models.gpt import validate_layout
-    from mvlm.models.registry import get_family
+    from mvlm.models.registry import foreign_layout, get_family, load_hf_config
     from mvlm.models.spec import choose_backend
     from mvlm.models.vlm import build_model
 
@@ -76,10 +81,14 @@ def run_convert(cfg: ConvertConfig) -> int:
     if cfg.to == "mcore":
         if is_mcore_checkpoint(src):
             raise ValueError(f"{src} is already an mvlm Megatron checkpoint; use --to hf")
-        hf_config = AutoConfig.from_pretrained(src)
+        if cfg.verify and foreign_layout(src) is not None:
+            raise ValueError(f"--verify compares against transformers, which cannot load {src} "
+                             "(a layout that needs remote code); convert without --verify, "
+                             "then verify the --to hf export")
+        hf_config = load_hf_config(src)  # a foreign layout's config is translated
         family = get_family(hf_config.model_type)  # unsupported model types fail here
         validate_layout(family.text_arch(hf_config), layout)  # TP/EP/PP must divide the model
-        SafetensorsReader(src)  # missing/corrupt shards fail here, before any output
+        open_hf_reader(src)  # missing/corrupt shards (or original-layout gaps) fail here
     else:
         meta = read_meta(src)
         validate_layout(get_family(meta["model_type"]).text_arch(
@@ -169,7 +178,7 @@ def map_unchanged_params(bundle, src: Path) -> int:
     from mvlm.convert.bridge import param_entries, shard_ctx
 
     release_file_maps()  # fresh maps: no page an earlier user of a cached map wrote to
-    reader = SafetensorsReader(src)
+    reader = open_hf_reader(src)
     mapped = 0
     for e in param_entries(bundle):
         p = e.param

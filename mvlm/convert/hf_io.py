@@ -315,6 +315,16 @@ class SafetensorsReader:
                 _pread_full(fd, dst[r * run:(r + 1) * run], base + r * src_row, path)
 
 
+def open_hf_reader(model_dir: str | os.PathLike) -> SafetensorsReader:
+    """The reader for an HF directory: :class:`SafetensorsReader`, or the family's adapter when
+    the directory is in a layout transformers cannot load by itself (``FamilySpec.
+    foreign_layouts``, e.g. OpenGVLab's original InternVL), which serves the same hub names."""
+    from mvlm.models.registry import foreign_layout
+
+    adapter = foreign_layout(model_dir)
+    return adapter.reader(model_dir) if adapter is not None else SafetensorsReader(model_dir)
+
+
 def _numel(shape) -> int:
     n = 1
     for s in shape:

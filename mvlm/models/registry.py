@@ -27,6 +27,7 @@ import importlib
 import pkgutil
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -158,6 +159,11 @@ class FamilySpec:
     # hub layout the weight table names (Qwen-VL: ``model.language_model.`` <-> ``model.``).
     # PEFT keys follow the module tree; the checkpoint reader accepts either layout.
     module_tree_prefixes: tuple[tuple[str, str], ...] = ()
+    # config.json model_type of another layout of this family's checkpoints, one transformers
+    # cannot load without remote code -> ``"module:attribute"`` of an object with
+    # ``config(model_dir) -> PretrainedConfig`` (the config in this family's own terms) and
+    # ``reader(model_dir) -> SafetensorsReader`` (the tensors under this family's hub names).
+    foreign_layouts: Mapping[str, str] = field(default_factory=dict)
 
     # -- derived views ------------------------------------------------------------------------
     @property
@@ -277,3 +283,36 @@ def media_keys() -> dict[str, str]:
                                      f"{dt} in {spec.name}: families must agree on a key's dtype")
     return out
 
+
+
+def _config_model_type(model_dir: str | Path) -> str | None:
+    """config.json's model_type, None when there is no readable config."""
+    import json
+
+    try:
+        return json.loads((Path(model_dir) / "config.json").read_text()).get("model_type")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None
+
+
+def foreign_layout(model_dir: str | Path) -> Any | None:
+    """The adapter (see ``FamilySpec.foreign_layouts``) for a checkpoint directory stored in a
+    layout transformers cannot load by itself (e.g. OpenGVLab's ``internvl_chat``), else None."""
+    mt = _config_model_type(model_dir)
+    if mt is None:
+        return None
+    for spec in families():
+        if mt in spec.foreign_layouts:
+            return resolve(spec.foreign_layouts[mt])
+    return None
+
+
+def load_hf_config(model_dir: str | Path) -> PretrainedConfig:
+    """``AutoConfig.from_pretrained(model_dir)``, except that a foreign layout's config is
+    translated by its family (transformers would ask for remote code there)."""
+    adapter = foreign_layout(model_dir)
+    if adapter is not None:
+        return adapter.config(model_dir)
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(model_dir)

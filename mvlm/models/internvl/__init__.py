@@ -12,10 +12,13 @@ batch of tiles ``pixel_values [n_tiles, 3, H, W]`` with no grid; positions are p
 Files: ``weights.py`` (the LLM's decoder table + tower and projector kept whole),
 ``template.py``, ``tiny.py``, ``tower.py``.
 
-OpenGVLab's original (remote-code) checkpoints name the same tensors differently
-(``vision_model.*``, ``mlp1.{0,1,3}``, ``language_model.*`` with InternLM2 or Qwen2 names) and
-fuse the ViT's q/k/v; they are not read here: convert them with transformers' InternVL
-conversion script first (docs/models.md).
+OpenGVLab's original (remote-code, ``"model_type": "internvl_chat"``) checkpoints, e.g.
+``OpenGVLab/InternVL3_5-1B``, name the same tensors differently (``vision_model.*``,
+``mlp1.{0,1,3}``; ``language_model.*`` is the same) and fuse the ViT's q/k/v into ``attn.qkv``:
+``original.py`` reads them under the ``-hf`` names (renames, q/k/v as row ranges of the fused
+tensor, no copy) with the config translated from ``llm_config`` / ``vision_config``, so
+``mvlm convert --to mcore`` and ``load_hf_weights`` take either directory; ``--to hf`` writes the
+``-hf`` layout. InternLM2 LLMs (some InternVL 2.5 sizes) are refused.
 """
 from __future__ import annotations
 
@@ -74,4 +77,6 @@ INTERNVL = register(FamilySpec(
     # transformers 5 reads and writes InternVL in LLaVA's hub layout (its conversion mapping
     # points ``internvl`` at ``llava``): the module-tree <-> hub prefixes are LLaVA's
     module_tree_prefixes=MODULE_TREE_PREFIXES,
+    # OpenGVLab's original remote-code layout, read as the -hf names (original.py)
+    foreign_layouts={"internvl_chat": "mvlm.models.internvl.original:ADAPTER"},
 ))
