@@ -74,3 +74,17 @@ def pytest_terminal_summary(terminalreporter):
     tr.write_sep("=", f"CPU seconds by test file (self + children), total {total:.0f}")
     for f, s in top[:40]:
         tr.write_line(f"{s:9.1f}  {f}")
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    """A one-rank gloo default group for code that needs ``torch.distributed`` (DCP, Megatron's
+    dist-checkpointing) inside a plain test process; skipped where a group already exists."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        pytest.skip("a process group already exists")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
+                            world_size=1)
+    yield
+    dist.destroy_process_group()

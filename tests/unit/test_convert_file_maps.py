@@ -17,18 +17,6 @@ from mvlm.convert import file_maps
 
 
 @pytest.fixture
-def one_rank(tmp_path):
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        pytest.skip("a process group already exists")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
-                            world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
-@pytest.fixture
 def small_copies(monkeypatch):
     monkeypatch.setattr(file_maps, "KERNEL_COPY_MIN_BYTES", 1)
     yield

@@ -12,18 +12,6 @@ import pytest
 import torch
 
 
-@pytest.fixture
-def one_rank(tmp_path):
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        pytest.skip("a process group already exists")
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0,
-                            world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def _sd(tensors: dict, fragments: dict | None = None) -> dict:
     """Sharded state dict: each tensor whole, or (axis, index, count) of it."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor

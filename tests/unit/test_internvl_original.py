@@ -199,8 +199,8 @@ def test_megatron_model_equals_hf_dir_and_logits_match(pair, tmp_path):
     print(res)
     assert res["n"] > 0 and res["names_equal"] and res["unequal"] == []
     assert "image+text" in res["dlogits"]
-    for name, d in res["dlogits"].items():  # the bound of tests/dist/_internvl_worker.py
-        assert d <= 1e-4, (name, d)
+    for name, d in res["dlogits"].items():  # measured 0.0 on every row (both cases)
+        assert d <= 1e-6, (name, d)
 
 
 def test_convert_original_then_export_gives_hf_tensors(pair, tmp_path):
