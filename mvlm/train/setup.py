@@ -44,7 +44,7 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
 
     from mvlm.convert.mcore_ckpt import read_meta
     from mvlm.models.gpt import validate_layout
-    from mvlm.models.registry import get_family
+    from mvlm.models.registry import _config_model_type, foreign_layout, get_family
     from mvlm.runtime.env import read_dist_env
     from mvlm.runtime.parallel import ParallelLayout
 
@@ -54,6 +54,14 @@ def plan_run(cfg: TrainConfig) -> RunPlan:
     cfg.resolve_batch(world)
     src_dir = Path(cfg.base.model) if cfg.base.model else Path(cfg.base.mcore_model) / "hf"
     meta = read_meta(Path(cfg.base.mcore_model)) if cfg.base.mcore_model else None
+    if foreign_layout(src_dir) is not None:
+        raise ValueError(
+            f"--model {src_dir}: config.json's model_type is "
+            f"{_config_model_type(src_dir)!r}, a layout that only `mvlm convert` reads (e.g. "
+            "OpenGVLab's original InternVL). Convert it to the transformers layout first: "
+            f"`mvlm convert --to mcore --model {src_dir} --output M` then `mvlm convert --to hf "
+            "--model M --output DIR_HF`, and train with --model DIR_HF (or use the hub's `-hf` "
+            "checkpoint)")
     hf_config = AutoConfig.from_pretrained(src_dir)
     apply_hf_overrides(cfg, hf_config)  # [issue 9 / ms-swift flags] --moe_aux_loss_coeff
     family = get_family(hf_config.model_type)
@@ -126,3 +134,4 @@ def teardown(own_pg: bool) -> None:
         destroy_distributed()
     elif parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
+

@@ -253,3 +253,21 @@ def test_bad_original_checkpoints_are_refused_by_name(tiny_ckpt, tmp_path, case)
     log = p.stderr + p.stdout
     assert p.returncode != 0 and re.search(expect, log, re.S), log[-3000:]
     assert not out.exists()
+
+
+def test_training_on_the_original_layout_names_the_conversion(tiny_ckpt, tmp_path):
+    """`mvlm sft --model <original dir>` stops before any output and says how to get a
+    directory training reads (the two conversions), instead of transformers' remote-code
+    error."""
+    orig = _write_original(tiny_ckpt("internvl"), tmp_path / "orig")
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "yo"}]}) + "\n")
+    out = tmp_path / "out"
+    p = run_mvlm(["sft", "--model", str(orig), "--dataset", str(data), "--output_dir", str(out)],
+                 check=False)
+    log = p.stderr + p.stdout
+    assert p.returncode != 0, log[-3000:]
+    assert "'internvl_chat'" in log and "mvlm convert --to mcore" in log \
+        and "mvlm convert --to hf" in log, log[-3000:]
+    assert not out.exists() or not any(out.iterdir())
