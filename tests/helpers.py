@@ -13,10 +13,34 @@ from safetensors.torch import load_file
 REPO = Path(__file__).resolve().parents[1]
 
 
+_PORTS_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A loopback port for a launcher to listen on, chosen below the kernel's ephemeral range.
+
+    A port the kernel hands out for `bind(0)` sits in the ephemeral range (32768-60999 here),
+    where gloo's own listeners and every outgoing connection of the other xdist worker's jobs
+    also land: between this probe and torchrun's listen one of them could take it (CI saw
+    EADDRINUSE). Below that range only explicit binds compete, so each xdist worker draws
+    from its own slice of 20000-32767 and never hands the same port out twice.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "gw0")
+    slot = int(worker[2:]) if worker[2:].isdigit() else 0
+    lo = 20000 + (slot % 6) * 2000
+    start = lo + (os.getpid() * 7919) % 2000
+    for i in range(2000):
+        port = lo + (start - lo + i) % 2000
+        if port in _PORTS_GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _PORTS_GIVEN.add(port)
+        return port
+    raise RuntimeError(f"no free loopback port in {lo}-{lo + 1999} for xdist worker {worker}")
 
 
 def run_mvlm(args: list[str], nproc: int = 1, timeout: int = 600, check: bool = True,

@@ -65,7 +65,7 @@ def init_distributed(layout: ParallelLayout, device: str | None = None,
     """Initialise torch.distributed and Megatron-Core parallel_state; returns the device string.
 
     Works with torchrun, with ``srun`` alone (SLURM variables), and with a plain ``python`` (one
-    rank; a loopback rendezvous on a free port is made up).
+    rank; an in-memory store, no port).
     """
     from megatron.core import parallel_state
 
@@ -79,19 +79,21 @@ def init_distributed(layout: ParallelLayout, device: str | None = None,
         export_torchrun_vars(denv)
     layout.validate(denv.world_size)
     if not dist.is_initialized():
+        store = None
         if denv.launcher == "single":
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            if not os.environ.get("MASTER_PORT"):
-                os.environ["MASTER_PORT"] = str(_free_port())
             os.environ.setdefault("RANK", "0")
             os.environ.setdefault("WORLD_SIZE", "1")
             os.environ.setdefault("LOCAL_RANK", "0")
+            if not os.environ.get("MASTER_PORT"):
+                # One rank needs no rendezvous: an in-memory store avoids picking a "free" TCP
+                # port that another process can take between the probe and the listen.
+                store = dist.HashStore()
         backend = "nccl" if device == "cuda" else "gloo"
         if device == "cuda":
             torch.cuda.set_device(denv.local_rank)
         dist.init_process_group(
             backend=backend, timeout=datetime.timedelta(minutes=timeout_minutes),
-            rank=denv.rank, world_size=denv.world_size,
+            rank=denv.rank, world_size=denv.world_size, store=store,
         )
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
@@ -142,14 +144,6 @@ def destroy_distributed() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def is_rank0() -> bool:
