@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+from mvlm.convert.direct_io import BlockWriter
 from mvlm.convert.hf_io import (
     CheckpointError,
     SafetensorsReader,
@@ -208,13 +208,15 @@ def load_hf_weights(bundle: ModelBundle, hf_dir: str | Path,
 class ExportStats:
     """What this rank's last :func:`export_hf_weights` wrote, in bytes of tensor data: from its
     own shards (``direct``), as the writer of an entry whose mapping gives no pieces
-    (``gathered``), and of either, what went file to file in the kernel (``kernel``). For
-    tests (a TP export that silently fell back to gathering would still be exact) and the
-    benchmark."""
+    (``gathered``), and of either, what was taken from an input file rather than memory
+    (``kernel``); ``direct_io`` counts file bytes (tensor data and header blocks) this rank
+    wrote around the page cache (:mod:`mvlm.convert.direct_io`). For tests (a TP export that
+    silently fell back to gathering would still be exact) and the benchmark."""
 
     direct_bytes: int = 0
     gathered_bytes: int = 0
     kernel_bytes: int = 0
+    direct_io_bytes: int = 0
     pieces: int = 0
 
 
@@ -386,9 +388,9 @@ def _job_pieces(j: _Job) -> Iterator[Piece]:
         yield pieces.pop(0)
 
 
-def _write_job(j: _Job, fd: int, locs: dict[str, TensorLoc], dtype: torch.dtype | None,
-               stats: ExportStats) -> None:
-    """Write this rank's pieces of ``j`` at their planned offsets of the open file ``fd``."""
+def _write_job(j: _Job, out: BlockWriter, locs: dict[str, TensorLoc],
+               dtype: torch.dtype | None, stats: ExportStats) -> None:
+    """Write this rank's pieces of ``j`` at their planned offsets of the open file ``out``."""
     planned = iter(j.pieces)
     for name, dim, start, t in _job_pieces(j):
         t = t if dtype is None else t.to(dtype)
@@ -396,7 +398,7 @@ def _write_job(j: _Job, fd: int, locs: dict[str, TensorLoc], dtype: torch.dtype 
         if want != (name, dim, start, list(t.shape)):
             raise RuntimeError(f"{j.entry.global_name}: piece {name} dim {dim} start {start} "
                                f"{list(t.shape)} was planned as {want}")
-        stats.kernel_bytes += write_piece(fd, locs[name], dim, start, t)
+        stats.kernel_bytes += write_piece(out, locs[name], dim, start, t)
         nbytes = t.numel() * t.element_size()
         if j.direct:
             stats.direct_bytes += nbytes
@@ -444,12 +446,13 @@ def export_hf_weights(bundle: ModelBundle, out_dir: Path, dtype: torch.dtype | N
             create_planned_file(path, f)
         dist.barrier()
         if by_file.get(f.name):
-            fd = os.open(path, os.O_WRONLY)
+            out = BlockWriter(path, size=f.size)
             try:
                 for j in by_file[f.name]:
-                    _write_job(j, fd, locs, dtype, stats)
+                    _write_job(j, out, locs, dtype, stats)
             finally:
-                os.close(fd)
+                out.close()
+            stats.direct_io_bytes += out.direct_bytes
         dist.barrier()
         fault_point("mid_write", path)  # tests: a kill lands with one file complete
     weight_map = {name: loc.file for name, loc in locs.items()}

@@ -4,15 +4,16 @@ Why: a converter mostly passes tensors through unchanged. A pass-through paramet
 tensor over a memory map of the input file (no allocation, no read); when the output writer
 then hands such a tensor's bytes to ``write``, the bytes would be faulted into this process's
 page tables and copied from user space into the output file's page cache. The same bytes are
-already in the kernel's page cache of the input file, so :class:`KernelCopyFile` asks the
-kernel to copy them file to file (``os.copy_file_range``, else ``os.sendfile``) instead:
-microbenchmark on this VM (470 MB, warm page cache, ext4), ``write`` of the memory-mapped
-bytes 0.37-0.66 CPU s against 0.12-0.19 for the kernel copy.
+already in the kernel's page cache of the input file, so the output writers take them from
+the file instead: read into the ``O_DIRECT`` staging buffer (:mod:`mvlm.convert.direct_io`), or
+where output goes through the page cache, copied file to file by the kernel
+(``os.copy_file_range``): microbenchmark on this VM (470 MB, warm page cache, ext4), ``write``
+of the memory-mapped bytes 0.37-0.66 CPU s against 0.12-0.19 for the kernel copy.
 
 Exactness: the copy takes the file's bytes, so it is used only where they are the tensor's
 bytes. The maps are copy-on-write (``MAP_PRIVATE``): a page someone wrote to becomes an
-anonymous page of this process and the file no longer holds its bytes. Before each kernel copy
-the region's pages are looked up in ``/proc/self/pagemap``; one page that is present and not
+anonymous page of this process and the file no longer holds its bytes. Before each such
+copy the region's pages are looked up in ``/proc/self/pagemap``; one page that is present and not
 file-backed (or swapped out) means "written to", and the bytes are written from memory as a
 plain ``write`` would. Where pagemap cannot be read, every write is a plain one.
 """
@@ -25,6 +26,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from mvlm.convert.direct_io import BlockWriter
 
 # One copy-on-write map per file version, shared by every user in the process (the converter
 # maps parameters, the loaders recognise them): key -> (map, its address, path).
@@ -111,57 +114,39 @@ def buffer_address(b) -> tuple[int, int] | None:
     return np.frombuffer(mv.cast("B"), dtype=np.uint8).ctypes.data, mv.nbytes
 
 
-def kernel_copy(src: str | os.PathLike, src_offset: int, dst_fd: int, nbytes: int,
-                dst_offset: int | None = None) -> None:
-    """Copy ``nbytes`` of ``src`` from ``src_offset`` to ``dst_fd``: appended at its position
-    (advanced) when ``dst_offset`` is None, else at ``dst_offset`` (as ``pwrite``: the ranks
-    of a TP export fill one output file at their own offsets through their own descriptors)."""
-    with open(src, "rb", buffering=0) as f:
-        fd, done = f.fileno(), 0
-        while done < nbytes:
-            at = None if dst_offset is None else dst_offset + done
-            try:
-                k = os.copy_file_range(fd, dst_fd, nbytes - done, src_offset + done, at)
-            except OSError:  # e.g. across filesystems on old kernels: sendfile does the same
-                if at is not None:
-                    os.lseek(dst_fd, at, os.SEEK_SET)
-                k = os.sendfile(dst_fd, fd, src_offset + done, nbytes - done)
-            if k <= 0:
-                raise OSError(f"{src} ends before byte {src_offset + nbytes}")
-            done += k
-
-
-def write_at(fd: int, offset: int, b) -> int:
-    """Write all of buffer ``b`` at byte ``offset`` of ``fd``; bytes that lie in a live,
-    unmodified file map go file to file in the kernel, as :class:`KernelCopyFile` does for
-    appends. Returns the bytes that went through the kernel copy (0 or all of them)."""
+def write_at(out: BlockWriter, offset: int, b) -> int:
+    """Write all of buffer ``b`` at byte ``offset`` of ``out``; bytes that lie in a live,
+    unmodified file map are taken from their file (:meth:`BlockWriter.write_from_file`), not
+    from this process's memory. Returns the bytes taken from a file (0 or all of them)."""
     mv = memoryview(b)
     loc = buffer_address(mv) if _MAPS and mv.nbytes >= KERNEL_COPY_MIN_BYTES else None
     src = mapped_source(*loc) if loc is not None else None
     if src is not None:
-        kernel_copy(src[0], src[1], fd, loc[1], dst_offset=offset)
+        out.write_from_file(offset, src[0], src[1], loc[1])
         return loc[1]
-    mv = mv.cast("B") if mv.ndim != 1 or mv.format != "B" else mv
-    done = 0
-    while done < len(mv):
-        n = os.pwrite(fd, mv[done:], offset + done)
-        if n <= 0:
-            raise OSError(f"pwrite at byte {offset + done} wrote nothing")
-        done += n
+    out.write_buffer(offset, mv)
     return 0
 
 
 class KernelCopyFile(io.RawIOBase):
-    """A binary output file whose ``write`` of bytes that lie in a live, unmodified file map
-    (:func:`file_map`) is a kernel file-to-file copy; every other write is a plain one. Same
-    bytes in the file either way. ``kernel_bytes`` counts what went through the kernel copy."""
+    """A new binary output file written as a stream (``torch.save``, the safetensors writer)
+    through a :class:`~mvlm.convert.direct_io.BlockWriter`: bytes that lie in a live,
+    unmodified file map (:func:`file_map`) are taken from their file, every other write from
+    memory; whole blocks go around the page cache where the filesystem allows. Same bytes in
+    the file either way. ``kernel_bytes`` counts what was taken from input files."""
 
     def __init__(self, path: str | os.PathLike, mode: str = "wb") -> None:
         if mode not in ("wb", "xb"):
             raise ValueError(f"KernelCopyFile writes new files, mode {mode!r}")
-        self._f = open(path, mode, buffering=0)
+        if mode == "xb" and os.path.exists(path):
+            raise FileExistsError(path)
+        self._w = BlockWriter(path, create=True)
         self.name = str(path)
-        self.kernel_bytes = 0
+        self._pos = 0
+
+    @property
+    def kernel_bytes(self) -> int:
+        return self._w.file_bytes
 
     def writable(self) -> bool:
         return True
@@ -170,34 +155,28 @@ class KernelCopyFile(io.RawIOBase):
         return True
 
     def fileno(self) -> int:
-        return self._f.fileno()
+        return self._w.fd
 
     def write(self, b) -> int:
-        mv = memoryview(b)
-        loc = buffer_address(mv) if _MAPS and mv.nbytes >= KERNEL_COPY_MIN_BYTES else None
-        src = mapped_source(*loc) if loc is not None else None
-        if src is not None:
-            kernel_copy(src[0], src[1], self._f.fileno(), loc[1])
-            self.kernel_bytes += loc[1]
-            return loc[1]
-        mv = mv.cast("B") if mv.ndim != 1 or mv.format != "B" else mv
-        done = 0
-        while done < len(mv):  # callers (torch.save) ignore short writes: never make one
-            done += self._f.write(mv[done:])
-        return len(mv)
+        n = memoryview(b).nbytes
+        write_at(self._w, self._pos, b)  # always all of it: torch.save ignores short writes
+        self._pos += n
+        return n
 
     def tell(self) -> int:
-        return self._f.tell()
+        return self._pos
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        return self._f.seek(offset, whence)
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._w.end}[whence]
+        self._pos = base + offset
+        return self._pos
 
     def truncate(self, size: int | None = None) -> int:
-        return self._f.truncate(size)
+        raise io.UnsupportedOperation("KernelCopyFile writes each byte once; no truncate")
 
     def close(self) -> None:
         if not self.closed:
-            self._f.close()
+            self._w.close()
         super().close()
 
 

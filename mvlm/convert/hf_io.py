@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from mvlm.convert.direct_io import BlockWriter
 from mvlm.convert.file_maps import (  # noqa: F401 - release_file_maps re-exported
     KernelCopyFile,
     map_tensor,
@@ -410,7 +411,8 @@ def create_planned_file(path: str | os.PathLike, plan: PlannedFile) -> None:
     written): the ranks of a TP export then write their pieces into it at their offsets."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        write_at(fd, 0, plan.head)
+        if os.pwrite(fd, plan.head, 0) != len(plan.head):
+            raise OSError(f"{path}: short write of the safetensors header")
         if plan.size > len(plan.head):
             try:  # the whole file's blocks at once (as StreamingSafetensorsWriter)
                 os.posix_fallocate(fd, 0, plan.size)
@@ -421,12 +423,12 @@ def create_planned_file(path: str | os.PathLike, plan: PlannedFile) -> None:
         os.close(fd)
 
 
-def write_piece(fd: int, loc: _TensorLoc, dim: int, start: int, t: torch.Tensor) -> int:
+def write_piece(out: BlockWriter, loc: _TensorLoc, dim: int, start: int, t: torch.Tensor) -> int:
     """Write ``t`` = ``tensor[loc].narrow(dim, start, t.shape[dim])`` into its place in the file
-    ``fd`` (planned by :func:`plan_files`). A whole tensor or a dim-0 block is one contiguous
-    range (a kernel copy when it is an unmodified memory map, :func:`write_at`); a block along
-    a later dim is one ``pwrite`` per run of the dims before it (per row for a dim-1 block).
-    Returns the bytes that went through the kernel copy."""
+    of ``out`` (planned by :func:`plan_files`). A whole tensor or a dim-0 block is one
+    contiguous range (taken from its input file when it is an unmodified memory map,
+    :func:`write_at`); a block along a later dim is one write per run of the dims before it
+    (per row for a dim-1 block). Returns the bytes taken from an input file."""
     shape = list(loc.shape)
     got = list(t.shape)
     whole = got == shape and start == 0
@@ -443,11 +445,11 @@ def write_piece(fd: int, loc: _TensorLoc, dim: int, start: int, t: torch.Tensor)
     esize = t.element_size()
     inner = esize * _numel(shape[dim + 1:]) if not whole else 0
     if whole or dim == 0 or _numel(shape[:dim]) == 1:  # one contiguous byte range
-        return write_at(fd, loc.offset + start * inner, src)
+        return write_at(out, loc.offset + start * inner, src)
     run, stride = got[dim] * inner, shape[dim] * inner
     base = loc.offset + start * inner
     for r in range(_numel(shape[:dim])):
-        write_at(fd, base + r * stride, src[r * run:(r + 1) * run])
+        write_at(out, base + r * stride, src[r * run:(r + 1) * run])
     return 0
 
 

@@ -11,12 +11,11 @@ dtype conversion, kernel copies of mapped bytes) give the bytes of the streaming
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
 from mvlm.convert import file_maps
+from mvlm.convert.direct_io import BlockWriter
 from mvlm.convert.hf_io import (
     StreamingSafetensorsWriter,
     create_planned_file,
@@ -191,12 +190,12 @@ def _pieces_file(path, specs, pieces_by_rank, out_dtype) -> tuple[bytes, int]:
     create_planned_file(target, files[0])
     kernel = 0
     for pieces in reversed(pieces_by_rank):  # any order: every piece has its own place
-        fd = os.open(target, os.O_WRONLY)
+        out = BlockWriter(target, size=files[0].size)  # one per rank, as the ranks of an export
         try:
             for name, dim, start, t in pieces:
-                kernel += write_piece(fd, locs[name], dim, start, t.to(out_dtype))
+                kernel += write_piece(out, locs[name], dim, start, t.to(out_dtype))
         finally:
-            os.close(fd)
+            out.close()
     return target.read_bytes(), kernel
 
 
