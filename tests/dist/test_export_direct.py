@@ -7,7 +7,8 @@ at TP2, then exported at TP1, TP2 and TP2 x PP2 with a small --max_shard_size, s
 several files and an index. The strongest check there is: every file of the three exports is
 byte-identical (``filecmp.cmp(shallow=False)``), the TP1 export holds the original tensors, and
 the per-rank counters show that at TP2 / TP2 x PP2 the bytes came from every writing rank's own
-shards (nothing gathered), each byte once. Qwen3-VL-MoE (experts fused in the HF layout, whose
+shards (nothing gathered; row-parallel weights swapped between the TP ranks so each writes
+whole rows), each byte once. Qwen3-VL-MoE (experts fused in the HF layout, whose
 mappings give no pieces) exported at TP2 (expert-TP 2) takes the gather-to-writer fallback and
 still round-trips bit for bit.
 """
@@ -82,6 +83,9 @@ def test_every_byte_comes_from_its_own_rank_once(exports, lay, writers):
     assert all(r["gathered_bytes"] == 0 for r in s), s
     assert sum(r["direct_bytes"] for r in s) == _data_bytes(out / lay)
     assert sum(r["direct_bytes"] > 0 for r in s) == writers, s
+    # row-parallel weights (o_proj, down_proj) left each TP rank as whole rows after the swap
+    swapped = [r["swapped_bytes"] > 0 for r in s]
+    assert sum(swapped) == (0 if writers == 1 else writers), s
 
 
 def test_moe_fused_experts_fall_back_to_the_gather_and_round_trip(exports):
