@@ -12,7 +12,12 @@ Both change where results are stored, not what is computed; every value stays eq
   gradient the same values (``g`` instead of ``g + 0``: only a ``-0.0`` keeps its sign). The
   ``cos``/``sin`` tables of one ``freqs`` tensor are computed once and reused by the query, the
   key and every layer of the pass (same operators on the same input: the same bits), as long as
-  ``freqs`` is the same, unmodified tensor and needs no gradient.
+  ``freqs`` is the same, unmodified tensor and needs no gradient. The non-interleaved rotation
+  itself runs as :class:`RotateHalf`: Megatron's ``t * cos + cat(-t2, t1) * sin`` built a negated
+  half, a rotated copy of ``t`` and two more full-size temporaries, and autograd's backward of the
+  chunk concatenated the half gradients (``aten::cat``, 16 of a bench step's 23 calls); the
+  function writes both halves into the ``t * cos`` (backward: ``g * cos``) result in place, with
+  the same products and sums.
 * SwiGLU (``MLP.forward`` without a fused activation, i.e. without TE/Apex on CPU): Megatron
   splits ``linear_fc1``'s output with ``torch.chunk``, adds ``glu_linear_offset`` (0.0: a full
   copy of the linear half) and multiplies; autograd's backward of the chunk concatenates the two
@@ -68,10 +73,59 @@ def _full_width_rope(original: Any) -> Any:
             return original(t, freqs, rotary_interleaved=rotary_interleaved,
                             multi_latent_attention=multi_latent_attention, mscale=mscale)
         cos_, sin_ = cos_sin(freqs, mscale, t.dtype)
+        if not rotary_interleaved and _row_major(t) and \
+                torch.broadcast_shapes(t.shape, cos_.shape) == t.shape:
+            return RotateHalf.apply(t, cos_, sin_)
         return (t * cos_) + (rope_utils._rotate_half(t, rotary_interleaved) * sin_)
 
     rope._mvlm_full_width = True  # type: ignore[attr-defined]
     return rope
+
+
+def _row_major(t: torch.Tensor) -> bool:
+    """Whether ``t``'s strides never grow from one dimension to the next (size-1 dimensions
+    aside): then elementwise results on it come out contiguous, as Megatron's expression's do,
+    so :class:`RotateHalf` hands the next operator the same layout."""
+    strides = [st for st, n in zip(t.stride(), t.shape) if n != 1]
+    return all(a >= b for a, b in zip(strides, strides[1:]))
+
+
+class RotateHalf(torch.autograd.Function):
+    """Megatron's non-interleaved rotation ``t * cos + cat(-t2, t1) * sin`` (``t1, t2`` the
+    halves of the last dimension) without the rotated copy of ``t`` in the forward and without
+    autograd's negated half and concatenation in the backward.
+
+    Forward: ``t * cos``, then its first half minus ``t2 * sin1`` and its second half plus
+    ``t1 * sin2``, each in place; Megatron adds ``(-t2) * sin1`` and ``t1 * sin2``, the same
+    values (a float product's sign never changes its rounding, ``a + (-b)`` is ``a - b``).
+    Backward: ``g * cos``, its first half plus ``g2 * sin2`` and its second half minus
+    ``g1 * sin1``: what autograd sums from the two branches (the product's gradient and the
+    split/neg/cat chain's), element by element. ``cos``/``sin`` must not need gradients (RoPE
+    tables never do) and must broadcast to ``t``'s shape."""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor, cos_: torch.Tensor,
+                sin_: torch.Tensor) -> torch.Tensor:
+        out = torch.mul(t, cos_)
+        t1, t2 = torch.chunk(t, 2, dim=-1)
+        sin1, sin2 = torch.chunk(sin_, 2, dim=-1)
+        out1, out2 = torch.chunk(out, 2, dim=-1)
+        out1.sub_(t2 * sin1)
+        out2.add_(t1 * sin2)
+        ctx.save_for_backward(cos_, sin_)
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        cos_, sin_ = ctx.saved_tensors
+        out = torch.mul(grad, cos_)
+        g1, g2 = torch.chunk(grad, 2, dim=-1)
+        sin1, sin2 = torch.chunk(sin_, 2, dim=-1)
+        out1, out2 = torch.chunk(out, 2, dim=-1)
+        out1.add_(g2 * sin2)
+        out2.sub_(g1 * sin1)
+        return out, None, None
 
 
 def _scale_in_place(original: Any) -> Any:

@@ -1,11 +1,12 @@
 """The CPU step adaptations (mvlm/runtime/wgrad.py, mvlm/runtime/lean_ops.py) against Megatron-
 Core's own code path: two Trainers on the same tiny Qwen2 weights, one with the adaptations
-(what ``wrap_ddp`` installs), one with Megatron's linear function, DDP hook and zeroing, RoPE,
-clip scaling and gated MLP forward (SwiGLU) swapped back in; three steps of two micro-batches
-each (gradient accumulation), clipping active. Untied embeddings: every loss, main grad and
-parameter is bit-identical. Tied embeddings (the output layer's weight gets a second gradient
-through DDP's hook): the first micro-batch is exact, the second adds the two contributions one
-after the other instead of summed first, so equality holds to fp32 rounding.
+(what ``wrap_ddp`` installs), one with Megatron's linear function, DDP hook and zeroing, RoPE
+(the adapted one runs lean_ops.RotateHalf), clip scaling and gated MLP forward (SwiGLU) swapped
+back in; three steps of two micro-batches each (gradient accumulation), clipping active. Untied
+embeddings: every loss, main grad and parameter is bit-identical. Tied embeddings (the output
+layer's weight gets a second gradient through DDP's hook): the first micro-batch is exact, the
+second adds the two contributions one after the other instead of summed first, so equality holds
+to fp32 rounding.
 """
 from __future__ import annotations
 
@@ -111,6 +112,7 @@ _SCRIPT = textwrap.dedent("""
                 res["clipped"].append(out_a.update.applied and out_a.update.grad_norm > 0.05)
             res["rope_tables"] = "last" in lean_ops._TABLES
             res["swiglu_calls"] = SWIGLU_CALLS[0]
+            res["rotate_calls"] = ROTATE_CALLS[0]
         return res
 
     SWIGLU_CALLS = [0]
@@ -121,6 +123,14 @@ _SCRIPT = textwrap.dedent("""
         return _swiglu_apply(x)
 
     lean_ops.SwiGLU.apply = counted_swiglu
+    ROTATE_CALLS = [0]
+    _rotate_apply = lean_ops.RotateHalf.apply
+
+    def counted_rotate(*args):
+        ROTATE_CALLS[0] += 1
+        return _rotate_apply(*args)
+
+    lean_ops.RotateHalf.apply = counted_rotate
 
     res = {mode: compare(mode == "tied") for mode in ("untied", "tied")}
     print(json.dumps(res))
@@ -146,6 +156,8 @@ def test_adapted_step_equals_megatron_path(results, mode):
     assert all(res["clipped"]), res
     # the lean MLP ran on the adapted side only: 2 layers x 2 micro-batches x 3 steps per mode
     assert res["swiglu_calls"] == 12 * (1 if mode == "untied" else 2), res
+    # RoPE's RotateHalf too: query and key of 2 layers x 2 micro-batches x 3 steps per mode
+    assert res["rotate_calls"] == 24 * (1 if mode == "untied" else 2), res
     if mode == "untied":
         assert res["loss_diff"] == [0.0] * 3, res
         assert res["grad_diff"] == [0.0] * 3, res
