@@ -81,12 +81,12 @@ def init_distributed(layout: ParallelLayout, device: str | None = None,
     if not dist.is_initialized():
         store = None
         if denv.launcher == "single":
-            os.environ.setdefault("RANK", "0")
-            os.environ.setdefault("WORLD_SIZE", "1")
-            os.environ.setdefault("LOCAL_RANK", "0")
-            if not os.environ.get("MASTER_PORT"):
-                # One rank needs no rendezvous: an in-memory store avoids picking a "free" TCP
-                # port that another process can take between the probe and the listen.
+            # One rank needs no rendezvous: an in-memory store avoids picking a "free" TCP port
+            # that another process can take between the probe and the listen. Nothing is put in
+            # the environment, so a second command in the same process is again "single".
+            if os.environ.get("MASTER_PORT"):
+                os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            else:
                 store = dist.HashStore()
         backend = "nccl" if device == "cuda" else "gloo"
         if device == "cuda":
