@@ -73,7 +73,7 @@ def _full_width_rope(original: Any) -> Any:
             return original(t, freqs, rotary_interleaved=rotary_interleaved,
                             multi_latent_attention=multi_latent_attention, mscale=mscale)
         cos_, sin_ = cos_sin(freqs, mscale, t.dtype)
-        if not rotary_interleaved and _row_major(t) and \
+        if not rotary_interleaved and not cos_.requires_grad and _row_major(t) and \
                 torch.broadcast_shapes(t.shape, cos_.shape) == t.shape:
             return RotateHalf.apply(t, cos_, sin_)
         return (t * cos_) + (rope_utils._rotate_half(t, rotary_interleaved) * sin_)

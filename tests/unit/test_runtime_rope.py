@@ -67,9 +67,10 @@ def test_rotate_half_equals_megatron(dtype, mscale, part):
     assert torch.equal(grads[0], grads[1])
 
 
-def test_interleaved_and_column_major_inputs_keep_megatron_expression():
-    """Interleaved rotation and a transposed (column-major) input are not taken: the layout of
-    the result would differ from Megatron's."""
+def test_interleaved_column_major_and_trainable_angles_keep_megatron_expression():
+    """Interleaved rotation and a transposed (column-major) input are not taken (the layout of
+    the result would differ from Megatron's), nor angles that need a gradient (RotateHalf gives
+    none to ``cos``/``sin``)."""
     _, adapted = _megatron_rope()
     calls = []
     real_apply = lean_ops.RotateHalf.apply
@@ -79,6 +80,11 @@ def test_interleaved_and_column_major_inputs_keep_megatron_expression():
         adapted(q, freqs, rotary_interleaved=True)
         t = torch.randn(16, 3, 4, 7).permute(3, 1, 2, 0)  # [7, 3, 4, 16], strides growing
         adapted(t, freqs[:, :1], rotary_interleaved=False)
+        trainable = freqs.clone().requires_grad_(True)
+        q, _ = _qkv_part("key", torch.float32, seed=2)
+        out = adapted(q, trainable, rotary_interleaved=False)
+        out.sum().backward()
+        assert trainable.grad is not None and trainable.grad.abs().sum() > 0
     finally:
         lean_ops.RotateHalf.apply = real_apply
     assert calls == []
