@@ -204,13 +204,12 @@ class VLMModel(MegatronModule):
                 logits = tensor_parallel.gather_from_tensor_model_parallel_region(logits)
                 logits = logits[..., : self.arch.vocab_size]
             return logits
-        labels = split_for_cp(labels, 1, cp_size, cp_rank)
-        safe = labels.clamp(min=0)
-        loss = tensor_parallel.vocab_parallel_cross_entropy(
-            logits.float().transpose(0, 1).contiguous(), safe.transpose(0, 1).contiguous())
-        return loss.transpose(0, 1).contiguous() * (labels >= 0)
+        return token_loss(logits, split_for_cp(labels, 1, cp_size, cp_rank))
 
     def _mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
+        """-inf on this rank's padded-vocabulary columns, in place: the logits are the output
+        layer's fresh [b, s, V/TP] tensor, which nothing else holds (autograd keeps only the
+        mask for this op), so a masked copy of the whole tensor is not needed."""
         if self.vocab_padded == self.arch.vocab_size:
             return logits
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -220,7 +219,19 @@ class VLMModel(MegatronModule):
         if n_real == per:
             return logits
         keep = torch.arange(per, device=logits.device) < n_real
-        return logits.masked_fill(~keep, float("-inf"))
+        return logits.masked_fill_(~keep, float("-inf"))
+
+
+def token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token cross entropy [b, s] of [b, s, V/TP] logits; 0 where ``labels`` is -100.
+
+    Megatron-Core's vocab-parallel cross entropy works row by row over any leading dims, so it
+    runs on the logits in the [b, s] order the model returns them: transposing to [s, b] and
+    back (a copy of the logits forward and of their gradient backward, plus the loss's) gave
+    the same numbers. It works in place on fp32 input, which is why the logits are consumed.
+    """
+    loss = tensor_parallel.vocab_parallel_cross_entropy(logits.float(), labels.clamp(min=0))
+    return loss * (labels >= 0)
 
 
 def router_padding_mask(attention_mask: torch.Tensor | None, cfg, cp_size: int,

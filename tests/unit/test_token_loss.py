@@ -1,0 +1,61 @@
+"""``mvlm.models.vlm.token_loss`` on [b, s, V] logits equals the [s, b] round trip it replaced.
+
+The loss used to transpose the model's [b, s, V] logits to [s, b, V] for Megatron-Core's
+vocab-parallel cross entropy and the per-token loss back (a copy of the logits forward and of
+their gradient backward). The cross entropy works row by row, so running it in [b, s] order must
+give the same bits: loss and logits gradient are compared with ``torch.equal`` against the old
+expression, with padded-vocabulary columns at -inf (the in-place mask), ignored labels, fp32 and
+bf16 logits, and a batch of one (where the transposes were no copies at all).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+@pytest.fixture
+def tp1(one_rank):
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel(1)
+    yield
+    parallel_state.destroy_model_parallel()
+
+
+def _old(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    from megatron.core import tensor_parallel
+
+    safe = labels.clamp(min=0)
+    loss = tensor_parallel.vocab_parallel_cross_entropy(
+        logits.float().transpose(0, 1).contiguous(), safe.transpose(0, 1).contiguous())
+    return loss.transpose(0, 1).contiguous() * (labels >= 0)
+
+
+@pytest.mark.parametrize("b", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_token_loss_equals_the_transposed_expression(tp1, b, dtype):
+    from mvlm.models.vlm import token_loss
+
+    g = torch.Generator().manual_seed(b)
+    s, v, real = 17, 96, 90
+    base = (torch.randn(b, s, v, generator=g) * 4).to(dtype)
+    labels = torch.randint(0, real, (b, s), generator=g)
+    labels[:, :3] = -100
+    labels[-1, -1] = -100
+    weights = torch.rand(b, s, generator=g)  # a non-uniform upstream gradient
+
+    def run(fn):
+        leaf = base.clone().requires_grad_(True)
+        logits = leaf * 1  # a fresh non-leaf, as the output layer's
+        logits = logits.masked_fill_(torch.arange(v) >= real, float("-inf"))
+        loss = fn(logits, labels)
+        (loss * weights).sum().backward()
+        return loss.detach(), leaf.grad
+
+    new_loss, new_grad = run(token_loss)
+    old_loss, old_grad = run(_old)
+    assert new_loss.shape == (b, s)
+    assert torch.equal(new_loss, old_loss), (new_loss - old_loss).abs().max()
+    assert torch.equal(new_grad, old_grad), (new_grad - old_grad).abs().max()
+    assert float(new_loss[labels < 0].abs().max()) == 0.0 and float(new_loss[labels >= 0].min()) > 0
+    assert float(new_grad[..., real:].abs().max()) == 0.0  # masked columns get no gradient
