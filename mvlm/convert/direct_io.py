@@ -1,4 +1,4 @@
-"""Output files written around the page cache: whole 4 KiB blocks with ``O_DIRECT``.
+"""Output files written around the page cache: whole blocks with ``O_DIRECT``.
 
 Why: a conversion writes its whole output (1.4 GB for the bench checkpoint) once and does not
 read it back. Written through the page cache, every byte first lands in newly allocated cache
@@ -38,7 +38,10 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-BLOCK = 4096  # a multiple of every logical block size Linux filesystems use for O_DIRECT
+# O_DIRECT's unit: a multiple of every logical block size Linux filesystems use, and at least a
+# memory page, so a block written around the cache never shares a page-cache page with bytes
+# written through it (64 KiB pages on some ARM servers).
+BLOCK = max(4096, mmap.PAGESIZE)
 STAGE_BYTES = 8 << 20  # size of each of the two page-aligned buffers the disk reads from
 MAX_HELD_BLOCKS = 1024  # partial blocks kept waiting for their other bytes (4 MiB)
 

@@ -57,9 +57,11 @@ def _ranges(size: int, rng: random.Random) -> list[tuple[int, int]]:
 
 @pytest.mark.parametrize("writers", [1, 2, 3])
 @pytest.mark.parametrize("direct", ["1", "0"])
+@pytest.mark.parametrize("block", [BLOCK, 16 * 4096])  # 4 KiB, and a 64 KiB-page machine's
 def test_random_writes_give_the_expected_bytes(tmp_path, monkeypatch, small_stage, writers,
-                                               direct):
+                                               direct, block):
     monkeypatch.setenv("MVLM_DIRECT_IO", direct)
+    monkeypatch.setattr(direct_io, "BLOCK", block)
     rng = random.Random(writers * 10 + int(direct))
     size = 3 * 2**20 + 123  # a short last block
     want = rng.randbytes(size)
