@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from mvlm.runtime.env import export_torchrun_vars, read_dist_env
+from mvlm.runtime.gloo_device import install as share_gloo_device
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ def init_distributed(layout: ParallelLayout, device: str | None = None,
         from mvlm.runtime.cpu import apply_cpu_adaptations
 
         apply_cpu_adaptations()
+        share_gloo_device()  # every group is gloo: one transport device (loop thread) for all
     denv = read_dist_env()
     if denv.launcher == "slurm":
         export_torchrun_vars(denv)

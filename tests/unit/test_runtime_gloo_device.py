@@ -1,0 +1,81 @@
+"""mvlm/runtime/gloo_device.py: every gloo group of a process shares one transport device.
+
+Each case runs in a fresh interpreter: the number of gloo event-loop threads is a property of the
+whole process, and the pytest process may hold groups of its own. A thread count is the
+deterministic trace of the change (each device runs one ``gloo_tcp_loop`` thread that wakes every
+10 ms); the collectives check that shared-device groups still compute what they should.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+_COUNT_LOOPS = """
+def gloo_loops():
+    import os
+    n = 0
+    for t in os.listdir("/proc/self/task"):
+        try:
+            n += open(f"/proc/self/task/{t}/comm").read().startswith("gloo_tcp")
+        except OSError:
+            pass
+    return n
+"""
+
+_GROUPS = _COUNT_LOOPS + """
+import json, sys
+import torch
+import torch.distributed as dist
+from mvlm.runtime.gloo_device import install
+installed = install() if sys.argv[1] == "1" else None
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+groups = [dist.new_group([0]) for _ in range(12)]
+sums = []
+for i, g in enumerate(groups):
+    x = torch.full((4,), float(i))
+    dist.all_reduce(x, group=g)
+    work = dist.all_reduce(torch.ones(2), group=g, async_op=True)
+    work.wait()
+    out = [torch.zeros(3)]
+    dist.all_gather(out, torch.full((3,), float(i) + 0.5), group=g)
+    sums.append([x.sum().item(), out[0].sum().item()])
+print(json.dumps({"installed": installed, "loops": gloo_loops(), "sums": sums}))
+"""
+
+_MEGATRON = _COUNT_LOOPS + """
+import json
+from mvlm.runtime.parallel import ParallelLayout, init_distributed
+init_distributed(ParallelLayout(tp=1), device="cpu")
+import torch.distributed as dist
+print(json.dumps({"loops": gloo_loops(), "groups": len(dist.distributed_c10d._world.pg_map)}))
+"""
+
+
+def _run(code: str, *args: str) -> dict:
+    if not sys.platform.startswith("linux"):
+        pytest.skip("thread names are read from /proc")
+    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args],
+                         capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def test_groups_share_one_device_and_compute_the_same() -> None:
+    shared = _run(_GROUPS, "1")
+    own = _run(_GROUPS, "0")
+    assert shared["installed"] is True
+    # 13 groups (the world + 12): one loop thread in all instead of one per group.
+    assert shared["loops"] == 1
+    assert own["loops"] == 13
+    assert shared["sums"] == own["sums"] == [[4.0 * i, 3 * (i + 0.5)] for i in range(12)]
+
+
+def test_mvlm_init_distributed_shares_the_device_on_cpu() -> None:
+    # A one-rank CPU run: the world group (in-memory store) and every Megatron-Core group.
+    out = _run(_MEGATRON)
+    assert out["groups"] >= 10  # Megatron-Core's groups exist (each had a device of its own)
+    assert out["loops"] == 1
