@@ -61,6 +61,8 @@ class VLMModel(MegatronModule):
         self.language_model = build_gpt(arch, config, backend, pre_process=pre_process,
                                         post_process=post_process, vocab_padded=vocab_padded,
                                         vp_stage=vp_stage)
+        # GPTModel hands its [s, b, V] logits to this when given labels (see sb_token_loss)
+        self.language_model.compute_language_model_loss = self.sb_token_loss
         self.vision_model = None
         self.hf_config = hf_config
         self.token_ids = family.token_ids(hf_config)
@@ -188,14 +190,18 @@ class VLMModel(MegatronModule):
                     decoder_input=decoder_input, labels=None,
                     inference_context=inference_context, runtime_gather_output=True)
                 return out[..., : self.arch.vocab_size] if self.post_process else out
+            # With labels the last stage returns the per-token loss [b, s_local] computed on
+            # the output layer's [s, b, V] logits (sb_token_loss), never transposed.
+            lm_labels = split_for_cp(labels, 1, cp_size, cp_rank) \
+                if labels is not None and self.post_process else None
             out = self.language_model(
                 input_ids=None, position_ids=position_ids, attention_mask=attention_mask,
-                decoder_input=decoder_input, labels=None, packed_seq_params=packed_seq_params,
-                padding_mask=padding_mask,
+                decoder_input=decoder_input, labels=lm_labels,
+                packed_seq_params=packed_seq_params, padding_mask=padding_mask,
             )
         finally:
             self._deepstack = None  # the hooks of the next micro-batch must not see these
-        if not self.post_process:
+        if not self.post_process or lm_labels is not None:
             return out
         logits = out  # [b, s_local, V_padded / TP]
         logits = self._mask_padded_vocab(logits)
@@ -206,9 +212,22 @@ class VLMModel(MegatronModule):
             return logits
         return token_loss(logits, split_for_cp(labels, 1, cp_size, cp_rank))
 
+    def sb_token_loss(self, labels: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+        """Per-token loss [b, s] from the output layer's [s, b, V/TP] logits and [b, s] labels.
+
+        Installed as the language model's ``compute_language_model_loss``: Megatron-Core's
+        GPTModel returns ``logits.transpose(0, 1).contiguous()`` when it has no labels, a copy of
+        the logits forward, and the output layer then copies their non-contiguous gradient
+        backward; with labels it hands the [s, b, V] logits here. The cross entropy works row
+        by row, so only the small label and loss tensors are transposed: the same numbers as
+        :func:`token_loss` on the [b, s, V] logits (tests/unit/test_token_loss.py)."""
+        logits = self._mask_padded_vocab(logits)
+        return token_loss(logits, labels.transpose(0, 1).contiguous()).transpose(0, 1) \
+            .contiguous()
+
     def _mask_padded_vocab(self, logits: torch.Tensor) -> torch.Tensor:
         """-inf on this rank's padded-vocabulary columns, in place: the logits are the output
-        layer's fresh [b, s, V/TP] tensor, which nothing else holds (autograd keeps only the
+        layer's fresh [..., V/TP] tensor, which nothing else holds (autograd keeps only the
         mask for this op), so a masked copy of the whole tensor is not needed."""
         if self.vocab_padded == self.arch.vocab_size:
             return logits

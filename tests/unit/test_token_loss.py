@@ -6,8 +6,15 @@ their gradient backward). The cross entropy works row by row, so running it in [
 give the same bits: loss and logits gradient are compared with ``torch.equal`` against the old
 expression, with padded-vocabulary columns at -inf (the in-place mask), ignored labels, fp32 and
 bf16 logits, and a batch of one (where the transposes were no copies at all).
+
+``VLMModel.sb_token_loss`` goes one step further: GPTModel hands it the output layer's [s, b, V]
+logits (no ``transpose(0, 1).contiguous()`` of the logits forward, no copy of their gradient in
+the output layer's backward); it must give the bits of the path it replaced, GPTModel's
+transposed copy + the in-place padded-vocabulary mask + ``token_loss``.
 """
 from __future__ import annotations
+
+import types
 
 import pytest
 import torch
@@ -59,3 +66,38 @@ def test_token_loss_equals_the_transposed_expression(tp1, b, dtype):
     assert torch.equal(new_grad, old_grad), (new_grad - old_grad).abs().max()
     assert float(new_loss[labels < 0].abs().max()) == 0.0 and float(new_loss[labels >= 0].min()) > 0
     assert float(new_grad[..., real:].abs().max()) == 0.0  # masked columns get no gradient
+
+
+@pytest.mark.parametrize("b", [1, 3])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sb_token_loss_equals_the_transposed_model_output(tp1, b, dtype):
+    from mvlm.models.vlm import VLMModel, token_loss
+
+    g = torch.Generator().manual_seed(10 + b)
+    s, v, real = 19, 128, 113
+    model = types.SimpleNamespace(vocab_padded=v, arch=types.SimpleNamespace(vocab_size=real))
+    model._mask_padded_vocab = types.MethodType(VLMModel._mask_padded_vocab, model)
+    base = (torch.randn(s, b, v, generator=g) * 4).to(dtype)  # the output layer's [s, b, V]
+    labels = torch.randint(0, real, (b, s), generator=g)
+    labels[:, :2] = -100
+    labels[0, -1] = -100
+    weights = torch.rand(b, s, generator=g)
+
+    def run(new: bool):
+        leaf = base.clone().requires_grad_(True)
+        logits = leaf * 1
+        if new:
+            loss = VLMModel.sb_token_loss(model, labels, logits)
+        else:  # GPTModel without labels, then VLMModel.forward's mask and token_loss
+            loss = token_loss(model._mask_padded_vocab(logits.transpose(0, 1).contiguous()),
+                              labels)
+        (loss * weights).sum().backward()
+        return loss.detach(), leaf.grad
+
+    new_loss, new_grad = run(True)
+    old_loss, old_grad = run(False)
+    assert new_loss.shape == (b, s) and new_loss.is_contiguous()
+    assert torch.equal(new_loss, old_loss), (new_loss - old_loss).abs().max()
+    assert torch.equal(new_grad, old_grad), (new_grad - old_grad).abs().max()
+    assert float(new_grad[..., real:].abs().max()) == 0.0
+    assert float(new_loss[labels < 0].abs().max()) == 0.0 and float(new_loss[labels >= 0].min()) > 0
