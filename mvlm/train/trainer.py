@@ -88,6 +88,10 @@ class Trainer:
 
         self.cfg, self.bundle, self.layout, self.objective = cfg, bundle, layout, objective
         self.device, self.rank = device, rank
+        if str(device).startswith("cpu"):  # keep freed step memory (runtime/cpu_malloc.py)
+            from mvlm.runtime.cpu_malloc import tune_for_training
+
+            tune_for_training()
         self.out_dir, self.src_dir = out_dir, src_dir
         mcfg = bundle.config
         mcfg.calculate_per_token_loss = True  # count-mean over the global batch (steps.py)
