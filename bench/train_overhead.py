@@ -1,14 +1,20 @@
 """Training-step overhead on CPU: mvlm (Megatron-Core, TP1, the real Trainer) vs transformers +
-torch AdamW, same model, batch, optimizer, dtype and threads, in one process.
+torch AdamW, same model, batch, optimizer, dtype and threads, in one run.
 
     .venv/bin/python bench/train_overhead.py [--hidden 384] [--layers 4] [--rows 4]
         [--seq 256] [--steps 12] [--warmup 2] [--threads 1] [--profile 3]
-        [--optimizer_calls 0]
+        [--optimizer_calls 0] [--one_process]
 
-Why one process with the two sides interleaved: the box is a 2-core CPU shared with other jobs,
-so its speed drifts by tens of percent over minutes. Both models are built once; then rounds of
-one mvlm step and one transformers step alternate (order flipped every round), so drift hits
-both sides alike. The first ``--warmup`` steps of each side are not timed.
+Each side runs in a process of its own (the default), as a user runs one or the other: a worker
+per side builds its model and waits; the parent hands out steps in lock-step, one mvlm step and
+one transformers step per round (order flipped every round), so the other worker sleeps while
+one steps and drift of the shared 2-core box hits both sides alike. Separate processes matter:
+each step's CPU time (``time.process_time`` of the worker, i.e. every thread of it) is then that
+side's own, background threads included (mvlm's gloo groups, transformers' nothing), and each
+side's memory comes from its own glibc heap, so neither pays for page faults that the other's
+freed memory causes. ``--one_process`` runs both in one process as earlier rounds did (the CPU
+adaptations and allocator state then apply to both sides). The first ``--warmup`` steps of each
+side are not timed.
 
 The work is the same on both sides:
 
@@ -22,19 +28,23 @@ The work is the same on both sides:
   distributed optimizer, fp32 main grads, the NaN guard on, as ``mvlm sft`` runs it).
 
 Reported: median step time and tokens/s of each side, the ratio mvlm / transformers, the same
-per CPU second of the process (``time.process_time``: what the step cost, whatever else the
-shared machine ran meanwhile), the median and largest number of minor page faults of a timed
-step (``getrusage``: fresh pages the kernel had to map and zero, part of that CPU time), the
-first-step losses (equal up to fp32 rounding: proof of the same work), and with ``--profile N``
-the top-5 operators of N profiled mvlm steps by self CPU time (``torch.profiler``) next to the
-share of the step spent outside any operator (Python and framework bookkeeping).
+per CPU second of the stepping process (and the median over rounds of the two steps' CPU-time
+ratio), the CPU time of threads other than the stepping one (``process_time`` minus the main
+thread's ``thread_time``: e.g. gloo's event loops), the median and largest number of minor page
+faults of a timed step (``getrusage``: fresh pages the kernel had to map and zero, part of that
+CPU time), the first-step losses (equal up to fp32 rounding: proof of the same work), and with
+``--profile N`` the top-5 operators of N profiled steps of each side by self CPU time
+(``torch.profiler``) next to the share of the step spent outside any operator (Python and
+framework bookkeeping).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -61,12 +71,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--optimizer_calls", type=int, default=0,
                    help="after the timing: this many alternating calls of torch's own AdamW step "
                         "and mvlm's flat CPU step (runtime/flat_adam.py) on mvlm's optimizer")
+    p.add_argument("--one_process", action="store_true",
+                   help="both sides in this process (earlier rounds' layout)")
+    p.add_argument("--worker", choices=("mvlm", "transformers"), default=None,
+                   help=argparse.SUPPRESS)  # internal: one side's process
     p.add_argument("--work_dir", default=None)
     p.add_argument("--out", default=None, help="write the JSON summary here")
     return p.parse_args(argv)
 
 
 def build_checkpoint(args: argparse.Namespace, work: Path) -> Path:
+    """The random tiny Qwen2 both sides load, written to ``work / "hf"``."""
     import torch
 
     from mvlm.testing.tiny_models import build_tiny_checkpoint
@@ -134,6 +149,7 @@ class MvlmSide:
         layout = ParallelLayout(tp=1)
         device = startup(layout, seed=1234, device="cpu").device
         hf_config = AutoConfig.from_pretrained(hf_dir)
+        self.vocab = hf_config.vocab_size
         bundle = build_model(hf_config, layout, dtype=torch.float32, device=device,
                              backend="local", perform_initialization=False)
         load_hf_weights(bundle, hf_dir)
@@ -210,63 +226,166 @@ def time_optimizer_step(mv: MvlmSide, calls: int) -> dict[str, Any]:
     return out
 
 
+def timed(step: Any) -> dict[str, Any]:
+    """One call of ``step`` with its wall time, CPU time of this process and minor faults."""
+    f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    t, c, m = time.perf_counter(), time.process_time(), time.thread_time()
+    loss = step()
+    dt, dc, dm = time.perf_counter() - t, time.process_time() - c, time.thread_time() - m
+    return {"wall": dt, "cpu": dc, "background_cpu": max(0.0, dc - dm),
+            "faults": resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f, "loss": loss}
+
+
+class Side:
+    """One side's model, batches and step (``name``: mvlm or transformers)."""
+
+    def __init__(self, name: str, hf_dir: Path, args: argparse.Namespace) -> None:
+        if name == "mvlm":
+            mv = MvlmSide(hf_dir, args)
+            ids = make_batches(args, mv.vocab)
+            batches = [MvlmSide.batch(x) for x in ids]
+            self.step = lambda k: mv.step(batches[k % 2])
+            self.mvlm: MvlmSide | None = mv
+        else:
+            hf = HFSide(hf_dir)
+            ids = make_batches(args, hf.model.config.vocab_size)
+            self.step = lambda k: hf.step(ids[k % 2])
+            self.mvlm = None
+            self.vocab = hf.model.config.vocab_size
+            self.params = sum(p.numel() for p in hf.model.parameters())
+
+
+def worker(args: argparse.Namespace) -> int:
+    """One side in a process of its own: answers ``step K``, ``profile N``, ``optimizer N`` and
+    ``quit`` on stdin with one JSON line each on stdout (everything else goes to stderr)."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    out, sys.stdout = sys.stdout, sys.stderr  # library prints must not reach the protocol
+    side = Side(args.worker, Path(args.work_dir) / "hf", args)
+    info = {"ready": True}
+    if side.mvlm is None:
+        info.update(vocab=side.vocab, params=side.params)
+    print(json.dumps(info), file=out, flush=True)
+    for line in sys.stdin:
+        cmd, n = line.split()
+        k = int(n)
+        if cmd == "step":
+            res: Any = timed(functools.partial(side.step, k))
+        elif cmd == "profile":
+            res = profile_top(lambda: side.step(0), k)
+        elif cmd == "optimizer":
+            res = time_optimizer_step(side.mvlm, k) if side.mvlm else {}
+        else:
+            break
+        print(json.dumps(res), file=out, flush=True)
+    return 0
+
+
+class WorkerProcess:
+    """The parent's handle on one side's worker process."""
+
+    def __init__(self, name: str, args: argparse.Namespace) -> None:
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name,
+               "--work_dir", str(args.work_dir), "--threads", str(args.threads)]
+        for k in ("hidden", "layers", "heads", "kv_heads", "intermediate", "rows", "seq"):
+            cmd += [f"--{k}", str(getattr(args, k))]
+        self.log = open(Path(args.work_dir) / f"{name}.log", "w")  # noqa: SIM115
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True)
+        self.name = name
+        self.info = self._read()
+
+    def _read(self) -> Any:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            self.log.close()
+            raise RuntimeError(f"the {self.name} worker exited (rc {self.proc.returncode}); its "
+                               f"output is in {self.log.name}")
+        return json.loads(line)
+
+    def ask(self, cmd: str, n: int) -> Any:
+        self.proc.stdin.write(f"{cmd} {n}\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.stdin.write("quit 0\n")
+            self.proc.stdin.close()
+            self.proc.wait(timeout=120)
+        self.log.close()
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(args.threads)
     work = Path(args.work_dir)
-    hf_dir = build_checkpoint(args, work)
-    mv = MvlmSide(hf_dir, args)  # first: start-up installs the CPU adaptation for both sides
-    hf = HFSide(hf_dir)
-    vocab = hf.model.config.vocab_size
-    ids = make_batches(args, vocab)
-    mv_batches = [MvlmSide.batch(x) for x in ids]
-    times: dict[str, list[float]] = {"mvlm": [], "transformers": []}
-    cpu: dict[str, list[float]] = {"mvlm": [], "transformers": []}
-    losses: dict[str, list[float]] = {"mvlm": [], "transformers": []}
-    faults: dict[str, list[int]] = {"mvlm": [], "transformers": []}  # minor page faults
-    sides = {"mvlm": lambda k: mv.step(mv_batches[k % 2]),
-             "transformers": lambda k: hf.step(ids[k % 2])}
-    for k in range(args.warmup + args.steps):
-        order = ("mvlm", "transformers") if k % 2 == 0 else ("transformers", "mvlm")
-        for name in order:
-            f = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-            t, c = time.perf_counter(), time.process_time()
-            loss = sides[name](k)
-            dt, dc = time.perf_counter() - t, time.process_time() - c
-            losses[name].append(loss)
-            if k >= args.warmup:
-                times[name].append(dt)
-                cpu[name].append(dc)
-                faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f)
+    build_checkpoint(args, work)
+    steps: dict[str, list[dict[str, Any]]] = {"mvlm": [], "transformers": []}
+    extra: dict[str, Any] = {}
+    if args.one_process:
+        # mvlm first: its start-up installs the CPU adaptations, for both sides in this layout.
+        sides: dict[str, Any] = {n: Side(n, work / "hf", args) for n in steps}
+        call = {n: (lambda n, k: timed(lambda: sides[n].step(k))) for n in steps}
+        model = {"vocab": sides["transformers"].vocab, "params": sides["transformers"].params}
+    else:
+        procs = {n: WorkerProcess(n, args) for n in steps}
+        call = {n: (lambda n, k: procs[n].ask("step", k)) for n in steps}
+        model = {k: procs["transformers"].info[k] for k in ("vocab", "params")}
+    try:
+        for k in range(args.warmup + args.steps):
+            order = ("mvlm", "transformers") if k % 2 == 0 else ("transformers", "mvlm")
+            for name in order:
+                steps[name].append(call[name](name, k))
+        if args.optimizer_calls:
+            extra["optimizer_step"] = (
+                time_optimizer_step(sides["mvlm"].mvlm, args.optimizer_calls) if args.one_process
+                else procs["mvlm"].ask("optimizer", args.optimizer_calls))
+        if args.profile:
+            for name in steps:
+                extra[f"{name}_profile"] = (
+                    profile_top(functools.partial(sides[name].step, 0), args.profile)
+                    if args.one_process else procs[name].ask("profile", args.profile))
+    finally:
+        if not args.one_process:
+            for p in procs.values():
+                p.close()
     tokens = args.rows * args.seq
     res: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "torch": torch.__version__, "threads": args.threads,
+        "layout": "one process" if args.one_process else "one process per side",
         "model": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads,
-                  "kv_heads": args.kv_heads, "intermediate": args.intermediate,
-                  "vocab": vocab, "params": sum(p.numel() for p in hf.model.parameters())},
+                  "kv_heads": args.kv_heads, "intermediate": args.intermediate, **model},
         "tokens_per_step": tokens, "steps": args.steps, "warmup": args.warmup, "sides": {}}
-    for name in times:
-        med, med_cpu = statistics.median(times[name]), statistics.median(cpu[name])
+    for name, recs in steps.items():
+        timed_recs = recs[args.warmup:]
+        med = statistics.median(r["wall"] for r in timed_recs)
+        med_cpu = statistics.median(r["cpu"] for r in timed_recs)
+        faults = [r["faults"] for r in timed_recs]
         res["sides"][name] = {"median_step_s": round(med, 4), "tokens_per_s": round(tokens / med),
                               "median_cpu_s": round(med_cpu, 4),
                               "tokens_per_cpu_s": round(tokens / med_cpu),
-                              "min_step_s": round(min(times[name]), 4),
-                              "median_minor_faults": statistics.median(faults[name]),
-                              "max_minor_faults": max(faults[name]),
-                              "first_loss": losses[name][0], "last_loss": losses[name][-1]}
+                              "min_step_s": round(min(r["wall"] for r in timed_recs), 4),
+                              "median_background_cpu_ms": round(1e3 * statistics.median(
+                                  r["background_cpu"] for r in timed_recs), 2),
+                              "median_minor_faults": statistics.median(faults),
+                              "max_minor_faults": max(faults),
+                              "first_loss": recs[0]["loss"], "last_loss": recs[-1]["loss"]}
     s = res["sides"]
     res["ratio_mvlm_over_transformers"] = round(
         s["mvlm"]["tokens_per_s"] / s["transformers"]["tokens_per_s"], 3)
     res["ratio_cpu_time"] = round(
         s["mvlm"]["tokens_per_cpu_s"] / s["transformers"]["tokens_per_cpu_s"], 3)
+    # Per round: the two sides' steps ran next to each other, so their ratio sees the same load.
+    rounds = zip(steps["mvlm"][args.warmup:], steps["transformers"][args.warmup:], strict=True)
+    res["paired_ratio_cpu_time"] = round(statistics.median(
+        t["cpu"] / m["cpu"] for m, t in rounds), 3)
     res["first_loss_diff"] = abs(s["mvlm"]["first_loss"] - s["transformers"]["first_loss"])
-    if args.optimizer_calls:
-        res["optimizer_step"] = time_optimizer_step(mv, args.optimizer_calls)
-    if args.profile:
-        res["mvlm_profile"] = profile_top(lambda: mv.step(mv_batches[0]), args.profile)
-        res["transformers_profile"] = profile_top(lambda: hf.step(ids[0]), args.profile)
+    res.update(extra)
     return res
 
 
@@ -277,7 +396,8 @@ def format_table(res: dict[str, Any]) -> str:
         lines.append(f"| {name} | {r['median_step_s']} | {r['tokens_per_s']} | "
                      f"{r['median_cpu_s']} | {r['tokens_per_cpu_s']} | {r['first_loss']:.6f} |")
     lines.append(f"\nratio mvlm / transformers: tokens/s {res['ratio_mvlm_over_transformers']}, "
-                 f"tokens per CPU second {res['ratio_cpu_time']}")
+                 f"tokens per CPU second {res['ratio_cpu_time']} (median of the rounds' "
+                 f"ratios: {res['paired_ratio_cpu_time']})")
     if "optimizer_step" in res:
         lines.append(f"\nmvlm optimizer update alone (median CPU ms): {res['optimizer_step']}")
     for side in ("mvlm", "transformers"):
@@ -295,6 +415,8 @@ def format_table(res: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.worker:
+        return worker(args)
     with tempfile.TemporaryDirectory(prefix="mvlm_train_overhead_") as tmp:
         args.work_dir = args.work_dir or tmp
         res = run(args)
