@@ -8,9 +8,10 @@ run carries ~60 loop threads, measured at about 1.8 ms of CPU per second per gro
 (30 idle groups: 54 ms/s), i.e. CPU taken from the training step, the benchmark's transformers
 side and, on a 2-core machine running 2-4 ranks, from the other ranks. A gloo device can serve
 many contexts (torch's own group split hands its parent's device to the child), so every group
-created after :func:`install` uses one device (one loop thread) per process. The device is the
-one torch would have built for the first group (``ProcessGroupGloo.create_default_device``: the
-host's address, or ``GLOO_SOCKET_IFNAME``), so multi-node runs resolve the same interface.
+created after :func:`install` takes the device of a live gloo group of the process (one loop
+thread per process). The first one is the device torch would have built
+(``ProcessGroupGloo.create_default_device``: the host's address, or ``GLOO_SOCKET_IFNAME``), so
+multi-node runs resolve the same interface; like torch's own, it is held only by the groups.
 
 Nothing else changes: the groups' ranks, timeouts, worker threads and names are those torch
 gives them; collectives, their order and results are untouched. A caller passing its own gloo
@@ -26,16 +27,27 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-_SHARED: list[Any] = []  # the process's device, created with the first group
-
-
 def shared_device() -> Any:
-    """The process's gloo device, created on first use."""
-    from torch.distributed import ProcessGroupGloo
+    """A gloo device for a new group: the one a live gloo group of this process already uses,
+    else a new default one.
 
-    if not _SHARED:
-        _SHARED.append(ProcessGroupGloo.create_default_device())
-    return _SHARED[0]
+    Nothing here holds the device: the groups do (each group's options keep a reference), so
+    it lives exactly as long as the groups using it, as a device of torch's own does, and
+    ``destroy_process_group`` frees it in the calling thread rather than leaving it to the
+    interpreter's shutdown."""
+    import torch
+    from torch.distributed import ProcessGroupGloo
+    from torch.distributed import distributed_c10d as c10d
+
+    for pg in list(getattr(getattr(c10d, "_world", None), "pg_map", {})):
+        try:
+            backend = pg._get_backend(torch.device("cpu"))
+        except (RuntimeError, AttributeError, ValueError):
+            continue
+        devices = getattr(getattr(backend, "options", None), "_devices", None)
+        if isinstance(backend, ProcessGroupGloo) and devices:
+            return devices[0]
+    return ProcessGroupGloo.create_default_device()
 
 
 def _sharing(creator: Any) -> Any:

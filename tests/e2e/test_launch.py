@@ -100,6 +100,7 @@ WORKER = textwrap.dedent("""
             with open(os.path.join(sys.argv[1], f"stopped{rank}"), "w") as f:
                 f.write(f"{step} {stopper.received.name if stopper.received else 'file'}")
             dist.barrier()
+            dist.destroy_process_group()  # as mvlm's own exit does (train/setup.py)
             sys.exit(EXIT_PREEMPTED)
     sys.exit(1)
 """)
