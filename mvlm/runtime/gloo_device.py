@@ -27,6 +27,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+
 def shared_device() -> Any:
     """A gloo device for a new group: the one a live gloo group of this process already uses,
     else a new default one.
