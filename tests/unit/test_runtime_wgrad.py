@@ -34,7 +34,7 @@ _SCRIPT = textwrap.dedent("""
     from mvlm.config import (FreezeConfig, OptimConfig, ParallelConfig, ScheduleConfig,
                              TrainConfig)
     from mvlm.models.vlm import build_model
-    from mvlm.runtime import lean_ops, wgrad
+    from mvlm.runtime import cpu_malloc, lean_ops, wgrad
     from mvlm.runtime.parallel import ParallelLayout, destroy_distributed
     from mvlm.runtime.startup import startup
     from mvlm.testing.tiny_models import tiny_config
@@ -113,6 +113,7 @@ _SCRIPT = textwrap.dedent("""
             res["rope_tables"] = "last" in lean_ops._TABLES
             res["swiglu_calls"] = SWIGLU_CALLS[0]
             res["rotate_calls"] = ROTATE_CALLS[0]
+            res["malloc"] = cpu_malloc.status()  # what the CPU Trainer did (runtime/cpu_malloc.py)
         return res
 
     SWIGLU_CALLS = [0]
@@ -141,7 +142,9 @@ _SCRIPT = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def results() -> dict:
     env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MVLM_CPU_MALLOC",
+                        "MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES",
+                        "LD_PRELOAD")}
     out = subprocess.run([sys.executable, "-c", _SCRIPT], capture_output=True, text=True,
                          timeout=600, env=env)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -158,6 +161,8 @@ def test_adapted_step_equals_megatron_path(results, mode):
     assert res["swiglu_calls"] == 12 * (1 if mode == "untied" else 2), res
     # RoPE's RotateHalf too: query and key of 2 layers x 2 micro-batches x 3 steps per mode
     assert res["rotate_calls"] == 24 * (1 if mode == "untied" else 2), res
+    # the CPU Trainer set glibc's thresholds for training (no user setting in the environment)
+    assert res["malloc"] == {"applied": True, "reason": None}, res
     if mode == "untied":
         assert res["loss_diff"] == [0.0] * 3, res
         assert res["grad_diff"] == [0.0] * 3, res
