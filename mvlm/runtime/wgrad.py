@@ -62,35 +62,44 @@ def _direct(ctx: Any, weight: torch.Tensor) -> bool:
 def _make_linear_function(base: type) -> type:
     """A subclass of Megatron's ``LinearWithGradAccumulationAndAsyncCommunication`` whose backward
     writes the weight gradient into ``main_grad`` for marked weights (forward inherited)."""
-    from megatron.core.tensor_parallel import layers
 
     original_backward = base.backward
 
     class CpuMainGradLinear(base):  # type: ignore[misc, valid-type]
         @staticmethod
-        @layers.custom_bwd
         def backward(ctx, grad_output):
             input, weight = ctx.saved_tensors
             if not _direct(ctx, weight):
-                return original_backward(ctx, grad_output)
-            # once, not twice: Megatron's matmul and its wgrad preparation each copied a
-            # non-contiguous grad_output (the logits' transposed gradient) for themselves
-            grad_output = grad_output.contiguous()
-            grad_input = grad_output.matmul(weight)
-            handle = None
-            if ctx.allreduce_dgrad:  # TP: the input gradient's all-reduce runs meanwhile
-                handle = torch.distributed.all_reduce(grad_input, group=ctx.tp_group,
-                                                      async_op=True)
-            grad_output, total_input = layers.prepare_input_tensors_for_wgrad_compute(
-                grad_output, input)
-            write_weight_grad(weight, grad_output, total_input)
-            grad_bias = grad_output.sum(dim=0) if ctx.use_bias else None
-            if handle is not None:
-                handle.wait()
-            return grad_input, None, grad_bias, None, None, None, None, None, None
+                return original_backward(ctx, grad_output)  # wrapped in custom_bwd itself
+            if getattr(ctx, "_fwd_used_autocast", False):  # custom_bwd's context, only if used
+                with torch.autocast(device_type="cuda", dtype=ctx._dtype):
+                    return _direct_backward(ctx, grad_output, input, weight)
+            return _direct_backward(ctx, grad_output, input, weight)
 
     CpuMainGradLinear.__name__ = CpuMainGradLinear.__qualname__ = "CpuMainGradLinear"
     return CpuMainGradLinear
+
+
+def _direct_backward(ctx: Any, grad_output: torch.Tensor, input: torch.Tensor,
+                     weight: torch.Tensor) -> tuple:
+    """The backward of a marked weight: input gradient, weight gradient into ``main_grad``."""
+    from megatron.core.tensor_parallel import layers
+
+    # once, not twice: Megatron's matmul and its wgrad preparation each copied a
+    # non-contiguous grad_output (the logits' transposed gradient) for themselves
+    grad_output = grad_output.contiguous()
+    grad_input = grad_output.matmul(weight)
+    handle = None
+    if ctx.allreduce_dgrad:  # TP: the input gradient's all-reduce runs meanwhile
+        handle = torch.distributed.all_reduce(grad_input, group=ctx.tp_group,
+                                              async_op=True)
+    grad_output, total_input = layers.prepare_input_tensors_for_wgrad_compute(
+        grad_output, input)
+    write_weight_grad(weight, grad_output, total_input)
+    grad_bias = grad_output.sum(dim=0) if ctx.use_bias else None
+    if handle is not None:
+        handle.wait()
+    return grad_input, None, grad_bias, None, None, None, None, None, None
 
 
 def _fresh_after_zeroing(zero_grad_buffer: Any) -> Any:

@@ -124,6 +124,62 @@ def test_collectives_skipped_on_a_group_of_one():
     assert skip_on_group_of_one(f) is f
 
 
+def test_all_reduce_skipped_on_a_group_of_one():
+    from torch.distributed import ReduceOp
+
+    from mvlm.runtime.collectives import all_reduce_skipping_group_of_one
+
+    calls = []
+
+    def all_reduce(tensor, op=ReduceOp.SUM, group=None, async_op=False):
+        calls.append((op, group.size() if group is not None else None, async_op))
+        return "handle"
+
+    f = all_reduce_skipping_group_of_one(all_reduce)
+    t = torch.arange(4.0)
+    for op in (ReduceOp.SUM, ReduceOp.MAX, ReduceOp.MIN, ReduceOp.AVG):
+        assert f(t, op=op, group=_Group(1)) is None
+    assert f(t, group=_Group(1)) is None and calls == []  # default op: SUM
+    assert torch.equal(t, torch.arange(4.0))
+    # a larger group, an asynchronous call (its handle is waited on) and a scaling reduction run
+    assert f(t, group=_Group(2)) == "handle"
+    assert f(t, group=_Group(1), async_op=True) == "handle"
+    premul = torch.distributed._make_nccl_premul_sum(2.0)
+    assert f(t, op=premul, group=_Group(1)) == "handle"
+    assert f(t) == "handle"  # no process group initialised: the default group is None
+    assert [c[1:] for c in calls] == [(2, False), (1, True), (1, False), (None, False)]
+    assert all_reduce_skipping_group_of_one(f) is f
+
+
+def test_tp_mappings_are_the_identity_on_a_group_of_one():
+    from mvlm.runtime.collectives import identity_on_group_of_one
+
+    calls = []
+
+    def mapping(input_, group=None):
+        calls.append(group)
+        return input_ * 2
+
+    f = identity_on_group_of_one(mapping)
+    x = torch.ones(3, requires_grad=True)
+    assert f(x, group=_Group(1)) is x and calls == []
+    assert torch.equal(f(x, group=_Group(2)), 2 * x.detach()) and len(calls) == 1
+    assert torch.equal(f(x), 2 * x.detach()) and calls[-1] is None  # Megatron resolves None
+    assert identity_on_group_of_one(f) is f
+
+
+def test_collectives_install_wraps_megatrons_call_sites():
+    from megatron.core.tensor_parallel import layers
+
+    from mvlm.runtime import collectives
+
+    collectives.install()
+    assert getattr(torch.distributed.all_reduce, "_mvlm_size_one", False)
+    for name in ("copy_to_tensor_model_parallel_region",
+                 "reduce_from_tensor_model_parallel_region"):
+        assert getattr(getattr(layers, name), "_mvlm_size_one", False)
+
+
 _THD_SCRIPT = textwrap.dedent("""
     import json, torch
     from mvlm.models.vlm import build_model
