@@ -74,12 +74,19 @@ def _full_width_rope(original: Any) -> Any:
                             multi_latent_attention=multi_latent_attention, mscale=mscale)
         cos_, sin_ = cos_sin(freqs, mscale, t.dtype)
         if not rotary_interleaved and not cos_.requires_grad and _row_major(t) and \
-                torch.broadcast_shapes(t.shape, cos_.shape) == t.shape:
+                _broadcasts_to(cos_.shape, t.shape):
             return RotateHalf.apply(t, cos_, sin_)
         return (t * cos_) + (rope_utils._rotate_half(t, rotary_interleaved) * sin_)
 
     rope._mvlm_full_width = True  # type: ignore[attr-defined]
     return rope
+
+
+def _broadcasts_to(small: torch.Size, shape: torch.Size) -> bool:
+    """Whether ``small`` broadcasts to exactly ``shape`` (``torch.broadcast_shapes(shape, small)
+    == shape`` without its symbolic-shape machinery: ~200 us a call, 8 calls a bench step)."""
+    return len(small) <= len(shape) and all(
+        a == 1 or a == b for a, b in zip(reversed(small), reversed(shape)))
 
 
 def _row_major(t: torch.Tensor) -> bool:

@@ -95,3 +95,19 @@ def test_row_major_guard():
     assert lean_ops._row_major(x)
     assert lean_ops._row_major(torch.zeros(4, 3, 16)[..., :8])  # gaps, order kept
     assert not lean_ops._row_major(x.transpose(0, 2))
+
+
+def test_broadcast_check_agrees_with_torch():
+    """lean_ops' cheap check (RotateHalf's guard) says what torch.broadcast_shapes says."""
+    import itertools
+
+    from mvlm.runtime.lean_ops import _broadcasts_to
+
+    shapes = [(), (1,), (4,), (3, 1), (1, 4), (3, 4), (2, 3, 4), (2, 1, 4), (5, 3, 4),
+              (1, 1, 1, 4), (2, 3, 1), (8, 2, 6, 64), (8, 1, 1, 64)]
+    for small, shape in itertools.product(shapes, shapes):
+        try:
+            expected = torch.broadcast_shapes(shape, small) == torch.Size(shape)
+        except RuntimeError:
+            expected = False
+        assert _broadcasts_to(torch.Size(small), torch.Size(shape)) == expected, (small, shape)
