@@ -3,7 +3,7 @@ torch AdamW, same model, batch, optimizer, dtype and threads, in one run.
 
     .venv/bin/python bench/train_overhead.py [--hidden 384] [--layers 4] [--rows 4]
         [--seq 256] [--steps 12] [--warmup 2] [--threads 1] [--profile 3]
-        [--optimizer_calls 0] [--one_process]
+        [--optimizer_calls 0] [--one_process] [--baseline_tree DIR]
 
 Each side runs in a process of its own (the default), as a user runs one or the other: a worker
 per side builds its model and waits; the parent hands out steps in lock-step, one mvlm step and
@@ -15,6 +15,12 @@ side's memory comes from its own glibc heap, so neither pays for page faults tha
 freed memory causes. ``--one_process`` runs both in one process as earlier rounds did (the CPU
 adaptations and allocator state then apply to both sides). The first ``--warmup`` steps of each
 side are not timed.
+
+``--baseline_tree DIR`` replaces the transformers side with a second mvlm worker that imports
+mvlm from ``DIR`` (e.g. ``git archive <commit> mvlm | tar -x -C DIR``): a lock-step A/B of two
+mvlm versions on the same model and batches, whose median of the rounds' CPU-time ratios
+(``paired_ratio_cpu_time``, baseline over current: above 1 means the current tree is faster) sees
+the box's drift on both sides alike; ``DIR`` equal to the current tree gives the noise floor.
 
 The work is the same on both sides:
 
@@ -42,6 +48,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -73,7 +80,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "and mvlm's flat CPU step (runtime/flat_adam.py) on mvlm's optimizer")
     p.add_argument("--one_process", action="store_true",
                    help="both sides in this process (earlier rounds' layout)")
-    p.add_argument("--worker", choices=("mvlm", "transformers"), default=None,
+    p.add_argument("--baseline_tree", default=None,
+                   help="instead of transformers, mvlm imported from this directory (A/B)")
+    p.add_argument("--worker", choices=("mvlm", "transformers", "mvlm_baseline"), default=None,
                    help=argparse.SUPPRESS)  # internal: one side's process
     p.add_argument("--work_dir", default=None)
     p.add_argument("--out", default=None, help="write the JSON summary here")
@@ -240,7 +249,7 @@ class Side:
     """One side's model, batches and step (``name``: mvlm or transformers)."""
 
     def __init__(self, name: str, hf_dir: Path, args: argparse.Namespace) -> None:
-        if name == "mvlm":
+        if name in ("mvlm", "mvlm_baseline"):
             mv = MvlmSide(hf_dir, args)
             ids = make_batches(args, mv.vocab)
             batches = [MvlmSide.batch(x) for x in ids]
@@ -263,9 +272,13 @@ def worker(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     out, sys.stdout = sys.stdout, sys.stderr  # library prints must not reach the protocol
     side = Side(args.worker, Path(args.work_dir) / "hf", args)
-    info = {"ready": True}
+    info: dict[str, Any] = {"ready": True}
     if side.mvlm is None:
         info.update(vocab=side.vocab, params=side.params)
+    else:
+        import mvlm
+
+        info.update(vocab=side.mvlm.vocab, mvlm_from=str(Path(mvlm.__file__).parent))
     print(json.dumps(info), file=out, flush=True)
     for line in sys.stdin:
         cmd, n = line.split()
@@ -286,13 +299,17 @@ class WorkerProcess:
     """The parent's handle on one side's worker process."""
 
     def __init__(self, name: str, args: argparse.Namespace) -> None:
+        env = None
+        if name == "mvlm_baseline":  # the other mvlm version, first on the import path
+            env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+                [str(Path(args.baseline_tree).resolve()), os.environ.get("PYTHONPATH", "")]))
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name,
                "--work_dir", str(args.work_dir), "--threads", str(args.threads)]
         for k in ("hidden", "layers", "heads", "kv_heads", "intermediate", "rows", "seq"):
             cmd += [f"--{k}", str(getattr(args, k))]
         self.log = open(Path(args.work_dir) / f"{name}.log", "w")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self.log, text=True)
+                                     stderr=self.log, text=True, env=env)
         self.name = name
         self.info = self._read()
 
@@ -324,7 +341,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     torch.set_num_threads(args.threads)
     work = Path(args.work_dir)
     build_checkpoint(args, work)
-    steps: dict[str, list[dict[str, Any]]] = {"mvlm": [], "transformers": []}
+    other = "mvlm_baseline" if args.baseline_tree else "transformers"
+    if args.baseline_tree and args.one_process:
+        raise SystemExit("--baseline_tree needs one process per side (drop --one_process)")
+    steps: dict[str, list[dict[str, Any]]] = {"mvlm": [], other: []}
     extra: dict[str, Any] = {}
     if args.one_process:
         # mvlm first: its start-up installs the CPU adaptations, for both sides in this layout.
@@ -334,10 +354,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     else:
         procs = {n: WorkerProcess(n, args) for n in steps}
         call = {n: (lambda n, k: procs[n].ask("step", k)) for n in steps}
-        model = {k: procs["transformers"].info[k] for k in ("vocab", "params")}
+        model = {k: v for k, v in procs[other].info.items() if k in ("vocab", "params")}
+        extra["mvlm_from"] = {n: p.info["mvlm_from"] for n, p in procs.items()
+                              if "mvlm_from" in p.info}
     try:
         for k in range(args.warmup + args.steps):
-            order = ("mvlm", "transformers") if k % 2 == 0 else ("transformers", "mvlm")
+            order = ("mvlm", other) if k % 2 == 0 else (other, "mvlm")
             for name in order:
                 steps[name].append(call[name](name, k))
         if args.optimizer_calls:
@@ -376,15 +398,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                               "max_minor_faults": max(faults),
                               "first_loss": recs[0]["loss"], "last_loss": recs[-1]["loss"]}
     s = res["sides"]
-    res["ratio_mvlm_over_transformers"] = round(
-        s["mvlm"]["tokens_per_s"] / s["transformers"]["tokens_per_s"], 3)
+    res["baseline"] = other
+    res[f"ratio_mvlm_over_{other}"] = round(
+        s["mvlm"]["tokens_per_s"] / s[other]["tokens_per_s"], 3)
     res["ratio_cpu_time"] = round(
-        s["mvlm"]["tokens_per_cpu_s"] / s["transformers"]["tokens_per_cpu_s"], 3)
+        s["mvlm"]["tokens_per_cpu_s"] / s[other]["tokens_per_cpu_s"], 3)
     # Per round: the two sides' steps ran next to each other, so their ratio sees the same load.
-    rounds = zip(steps["mvlm"][args.warmup:], steps["transformers"][args.warmup:], strict=True)
+    rounds = zip(steps["mvlm"][args.warmup:], steps[other][args.warmup:], strict=True)
     res["paired_ratio_cpu_time"] = round(statistics.median(
-        t["cpu"] / m["cpu"] for m, t in rounds), 3)
-    res["first_loss_diff"] = abs(s["mvlm"]["first_loss"] - s["transformers"]["first_loss"])
+        t["cpu"] / m["cpu"] for m, t in rounds), 4 if args.baseline_tree else 3)
+    res["first_loss_diff"] = abs(s["mvlm"]["first_loss"] - s[other]["first_loss"])
     res.update(extra)
     return res
 
@@ -395,12 +418,13 @@ def format_table(res: dict[str, Any]) -> str:
     for name, r in res["sides"].items():
         lines.append(f"| {name} | {r['median_step_s']} | {r['tokens_per_s']} | "
                      f"{r['median_cpu_s']} | {r['tokens_per_cpu_s']} | {r['first_loss']:.6f} |")
-    lines.append(f"\nratio mvlm / transformers: tokens/s {res['ratio_mvlm_over_transformers']}, "
+    other = res["baseline"]
+    lines.append(f"\nratio mvlm / {other}: tokens/s {res[f'ratio_mvlm_over_{other}']}, "
                  f"tokens per CPU second {res['ratio_cpu_time']} (median of the rounds' "
                  f"ratios: {res['paired_ratio_cpu_time']})")
     if "optimizer_step" in res:
         lines.append(f"\nmvlm optimizer update alone (median CPU ms): {res['optimizer_step']}")
-    for side in ("mvlm", "transformers"):
+    for side in ("mvlm", other):
         prof = res.get(f"{side}_profile")
         if not prof:
             continue
