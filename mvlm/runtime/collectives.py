@@ -39,7 +39,9 @@ _INSTALLED = False
 
 
 def _size_one(group: Any) -> bool:
-    return group is not None and group.size() == 1
+    # not a process group (None, torch's NON_GROUP_MEMBER sentinel): the original call decides
+    size = getattr(group, "size", None)
+    return size is not None and size() == 1
 
 
 def skip_on_group_of_one(func: Any) -> Any:

@@ -132,7 +132,7 @@ def test_all_reduce_skipped_on_a_group_of_one():
     calls = []
 
     def all_reduce(tensor, op=ReduceOp.SUM, group=None, async_op=False):
-        calls.append((op, group.size() if group is not None else None, async_op))
+        calls.append((op, group.size() if hasattr(group, "size") else group, async_op))
         return "handle"
 
     f = all_reduce_skipping_group_of_one(all_reduce)
@@ -147,7 +147,9 @@ def test_all_reduce_skipped_on_a_group_of_one():
     premul = torch.distributed._make_nccl_premul_sum(2.0)
     assert f(t, op=premul, group=_Group(1)) == "handle"
     assert f(t) == "handle"  # no process group initialised: the default group is None
-    assert [c[1:] for c in calls] == [(2, False), (1, True), (1, False), (None, False)]
+    assert f(t, group=torch.distributed.GroupMember.NON_GROUP_MEMBER) == "handle"
+    assert [c[1:] for c in calls] == [(2, False), (1, True), (1, False), (None, False),
+                                      (-100, False)]
     assert all_reduce_skipping_group_of_one(f) is f
 
 
