@@ -36,10 +36,23 @@ def test_calls_without_keywords_pass_unchanged():
     assert torch.equal(m, t.view(2, 3) @ t.view(3, 2)) and torch.equal(k, 3 * t)
 
 
+class _PlacesOnCuda(torch.autograd.Function):
+    """A backward that allocates on CUDA, as Megatron-Core's MoE dispatcher does."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2 + torch.zeros(g.shape, device="cuda")
+
+
+@needs_no_gpu
 def test_backward_runs_inside_the_mode():
     x = torch.ones(3, requires_grad=True)
     with _CudaToCpuMode():
-        (x * 2).sum().backward()
+        _PlacesOnCuda.apply(x).sum().backward()  # Tensor.backward, keyword-less
         y = torch.ones(2, requires_grad=True)
-        torch.autograd.backward([(y * 3).sum()])
-    assert torch.equal(x.grad, torch.full((3,), 2.0)) and torch.equal(y.grad, torch.full((2,), 3.0))
+        torch.autograd.backward([_PlacesOnCuda.apply(y * 3).sum()])
+    assert torch.equal(x.grad, torch.full((3,), 2.0)) and torch.equal(y.grad, torch.full((2,), 6.0))
