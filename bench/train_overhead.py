@@ -30,7 +30,9 @@ The work is the same on both sides:
 * batch: ``--rows`` rows of ``--seq`` random tokens, every token a label (mvlm gets the shifted
   labels Megatron expects, HF shifts inside its loss), so the mean token loss is the same number;
 * optimizer: AdamW, lr 1e-4, betas (0.9, 0.95), eps 1e-8, no weight decay, gradient clipping at
-  1.0 (transformers: ``clip_grad_norm_`` + ``torch.optim.AdamW``; mvlm: Megatron-Core's
+  1.0 (transformers: ``clip_grad_norm_`` + ``torch.optim.AdamW``, by default with ``fused=True``
+  as transformers' Trainer builds it (``--hf_optim adamw_torch_fused``, its default optimizer
+  since torch 2.8; ``adamw_torch``: torch's default single-tensor loop); mvlm: Megatron-Core's
   distributed optimizer, fp32 main grads, the NaN guard on, as ``mvlm sft`` runs it).
 
 Reported: median step time and tokens/s of each side, the ratio mvlm / transformers, the same
@@ -78,6 +80,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--optimizer_calls", type=int, default=0,
                    help="after the timing: this many alternating calls of torch's own AdamW step "
                         "and mvlm's flat CPU step (runtime/flat_adam.py) on mvlm's optimizer")
+    p.add_argument("--hf_optim", choices=("adamw_torch_fused", "adamw_torch"),
+                   default="adamw_torch_fused",
+                   help="the transformers side's AdamW, named as transformers' Trainer names them: "
+                        "fused=True (the Trainer's default) or torch's single-tensor loop")
     p.add_argument("--one_process", action="store_true",
                    help="both sides in this process (earlier rounds' layout)")
     p.add_argument("--baseline_tree", default=None,
@@ -114,14 +120,14 @@ def make_batches(args: argparse.Namespace, vocab: int, n: int = 2) -> list[Any]:
 class HFSide:
     """transformers' Qwen2ForCausalLM with torch.optim.AdamW and clip_grad_norm_."""
 
-    def __init__(self, hf_dir: Path) -> None:
+    def __init__(self, hf_dir: Path, optim: str = "adamw_torch_fused") -> None:
         import torch
         from transformers import AutoModelForCausalLM
 
         self.model = AutoModelForCausalLM.from_pretrained(
             hf_dir, dtype=torch.float32, attn_implementation="sdpa").train()
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=LR, betas=BETAS, eps=EPS,
-                                     weight_decay=0.0)
+                                     weight_decay=0.0, fused=optim == "adamw_torch_fused")
 
     def step(self, ids: Any) -> float:
         import torch
@@ -256,7 +262,7 @@ class Side:
             self.step = lambda k: mv.step(batches[k % 2])
             self.mvlm: MvlmSide | None = mv
         else:
-            hf = HFSide(hf_dir)
+            hf = HFSide(hf_dir, args.hf_optim)
             ids = make_batches(args, hf.model.config.vocab_size)
             self.step = lambda k: hf.step(ids[k % 2])
             self.mvlm = None
@@ -305,7 +311,8 @@ class WorkerProcess:
                 [str(Path(args.baseline_tree).resolve()), os.environ.get("PYTHONPATH", "")]))
         cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", name,
                "--work_dir", str(args.work_dir), "--threads", str(args.threads)]
-        for k in ("hidden", "layers", "heads", "kv_heads", "intermediate", "rows", "seq"):
+        for k in ("hidden", "layers", "heads", "kv_heads", "intermediate", "rows", "seq",
+                  "hf_optim"):
             cmd += [f"--{k}", str(getattr(args, k))]
         self.log = open(Path(args.work_dir) / f"{name}.log", "w")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -378,7 +385,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     tokens = args.rows * args.seq
     res: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "torch": torch.__version__, "threads": args.threads,
+        "torch": torch.__version__, "threads": args.threads, "hf_optim": args.hf_optim,
         "layout": "one process" if args.one_process else "one process per side",
         "model": {"hidden": args.hidden, "layers": args.layers, "heads": args.heads,
                   "kv_heads": args.kv_heads, "intermediate": args.intermediate, **model},

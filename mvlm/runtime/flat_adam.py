@@ -1,25 +1,34 @@
-"""torch Adam/AdamW on CPU as one elementwise update per contiguous run of parameters.
+"""torch Adam/AdamW on CPU as one fused update per contiguous run of parameters.
 
 Why: without Apex/TE, Megatron-Core steps its fp32 shards with ``torch.optim.AdamW``, which on
-CPU runs the single-tensor loop (``foreach`` defaults to CUDA only): ~10 operators and two fresh
-temporaries per parameter. With the distributed optimizer the fp32 shards are views of DDP's
-contiguous parameter buffer and their gradients views of the matching gradient buffer, so
-neighbouring parameters are one flat range of both buffers, updated together where their param
-groups have the same hyperparameters (Megatron's decay / no-decay groups at weight decay 0).
-The update is torch's own (``_single_tensor_adam``, non-capturable branch): the same operators
-in the same order with the same Python float coefficients, so every element sees the same
-arithmetic. The Adam moments live in flat buffers whose per-parameter views stay in
-``optimizer.state`` (what checkpoints read and write); the ``sqrt``/``div`` temporaries are one
-reused buffer instead of two allocations per parameter. The update runs in pieces of ``CHUNK``
-elements so that its passes reuse the cache (one pass over a whole 27 MB buffer per operator
-measured slower than torch's per-parameter loop).
+CPU runs the single-tensor loop (``foreach`` and ``fused`` default to off there): ~10 operators
+and two fresh temporaries per parameter, each a pass over memory. With the distributed optimizer
+the fp32 shards are views of DDP's contiguous parameter buffer and their gradients views of the
+matching gradient buffer, so neighbouring parameters are one flat range of both buffers, updated
+together where their param groups have the same hyperparameters (Megatron's decay / no-decay
+groups at weight decay 0). The Adam moments live in flat buffers whose per-parameter views stay
+in ``optimizer.state`` (what checkpoints read and write).
 
-Anything the flat path does not reproduce exactly -- AMSGrad, maximize, capturable or
-differentiable groups, non-CPU or non-fp32 tensors, a gradient that is not where the buffer
-layout puts it, missing gradients, state replaced by a checkpoint load with unequal step counts
--- makes that step run the original ``torch.optim`` step; state replaced by a load (new tensors)
-is copied into the flat buffers first. Installed by :func:`install` from
-:func:`mvlm.train.optim.build_optimizer`.
+The update of a range is torch's fused Adam/AdamW kernel (``torch._fused_adamw_``: the arithmetic
+of ``torch.optim.AdamW(fused=True)``, which is also transformers' default ``adamw_torch_fused``),
+one pass over the four buffers instead of ~8. That kernel computes an element in one of two ways:
+its vector loop (coefficients rounded to fp32) or, for the last ``numel % vector width`` elements
+of each thread's share, a scalar loop (coefficients in fp64), so called per parameter or per
+shard its result would depend on where a range starts and ends -- on the parallel layout and the
+thread count. Here every element takes the vector loop: a range is handed over in lengths that
+are a multiple of ``VECTOR`` times the thread count (each thread's share a multiple of every CPU
+vector width torch uses), and the rest (fewer elements than that) is stepped in a zero-padded
+scratch copy of that length and copied back. An element's update therefore depends only on its
+own values, and one rank, any TP/DP layout and any thread count give the same bits. Without the
+fused kernel (torch older than 2.4) the range runs torch's single-tensor arithmetic instead
+(``_single_tensor_adam``, non-capturable branch: the same operators in the same order) in
+cache-sized pieces of ``CHUNK`` elements.
+
+Anything the flat path does not reproduce -- AMSGrad, maximize, capturable or differentiable
+groups, non-CPU or non-fp32 tensors, a gradient that is not where the buffer layout puts it,
+missing gradients, state replaced by a checkpoint load with unequal step counts -- makes that
+step run the original ``torch.optim`` step; state replaced by a load (new tensors) is copied into
+the flat buffers first. Installed by :func:`install` from :func:`mvlm.train.optim.build_optimizer`.
 """
 from __future__ import annotations
 
@@ -31,7 +40,9 @@ import torch
 
 log = logging.getLogger("mvlm.runtime")
 
-CHUNK = 1 << 20  # elements per piece of the update (4 MB per fp32 operand; bench/train_overhead)
+CHUNK = 1 << 20  # elements per piece of the unfused update (4 MB per fp32 operand)
+VECTOR = 64  # a multiple of every fp32 vector width of torch's CPU kernels (8 with AVX2, 16 AVX512)
+_FUSED = {True: getattr(torch, "_fused_adamw_", None), False: getattr(torch, "_fused_adam_", None)}
 
 
 @dataclass
@@ -88,6 +99,7 @@ class FlatAdamStep:
         self.chains: list[_Chain] | None = None
         self.param_ids: list[int] = []
         self.step_ids: list[int] = []
+        self.scratch: torch.Tensor | None = None  # the fused kernel's padded tail, 4 x unit
         self.flat_steps = 0  # steps taken by the flat path (what the tests check)
         self.updates_last_step = 0  # elementwise updates (merged segments) in the last one
 
@@ -192,6 +204,7 @@ class FlatAdamStep:
         steps = [self.opt.state[p]["step"] for c in self.chains for p in c.params]
         torch._foreach_add_(steps, 1)
         step = float(steps[0])
+        unit = VECTOR * max(1, torch.get_num_threads())
         hyper = {id(g): _hyper(self.opt, g) for g in self.opt.param_groups}
         n = 0
         for c, grad in zip(self.chains, grads):
@@ -203,6 +216,11 @@ class FlatAdamStep:
                 else:
                     merged.append([hyper[id(g)], a, b])
             for h, a, b in merged:
+                if _FUSED[h[4]] is not None:
+                    self._fused(h, steps[0], unit, c.param_flat[a:b], grad[a:b],
+                                c.exp_avg[a:b], c.exp_avg_sq[a:b])
+                    n += 1
+                    continue
                 # cache-sized pieces: the ~8 passes of the update then reread the piece from
                 # cache, not the whole buffer from memory (one flat pass is slower than torch's
                 # per-parameter loop on a 27 MB buffer); elementwise, so the split changes no bit
@@ -214,6 +232,34 @@ class FlatAdamStep:
         self.updates_last_step = n
         self.flat_steps += 1
         return None
+
+    def _fused(self, h: tuple, step: torch.Tensor, unit: int, param: torch.Tensor,
+               grad: torch.Tensor, exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor) -> None:
+        """torch's fused kernel on one flat range, every element through its vector loop: the
+        range in a length that splits into thread shares of whole vectors, the tail (< ``unit``
+        elements) in a zero-padded ``unit``-long scratch copy (zeros step to zeros)."""
+        lr, wd, eps, (beta1, beta2), decoupled = h
+        fused = _FUSED[decoupled]
+        kw = dict(lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps, amsgrad=False,
+                  maximize=False)
+        n = param.numel()
+        body = n - n % unit
+        if body:
+            fused([param[:body]], [grad[:body]], [exp_avg[:body]], [exp_avg_sq[:body]], [],
+                  [step], **kw)
+        if body == n:
+            return
+        tail = n - body
+        if self.scratch is None or self.scratch.shape[1] != unit:
+            self.scratch = torch.empty(4, unit, dtype=torch.float32)
+        self.scratch.zero_()
+        views = (param[body:], grad[body:], exp_avg[body:], exp_avg_sq[body:])
+        for row, v in zip(self.scratch, views):
+            row[:tail].copy_(v)
+        sp, sg, sm, sv = self.scratch
+        fused([sp], [sg], [sm], [sv], [], [step], **kw)
+        for row, v in ((sp, views[0]), (sm, views[2]), (sv, views[3])):
+            v.copy_(row[:tail])
 
     @staticmethod
     def _update(h: tuple, step: float, param: torch.Tensor, grad: torch.Tensor,
