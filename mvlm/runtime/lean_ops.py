@@ -1,7 +1,8 @@
-"""Three Megatron-Core helpers without their copies: full-width RoPE, the SwiGLU of a gated MLP
-and in-place gradient clipping.
+"""Four Megatron-Core helpers without their copies or extra work: full-width RoPE, the SwiGLU of
+a gated MLP, in-place gradient clipping and the cross entropy's row maximum.
 
-Both change where results are stored, not what is computed; every value stays equal.
+They change where results are stored or how a value is found, not what is computed; every value
+stays equal.
 
 * RoPE (``rope_utils._apply_rotary_pos_emb_bshd``): Megatron splits the input into the rotated
   part ``t[..., :rot_dim]`` and a pass-through ``t[..., rot_dim:]`` and concatenates them again.
@@ -33,6 +34,10 @@ Both change where results are stored, not what is computed; every value stays eq
   the same list as source and destination, and then the scale runs in place, ``g.mul_(coeff)``:
   the same multiplication kernel, no temporary of the gradient's size. Other callers (distinct
   source and destination lists) get Megatron's function.
+* Cross-entropy row maximum (``VocabParallelCrossEntropy.calculate_logits_max``): Megatron takes
+  ``torch.max(logits, dim=-1)[0]``, which also builds the argmax indices it throws away; on CPU
+  that is 16x slower than ``torch.amax`` (1.78 vs 0.11 ms on the bench's [256, 4, 1024] fp32
+  logits). A maximum is exact, so ``amax`` gives the same values (NaN rows stay NaN).
 
 Installed by :func:`install` from :func:`mvlm.train.optim.wrap_ddp`.
 """
@@ -195,18 +200,27 @@ def _lean_mlp_forward(original: Any) -> Any:
     return forward
 
 
+def _logits_max(vocab_parallel_logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Megatron's ``calculate_logits_max`` with ``amax``: the fp32 logits and their row maxima."""
+    vocab_parallel_logits = vocab_parallel_logits.float()
+    return vocab_parallel_logits, torch.amax(vocab_parallel_logits, dim=-1)
+
+
 def install() -> None:
-    """Patch the three Megatron-Core functions (once per process)."""
+    """Patch the four Megatron-Core functions (once per process)."""
     global _INSTALLED
     if _INSTALLED:
         return
     from megatron.core.models.common.embeddings import rope_utils
     from megatron.core.optimizer import clip_grads
+    from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
     from megatron.core.transformer.mlp import MLP
     from megatron.core.utils import local_multi_tensor_scale
 
     ORIGINALS.update(rope=rope_utils._apply_rotary_pos_emb_bshd,
-                     scale=clip_grads.multi_tensor_scale_impl, mlp_forward=MLP.forward)
+                     scale=clip_grads.multi_tensor_scale_impl, mlp_forward=MLP.forward,
+                     logits_max=VocabParallelCrossEntropy.calculate_logits_max)
+    VocabParallelCrossEntropy.calculate_logits_max = staticmethod(_logits_max)
     rope_utils._apply_rotary_pos_emb_bshd = _full_width_rope(ORIGINALS["rope"])
     MLP.forward = _lean_mlp_forward(ORIGINALS["mlp_forward"])
     if ORIGINALS["scale"] is local_multi_tensor_scale:  # not Apex's / TE's kernel

@@ -1,12 +1,12 @@
 """The CPU step adaptations (mvlm/runtime/wgrad.py, mvlm/runtime/lean_ops.py) against Megatron-
 Core's own code path: two Trainers on the same tiny Qwen2 weights, one with the adaptations
 (what ``wrap_ddp`` installs), one with Megatron's linear function, DDP hook and zeroing, RoPE
-(the adapted one runs lean_ops.RotateHalf), clip scaling and gated MLP forward (SwiGLU) swapped
-back in; three steps of two micro-batches each (gradient accumulation), clipping active. Untied
-embeddings: every loss, main grad and parameter is bit-identical. Tied embeddings (the output
-layer's weight gets a second gradient through DDP's hook): the first micro-batch is exact, the
-second adds the two contributions one after the other instead of summed first, so equality holds
-to fp32 rounding.
+(the adapted one runs lean_ops.RotateHalf), clip scaling, gated MLP forward (SwiGLU) and the
+cross entropy's row maximum swapped back in; three steps of two micro-batches each (gradient
+accumulation), clipping active. Untied embeddings: every loss, main grad and parameter is
+bit-identical. Tied embeddings (the output layer's weight gets a second gradient through DDP's
+hook): the first micro-batch is exact, the second adds the two contributions one after the other
+instead of summed first, so equality holds to fp32 rounding.
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ _SCRIPT = textwrap.dedent("""
     from megatron.core.models.common.embeddings import rope_utils
     from megatron.core.optimizer import clip_grads
     from megatron.core.tensor_parallel import layers
+    from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
     from megatron.core.transformer.mlp import MLP
     from mvlm.config import (FreezeConfig, OptimConfig, ParallelConfig, ScheduleConfig,
                              TrainConfig)
@@ -50,7 +51,8 @@ _SCRIPT = textwrap.dedent("""
                "make_hook": (DDP, "_make_backward_post_hook"),
                "rope": (rope_utils, "_apply_rotary_pos_emb_bshd"),
                "scale": (clip_grads, "multi_tensor_scale_impl"),
-               "mlp_forward": (MLP, "forward")}
+               "mlp_forward": (MLP, "forward"),
+               "logits_max": (VocabParallelCrossEntropy, "calculate_logits_max")}
     originals = {**wgrad.ORIGINALS, **lean_ops.ORIGINALS}
     adapted = {k: getattr(o, n) for k, (o, n) in patched.items()}
 

@@ -101,3 +101,48 @@ def test_sb_token_loss_equals_the_transposed_model_output(tp1, b, dtype):
     assert torch.equal(new_grad, old_grad), (new_grad - old_grad).abs().max()
     assert float(new_grad[..., real:].abs().max()) == 0.0
     assert float(new_loss[labels < 0].abs().max()) == 0.0 and float(new_loss[labels >= 0].min()) > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fill_padded_vocab_equals_masked_fill(tp1, dtype):
+    """The padded-vocabulary fill: the bits of ``masked_fill_`` with a column mask, forward and
+    backward, through the cross entropy (zero gradient at the padded columns: handed on as is)
+    and with a gradient that is not zero there (a non-softmax consumer, NaN included): zeroed."""
+    from mvlm.models.vlm import FillPaddedVocab, token_loss
+
+    g = torch.Generator().manual_seed(7)
+    s, b, v, real = 11, 2, 64, 50
+    base = (torch.randn(s, b, v, generator=g) * 4).to(dtype)
+    labels = torch.randint(0, real, (s, b), generator=g)
+    upstream = torch.randn(s, b, v, generator=g).to(dtype)
+    upstream[0, 0, real] = float("nan")
+    upstream[1, 1, -1] = 5.0
+
+    def run(new: bool, consumer):
+        leaf = base.clone().requires_grad_(True)
+        logits = leaf * 1
+        if new:
+            out = FillPaddedVocab.apply(logits, real)
+        else:
+            out = logits.masked_fill_(torch.arange(v) >= real, float("-inf"))
+        consumer(out).backward()
+        return out.detach(), leaf.grad
+
+    for consumer in (lambda x: token_loss(x, labels).sum(),
+                     lambda x: (x[..., :real] * upstream[..., :real]).sum()
+                     + (torch.where(torch.isinf(x), 0.0, x) * upstream).sum()):
+        (new_out, new_grad), (old_out, old_grad) = run(True, consumer), run(False, consumer)
+        assert torch.equal(new_out, old_out)
+        assert torch.equal(new_grad, old_grad)
+        assert float(new_grad[..., real:].abs().max()) == 0.0
+    # the backward on a gradient with non-zero and NaN padded columns: zeros there, a copy
+    grad = upstream.clone()
+    ctx = type("Ctx", (), {"n_real": real})()
+    out, none = FillPaddedVocab.backward(ctx, grad)
+    assert none is None and out is not grad  # a copy: the incoming gradient is not modified
+    assert torch.equal(grad.nan_to_num(0.0), upstream.nan_to_num(0.0)) and grad[0, 0, real].isnan()
+    assert float(out[..., real:].abs().max()) == 0.0 and torch.equal(out[..., :real],
+                                                                   upstream[..., :real])
+    zero = upstream.clone()
+    zero[..., real:] = 0.0
+    assert FillPaddedVocab.backward(ctx, zero)[0] is zero  # already zero: handed on untouched
