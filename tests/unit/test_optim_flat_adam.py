@@ -158,10 +158,11 @@ def _check_flat_adam():
     assert opt.step.flat_steps == 2 and opt.step.updates_last_step == 2
 
 
-def test_fused_flat_step_is_layout_and_thread_independent():
+@pytest.mark.parametrize("cls", [torch.optim.AdamW, torch.optim.Adam])
+def test_fused_flat_step_is_layout_and_thread_independent(cls):
     """One buffer stepped as one range, and the same values as two shards cut at an odd place
     (a DP layout's shard boundary), at 1 and 2 threads: the same bits everywhere, and within
-    fp32 rounding of torch's single-tensor AdamW."""
+    fp32 rounding of torch's single-tensor step (AdamW's decoupled decay, Adam's L2 term)."""
     if flat_adam._FUSED[True] is None:
         pytest.skip("this torch has no fused CPU AdamW kernel")
     n, cut = 3001, 1237
@@ -176,11 +177,11 @@ def test_fused_flat_step_is_layout_and_thread_independent():
             for shards in ([(0, n)], [(0, cut), (cut, n)]):
                 buf, gbuf = p0.clone(), torch.zeros(n)
                 params = [buf[a:b] for a, b in shards]
-                opt = torch.optim.AdamW([{"params": [p]} for p in params], lr=1e-3,
-                                        betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+                opt = cls([{"params": [p]} for p in params], lr=1e-3, betas=(0.9, 0.95),
+                          eps=1e-8, weight_decay=0.1)
                 if len(shards) == 2:  # two separate optimizers, as two DP ranks have
-                    opts = [torch.optim.AdamW([p], lr=1e-3, betas=(0.9, 0.95), eps=1e-8,
-                                              weight_decay=0.1) for p in params]
+                    opts = [cls([p], lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+                            for p in params]
                 else:
                     opts = [opt]
                 for o in opts:
@@ -198,7 +199,7 @@ def test_fused_flat_step_is_layout_and_thread_independent():
     for r in results[1:]:
         assert torch.equal(r, results[0])
     ref = p0.clone().requires_grad_(True)
-    loop = torch.optim.AdamW([ref], lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
+    loop = cls([ref], lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
     for g in grads:
         ref.grad = g.clone()
         loop.step()
