@@ -19,8 +19,10 @@ thread count. Here every element takes the vector loop: a range is handed over i
 are a multiple of ``VECTOR`` times the thread count (each thread's share a multiple of every CPU
 vector width torch uses), and the rest (fewer elements than that) is stepped in a zero-padded
 scratch copy of that length and copied back. An element's update therefore depends only on its
-own values, and one rank, any TP/DP layout and any thread count give the same bits. Without the
-fused kernel (torch older than 2.4) the range runs torch's single-tensor arithmetic instead
+own values, and one rank, any TP/DP layout and any thread count give the same bits. (torch 2.14,
+the pinned version, already cuts thread shares at vector boundaries; the thread factor keeps the
+promise for a kernel that cuts ``numel / threads``.) Where torch has no fused kernel
+(``torch._fused_adamw_`` missing) the range runs torch's single-tensor arithmetic instead
 (``_single_tensor_adam``, non-capturable branch: the same operators in the same order) in
 cache-sized pieces of ``CHUNK`` elements.
 
