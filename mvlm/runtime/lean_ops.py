@@ -48,6 +48,8 @@ from typing import Any
 
 import torch
 
+from mvlm.runtime import gated_mlp
+
 _INSTALLED = False
 ORIGINALS: dict[str, Any] = {}  # what install replaced (tests run the unpatched path with them)
 _TABLES: dict[str, Any] = {}  # the last freqs' (key, cos, sin): one entry
@@ -191,6 +193,9 @@ def _lean_mlp_forward(original: Any) -> Any:
                 **kwargs: Any) -> Any:
         if not _plain_swiglu(self, per_token_scale):
             return original(self, hidden_states, per_token_scale=per_token_scale, **kwargs)
+        if gated_mlp.applies(self.linear_fc1, hidden_states):
+            return self.linear_fc2(gated_mlp.Fc1SwiGLU.apply(hidden_states,
+                                                              self.linear_fc1.weight))
         inter, bias = self.linear_fc1(hidden_states)
         if bias is not None:
             inter = inter + bias

@@ -35,7 +35,7 @@ _SCRIPT = textwrap.dedent("""
     from mvlm.config import (FreezeConfig, OptimConfig, ParallelConfig, ScheduleConfig,
                              TrainConfig)
     from mvlm.models.vlm import build_model
-    from mvlm.runtime import cpu_malloc, lean_ops, wgrad
+    from mvlm.runtime import cpu_malloc, gated_mlp, lean_ops, wgrad
     from mvlm.runtime.parallel import ParallelLayout, destroy_distributed
     from mvlm.runtime.startup import startup
     from mvlm.testing.tiny_models import tiny_config
@@ -114,6 +114,7 @@ _SCRIPT = textwrap.dedent("""
                 res["clipped"].append(out_a.update.applied and out_a.update.grad_norm > 0.05)
             res["rope_tables"] = "last" in lean_ops._TABLES
             res["swiglu_calls"] = SWIGLU_CALLS[0]
+            res["fused_calls"] = FUSED_CALLS[0]
             res["rotate_calls"] = ROTATE_CALLS[0]
             res["malloc"] = cpu_malloc.status()  # what the CPU Trainer did (runtime/cpu_malloc.py)
         return res
@@ -126,6 +127,14 @@ _SCRIPT = textwrap.dedent("""
         return _swiglu_apply(x)
 
     lean_ops.SwiGLU.apply = counted_swiglu
+    FUSED_CALLS = [0]
+    _fused_apply = gated_mlp.Fc1SwiGLU.apply
+
+    def counted_fused(*args):
+        FUSED_CALLS[0] += 1
+        return _fused_apply(*args)
+
+    gated_mlp.Fc1SwiGLU.apply = counted_fused
     ROTATE_CALLS = [0]
     _rotate_apply = lean_ops.RotateHalf.apply
 
@@ -135,7 +144,12 @@ _SCRIPT = textwrap.dedent("""
 
     lean_ops.RotateHalf.apply = counted_rotate
 
-    res = {mode: compare(mode == "tied") for mode in ("untied", "tied")}
+    res = {}
+    for mode in ("untied", "tied", "unfused"):
+        SWIGLU_CALLS[0] = FUSED_CALLS[0] = ROTATE_CALLS[0] = 0
+        if mode == "unfused":  # fc1 and the SwiGLU as two nodes (lean_ops.SwiGLU)
+            gated_mlp.applies = lambda fc1, x: False
+        res[mode] = compare(mode == "tied")
     print(json.dumps(res))
     destroy_distributed()
 """)
@@ -153,19 +167,21 @@ def results() -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-@pytest.mark.parametrize("mode", ["untied", "tied"])
+@pytest.mark.parametrize("mode", ["untied", "tied", "unfused"])
 def test_adapted_step_equals_megatron_path(results, mode):
     res = results[mode]
     # the adaptations ran: weights marked, written directly, RoPE tables cached, clipping active
     assert res["marked"] > 0 and res["direct_writes"] > 0 and res["rope_tables"], res
     assert all(res["clipped"]), res
-    # the lean MLP ran on the adapted side only: 2 layers x 2 micro-batches x 3 steps per mode
-    assert res["swiglu_calls"] == 12 * (1 if mode == "untied" else 2), res
-    # RoPE's RotateHalf too: query and key of 2 layers x 2 micro-batches x 3 steps per mode
-    assert res["rotate_calls"] == 24 * (1 if mode == "untied" else 2), res
+    # the lean MLP ran on the adapted side only, 2 layers x 2 micro-batches x 3 steps: as one
+    # node (gated_mlp.Fc1SwiGLU), or with it turned off as linear_fc1 + lean_ops.SwiGLU
+    fused = 0 if mode == "unfused" else 12
+    assert (res["fused_calls"], res["swiglu_calls"]) == (fused, 12 - fused), res
+    # RoPE's RotateHalf too: query and key of 2 layers x 2 micro-batches x 3 steps
+    assert res["rotate_calls"] == 24, res
     # the CPU Trainer set glibc's thresholds for training (no user setting in the environment)
     assert res["malloc"] == {"applied": True, "reason": None}, res
-    if mode == "untied":
+    if mode != "tied":
         assert res["loss_diff"] == [0.0] * 3, res
         assert res["grad_diff"] == [0.0] * 3, res
         assert res["param_diff"] == [0.0] * 3, res
