@@ -28,7 +28,9 @@ stays equal.
   them) and writes the two half gradients straight into one tensor; it saves the input and the
   activation instead of the input plus the offset copy. Taken only for the plain case (silu,
   gated, no clamp, zero offset, no per-token scale, not TE's activation); anything else runs
-  Megatron's forward.
+  Megatron's forward. Where ``linear_fc1`` itself qualifies (:func:`gated_mlp.applies`: plain
+  TP1 CPU layer on wgrad's direct path), the linear and the SwiGLU run as one node,
+  :class:`gated_mlp.Fc1SwiGLU`, with the gate and up halves in contiguous tensors.
 * Clipping (``clip_grads.multi_tensor_scale_impl`` without Apex or TE): Megatron scales each
   gradient through a temporary, ``g.copy_(g * coeff)``; ``clip_grad_by_total_norm_fp32`` passes
   the same list as source and destination, and then the scale runs in place, ``g.mul_(coeff)``:
