@@ -79,3 +79,58 @@ def test_mvlm_init_distributed_shares_the_device_on_cpu() -> None:
     out = _run(_MEGATRON)
     assert out["groups"] >= 10  # Megatron-Core's groups exist (each had a device of its own)
     assert out["loops"] == 1
+
+
+_SLACK = _COUNT_LOOPS + """
+import ctypes, json, os, sys
+import torch.distributed as dist
+from mvlm.runtime.gloo_device import install
+libc = ctypes.CDLL(None)
+before = libc.prctl(30, 0, 0, 0, 0)  # PR_GET_TIMERSLACK of this (the creating) thread
+if sys.argv[1] == "1":
+    install()
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+groups = [dist.new_group([0]) for _ in range(3)]
+slack = []
+for t in os.listdir("/proc/self/task"):
+    if open(f"/proc/self/task/{t}/comm").read().startswith("gloo_tcp"):
+        try:
+            slack.append(int(open(f"/proc/{t}/timerslack_ns").read()))
+        except OSError:  # reading another thread's slack needs CAP_SYS_NICE
+            slack.append(None)
+print(json.dumps({"loops": gloo_loops(), "slack": slack, "before": before,
+                  "after": libc.prctl(30, 0, 0, 0, 0)}))
+"""
+
+
+def test_one_rank_world_loop_thread_gets_timer_slack() -> None:
+    """A one-rank world: the one loop thread starts with the raised timer slack (its 10 ms tick
+    may fire up to 40 ms late); the thread that created it gets its own slack back. Without the
+    installed creator the loop keeps the inherited default."""
+    from mvlm.runtime.gloo_device import ONE_RANK_LOOP_SLACK_NS
+
+    shared = _run(_SLACK, "1")
+    own = _run(_SLACK, "0")
+    assert shared["loops"] == 1 and own["loops"] == 4
+    assert shared["before"] == shared["after"] == own["before"] == own["after"]
+    if shared["slack"] == [None]:
+        pytest.skip("reading another thread's timer slack needs CAP_SYS_NICE here")
+    assert shared["slack"] == [ONE_RANK_LOOP_SLACK_NS]
+    assert own["slack"] == [own["before"]] * 4
+
+
+def test_slack_only_for_a_one_rank_world(monkeypatch) -> None:
+    """With more than one rank, pairs connect and disconnect through waits on the loop's tick:
+    groups of such a world keep gloo's default."""
+    from torch.distributed import distributed_c10d as c10d
+
+    from mvlm.runtime import gloo_device
+
+    monkeypatch.setattr(c10d, "is_initialized", lambda: False)
+    assert gloo_device._one_rank_world(1)  # the default group of a one-rank world
+    assert not gloo_device._one_rank_world(2)  # the default group of a two-rank world
+    monkeypatch.setattr(c10d, "is_initialized", lambda: True)
+    monkeypatch.setattr(c10d, "get_world_size", lambda *a, **k: 2)
+    assert not gloo_device._one_rank_world(1)  # a one-rank subgroup of a two-rank world
+    monkeypatch.setattr(c10d, "get_world_size", lambda *a, **k: 1)
+    assert gloo_device._one_rank_world(1)
