@@ -119,30 +119,19 @@ _SCRIPT = textwrap.dedent("""
             res["malloc"] = cpu_malloc.status()  # what the CPU Trainer did (runtime/cpu_malloc.py)
         return res
 
-    SWIGLU_CALLS = [0]
-    _swiglu_apply = lean_ops.SwiGLU.apply
+    def counted(fn_class):  # the calls of an autograd Function's apply, in a 1-element list
+        calls, apply = [0], fn_class.apply
 
-    def counted_swiglu(x):
-        SWIGLU_CALLS[0] += 1
-        return _swiglu_apply(x)
+        def counting(*args):
+            calls[0] += 1
+            return apply(*args)
 
-    lean_ops.SwiGLU.apply = counted_swiglu
-    FUSED_CALLS = [0]
-    _fused_apply = gated_mlp.Fc1SwiGLU.apply
+        fn_class.apply = counting
+        return calls
 
-    def counted_fused(*args):
-        FUSED_CALLS[0] += 1
-        return _fused_apply(*args)
-
-    gated_mlp.Fc1SwiGLU.apply = counted_fused
-    ROTATE_CALLS = [0]
-    _rotate_apply = lean_ops.RotateHalf.apply
-
-    def counted_rotate(*args):
-        ROTATE_CALLS[0] += 1
-        return _rotate_apply(*args)
-
-    lean_ops.RotateHalf.apply = counted_rotate
+    SWIGLU_CALLS = counted(lean_ops.SwiGLU)
+    FUSED_CALLS = counted(gated_mlp.Fc1SwiGLU)
+    ROTATE_CALLS = counted(lean_ops.RotateHalf)
 
     res = {}
     for mode in ("untied", "tied", "unfused"):
