@@ -87,8 +87,8 @@ def applies(fc1: Any, x: torch.Tensor) -> bool:
     return (weight is not None and fc1.bias is None and not fc1.gather_output
             and not fc1.sequence_parallel and not fc1.gradient_accumulation_fusion
             and (fc1.tp_group is None or fc1.tp_group.size() == 1)
-            and not fc1.config.defer_embedding_wgrad_compute
-            and fc1.config._cpu_offloading_context is None
+            and not getattr(fc1.config, "defer_embedding_wgrad_compute", False)
+            and getattr(fc1.config, "_cpu_offloading_context", None) is None
             and weight.requires_grad and getattr(weight, wgrad.DIRECT, False)
             and weight.shape[0] % 2 == 0
             and x.dtype == weight.dtype == torch.float32 and x.device.type == "cpu"

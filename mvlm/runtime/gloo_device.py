@@ -18,7 +18,7 @@ the 10 ms ``epoll_wait`` tick (about 60 wake-ups and 2.5-3.6 ms of CPU per 0.6 s
 on the 2-core test box). There the device is created while the creating thread's timer slack is
 raised to :data:`ONE_RANK_LOOP_SLACK_NS` (``prctl(PR_SET_TIMERSLACK)``, then restored); the loop
 thread inherits it, so the kernel may fire its timeout up to 40 ms late: about 15 wake-ups and
-0.4 ms per step. Events still wake it at once: the deferred-work pipe and the listening socket
+0.4-0.7 ms per step. Events still wake it at once: the deferred-work pipe and the listening socket
 are file descriptors in the same ``epoll`` set, and the tick is only what ``unregisterDescriptor``
 and shutdown wait for (no pair exists to unregister; shutdown waits up to 50 ms instead of 10).
 With more than one rank, pairs connect and disconnect through those waits, so the slack is left
