@@ -10,7 +10,7 @@ buffer for it (measured on the 6.7M-parameter benchmark model: one 27 MB copy of
 changes no bit; on any larger group, and for asynchronous (overlapped) calls, whose handle the
 caller waits on, the original function runs unchanged.
 
-The same holds, per call and smaller, for two more things a one-rank group does every step:
+The same holds, per call and smaller, for three more things a one-rank group does every step:
 
 * ``torch.distributed.all_reduce`` called synchronously on a group of one (Megatron-Core's
   vocabulary-parallel cross entropy reduces its max, its sum of exponentials and the target
@@ -18,6 +18,11 @@ The same holds, per call and smaller, for two more things a one-rank group does 
   for the reductions whose result on one rank is the input (sum, average, product, min, max,
   bitwise and/or/xor) the tensor is left as it is. ``PREMUL_SUM`` (it scales), asynchronous
   calls and larger groups run the original.
+* ``torch.distributed.broadcast`` called synchronously on a group of one from this rank (the
+  number of tokens Megatron-Core's ``finalize_model_grads`` shares along PP, the loss statistics
+  :func:`mvlm.train.steps.reduce_stats` shares along PP: two per step at PP1, ~75 us each over
+  gloo): the tensor already holds what the source sent. Any other source runs the original (its
+  error), as do asynchronous calls and larger groups.
 * The tensor-parallel region mappings of Megatron-Core's linear and embedding layers
   (``copy_to_tensor_model_parallel_region`` before each column-parallel linear,
   ``reduce_from_tensor_model_parallel_region`` after each row-parallel one and the embedding):
@@ -91,6 +96,28 @@ def all_reduce_skipping_group_of_one(func: Any) -> Any:
     return all_reduce
 
 
+def broadcast_skipping_group_of_one(func: Any) -> Any:
+    """``torch.distributed.broadcast`` that leaves the tensor as it is for a synchronous call on
+    a one-rank ``group`` (``None``: the default group) whose source is this rank (``src``, global)
+    or the group's rank 0 (``group_src``)."""
+    if getattr(func, "_mvlm_size_one", False):
+        return func
+
+    @functools.wraps(func)
+    def broadcast(tensor: torch.Tensor, src: Any = None, group: Any = None,
+                  async_op: bool = False, group_src: Any = None) -> Any:
+        if not async_op:
+            g = group if group is not None else torch.distributed.group.WORLD
+            if _size_one(g) and ((group_src is None and src is not None
+                                  and src == torch.distributed.get_rank())
+                                 or (src is None and group_src == 0)):
+                return None
+        return func(tensor, src=src, group=group, async_op=async_op, group_src=group_src)
+
+    broadcast._mvlm_size_one = True  # type: ignore[attr-defined]
+    return broadcast
+
+
 def identity_on_group_of_one(mapping: Any) -> Any:
     """A Megatron-Core TP-region mapping ``f(input_, group=None)`` that returns ``input_`` itself
     when the (explicitly passed) group has one rank; otherwise the mapping runs."""
@@ -109,7 +136,8 @@ def identity_on_group_of_one(mapping: Any) -> Any:
 
 def install() -> None:
     """Wrap the two module-level collectives Megatron-Core's ``param_and_grad_buffer`` calls,
-    ``torch.distributed.all_reduce`` and the TP-region mappings of Megatron-Core's layers."""
+    ``torch.distributed.all_reduce`` and ``broadcast``, and the TP-region mappings of
+    Megatron-Core's layers."""
     global _INSTALLED
     if _INSTALLED:
         return
@@ -119,6 +147,7 @@ def install() -> None:
     pgb.dist_reduce_scatter_func = skip_on_group_of_one(pgb.dist_reduce_scatter_func)
     pgb.dist_all_gather_func = skip_on_group_of_one(pgb.dist_all_gather_func)
     torch.distributed.all_reduce = all_reduce_skipping_group_of_one(torch.distributed.all_reduce)
+    torch.distributed.broadcast = broadcast_skipping_group_of_one(torch.distributed.broadcast)
     for name in ("copy_to_tensor_model_parallel_region",
                  "reduce_from_tensor_model_parallel_region"):
         setattr(layers, name, identity_on_group_of_one(getattr(layers, name)))

@@ -22,6 +22,7 @@ check script.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from typing import Any
 
@@ -260,6 +261,33 @@ def apply_cpu_adaptations() -> None:
     _MODE.__enter__()
     _APPLIED = True
     log.info("mvlm: CPU adaptations for Megatron-Core installed (gloo backend)")
+
+
+def outside_cpu_mode(fn: Any) -> Any:
+    """``fn`` run with the CPU mode taken off the torch-function stack (when it is the innermost
+    mode; otherwise ``fn`` runs as it is).
+
+    Why: every torch call and every tensor attribute read (``p.grad``, ``p.data``) made while the
+    mode is on passes through its Python ``__torch_function__``, about 1 us each. Loops over the
+    parameters that only read gradients, take views and copy (the optimizer's gradient and
+    parameter copies, zeroing, the flat Adam's layout check) make ~750 such calls per step of the
+    bench model and need nothing the mode rewrites. Only wrap code that creates no tensor on a
+    device, calls no ``.cuda()``/``pin_memory`` and compares no ``Tensor.type()``.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        n = torch._C._len_torch_function_stack()
+        if _MODE is None or n == 0 or torch._C._get_function_stack_at(n - 1) is not _MODE:
+            return fn(*args, **kwargs)
+        mode = torch._C._pop_torch_function_stack()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch._C._push_on_torch_function_stack(mode)
+
+    wrapper._mvlm_outside_cpu_mode = True  # type: ignore[attr-defined]
+    return wrapper
 
 
 def cpu_adaptations_applied() -> bool:

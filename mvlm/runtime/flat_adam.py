@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from mvlm.runtime.cpu import outside_cpu_mode
+
 log = logging.getLogger("mvlm.runtime")
 
 CHUNK = 1 << 20  # elements per piece of the unfused update (4 MB per fp32 operand)
@@ -189,6 +191,8 @@ class FlatAdamStep:
         return g0.as_strided((c.numel,), (1,), g0.storage_offset())
 
     # ---- step ---------------------------------------------------------------------------------
+    # With the CPU mode off: ~160 attribute reads of the layout check, no device placements.
+    @outside_cpu_mode
     @torch.no_grad()
     def __call__(self, closure: Any = None) -> Any:
         if closure is not None:

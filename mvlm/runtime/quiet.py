@@ -12,6 +12,10 @@ same libraries say still gets through.
   back to its local implementations: the normal state on CPU, once per module and per rank.
 * megatron-core 0.16 warns "full scope is deprecated" whenever a ``TransformerConfig`` is built
   with its own default ``cuda_graph_scope="full"``; mvlm uses no CUDA graphs.
+* Megatron-Core's distributed optimizer zeroes the gradients of its main-parameter shards, which
+  are views, and reading a view's ``.grad`` makes torch warn that it is not a leaf (Megatron's
+  own comment in ``DistributedOptimizer.zero_grad`` says so); once per rank, about nothing the
+  user can change.
 * Loading a torch_dist checkpoint, Megatron-Core's loader calls torch APIs that torch marks
   deprecated (``load_state_dict``, ``ShardedTensor``): a FutureWarning per rank per load, about
   code that is not mvlm's and not the user's.
@@ -44,6 +48,8 @@ def silence_startup_noise() -> None:
                             category=UserWarning)
     warnings.filterwarnings("ignore", message="full scope is deprecated", category=UserWarning,
                             module=r"megatron\.core\.transformer\.transformer_config")
+    warnings.filterwarnings("ignore", message="The .grad attribute of a Tensor that is not a leaf",
+                            category=UserWarning, module=r"megatron\.core\.optimizer\.optimizer")
     warnings.filterwarnings("ignore", message="`load_state_dict` is deprecated",
                             category=FutureWarning,
                             module=r"megatron\.core\.dist_checkpointing\.strategies\.torch")

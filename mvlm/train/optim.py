@@ -57,12 +57,13 @@ def wrap_ddp(bundle: ModelBundle, cfg: TrainConfig) -> list[Any]:
     """Megatron-Core DDP around each model chunk (fp32 grad accumulation and reduction)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    from mvlm.runtime import lean_ops, wgrad
+    from mvlm.runtime import lean_ops, lean_optimizer, wgrad
     from mvlm.runtime.collectives import install as skip_collectives_on_one_rank
 
     skip_collectives_on_one_rank()  # a DP group of one reduces nothing (runtime/collectives.py)
     wgrad.install()  # CPU fp32: weight gradients written into main_grad (runtime/wgrad.py)
     lean_ops.install()  # full-width RoPE and clipping without copies (runtime/lean_ops.py)
+    lean_optimizer.install()  # the optimizer's loops with fewer calls (runtime/lean_optimizer.py)
     ddp_cfg = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True, overlap_grad_reduce=cfg.parallel.overlap_grad_reduce,
         use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,

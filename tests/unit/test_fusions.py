@@ -153,6 +153,34 @@ def test_all_reduce_skipped_on_a_group_of_one():
     assert all_reduce_skipping_group_of_one(f) is f
 
 
+def test_broadcast_skipped_on_a_group_of_one(monkeypatch):
+    from mvlm.runtime.collectives import broadcast_skipping_group_of_one
+
+    calls = []
+
+    def broadcast(tensor, src=None, group=None, async_op=False, group_src=None):
+        calls.append((src, group.size() if hasattr(group, "size") else group, async_op,
+                      group_src))
+        return "handle"
+
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda *a, **k: 3)
+    f = broadcast_skipping_group_of_one(broadcast)
+    t = torch.arange(4.0)
+    assert f(t, src=3, group=_Group(1)) is None
+    assert f(t, group=_Group(1), group_src=0) is None and calls == []
+    assert torch.equal(t, torch.arange(4.0))
+    # another source (the original raises for it), a larger group, an asynchronous call, no
+    # process group, a source given both ways: the original runs
+    assert f(t, src=0, group=_Group(1)) == "handle"
+    assert f(t, src=3, group=_Group(2)) == "handle"
+    assert f(t, src=3, group=_Group(1), async_op=True) == "handle"
+    assert f(t, src=3) == "handle"  # no process group initialised: the default group is None
+    assert f(t, src=3, group=_Group(1), group_src=0) == "handle"
+    assert [(c[0], c[1], c[2]) for c in calls] == [(0, 1, False), (3, 2, False), (3, 1, True),
+                                                  (3, None, False), (3, 1, False)]
+    assert broadcast_skipping_group_of_one(f) is f
+
+
 def test_tp_mappings_are_the_identity_on_a_group_of_one():
     from mvlm.runtime.collectives import identity_on_group_of_one
 
@@ -177,6 +205,7 @@ def test_collectives_install_wraps_megatrons_call_sites():
 
     collectives.install()
     assert getattr(torch.distributed.all_reduce, "_mvlm_size_one", False)
+    assert getattr(torch.distributed.broadcast, "_mvlm_size_one", False)
     for name in ("copy_to_tensor_model_parallel_region",
                  "reduce_from_tensor_model_parallel_region"):
         assert getattr(getattr(layers, name), "_mvlm_size_one", False)

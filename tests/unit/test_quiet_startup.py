@@ -59,14 +59,17 @@ def test_warning_filters_are_exact() -> None:
               FutureWarning, "megatron.core.dist_checkpointing.strategies.torch")
         _warn("Please use DTensor instead and we are deprecating ShardedTensor.", FutureWarning,
               "mvlm.runtime.cpu")
+        _warn("The .grad attribute of a Tensor that is not a leaf Tensor is being accessed.",
+              UserWarning, "megatron.core.optimizer.optimizer")
         # Same libraries, other messages / other callers: must still be shown.
         _warn("full scope is deprecated.", UserWarning, "mvlm.models.spec")
         _warn("`load_state_dict` is deprecated", FutureWarning, "mvlm.train.checkpoint")
+        _warn("The .grad attribute of a Tensor that is not a leaf", UserWarning, "mvlm.models.vlm")
         _warn("cuda_graph_impl is experimental", UserWarning,
               "megatron.core.transformer.transformer_config")
     assert [str(w.message) for w in seen] == [
         "full scope is deprecated.", "`load_state_dict` is deprecated",
-        "cuda_graph_impl is experimental"]
+        "The .grad attribute of a Tensor that is not a leaf", "cuda_graph_impl is experimental"]
 
 
 def test_real_imports_print_nothing_after_cli_setup(tmp_path) -> None:

@@ -1,8 +1,9 @@
-"""The CPU step adaptations (mvlm/runtime/wgrad.py, mvlm/runtime/lean_ops.py) against Megatron-
-Core's own code path: two Trainers on the same tiny Qwen2 weights, one with the adaptations
-(what ``wrap_ddp`` installs), one with Megatron's linear function, DDP hook and zeroing, RoPE
-(the adapted one runs lean_ops.RotateHalf), clip scaling, gated MLP forward (SwiGLU) and the
-cross entropy's row maximum swapped back in; three steps of two micro-batches each (gradient
+"""The CPU step adaptations (mvlm/runtime/wgrad.py, lean_ops.py, lean_optimizer.py) against
+Megatron-Core's own code path: two Trainers on the same tiny Qwen2 weights, one with the
+adaptations (what ``wrap_ddp`` installs), one with Megatron's linear function, DDP hook and
+zeroing, RoPE (the adapted one runs lean_ops.RotateHalf), clip scaling, gated MLP forward
+(SwiGLU), the cross entropy's row maximum, the grad norm, ``to_local_if_dtensor`` and the
+optimizer's gradient/parameter copies and zeroing (with the CPU mode on) swapped back in; three steps of two micro-batches each (gradient
 accumulation), clipping active. Untied embeddings: every loss, main grad and parameter is
 bit-identical. Tied embeddings (the output layer's weight gets a second gradient through DDP's
 hook): the first micro-batch is exact, the second adds the two contributions one after the other
@@ -28,14 +29,14 @@ _SCRIPT = textwrap.dedent("""
     import torch
     from megatron.core.distributed import DistributedDataParallel as DDP
     from megatron.core.models.common.embeddings import rope_utils
-    from megatron.core.optimizer import clip_grads
+    from megatron.core.optimizer import clip_grads, distrib_optimizer, optimizer
     from megatron.core.tensor_parallel import layers
     from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy
     from megatron.core.transformer.mlp import MLP
     from mvlm.config import (FreezeConfig, OptimConfig, ParallelConfig, ScheduleConfig,
                              TrainConfig)
     from mvlm.models.vlm import build_model
-    from mvlm.runtime import cpu_malloc, gated_mlp, lean_ops, wgrad
+    from mvlm.runtime import cpu_malloc, gated_mlp, lean_ops, lean_optimizer, wgrad
     from mvlm.runtime.parallel import ParallelLayout, destroy_distributed
     from mvlm.runtime.startup import startup
     from mvlm.testing.tiny_models import tiny_config
@@ -45,15 +46,24 @@ _SCRIPT = textwrap.dedent("""
     torch.set_num_threads(1)
     layout = ParallelLayout()
     startup(layout, seed=3, device="cpu")
-    wgrad.install(); lean_ops.install()
+    wgrad.install(); lean_ops.install(); lean_optimizer.install()
+    DOPT = distrib_optimizer.DistributedOptimizer
     patched = {"linear": (layers, "LinearWithGradAccumulationAndAsyncCommunication"),
                "zero_grad_buffer": (DDP, "zero_grad_buffer"),
                "make_hook": (DDP, "_make_backward_post_hook"),
                "rope": (rope_utils, "_apply_rotary_pos_emb_bshd"),
                "scale": (clip_grads, "multi_tensor_scale_impl"),
                "mlp_forward": (MLP, "forward"),
-               "logits_max": (VocabParallelCrossEntropy, "calculate_logits_max")}
-    originals = {**wgrad.ORIGINALS, **lean_ops.ORIGINALS}
+               "logits_max": (VocabParallelCrossEntropy, "calculate_logits_max"),
+               "l2_norm": (clip_grads, "l2_norm_impl"),
+               "to_local": (clip_grads, "to_local_if_dtensor"),
+               "zero_helper": (distrib_optimizer, "_zero_grad_group_helper"),
+               "zero_helper_base": (optimizer, "_zero_grad_group_helper"),
+               "_copy_model_grads_to_main_grads": (DOPT, "_copy_model_grads_to_main_grads"),
+               "_copy_main_params_to_model_params": (DOPT, "_copy_main_params_to_model_params"),
+               "grads_for_norm": (optimizer.MegatronOptimizer, "get_main_grads_for_grad_norm")}
+    originals = {**wgrad.ORIGINALS, **lean_ops.ORIGINALS, **lean_optimizer.ORIGINALS,
+                 "zero_helper_base": lean_optimizer.ORIGINALS["zero_helper"]}
     adapted = {k: getattr(o, n) for k, (o, n) in patched.items()}
 
     def use(table):
@@ -113,6 +123,10 @@ _SCRIPT = textwrap.dedent("""
                 res["param_diff"].append(max(float((pa[n] - pb[n]).abs().max()) for n in pa))
                 res["clipped"].append(out_a.update.applied and out_a.update.grad_norm > 0.05)
             res["rope_tables"] = "last" in lean_ops._TABLES
+            res["lean_optimizer"] = (adapted["l2_norm"] is lean_optimizer.foreach_l2_norm
+                                     and all(getattr(adapted[k], "_mvlm_outside_cpu_mode", False)
+                                             for k in ("zero_helper", "grads_for_norm",
+                                                       "_copy_model_grads_to_main_grads")))
             res["swiglu_calls"] = SWIGLU_CALLS[0]
             res["fused_calls"] = FUSED_CALLS[0]
             res["rotate_calls"] = ROTATE_CALLS[0]
@@ -161,6 +175,7 @@ def test_adapted_step_equals_megatron_path(results, mode):
     res = results[mode]
     # the adaptations ran: weights marked, written directly, RoPE tables cached, clipping active
     assert res["marked"] > 0 and res["direct_writes"] > 0 and res["rope_tables"], res
+    assert res["lean_optimizer"], res
     assert all(res["clipped"]), res
     # the lean MLP ran on the adapted side only, 2 layers x 2 micro-batches x 3 steps: as one
     # node (gated_mlp.Fc1SwiGLU), or with it turned off as linear_fc1 + lean_ops.SwiGLU
