@@ -1,13 +1,14 @@
 """The CPU step adaptations (mvlm/runtime/wgrad.py, lean_ops.py, lean_optimizer.py) against
 Megatron-Core's own code path: two Trainers on the same tiny Qwen2 weights, one with the
-adaptations (what ``wrap_ddp`` installs), one with Megatron's linear function, DDP hook and
-zeroing, RoPE (the adapted one runs lean_ops.RotateHalf), clip scaling, gated MLP forward
-(SwiGLU), the cross entropy's row maximum, the grad norm, ``to_local_if_dtensor`` and the
-optimizer's gradient/parameter copies and zeroing (with the CPU mode on) swapped back in; three steps of two micro-batches each (gradient
-accumulation), clipping active. Untied embeddings: every loss, main grad and parameter is
-bit-identical. Tied embeddings (the output layer's weight gets a second gradient through DDP's
-hook): the first micro-batch is exact, the second adds the two contributions one after the other
-instead of summed first, so equality holds to fp32 rounding.
+adaptations (what ``wrap_ddp`` installs), one with Megatron's linear function, DDP hook, zeroing
+and gradient sync, RoPE (the adapted one runs lean_ops.RotateHalf), clip scaling, gated MLP
+forward (SwiGLU), the cross entropy's row maximum, the grad norm, ``to_local_if_dtensor`` and the
+optimizer's gradient/parameter copies and zeroing (with the CPU mode on) swapped back in; three
+steps of two micro-batches each (gradient accumulation), clipping active. Untied embeddings:
+every loss, main grad and parameter is bit-identical. Tied embeddings (the output layer's weight
+gets a second gradient through DDP's hook): the first micro-batch is exact, the second adds the
+two contributions one after the other instead of summed first, so equality holds to fp32
+rounding.
 """
 from __future__ import annotations
 
@@ -51,6 +52,8 @@ _SCRIPT = textwrap.dedent("""
     patched = {"linear": (layers, "LinearWithGradAccumulationAndAsyncCommunication"),
                "zero_grad_buffer": (DDP, "zero_grad_buffer"),
                "make_hook": (DDP, "_make_backward_post_hook"),
+               "finish_grad_sync": (DDP, "finish_grad_sync"),
+               "start_grad_sync": (DDP, "start_grad_sync"),
                "rope": (rope_utils, "_apply_rotary_pos_emb_bshd"),
                "scale": (clip_grads, "multi_tensor_scale_impl"),
                "mlp_forward": (MLP, "forward"),
@@ -123,6 +126,9 @@ _SCRIPT = textwrap.dedent("""
                 res["param_diff"].append(max(float((pa[n] - pb[n]).abs().max()) for n in pa))
                 res["clipped"].append(out_a.update.applied and out_a.update.grad_norm > 0.05)
             res["rope_tables"] = "last" in lean_ops._TABLES
+            res["partial_resets"] = [
+                (b.reset.calls, sum(g.numel() for g in b.reset.gaps), b.grad_data.numel())
+                for b in ta.ddp_models[0].buffers if isinstance(b.reset, wgrad.PartialReset)]
             res["lean_optimizer"] = (adapted["l2_norm"] is lean_optimizer.foreach_l2_norm
                                      and all(getattr(adapted[k], "_mvlm_outside_cpu_mode", False)
                                              for k in ("zero_helper", "grads_for_norm",
@@ -176,6 +182,10 @@ def test_adapted_step_equals_megatron_path(results, mode):
     # the adaptations ran: weights marked, written directly, RoPE tables cached, clipping active
     assert res["marked"] > 0 and res["direct_writes"] > 0 and res["rope_tables"], res
     assert res["lean_optimizer"], res
+    # the buffer's zeroing skipped the marked weights' ranges (every parameter of this model:
+    # the rest is alignment padding), one reset per step
+    [(calls, zeroed, size)] = res["partial_resets"]
+    assert calls == 3 and 0 < zeroed < size // 100, res
     assert all(res["clipped"]), res
     # the lean MLP ran on the adapted side only, 2 layers x 2 micro-batches x 3 steps: as one
     # node (gated_mlp.Fc1SwiGLU), or with it turned off as linear_fc1 + lean_ops.SwiGLU
@@ -215,3 +225,51 @@ def test_bf16_and_hooked_weights_keep_megatron_backward(monkeypatch):
     assert ddp._mvlm_direct_params == [fp32.weight]
     assert not getattr(bf16.weight, wgrad.DIRECT, False)
     assert not getattr(hooked.weight, wgrad.DIRECT, False)
+
+
+def test_partial_reset_skips_marked_ranges_and_dirty_ones_are_zeroed_before_use():
+    """A gradient buffer with three weights (two marked) and padding: the reset zeroes only the
+    unmarked weight and the padding; a dirty range is overwritten by the GEMM, zeroed before DDP's
+    hook adds, and zeroed before the gradient reduction if nothing wrote it (an unused weight)."""
+    data = torch.full((40,), 7.0)
+    shapes = {"a": (2, 5), "b": (3, 4), "c": (2, 3)}  # a: 0-10, b: 10-22, c: 22-28, pad 28-40
+    params, off = {}, 0
+    for name, shape in shapes.items():
+        p = torch.nn.Parameter(torch.zeros(shape))
+        n = p.numel()
+        p.main_grad = data[off:off + n].view(shape)
+        params[name], off = p, off + n
+    reset = wgrad.partial_reset(data, [params["a"], params["c"]])
+    assert reset is not None and [g.numel() for g in reset.gaps] == [12, 12]
+    reset()
+    assert torch.equal(data[10:22], torch.zeros(12)) and torch.equal(data[28:], torch.zeros(12))
+    assert torch.equal(data[:10], torch.full((10,), 7.0))  # skipped: stale until written
+    a, c = params["a"], params["c"]
+    assert getattr(a, wgrad.FRESH) and getattr(a, wgrad.DIRTY) and getattr(c, wgrad.DIRTY)
+    go, x = torch.randn(4, 2), torch.randn(4, 5)
+    wgrad.write_weight_grad(a, go, x)  # fresh: the product overwrites the stale values
+    assert torch.equal(a.main_grad, go.t() @ x) and not getattr(a, wgrad.DIRTY)
+    # DDP's hook adds into main_grad: the stale values go first
+    seen = []
+    hook = wgrad._hook_marks_written(
+        lambda self, p: lambda *args: seen.append(p.main_grad.clone()))(None, c)
+    c.grad = torch.ones(2, 3)
+    hook()
+    assert torch.equal(seen[0], torch.zeros(2, 3)) and not getattr(c, wgrad.DIRTY)
+    # next step: c is not used; the reduction sees zeros, not last step's gradient
+    data[22:28] = 5.0
+    reset()
+    ddp = SimpleNamespace(_mvlm_direct_params=[a, c])
+    sync = wgrad._clean_before(lambda self: seen.append(data.clone()))
+    wgrad.write_weight_grad(a, go, x)
+    sync(ddp)
+    assert torch.equal(seen[-1][22:28], torch.zeros(6))
+    assert torch.equal(seen[-1][:10], (go.t() @ x).view(-1))
+    assert reset.calls == 2
+    # overlapping views or another storage: no partial reset
+    other = torch.nn.Parameter(torch.zeros(4))
+    other.main_grad = torch.zeros(4)
+    assert wgrad.partial_reset(data, [other]) is None
+    overlap = torch.nn.Parameter(torch.zeros(4))
+    overlap.main_grad = data[8:12]
+    assert wgrad.partial_reset(data, [a, overlap]) is None
