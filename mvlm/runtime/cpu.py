@@ -270,7 +270,7 @@ def outside_cpu_mode(fn: Any) -> Any:
     Why: every torch call and every tensor attribute read (``p.grad``, ``p.data``) made while the
     mode is on passes through its Python ``__torch_function__``, about 1 us each. Loops over the
     parameters that only read gradients, take views and copy (the optimizer's gradient and
-    parameter copies, zeroing, the flat Adam's layout check) make ~750 such calls per step of the
+    parameter copies, zeroing, the flat Adam's layout check) make ~800 such calls per step of the
     bench model and need nothing the mode rewrites. Only wrap code that creates no tensor on a
     device, calls no ``.cuda()``/``pin_memory`` and compares no ``Tensor.type()``.
     """
