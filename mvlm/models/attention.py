@@ -41,6 +41,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import is_layer_window_attention
 from torch import Tensor
 
+from mvlm.runtime import causal_blocks
 from mvlm.runtime.cp import cp_chunk_indices, cp_packed_indices
 
 __all__ = ["SDPACoreAttention"]
@@ -184,7 +185,10 @@ class SDPACoreAttention(MegatronModule):
       tensors' device (causal by global position, same packed segment, caller's padding mask).
       In fp32 this matches a naive ``softmax(QK^T * scale) V`` to ~1e-7.
     * ``eager``: :func:`eager_attention`, explicit matmul-softmax-matmul with the same masks.
-    * ``auto`` (default): flash-attn where it applies, SDPA otherwise, silently.
+    * ``auto`` (default): flash-attn where it applies; on CPU, the plain causal case (no
+      packing, mask, CP or dropout) of a short sequence runs :mod:`mvlm.runtime.causal_blocks`
+      (GEMMs over query blocks, ~30 % less time than torch's CPU flash kernel; ``kernel_used``
+      ``"cpu_blocks"``); SDPA otherwise, silently.
 
     Mask semantics: ``attn_mask_type`` causal/padding_causal adds causality (bottom-right aligned
     when sq != sk, as with a KV cache); ``attention_mask`` (bool, True = masked out, broadcastable
@@ -396,6 +400,11 @@ class SDPACoreAttention(MegatronModule):
             elif self.impl == "flash" and why_not not in _FLASH_FALLBACK_WARNED:
                 _FLASH_FALLBACK_WARNED.add(why_not)
                 log.warning("--attn_impl flash_attn: %s; using torch SDPA instead", why_not)
+        if (self.impl == "auto" and causal and cp == 1 and packed is None
+                and attention_mask is None and causal_blocks.applies(query, key, dropout_p)):
+            self.kernel_used = "cpu_blocks"
+            out = causal_blocks.attention(query, key, value, self.softmax_scale)
+            return out.permute(1, 2, 0, 3)  # a view; forward's permute back is free
         self.kernel_used = "eager" if self.impl == "eager" else "sdpa"
         kernel = eager_attention if self.impl == "eager" else F.scaled_dot_product_attention
 
