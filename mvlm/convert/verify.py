@@ -7,7 +7,9 @@ gathered. The worst difference over all ranks decides, and the result is raised,
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,10 +43,32 @@ def _to_device(batch: dict, device: str) -> dict:
     return {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
 
 
+@contextlib.contextmanager
+def hf_attention_kernel(bundle: ModelBundle) -> Iterator[None]:
+    """Core-attention modules left on ``--attn_impl auto`` run SDPA, the kernel transformers'
+    models run, while the check runs: the comparison then measures the conversion and the model
+    code, not two attention kernels' rounding (on CPU ``auto`` may take
+    :mod:`mvlm.runtime.causal_blocks`, whose fp32 results differ from SDPA's by rounding:
+    ``tests/unit/test_causal_blocks.py``)."""
+    from mvlm.models.attention import SDPACoreAttention
+
+    mods = [m for model in bundle.models for m in model.modules()
+            if isinstance(m, SDPACoreAttention) and m.impl == "auto"]
+    for m in mods:
+        m.impl = "sdpa"
+    try:
+        yield
+    finally:
+        for m in mods:
+            m.impl = "auto"
+
+
 @torch.no_grad()
 def mcore_forward(bundle: ModelBundle, batch: dict, with_loss: bool = False
                   ) -> torch.Tensor | None:
-    """Logits [b, s_local_cp, vocab] (TP-gathered) or per-token loss on the last stage."""
+    """Logits [b, s_local_cp, vocab] (TP-gathered) or per-token loss on the last stage, with
+    the attention kernel transformers runs (:func:`hf_attention_kernel`): this forward is the
+    one compared with the HF model."""
     for m in bundle.models:
         m.eval()
     seq = batch["input_ids"].shape[1]
@@ -58,9 +82,10 @@ def mcore_forward(bundle: ModelBundle, batch: dict, with_loss: bool = False
                     gather_logits=not with_loss, **media)
         return out, None
 
-    store = fb(forward_step_func=step, data_iterator=iter([batch]), model=bundle.models,
-               num_microbatches=1, seq_length=seq, micro_batch_size=batch["input_ids"].shape[0],
-               forward_only=True)
+    with hf_attention_kernel(bundle):
+        store = fb(forward_step_func=step, data_iterator=iter([batch]), model=bundle.models,
+                   num_microbatches=1, seq_length=seq,
+                   micro_batch_size=batch["input_ids"].shape[0], forward_only=True)
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         return store[0]
     return None
@@ -135,7 +160,8 @@ def _hf_forward(hf_model, b: dict) -> tuple[torch.Tensor, float]:
 
 def verify_against_hf(bundle: ModelBundle, hf_dir: str | Path, tol: float = 1e-4,
                       device: str = "cpu") -> list[CheckResult]:
-    """Compare logits and loss with the HF model on every check input; raise on mismatch."""
+    """Compare logits and loss with the HF model on every check input (the same attention
+    kernel on both sides: :func:`mcore_forward`); raise on mismatch."""
     import transformers
 
     hf_dir = Path(hf_dir)

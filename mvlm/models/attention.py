@@ -185,10 +185,11 @@ class SDPACoreAttention(MegatronModule):
       tensors' device (causal by global position, same packed segment, caller's padding mask).
       In fp32 this matches a naive ``softmax(QK^T * scale) V`` to ~1e-7.
     * ``eager``: :func:`eager_attention`, explicit matmul-softmax-matmul with the same masks.
-    * ``auto`` (default): flash-attn where it applies; on CPU, the plain causal case (no
-      packing, mask, CP or dropout) of a short sequence runs :mod:`mvlm.runtime.causal_blocks`
-      (GEMMs over query blocks, ~30 % less time than torch's CPU flash kernel; ``kernel_used``
-      ``"cpu_blocks"``); SDPA otherwise, silently.
+    * ``auto`` (default): flash-attn where it applies; on CPU, the causal case without packing,
+      CP, dropout or a mask other than right padding, for a short sequence, runs
+      :mod:`mvlm.runtime.causal_blocks`
+      (GEMMs over query blocks, faster than torch's CPU flash kernel: docs/benchmarks.md;
+      ``kernel_used`` ``"cpu_blocks"``); SDPA otherwise, silently.
 
     Mask semantics: ``attn_mask_type`` causal/padding_causal adds causality (bottom-right aligned
     when sq != sk, as with a KV cache); ``attention_mask`` (bool, True = masked out, broadcastable
@@ -401,10 +402,13 @@ class SDPACoreAttention(MegatronModule):
                 _FLASH_FALLBACK_WARNED.add(why_not)
                 log.warning("--attn_impl flash_attn: %s; using torch SDPA instead", why_not)
         if (self.impl == "auto" and causal and cp == 1 and packed is None
-                and attention_mask is None and causal_blocks.applies(query, key, dropout_p)):
-            self.kernel_used = "cpu_blocks"
-            out = causal_blocks.attention(query, key, value, self.softmax_scale)
-            return out.permute(1, 2, 0, 3)  # a view; forward's permute back is free
+                and causal_blocks.applies(query, key, dropout_p)):
+            usable, key_pad = causal_blocks.key_padding(attention_mask, query.size(1),
+                                                        key.size(0))
+            if usable:
+                self.kernel_used = "cpu_blocks"
+                out = causal_blocks.attention(query, key, value, self.softmax_scale, key_pad)
+                return out.permute(1, 2, 0, 3)  # a view; forward's permute back is free
         self.kernel_used = "eager" if self.impl == "eager" else "sdpa"
         kernel = eager_attention if self.impl == "eager" else F.scaled_dot_product_attention
 

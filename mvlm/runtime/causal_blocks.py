@@ -1,27 +1,26 @@
 """Causal self-attention on CPU as GEMMs over query blocks, with GQA's query heads grouped.
 
 Why: torch's CPU flash-attention kernel (what ``F.scaled_dot_product_attention`` runs for fp32
-CPU tensors) multiplies one head's small query tile by one key tile at a time. On the training
-benchmark's shape (4 rows x 256 tokens, 6 query / 2 KV heads of 64) its forward + backward took
-19-25 ms per layer on one thread, about a third of what the same FLOPs cost as large GEMMs, and
-8-12 % of the whole training step.
+CPU tensors) multiplies one head's small query tile by one key tile at a time. In the training
+benchmark's profile (4 rows x 256 tokens, 6 query / 2 KV heads of 64, one thread) its forward +
+backward took 18.6 ms per layer, 12 % of the step, at about 35 GFLOP/s where the step's large
+GEMMs run at about 90.
 
-Here the sequence is cut into blocks of :data:`BLOCK` query rows. For each block, the query rows
-of all heads that share one KV head are stacked (``g * n`` rows, ``g`` = query heads per KV
-head), so a block's scores for the whole group are ONE batched GEMM against the keys the block
-can see (positions ``< hi``): the keys above the causal diagonal are never multiplied except
-inside the diagonal ``n x n`` tile, which is masked. The softmax probabilities are kept for the
-backward (five batched GEMMs per block: ``dV``, ``dP``, ``dQ``, ``dK``, and the recomputation
-is avoided), which is why :func:`applies` takes this kernel only while those probabilities are
-small next to the layer's other saved activations (:data:`MAX_PROBS_PER_QUERY`); longer
-sequences keep SDPA's O(s) memory. Measured (``bench/attention_cpu.py``): see
-docs/benchmarks.md.
+Here the sequence is cut into blocks of :data:`BLOCK` query rows. For each block, the rows of
+all query heads that share one KV head are stacked (``g * BLOCK`` rows, ``g`` = query heads per
+KV head), so the block's scores for the whole group are ONE batched GEMM against the keys the
+block can see (positions ``< hi``): keys above the causal diagonal are multiplied only inside
+the diagonal ``BLOCK x BLOCK`` tile, which is masked. The softmax probabilities are kept for the
+backward (four batched GEMMs per block: ``dV``, ``dP``, ``dQ``, ``dK``; nothing recomputed),
+which is why :func:`applies` takes this kernel only while they are small next to the layer's
+other saved activations (:data:`MAX_PROBS_PER_QUERY`); longer sequences keep SDPA's O(s)
+memory. Timing against SDPA: ``bench/attention_cpu.py`` in docs/benchmarks.md.
 
 Numerics: the same math as SDPA in another summation order (row maxima and sums over the
-visible keys only, scores scaled inside the GEMM); in fp32 the outputs and gradients differ from
-SDPA's by a few ulp (``tests/unit/test_causal_blocks.py`` asserts the bound). Each query row's
-result depends only on that row, the keys and the values, so it is the same under TP (heads
-divided) as on one rank.
+visible keys only, the scale applied inside the GEMM); in fp32 the error against an fp64
+reference is of the same size as SDPA's (``tests/unit/test_causal_blocks.py`` asserts the
+bound). A query row's result depends only on that row and its KV head's keys and values, so
+dividing the heads (TP) gives the same bits as one rank.
 """
 from __future__ import annotations
 
@@ -42,7 +41,7 @@ of what the layer's MLP keeps for its backward."""
 
 
 def applies(query: torch.Tensor, key: torch.Tensor, dropout_p: float) -> bool:
-    """Whether :func:`attention` runs this call: sbhd fp32/fp64 CPU tensors without grad-mode
+    """Whether :func:`attention` runs this call: sbhd fp32/fp64 CPU tensors outside CPU
     autocast, self-attention (``sq == sk``), no dropout, and the probabilities within
     :data:`MAX_PROBS_PER_QUERY` (see the module docstring)."""
     if query.device.type != "cpu" or key.device.type != "cpu":
@@ -53,6 +52,25 @@ def applies(query: torch.Tensor, key: torch.Tensor, dropout_p: float) -> bool:
         return False
     s, d = query.size(0), query.size(-1)
     return (s + BLOCK) / (2 * d) <= MAX_PROBS_PER_QUERY
+
+
+def key_padding(mask: torch.Tensor | None, b: int, s: int) -> tuple[bool, torch.Tensor | None]:
+    """Whether a core-attention ``attention_mask`` (bool, True = masked out) can run here, and
+    as what: ``(True, None)`` for no mask or one that masks nothing, ``(True, [b, s])`` for a
+    key-padding mask ``[b or 1, 1, 1, s]`` (padded batches) whose first key is visible in every
+    row, ``(False, None)`` otherwise. The first key matters: with it visible every causal query
+    row sees at least one key, so no row's softmax is empty (SDPA's path outputs zeros there)."""
+    if mask is None:
+        return True, None
+    if (mask.dtype != torch.bool or mask.device.type != "cpu" or mask.dim() != 4
+            or tuple(mask.shape[1:]) != (1, 1, s) or mask.size(0) not in (1, b)):
+        return False, None
+    pad = mask[:, 0, 0, :]
+    if not bool(pad.any()):
+        return True, None
+    if bool(pad[:, 0].any()):
+        return False, None
+    return True, pad.expand(b, s)
 
 
 def _to_blocks(x: torch.Tensor, groups: int) -> torch.Tensor:
@@ -106,7 +124,7 @@ class BlockedCausalAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                scale: float) -> torch.Tensor:
+                scale: float, key_pad: torch.Tensor | None) -> torch.Tensor:
         s, b, h, d = query.shape
         hkv = key.size(2)
         k = key.permute(1, 2, 0, 3).reshape(b * hkv, s, d)
@@ -120,6 +138,8 @@ class BlockedCausalAttention(torch.autograd.Function):
                                    beta=0.0, alpha=scale)  # [b*hkv, g*BLOCK, hi]
             scores.view(b * hkv, h // hkv, BLOCK, hi)[..., lo:].masked_fill_(
                 _diag_mask(hi - lo), float("-inf"))
+            if key_pad is not None:
+                scores.view(b, -1, hi).masked_fill_(key_pad[:, None, :hi], float("-inf"))
             p = torch.softmax(scores, dim=-1)
             torch.bmm(p, v[:, :hi], out=out[j])
             probs.append(p)
@@ -159,11 +179,12 @@ class BlockedCausalAttention(torch.autograd.Function):
         def to_sbhd(x: torch.Tensor) -> torch.Tensor:
             return x.view(b, hkv, s, d).permute(2, 0, 1, 3)
 
-        return _from_blocks(dq, s, b), to_sbhd(dk), to_sbhd(dv), None
+        return _from_blocks(dq, s, b), to_sbhd(dk), to_sbhd(dv), None, None
 
 
-def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-              scale: float) -> torch.Tensor:
-    """Causal attention of sbhd ``query [s, b, h, d]`` over ``key/value [s, b, hkv, d]``;
-    returns ``[s, b, h, d]`` (check :func:`applies` first)."""
-    return BlockedCausalAttention.apply(query, key, value, scale)
+def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+              key_pad: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention of sbhd ``query [s, b, h, d]`` over ``key/value [s, b, hkv, d]``, keys
+    where ``key_pad [b, s]`` is True masked out (see :func:`key_padding`); returns
+    ``[s, b, h, d]`` (check :func:`applies` first)."""
+    return BlockedCausalAttention.apply(query, key, value, scale, key_pad)

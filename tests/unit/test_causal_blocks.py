@@ -28,14 +28,17 @@ def _inputs(s, b, h, hkv, d, dtype, seed=0):
     return q, k, v, go
 
 
-def _reference(q, k, v, scale):
-    """Naive causal GQA attention on sbhd tensors (query head i uses KV head i // g)."""
+def _reference(q, k, v, scale, key_pad=None):
+    """Naive causal GQA attention on sbhd tensors (query head i uses KV head i // g), keys
+    where ``key_pad [b, s]`` is True masked out."""
     s, _, h, _ = q.shape
     g = h // k.size(2)
     qb, kb, vb = (x.permute(1, 2, 0, 3) for x in (q, k, v))
     kb, vb = kb.repeat_interleave(g, dim=1), vb.repeat_interleave(g, dim=1)
     scores = qb @ kb.transpose(-1, -2) * scale
     scores = scores.masked_fill(torch.ones(s, s, dtype=torch.bool).triu(1), float("-inf"))
+    if key_pad is not None:
+        scores = scores.masked_fill(key_pad[:, None, None, :], float("-inf"))
     return (scores.softmax(-1) @ vb).permute(2, 0, 1, 3)
 
 
@@ -45,9 +48,9 @@ def _sdpa(q, k, v, scale):
     return out.permute(2, 0, 1, 3)
 
 
-def _out_and_grads(fn, q, k, v, go):
+def _out_and_grads(fn, q, k, v, go, *extra):
     q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
-    out = fn(q, k, v, 1 / math.sqrt(q.size(-1)))
+    out = fn(q, k, v, 1 / math.sqrt(q.size(-1)), *extra)
     return [out.detach(), *torch.autograd.grad(out, (q, k, v), go)]
 
 
@@ -77,6 +80,34 @@ def test_fp64_equals_reference(s):
     err = _scaled_err(_out_and_grads(cb.attention, q, k, v, go),
                       _out_and_grads(_reference, q, k, v, go))
     assert err <= 1e-14, err
+
+
+def test_right_padding_keys_masked():
+    """Padded batches: each row's keys past its length are masked (queries there still see the
+    row's real keys); equal to the reference with the same mask, fp64 and fp32."""
+    lengths = torch.tensor([70, 41, 70])
+    pad = torch.arange(70)[None, :] >= lengths[:, None]  # [b, s], True = pad
+    mask = pad[:, None, None, :]
+    assert cb.key_padding(mask, 3, 70)[0]
+    assert torch.equal(cb.key_padding(mask, 3, 70)[1], pad)
+    for dtype, bound in ((torch.float64, 1e-14), (torch.float32, FP32_BOUND)):
+        q, k, v, go = _inputs(70, 3, 6, 2, 64, dtype, seed=4)
+        ref = _out_and_grads(_reference, *(x.double() for x in (q, k, v, go)), pad)
+        err = _scaled_err(_out_and_grads(cb.attention, q, k, v, go, pad), ref)
+        assert err <= bound, (dtype, err)
+
+
+def test_key_padding_accepts_only_what_it_can_run():
+    s, b = 40, 2
+    none = torch.zeros(b, 1, 1, s, dtype=torch.bool)
+    assert cb.key_padding(None, b, s) == (True, None)
+    assert cb.key_padding(none, b, s) == (True, None)  # masks nothing
+    left = none.clone()
+    left[1, ..., :3] = True  # left padding: row 1's first queries would see no key
+    assert cb.key_padding(left, b, s) == (False, None)
+    full = torch.zeros(1, 1, s, s, dtype=torch.bool)  # a per-query mask
+    assert cb.key_padding(full, b, s) == (False, None)
+    assert cb.key_padding(none.float(), b, s) == (False, None)
 
 
 def test_gradcheck_ragged_gqa():
@@ -140,8 +171,15 @@ def test_core_attention_takes_it_under_auto_only():
         outs[name] = [out, *torch.autograd.grad(out, (qq, kk, vv), go.reshape(out.shape))]
     assert (auto.kernel_used, sdpa.kernel_used) == ("cpu_blocks", "sdpa")
     assert _scaled_err(outs["auto"], [x.double() for x in outs["sdpa"]]) <= FP32_BOUND
-    # a padding mask or packed rows keep SDPA under auto
-    auto(q, k, v, attention_mask=torch.zeros(2, 1, 1, 24, dtype=torch.bool))
+    # right padding runs here and equals SDPA's masked path; left padding or packed rows
+    # keep SDPA under auto
+    mask = torch.zeros(2, 1, 1, 24, dtype=torch.bool)
+    mask[1, ..., 17:] = True
+    got = [auto(q, k, v, attention_mask=mask), sdpa(q, k, v, attention_mask=mask)]
+    assert (auto.kernel_used, sdpa.kernel_used) == ("cpu_blocks", "sdpa")
+    assert _scaled_err(got[:1], [got[1].double()]) <= FP32_BOUND
+    mask[0, ..., 0] = True
+    auto(q, k, v, attention_mask=mask)
     assert auto.kernel_used == "sdpa"
     cu = torch.tensor([0, 15, 24], dtype=torch.int32)
     packed = PackedSeqParams(qkv_format="sbhd", cu_seqlens_q=cu, cu_seqlens_kv=cu,
