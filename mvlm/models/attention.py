@@ -186,8 +186,8 @@ class SDPACoreAttention(MegatronModule):
       In fp32 this matches a naive ``softmax(QK^T * scale) V`` to ~1e-7.
     * ``eager``: :func:`eager_attention`, explicit matmul-softmax-matmul with the same masks.
     * ``auto`` (default): flash-attn where it applies; on CPU, the causal case without packing,
-      CP, dropout or a mask other than right padding, for a short sequence, runs
-      :mod:`mvlm.runtime.causal_blocks`
+      CP, dropout or a mask other than right padding, large and short enough
+      (:func:`mvlm.runtime.causal_blocks.applies`), runs :mod:`mvlm.runtime.causal_blocks`
       (GEMMs over query blocks, faster than torch's CPU flash kernel: docs/benchmarks.md;
       ``kernel_used`` ``"cpu_blocks"``); SDPA otherwise, silently.
 

@@ -14,7 +14,9 @@ the diagonal ``BLOCK x BLOCK`` tile, which is masked. The softmax probabilities 
 backward (four batched GEMMs per block: ``dV``, ``dP``, ``dQ``, ``dK``; nothing recomputed),
 which is why :func:`applies` takes this kernel only while they are small next to the layer's
 other saved activations (:data:`MAX_PROBS_PER_QUERY`); longer sequences keep SDPA's O(s)
-memory. Timing against SDPA: ``bench/attention_cpu.py`` in docs/benchmarks.md.
+memory. Small calls (:data:`MIN_WORK`) keep SDPA too: there the per-block Python work costs
+more than the larger GEMMs save. Timing against SDPA: ``bench/attention_cpu.py`` in
+docs/benchmarks.md.
 
 Numerics: the same math as SDPA in another summation order (row maxima and sums over the
 visible keys only, the scale applied inside the GEMM); in fp32 the error against an fp64
@@ -29,9 +31,9 @@ from typing import Any
 import torch
 
 BLOCK = 32
-"""Query rows per block. Measured on the bench's shapes (head dim 64, one thread): 16, 32 and
-64-row blocks took 13.5 / 13.2 / 16.9 ms per layer at 256 tokens and 32 / 64 rows 182 / 187 ms at
-1,024 tokens (forward + backward, flash 19.2 / 221 ms)."""
+"""Query rows per block. ``bench/attention_cpu.py --block N`` (4 rows, 6 / 2 heads of 64, one
+thread, forward + backward): 16, 32 and 64-row blocks took 0.772 / 0.773 / 0.828 of SDPA's time
+at 256 tokens and 0.753 / 0.708 / 0.800 at 480."""
 
 MAX_PROBS_PER_QUERY = 4.0
 """The kept probabilities hold ``(s + BLOCK) / 2`` values per query row and head against the
@@ -40,18 +42,26 @@ dim 64, 992 at 128), i.e. while the probabilities take at most 4x the query's me
 of what the layer's MLP keeps for its backward."""
 
 
+MIN_WORK = 2**24
+"""Smallest ``b * h * s**2 * head_dim`` (the score GEMM's multiply-adds without the causal
+saving) taken: below it the per-block Python work outweighs the larger GEMMs. Measured with
+``bench/attention_cpu.py`` (one thread, forward + backward, blocks / SDPA time): 4 rows x 6 heads
+of 64 at 64 / 96 / 128 / 256 tokens (6.3 M / 14 M / 25 M / 101 M) 1.11 / 0.93 / 0.80 / 0.76;
+2 rows x 4 heads of 32 at 128 / 192 tokens (4.2 M / 9.4 M) 1.35 / 1.16."""
+
+
 def applies(query: torch.Tensor, key: torch.Tensor, dropout_p: float) -> bool:
     """Whether :func:`attention` runs this call: sbhd fp32/fp64 CPU tensors outside CPU
-    autocast, self-attention (``sq == sk``), no dropout, and the probabilities within
-    :data:`MAX_PROBS_PER_QUERY` (see the module docstring)."""
+    autocast, self-attention (``sq == sk``), no dropout, at least :data:`MIN_WORK` and the
+    probabilities within :data:`MAX_PROBS_PER_QUERY` (see the module docstring)."""
     if query.device.type != "cpu" or key.device.type != "cpu":
         return False
     if query.dtype not in (torch.float32, torch.float64) or key.dtype != query.dtype:
         return False
     if dropout_p != 0.0 or query.size(0) != key.size(0) or torch.is_autocast_enabled("cpu"):
         return False
-    s, d = query.size(0), query.size(-1)
-    return (s + BLOCK) / (2 * d) <= MAX_PROBS_PER_QUERY
+    s, b, h, d = query.shape
+    return b * h * s * s * d >= MIN_WORK and (s + BLOCK) / (2 * d) <= MAX_PROBS_PER_QUERY
 
 
 def key_padding(mask: torch.Tensor | None, b: int, s: int) -> tuple[bool, torch.Tensor | None]:

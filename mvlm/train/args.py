@@ -234,9 +234,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--attn_impl", default=None,
                    help="core attention kernel: flash_attn (flash-attn varlen; SDPA with one "
                         "warning where it cannot run), sdpa (torch SDPA only), eager (explicit "
-                        "matmul-softmax), auto (default: flash-attn where it runs; on CPU "
-                        "short causal sequences without packing run mvlm's blocked kernel "
-                        "(mvlm.runtime.causal_blocks); else SDPA). "
+                        "matmul-softmax), auto (default: flash-attn where it runs; on CPU, "
+                        "causal attention without packing, CP or dropout that is large enough "
+                        "and short enough runs mvlm.runtime.causal_blocks (GEMMs over query "
+                        "blocks); else SDPA; --verify compares with SDPA). "
                         "Megatron names: flash, fused (=sdpa), unfused (=eager), local (=eager "
                         "on the local spec). The TE spec maps them onto its attention backend. "
                         "Applies to the LLM decoder; the HF vision tower picks its own.")

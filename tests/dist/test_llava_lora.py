@@ -6,10 +6,10 @@ image prompt.
 `mvlm sft --train_type lora --target_modules all-linear --tp 2` for 2 steps on image + text rows
 (fp32, ms-swift's default freezes: ViT frozen), then peft loads ``run/adapter`` onto the original
 ``LlavaForConditionalGeneration`` and `mvlm export --merge_lora true` writes merged weights: the
-two give the same logits on an image prompt (bound 1e-5 as test_export_lora; measured 2.0e-6
-at most, LLaVA-OneVision, on 2026-12-04), and the adapters moved the model (1.1). So LLaVA's LoRA module paths
-(``model.language_model.*`` in transformers' module tree, ``language_model.model.*`` on the hub)
-are right.
+two give the same logits on an image prompt (bound 1e-5 as test_export_lora; measured 8.3e-7
+at most, LLaVA-OneVision, on 2026-12-04), and the adapters moved the model (1.1). So LLaVA's
+LoRA module paths (``model.language_model.*`` in transformers' module tree,
+``language_model.model.*`` on the hub) are right.
 """
 from __future__ import annotations
 

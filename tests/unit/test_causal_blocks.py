@@ -128,20 +128,22 @@ def test_head_slice_gives_the_same_bits():
 
 
 def test_applies():
-    def t(s=64, hkv=2, d=64, dtype=torch.float32):
-        return torch.zeros(s, 1, hkv, d, dtype=dtype)
+    def qk(s=256, b=4, d=64, dtype=torch.float32):
+        return torch.zeros(s, b, 6, d, dtype=dtype), torch.zeros(s, b, 2, d, dtype=dtype)
 
-    assert cb.applies(t(), t(), 0.0)
-    assert cb.applies(t(dtype=torch.float64), t(dtype=torch.float64), 0.0)
-    assert not cb.applies(t(dtype=torch.bfloat16), t(dtype=torch.bfloat16), 0.0)
-    assert not cb.applies(t(), t(), 0.1)  # dropout
-    assert not cb.applies(t(s=1), t(), 0.0)  # a KV cache (sq != sk)
+    assert cb.applies(*qk(), 0.0)
+    assert cb.applies(*qk(dtype=torch.float64), 0.0)
+    assert not cb.applies(*qk(dtype=torch.bfloat16), 0.0)
+    assert not cb.applies(*qk(), 0.1)  # dropout
+    assert not cb.applies(qk()[0][:1], qk()[1], 0.0)  # a KV cache (sq != sk)
     # probabilities at most MAX_PROBS_PER_QUERY x the query: 480 tokens at head dim 64
     last = int(2 * 64 * cb.MAX_PROBS_PER_QUERY) - cb.BLOCK
-    assert cb.applies(t(s=last), t(s=last), 0.0)
-    assert not cb.applies(t(s=last + 1), t(s=last + 1), 0.0)
+    assert cb.applies(*qk(s=last), 0.0)
+    assert not cb.applies(*qk(s=last + 1), 0.0)
+    # at least MIN_WORK = b * h * s^2 * d: 4 x 6 x 128^2 x 64 = 25 M is, 96 tokens (14 M) not
+    assert cb.applies(*qk(s=128), 0.0) and not cb.applies(*qk(s=96), 0.0)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not cb.applies(t(), t(), 0.0)
+        assert not cb.applies(*qk(), 0.0)
 
 
 def _core(impl):
@@ -159,8 +161,10 @@ def _core(impl):
     return SDPACoreAttention(c, 1, AttnMaskType.causal, "self")
 
 
-def test_core_attention_takes_it_under_auto_only():
+def test_core_attention_takes_it_under_auto_only(monkeypatch):
     from megatron.core.packed_seq_params import PackedSeqParams
+
+    monkeypatch.setattr(cb, "MIN_WORK", 0)  # a small call, to keep the test fast
 
     q, k, v, go = _inputs(24, 2, 6, 2, 8, torch.float32)  # (24 + 32) / 16 <= 4: applies
     auto, sdpa = _core("auto"), _core("sdpa")
