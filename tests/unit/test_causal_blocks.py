@@ -190,3 +190,27 @@ def test_core_attention_takes_it_under_auto_only(monkeypatch):
                              max_seqlen_q=15, max_seqlen_kv=15)
     auto(q[:, :1], k[:, :1], v[:, :1], attention_mask=None, packed_seq_params=packed)
     assert auto.kernel_used == "sdpa"
+
+
+def test_hf_comparisons_pin_sdpa(monkeypatch):
+    """``mcore_forward`` (``--verify`` and every logits comparison with transformers) runs the
+    kernel transformers runs: inside ``hf_attention_kernel`` an ``auto`` module takes SDPA, and
+    it is ``auto`` again afterwards, also when the forward raises."""
+    from types import SimpleNamespace
+
+    from mvlm.convert.verify import hf_attention_kernel
+
+    monkeypatch.setattr(cb, "MIN_WORK", 0)
+    auto, fixed = _core("auto"), _core("eager")
+    bundle = SimpleNamespace(models=[torch.nn.ModuleList([auto, fixed])])
+    q, k, v, _ = _inputs(24, 2, 6, 2, 8, torch.float32)
+    with hf_attention_kernel(bundle):
+        pinned = auto(q, k, v, attention_mask=None)
+        assert auto.kernel_used == "sdpa" and fixed.impl == "eager"
+    assert auto.impl == "auto"
+    assert torch.equal(pinned, _core("sdpa")(q, k, v, attention_mask=None))
+    auto(q, k, v, attention_mask=None)
+    assert auto.kernel_used == "cpu_blocks"
+    with pytest.raises(RuntimeError, match="boom"), hf_attention_kernel(bundle):
+        raise RuntimeError("boom")
+    assert auto.impl == "auto"
